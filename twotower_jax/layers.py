@@ -1,0 +1,67 @@
+"""The model's hyper-parameters and the small layers every module shares.
+
+Every parameter is created with logical axis names (`vocab`, `embed`, `mlp`,
+`heads`, `kv`, `gate_in`; `tower` and `layers` are added by vmap and scan) so the
+config's rule table alone decides how it is sharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+INIT_STD = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hashable copy of config.model plus the vocabulary size."""
+  vocab_size: int
+  n_towers: int = 2
+  tower_type: str = 'causal'
+  gate: str = 'concat'
+  n_layers: int = 4
+  d_model: int = 256
+  n_heads: int = 4
+  d_mlp: int = 1024
+  max_len: int = 128
+  dropout: float = 0.1
+  scan_layers: bool = True
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int) -> 'ModelConfig':
+    fields = {f.name for f in dataclasses.fields(cls)} - {'vocab_size'}
+    return cls(vocab_size=vocab_size, **{k: config.model[k] for k in fields})
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+
+def param_init(names: Sequence[str | None], std: float = INIT_STD) -> Any:
+  return nn.with_logical_partitioning(nn.initializers.normal(std), tuple(names))
+
+
+def zeros_init(names: Sequence[str | None]) -> Any:
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(names))
+
+
+def layer_norm(axis_name: str = 'embed', name: str | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=1e-5, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis_name,)))
+
+
+def dense(features: int, names: tuple[str, str], name: str | None = None,
+          std: float = INIT_STD) -> nn.Dense:
+  return nn.Dense(features, name=name, kernel_init=param_init(names, std),
+                  bias_init=zeros_init(names[1:]))
+
+
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+  return nn.gelu(x, approximate=True)

@@ -1,0 +1,188 @@
+"""The training loop: config + workdir in, checkpoints and metrics out.
+
+Rerunning with the same workdir resumes from the latest checkpoint (params,
+optimizer, step, rng and data position), so an interrupted run continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from twotower_jax import checkpoints
+from twotower_jax import config as config_lib
+from twotower_jax import corpus as corpus_lib
+from twotower_jax import data as data_lib
+from twotower_jax import metrics as metrics_lib
+from twotower_jax import model as model_lib
+from twotower_jax import optimizer as optimizer_lib
+from twotower_jax import sharding as sharding_lib
+from twotower_jax import tokenizer as tokenizer_lib
+from twotower_jax import train_state as state_lib
+from twotower_jax import train_step as step_lib
+
+log = logging.getLogger('twotower_jax')
+
+CONFIG_FILENAME = 'config.json'
+# Changing these in an existing workdir would change what the checkpoints mean.
+_FROZEN_SECTIONS = ('model', 'data')
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from config + workdir that both training and analysis need."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  tokenizer: Any
+  splits: data_lib.Splits
+  corpus: corpus_lib.Corpus
+  model: model_lib.TwoTowerLM
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a workdir whose earlier run had a different model or data config."""
+  path = os.path.join(workdir, CONFIG_FILENAME)
+  if not os.path.exists(path):
+    return
+  old = config_lib.to_dict(config_lib.load_json(path))
+  new = config_lib.to_dict(config)
+  diffs = []
+  for section in _FROZEN_SECTIONS:
+    for key in sorted(set(old.get(section, {})) | set(new.get(section, {}))):
+      a, b = old.get(section, {}).get(key), new.get(section, {}).get(key)
+      if a != b:
+        diffs.append(f'{section}.{key}: {a!r} -> {b!r}')
+  if diffs:
+    raise config_lib.ConfigError(
+        f'{workdir} holds a run with a different config ({"; ".join(diffs[:4])}); '
+        'use a new --workdir for a new run, or the original values to resume')
+
+
+def build(config: ml_collections.ConfigDict, workdir: str, train_tokenizer: bool = True) -> Setup:
+  """Mesh, corpus, tokenizer (trained on first use), packed splits and model."""
+  mesh = sharding_lib.make_mesh(config)
+  corpus = corpus_lib.load(config.data)
+  if train_tokenizer and jax.process_index() == 0:
+    tokenizer_lib.train_or_load(corpus.train_docs, workdir, config.data.vocab_size,
+                                config.data.tokenizer_type)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('tokenizer_ready')
+  sp = tokenizer_lib.load(os.path.join(workdir, tokenizer_lib.FILENAME))
+  splits = data_lib.make_splits(sp, corpus.train_docs, corpus.val_docs, config.data.seq_len)
+  model = model_lib.build(config, sp.get_piece_size())
+  return Setup(config, mesh, sp, splits, corpus, model)
+
+
+def evaluate(eval_fn, params, batches: list[np.ndarray], batch_sh, batch_size: int) -> dict:
+  loss_sum, weight_sum = 0.0, 0.0
+  for rows in batches:
+    out = eval_fn(params, sharding_lib.global_batch(_local_rows(rows), batch_sh, batch_size))
+    loss_sum, weight_sum = loss_sum + out['loss_sum'], weight_sum + out['weight_sum']
+  loss = float(loss_sum) / max(float(weight_sum), 1.0)
+  return {'loss': loss, 'perplexity': float(np.exp(loss)), 'tokens': float(weight_sum)}
+
+
+def _local_rows(global_rows: np.ndarray) -> np.ndarray:
+  """This process's contiguous block of a global batch."""
+  n = global_rows.shape[0] // jax.process_count()
+  return global_rows[jax.process_index() * n:(jax.process_index() + 1) * n]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains to config.train.steps (resuming if DIR has checkpoints); returns final eval."""
+  config_lib.validate(config)
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  check_workdir(config, workdir)
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+  setup = build(config, workdir)
+  if is_main:
+    config_lib.save_json(config, os.path.join(workdir, CONFIG_FILENAME))
+  mesh, model, splits, tc = setup.mesh, setup.model, setup.splits, config.train
+  axis_rules = sharding_lib.rules(config)
+
+  tx = optimizer_lib.make(config)
+  lr_schedule = optimizer_lib.schedule(config)
+  state_sh = state_lib.shardings(model, tx, mesh, axis_rules)
+  batch_sh = sharding_lib.batch_sharding(mesh, axis_rules)
+  replicated = sharding_lib.replicated(mesh)
+
+  train_iter = iter(data_lib.train_dataset(splits.train_windows, tc.batch_size, tc.seed,
+                                           jax.process_index(), jax.process_count()))
+  mngr = checkpoints.manager(workdir, tc.keep_checkpoints)
+  writer = metrics_lib.Writer(workdir, enabled=is_main)
+  start = mngr.latest_step()
+  if start is not None:
+    state, _ = checkpoints.restore(mngr, start, state_lib.abstract(model, tx, state_sh),
+                                   train_iter)
+    writer.truncate_after(start)
+    log.info('resumed from %s at step %d', checkpoints.directory(workdir), start)
+  else:
+    state = state_lib.create_sharded(model, tx, tc.seed, state_sh)
+    start = 0
+  n_params = model_lib.param_count(state.params)
+
+  train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx,
+                                       lr_schedule=lr_schedule),
+                     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                     donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model),
+                    in_shardings=(state_sh.params, batch_sh), out_shardings=replicated)
+  eval_rows = data_lib.eval_batches(splits.val_windows, tc.batch_size, tc.eval_batches)
+  if start == 0:
+    unigram = data_lib.unigram_cross_entropy(splits.train_token_counts, eval_rows)
+    writer.write('run', {'params': n_params, 'devices': jax.device_count(),
+                         'mesh': dict(mesh.shape), 'train_windows': len(splits.train_windows),
+                         'val_windows': len(splits.val_windows)})
+    writer.write('baseline', {'unigram_loss': unigram, 'unigram_perplexity': np.exp(unigram)})
+  log.info('model: %s params, %d towers, mesh %s', f'{n_params:,}', config.model.n_towers,
+           dict(mesh.shape))
+
+  tokens_per_step = tc.batch_size * config.data.seq_len
+  pending: list[dict[str, jax.Array]] = []
+  t_last, step_last, t_first = time.perf_counter(), start, None
+  final_eval = None
+  step = start
+  while step < tc.steps:
+    rows = next(train_iter)
+    state, step_metrics = train_fn(state, sharding_lib.global_batch(rows, batch_sh,
+                                                                    tc.batch_size))
+    pending.append(step_metrics)
+    step += 1
+    if step % tc.log_every == 0 or step == tc.steps:
+      fetched = jax.device_get(pending)  # the only host sync between logs
+      now = time.perf_counter()
+      t_first = t_first or now
+      mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+      mean['lr'] = float(fetched[-1]['lr'])
+      mean['tokens_per_s'] = (step - step_last) * tokens_per_step / (now - t_last)
+      eta = (tc.steps - step) * (now - t_last) / (step - step_last)
+      writer.write('train', mean, step)
+      if is_main:
+        log.info(metrics_lib.log_line(step, tc.steps, mean, eta))
+      pending, t_last, step_last = [], now, step
+    if step % tc.eval_every == 0 or step == tc.steps:
+      final_eval = evaluate(eval_fn, state.params, eval_rows, batch_sh, tc.batch_size)
+      writer.write('eval', final_eval, step)
+      if is_main:
+        log.info('eval step %d | loss %.4f | perplexity %.2f', step, final_eval['loss'],
+                 final_eval['perplexity'])
+    if step % tc.checkpoint_every == 0 or step == tc.steps:
+      checkpoints.save(mngr, step, state, train_iter, {'step': step, 'n_params': n_params})
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  if final_eval is None:  # nothing left to train: report the checkpoint's eval
+    final_eval = evaluate(eval_fn, state.params, eval_rows, batch_sh, tc.batch_size)
+  return {'step': step, 'eval': final_eval, 'workdir': workdir}
