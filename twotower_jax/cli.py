@@ -30,7 +30,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _exit_with(_one_line(str(e).splitlines()[0]))
+    first = _one_line(str(e).splitlines()[0])
+    if first.startswith('flag --config.'):  # a config override whose value has the wrong type
+      first = (f'bad config override {first[len("flag "):]}; give a value of the '
+               "field's type (defaults in twotower_jax/config.py)")
+    _exit_with(first)
   except (KeyError, AttributeError) as e:  # an override of a field that does not exist
     _exit_with(f'unknown config field {_one_line(e)} (every field and its default is in '
                'twotower_jax/config.py)')
@@ -76,5 +80,7 @@ def run(main: Callable[[list[str]], None]) -> int:
   try:
     app.run(wrapped, flags_parser=_parse_flags)
   except SystemExit as e:
+    if e.code is None:
+      return 0
     return e.code if isinstance(e.code, int) else 1
   return 0

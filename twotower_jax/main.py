@@ -6,11 +6,11 @@ Rerunning with the same DIR resumes. Bad input exits with one line on stderr.
 import logging
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from twotower_jax import cli
+from twotower_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, config.')
@@ -18,7 +18,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, met
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}; every setting is a '
+                           'flag, e.g. --config.train.steps=200')
   from twotower_jax import train  # pylint: disable=g-import-not-at-top
   result = train.train_and_evaluate(cli.load_config(_CONFIG), _WORKDIR.value)
   ev = result['eval']

@@ -1,0 +1,56 @@
+"""Command-line config overrides and their errors: one line, exit 2, workdir untouched."""
+
+import os
+
+import pytest
+
+from conftest import run_module, snapshot
+
+
+def _main(workdir, *args):
+  return run_module('twotower_jax.main', '--config=configs/default.py', f'--workdir={workdir}',
+                    *args, timeout=120)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config.train.stepz=3'], 'unknown config field'),
+    (['--config.train.steps=many'], 'bad config override'),
+    (['--config.model.n_heads=3'], 'model.n_heads=3 does not divide'),
+    (['--config.data.seq_len=512'], 'exceeds model.max_len'),
+    (['--config.model.n_towers=3', '--config.mesh.tower=2'], 'does not divide model.n_towers'),
+    (['--config.data.source=wiki'], "data.source='wiki' is unknown"),
+    (['stray'], 'unexpected arguments'),
+])
+def test_bad_config_is_one_line_and_leaves_the_workdir_alone(tmp_path, args, message):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'notes.txt').write_text('keep me')
+  before = snapshot(str(workdir))
+  proc = _main(str(workdir), *args)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], lines
+  assert snapshot(str(workdir)) == before
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+  proc = run_module('twotower_jax.main', '--config=configs/nope.py',
+                    f'--workdir={tmp_path}', timeout=120)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and 'cannot load config' in lines[0], lines
+
+
+def test_a_workdir_with_another_model_is_refused(tiny, tmp_path):
+  from twotower_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  old = tiny()
+  config_lib.save_json(old, str(workdir / 'config.json'))
+  before = snapshot(str(workdir))
+  proc = _main(str(workdir), '--config.model.d_model=64')
+  assert proc.returncode == 2
+  assert 'model.d_model: 256 -> 64' not in proc.stderr  # compares to the saved run, not defaults
+  assert 'different config' in proc.stderr and 'new --workdir' in proc.stderr
+  assert snapshot(str(workdir)) == before
+  assert os.listdir(workdir) == ['config.json']
