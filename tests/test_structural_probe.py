@@ -142,3 +142,74 @@ def test_probe_learns_planted_tree_geometry():
   res = sprobe.evaluate_probes(b, x, idx[n_train:], d[n_train:], sents[n_train:])
   assert res['uuas'][0] > 0.95 and res['dspr'][0] > 0.9, res
   assert res['uuas'][1] < 0.6 and res['dspr'][1] < 0.5, res  # shuffled states: far below the planted geometry
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EWT = next((p for p in (os.path.join(_REPO, d, 'shared', 'data', 'ud_english_ewt')
+                        for d in ('.', '..', os.path.join('..', '..')))
+            if os.path.isdir(p)), '')
+needs_ewt = pytest.mark.skipif(not EWT, reason='shared UD EWT treebank absent')
+
+
+def probe_config(tiny, **overrides):
+  c = tiny(**overrides)
+  c.analysis.struct_conllu = EWT
+  c.analysis.struct_steps = 20
+  c.analysis.struct_max_sentences = 100
+  c.analysis.struct_batch_size = 16
+  c.analysis.struct_rank = 8
+  return c
+
+
+@needs_ewt
+def test_layer_states_and_run_on_tiny_model(tiny, tmp_path):
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from twotower_jax import train as train_lib
+
+  config = probe_config(tiny)
+  setup = train_lib.build(config, str(tmp_path))
+  params = nn.unbox(setup.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32))['params'])
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 32), 5, 256)
+  layers = sprobe.layer_states(setup.model, params, tokens)
+  assert sprobe.layer_order(layers) == ['input', 'block_1', 'block_2', 'final']
+  assert all(v.shape == (2, 3, 32, 32) for v in layers.values())
+  plain = setup.model.apply({'params': params}, tokens, deterministic=True)
+  np.testing.assert_array_equal(layers['final'], plain['tower_states_NxBxLxH'])
+  assert not np.allclose(layers['block_1'], layers['block_2'])
+
+  result = sprobe.run(setup, params, config, str(tmp_path / 'analysis'))
+  assert result['layers'] == ['input', 'block_1', 'block_2', 'final']
+  assert np.asarray(result['uuas']).shape == (2, 4) == np.asarray(result['dspr']).shape
+  assert np.all((np.asarray(result['uuas']) >= 0) & (np.asarray(result['uuas']) <= 1))
+  assert result['n_test_sentences'] == 20 and result['n_train_sentences'] == 80
+  assert 0 < result['baseline_uuas_adjacent'] < 1
+  assert os.path.exists(tmp_path / 'analysis' / sprobe.RESULT_FILENAME)
+
+  config.analysis.struct_conllu = ''
+  with pytest.raises(sprobe.ProbeError, match='struct_conllu'):
+    sprobe.run(setup, params, config, str(tmp_path / 'analysis'))
+
+
+@needs_ewt
+@pytest.mark.slow
+def test_run_on_trained_checkpoint(tiny, tmp_path):
+  """End to end: train a tiny model, restore its checkpoint, probe it."""
+  from twotower_jax import checkpoints
+  from twotower_jax import optimizer as optimizer_lib
+  from twotower_jax import sharding as sharding_lib
+  from twotower_jax import train as train_lib
+  from twotower_jax import train_state as state_lib
+
+  config = probe_config(tiny)
+  workdir = str(tmp_path / 'run')
+  train_lib.train_and_evaluate(config, workdir)
+  setup = train_lib.build(config, workdir, train_tokenizer=False)
+  tx = optimizer_lib.make(config)
+  state_sh = state_lib.shardings(setup.model, tx, setup.mesh, sharding_lib.rules(config))
+  mngr = checkpoints.manager(workdir, read_only=True)
+  state, _ = checkpoints.restore(mngr, mngr.latest_step(),
+                                 state_lib.abstract(setup.model, tx, state_sh))
+  result = sprobe.run(setup, state.params, config, os.path.join(workdir, 'analysis'))
+  assert np.all(np.isfinite(result['uuas'])) and np.all(np.isfinite(result['test_loss']))
