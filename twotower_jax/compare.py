@@ -154,7 +154,7 @@ def run_compare(workdirs: list[str], out_dir: str, min_count: int = 20, n_boot: 
                  if all(r['count'][idx[p]] >= min_count for r, idx in zip(runs, index)))
   if len(items) < 3:
     raise CompareError(f'only {len(items)} items have count >= {min_count} in every run; '
-                       'lower analysis.min_count or analyze more eval tokens')
+                       'lower the minimum count or analyze more eval tokens')
   ests = sorted(set.intersection(*(set(r['towers']) for r in runs)))
   sub = []
   for r, idx in zip(runs, index):
