@@ -95,8 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.analysis = ml_collections.ConfigDict()
   c.analysis.struct_conllu = ''  # CoNLL-U file, directory or glob ('' = no probe)
   c.analysis.struct_rank = 64  # rank of the probe matrix B (capped at d_model)
-  c.analysis.struct_steps = 400  # Adam steps per probe (all probes train together)
-  c.analysis.struct_lr = 3e-3
+  c.analysis.struct_steps = 1000  # Adam steps per probe (all probes train together)
+  c.analysis.struct_lr = 1e-2
   c.analysis.struct_batch_size = 32  # sentences per step and per forward batch
   c.analysis.struct_max_sentences = 1000  # usable sentences used in all (0 = all)
   c.analysis.struct_test_fraction = 0.2  # held-out share for UUAS / DSpr

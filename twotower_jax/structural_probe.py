@@ -229,6 +229,16 @@ def word_states(model, params, tokens_SxL: np.ndarray, mats: list[np.ndarray],
 # ---------------------------------------------------------------- the probe
 
 
+def state_scale(x_PxTxH: np.ndarray) -> np.ndarray:
+  """Per probe, the RMS distance of states from their mean (a scalar: the probe stays linear).
+
+  Layers differ in scale by orders of magnitude (embeddings ~0.02, the residual
+  stream grows with depth); dividing by it lets one learning rate fit all.
+  """
+  centred = x_PxTxH - x_PxTxH.mean(axis=1, keepdims=True)
+  return np.maximum(np.sqrt(np.mean(np.sum(centred ** 2, axis=-1), axis=1)), 1e-12)
+
+
 def pad_sentences(n_words: Sequence[int], dists: Sequence[np.ndarray]
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """idx_SxW (flat word index, -1 = pad), gold d_SxWxW and lengths_S."""
@@ -356,6 +366,7 @@ def run(setup, params, config: ml_collections.ConfigDict, out_dir: str) -> dict[
   t_split = int(sum(n_words[:n_train]))
   idx_test = np.where(idx[n_train:] >= 0, idx[n_train:] - t_split, -1)
   rank = min(ac.struct_rank, x_PxTxH.shape[-1])
+  x_PxTxH = x_PxTxH / state_scale(x_PxTxH[:, :t_split])[:, None, None]
   b, losses = train_probes(x_PxTxH[:, :t_split], idx[:n_train], d[:n_train], lens[:n_train],
                            rank, ac.struct_steps, ac.struct_lr, ac.struct_batch_size,
                            ac.struct_seed)
