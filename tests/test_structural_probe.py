@@ -213,3 +213,13 @@ def test_run_on_trained_checkpoint(tiny, tmp_path):
                                  state_lib.abstract(setup.model, tx, state_sh))
   result = sprobe.run(setup, state.params, config, os.path.join(workdir, 'analysis'))
   assert np.all(np.isfinite(result['uuas'])) and np.all(np.isfinite(result['test_loss']))
+
+
+@pytest.mark.parametrize('field,value', [('struct_word_repr', 'last'), ('struct_test_fraction', 1.0),
+                                         ('struct_rank', 0), ('struct_lr', 0.0)])
+def test_bad_probe_config_is_a_config_error(field, value):
+  from twotower_jax import config as config_lib
+  c = config_lib.base_config()
+  c.analysis[field] = value
+  with pytest.raises(config_lib.ConfigError, match=f'analysis.{field}'):
+    config_lib.validate(c)

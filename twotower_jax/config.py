@@ -153,7 +153,8 @@ def _validate_struct_probe(a: ml_collections.ConfigDict) -> None:
     if a[name] < 1:
       raise ConfigError(f'analysis.{name}={a[name]} must be >= 1')
   if a.struct_max_sentences < 0 or a.struct_lr <= 0:
-    raise ConfigError('analysis.struct_max_sentences must be >= 0 and analysis.struct_lr > 0')
+    raise ConfigError(f'analysis.struct_max_sentences={a.struct_max_sentences} must be >= 0 and '
+                      f'analysis.struct_lr={a.struct_lr} > 0')
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
