@@ -40,6 +40,7 @@ def test_bootstrap_ci_contains_statistic_and_is_deterministic():
   assert hi - lo < 0.5  # about 4 standard errors of 1/sqrt(200)
   assert (lo, hi) == stats.bootstrap_ci(np.mean, (x,), n_boot=500, seed=3)
   assert (lo, hi) != stats.bootstrap_ci(np.mean, (x,), n_boot=500, seed=4)
+  assert (lo, hi) == stats.bootstrap_ci(np.mean, x, n_boot=500, seed=3)  # a bare array
 
 
 def test_bootstrap_ci_resamples_jointly():

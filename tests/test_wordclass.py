@@ -92,6 +92,9 @@ def test_reads_shared_treebank_with_plausible_counts():
                           ('NUM', 'INTJ', 'SYM', 'X'))
   for s in sentences[:200]:  # one root, heads inside the sentence
     assert (s.heads == 0).sum() >= 1 and s.heads.max() <= len(s.forms)
+  dev = wordclass.read_treebank(os.path.join(EWT, '*-dev.conllu'))  # a glob: one file
+  assert 1500 < len(dev) < len(sentences)
+  assert [list(s.forms) for s in dev[:5]] == [list(s.forms) for s in sentences[:5]]
 
 
 def test_tokenize_sentence_aligns_pieces_to_words(sp, tmp_path):

@@ -40,6 +40,8 @@ def bootstrap_ci(statistic: Callable[..., float], arrays: Sequence[np.ndarray],
   All arrays are resampled with the same row indices, so paired data stay paired.
   Resamples where the statistic is NaN (e.g. one class drawn only) are ignored.
   """
+  if isinstance(arrays, np.ndarray):  # one array given bare: do not iterate its rows
+    arrays = (arrays,)
   arrays = tuple(np.asarray(a) for a in arrays)
   if not arrays:
     raise ValueError('bootstrap_ci needs at least one array')
