@@ -88,6 +88,20 @@ def base_config() -> ml_collections.ConfigDict:
       ('length', None),
       ('gate_in', 'fsdp'),
   )
+
+  # Structural probe of the analysis (docs/ANALYSIS_STATS.md); guarded so the
+  # analysis section can be created elsewhere.
+  if 'analysis' not in c:
+    c.analysis = ml_collections.ConfigDict()
+  c.analysis.struct_conllu = ''  # CoNLL-U file, directory or glob ('' = no probe)
+  c.analysis.struct_rank = 64  # rank of the probe matrix B (capped at d_model)
+  c.analysis.struct_steps = 1000  # Adam steps per probe (all probes train together)
+  c.analysis.struct_lr = 1e-2
+  c.analysis.struct_batch_size = 32  # sentences per step and per forward batch
+  c.analysis.struct_max_sentences = 1000  # usable sentences used in all (0 = all)
+  c.analysis.struct_test_fraction = 0.2  # held-out share for UUAS / DSpr
+  c.analysis.struct_word_repr = 'mean'  # word state: 'mean' or 'first' of its pieces
+  c.analysis.struct_seed = 0  # sentence split and probe init
   return c
 
 
@@ -125,6 +139,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.mesh.tower > 0 and m.n_towers % config.mesh.tower:
     raise ConfigError(f'mesh.tower={config.mesh.tower} does not divide model.n_towers='
                       f'{m.n_towers}; set mesh.tower to a divisor of n_towers')
+  if 'analysis' in config and 'struct_rank' in config.analysis:
+    _validate_struct_probe(config.analysis)
+
+
+def _validate_struct_probe(a: ml_collections.ConfigDict) -> None:
+  """The structural probe's fields (analysis.struct_*)."""
+  if a.struct_word_repr not in ('mean', 'first'):
+    raise ConfigError(f"analysis.struct_word_repr={a.struct_word_repr!r}; use 'mean' or 'first'")
+  if not 0.0 < a.struct_test_fraction < 1.0:
+    raise ConfigError(f'analysis.struct_test_fraction={a.struct_test_fraction} must be in (0, 1)')
+  for name in ('struct_rank', 'struct_steps', 'struct_batch_size'):
+    if a[name] < 1:
+      raise ConfigError(f'analysis.{name}={a[name]} must be >= 1')
+  if a.struct_max_sentences < 0 or a.struct_lr <= 0:
+    raise ConfigError(f'analysis.struct_max_sentences={a.struct_max_sentences} must be >= 0 and '
+                      f'analysis.struct_lr={a.struct_lr} > 0')
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

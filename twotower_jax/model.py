@@ -33,7 +33,7 @@ class TwoTowerLM(nn.Module):
     x_NxBxLxH = embedder.encode(tokens_BxL)
     stacked = nn.vmap(towers.get(cfg.tower_type).module,
                       in_axes=0, out_axes=0, axis_size=cfg.n_towers,
-                      variable_axes={'params': 0},
+                      variable_axes={'params': 0, 'intermediates': 0},
                       split_rngs={'params': True, 'dropout': True},
                       metadata_params={nn.PARTITION_NAME: 'tower'})
     h_NxBxLxH = stacked(cfg, deterministic, name='towers')(x_NxBxLxH)

@@ -67,6 +67,7 @@ class TransformerBlock(nn.Module):
     h_BxLxH = layers.dense(cfg.d_model, ('mlp', 'embed'), name='mlp_out',
                            std=layers.INIT_STD / (2 * cfg.n_layers) ** 0.5)(h_BxLxF)
     x_BxLxH = x_BxLxH + nn.Dropout(cfg.dropout)(h_BxLxH, deterministic=self.deterministic)
+    self.sow('intermediates', 'block_out', x_BxLxH)  # analysis: per-layer states
     return x_BxLxH, None
 
 
@@ -80,8 +81,9 @@ class Transformer(nn.Module):
   def __call__(self, x_BxLxH: jax.Array) -> jax.Array:
     cfg = self.cfg
     x_BxLxH = nn.Dropout(cfg.dropout)(x_BxLxH, deterministic=self.deterministic)
+    self.sow('intermediates', 'tower_in', x_BxLxH)  # analysis: the layer-0 states
     if cfg.scan_layers:
-      blocks = nn.scan(TransformerBlock, variable_axes={'params': 0},
+      blocks = nn.scan(TransformerBlock, variable_axes={'params': 0, 'intermediates': 0},
                        split_rngs={'params': True, 'dropout': True}, length=cfg.n_layers,
                        metadata_params={nn.PARTITION_NAME: 'layers'})
       x_BxLxH, _ = blocks(cfg, self.causal, self.deterministic, name='blocks')(x_BxLxH)

@@ -1,0 +1,108 @@
+"""Cross-run comparison: tower alignment and correlations from fake preference.csv files."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from twotower_jax import compare
+from twotower_jax import errors
+
+
+def write_run(workdir, pieces, counts, est_values, with_pref=True):
+  """est_values: {est: [I, N]} -> DIR/analysis/preference.csv as analyze writes it."""
+  os.makedirs(os.path.join(workdir, 'analysis'), exist_ok=True)
+  fields = ['token_id', 'piece', 'count']
+  for est, v in est_values.items():
+    fields += [f'{est}_t{k}' for k in range(v.shape[1])]
+    if with_pref and v.shape[1] == 2:
+      fields.append(f'{est}_pref')
+  with open(os.path.join(workdir, 'analysis', 'preference.csv'), 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(fields)
+    for i, (p, c) in enumerate(zip(pieces, counts)):
+      row = [i, p, c]
+      for est, v in est_values.items():
+        row += [f'{x:.6g}' for x in v[i]]
+        if with_pref and v.shape[1] == 2:
+          row.append(f'{v[i, 0] - v[i, 1]:.6g}')
+      w.writerow(row)
+  return str(workdir)
+
+
+def fake_values(rng, n_items, n_towers, advantage):
+  """Per-tower log-likelihoods: a shared item difficulty plus a tower advantage."""
+  difficulty = rng.normal(-5, 2, size=(n_items, 1))
+  return difficulty + advantage + 0.05 * rng.normal(size=(n_items, n_towers))
+
+
+def test_two_runs_with_swapped_towers_align_by_sign(tmp_path):
+  rng = np.random.default_rng(0)
+  n = 120
+  pieces = [f'p{i}' for i in range(n)] + ['"', ',', 'rare']
+  counts = [50] * n + [40, 40, 3]
+  adv = rng.normal(size=(n + 3, 1)) * np.array([[0.5, -0.5]])
+  v1 = fake_values(rng, n + 3, 2, adv)
+  v2 = fake_values(rng, n + 3, 2, adv)[:, ::-1]  # run 2: towers swapped
+  g1 = rng.random((n + 3, 2))
+  d1 = write_run(tmp_path / 'r1', pieces, counts, {'probe': v1, 'gate': g1})
+  d2 = write_run(tmp_path / 'r2', pieces, counts, {'probe': v2})
+  out = tmp_path / 'cmp'
+  res = compare.run_compare([d1, d2], str(out), min_count=10, n_boot=200)
+  assert res['estimators'] == ['probe']  # gate only in run 1
+  assert res['n_items'] == n + 2  # 'rare' (count 3) dropped; quoted pieces kept
+  assert res['alignment'][1]['permutation'] == [1, 0]
+  (pair,) = res['pairs']
+  assert pair['spearman'] > 0.98 and pair['pearson'] > 0.98
+  assert pair['spearman_ci'][0] <= pair['spearman'] <= pair['spearman_ci'][1]
+  assert pair['spearman_ci'][0] > 0.95
+  saved = json.loads((out / 'compare.json').read_text())
+  assert saved['alignment'][1]['permutation'] == [1, 0]
+  assert '| 0 | 1 | probe |' in (out / 'compare.md').read_text()
+  # Without alignment the correlation would be about -1: the sign flip matters.
+  p1 = compare.read_preferences(d1)['pref']['probe'][:n]
+  p2 = compare.read_preferences(d2)['pref']['probe'][:n]
+  assert np.corrcoef(p1, p2)[0, 1] < -0.95
+
+
+def test_identical_towers_order_kept(tmp_path):
+  rng = np.random.default_rng(1)
+  n = 60
+  adv = rng.normal(size=(n, 1)) * np.array([[0.5, -0.5]])
+  d1 = write_run(tmp_path / 'a', [f'x{i}' for i in range(n)], [30] * n,
+                 {'probe': fake_values(rng, n, 2, adv)}, with_pref=False)
+  d2 = write_run(tmp_path / 'b', [f'x{i}' for i in range(n)], [30] * n,
+                 {'probe': fake_values(rng, n, 2, adv)}, with_pref=False)
+  res = compare.run_compare([d1, d2], str(tmp_path / 'o'), n_boot=50)
+  assert res['alignment'][1]['permutation'] == [0, 1]
+  assert res['pairs'][0]['spearman'] > 0.95
+
+
+def test_recovers_known_permutation_of_three_towers(tmp_path):
+  rng = np.random.default_rng(2)
+  n = 100
+  adv = rng.normal(size=(n, 3))
+  perm = [2, 0, 1]
+  v1 = fake_values(rng, n, 3, adv)
+  v2 = fake_values(rng, n, 3, adv)
+  v2_shuffled = np.empty_like(v2)
+  v2_shuffled[:, perm] = v2  # run 1's tower k lives in column perm[k] of run 2
+  pieces = [f'w{i}' for i in range(n)]
+  d1 = write_run(tmp_path / 'a', pieces, [25] * n, {'ablation': v1})
+  d2 = write_run(tmp_path / 'b', pieces, [25] * n, {'ablation': v2_shuffled})
+  d3 = write_run(tmp_path / 'c', pieces, [25] * n, {'ablation': fake_values(rng, n, 3, adv)})
+  res = compare.run_compare([d1, d2, d3], str(tmp_path / 'o'), n_boot=50)
+  assert res['alignment'][1]['permutation'] == perm
+  assert res['alignment'][2]['permutation'] == [0, 1, 2]
+  assert len(res['pairs']) == 3
+  assert all(p['spearman'] > 0.95 for p in res['pairs'])
+
+
+def test_missing_csv_is_a_user_error(tmp_path):
+  d1 = write_run(tmp_path / 'a', ['x', 'y', 'z'], [30] * 3, {'probe': np.ones((3, 2))})
+  with pytest.raises(errors.UserError, match='run analyze on it first'):
+    compare.run_compare([d1, str(tmp_path / 'never_analyzed')], str(tmp_path / 'o'))
+  with pytest.raises(errors.UserError, match='at least two'):
+    compare.run_compare([d1], str(tmp_path / 'o'))

@@ -1,0 +1,225 @@
+"""Structural probe: tree distances, MST/UUAS against brute force, a planted tree geometry."""
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+from twotower_jax import structural_probe as sprobe
+from twotower_jax import wordclass
+
+
+def random_tree(rng, n):
+  """heads (1-based, 0 = root) of a random tree over n words in random order."""
+  order = rng.permutation(n)
+  heads = np.zeros(n, np.int32)
+  for k in range(1, n):
+    heads[order[k]] = order[rng.integers(0, k)] + 1
+  return heads
+
+
+def test_tree_distances_hand_computed():
+  # "the cat sat on the mat": the->cat, cat->sat (root), on->mat, the->mat, mat->sat
+  heads = [2, 3, 0, 6, 6, 3]
+  d = sprobe.tree_distances(heads)
+  expected = np.array([
+      [0, 1, 2, 4, 4, 3],
+      [1, 0, 1, 3, 3, 2],
+      [2, 1, 0, 2, 2, 1],
+      [4, 3, 2, 0, 2, 1],
+      [4, 3, 2, 2, 0, 1],
+      [3, 2, 1, 1, 1, 0]])
+  np.testing.assert_array_equal(d, expected)
+
+
+def brute_force_mst(d):
+  """Minimum spanning tree by trying every tree (Pruefer sequences), n <= 6."""
+  n = d.shape[0]
+  best, best_edges = np.inf, None
+  for seq in itertools.product(range(n), repeat=n - 2):
+    degree = [1] * n
+    for s in seq:
+      degree[s] += 1
+    edges = set()
+    seq = list(seq)
+    for s in seq:
+      leaf = min(i for i in range(n) if degree[i] == 1)
+      edges.add((min(leaf, s), max(leaf, s)))
+      degree[leaf] -= 1
+      degree[s] -= 1
+    u, v = [i for i in range(n) if degree[i] == 1]
+    edges.add((u, v))
+    w = sum(d[i, j] for i, j in edges)
+    if w < best:
+      best, best_edges = w, edges
+  return best_edges
+
+
+@pytest.mark.parametrize('seed', range(12))
+def test_mst_matches_brute_force(seed):
+  rng = np.random.default_rng(seed)
+  n = 2 + seed % 5
+  a = rng.random((n, n))
+  d = a + a.T  # distinct weights: the MST is unique
+  assert sprobe.mst_edges(d) == brute_force_mst(d)
+
+
+def brute_force_uuas(pred, heads, upos):
+  keep = [i for i in range(len(heads)) if upos[i] != 'PUNCT']
+  gold = {(min(i, h - 1), max(i, h - 1)) for i, h in enumerate(heads)
+          if h > 0 and i in keep and h - 1 in keep}
+  sub = pred[np.ix_(keep, keep)]
+  tree = {(min(keep[i], keep[j]), max(keep[i], keep[j])) for i, j in brute_force_mst(sub)}
+  return len(tree & gold), len(gold)
+
+
+@pytest.mark.parametrize('seed', range(8))
+def test_uuas_excludes_punctuation_like_brute_force(seed):
+  rng = np.random.default_rng(100 + seed)
+  n = 7
+  heads = random_tree(rng, n)
+  upos = np.array(['NOUN'] * n, dtype=object)
+  upos[rng.choice(n, size=1 + seed % 2, replace=False)] = 'PUNCT'
+  a = rng.random((n, n))
+  pred = a + a.T
+  assert sprobe.uuas_counts(pred, heads, upos) == brute_force_uuas(pred, heads, upos)
+  # Exact gold distances recover every gold edge between kept words.
+  gold = sprobe.tree_distances(heads)
+  c, t = sprobe.uuas_counts(gold.astype(float), heads, upos)
+  assert t == 0 or c / t > 0.5  # punctuation removal may disconnect the gold tree
+
+
+def test_perfect_distances_give_uuas_one_and_dspr_one():
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    heads = random_tree(rng, 9)
+    upos = np.array(['NOUN'] * 9, dtype=object)
+    d = sprobe.tree_distances(heads).astype(float)
+    c, t = sprobe.uuas_counts(d + 1e-3 * rng.random((9, 9)), heads, upos)
+    assert c == t == 8
+    assert sprobe.sentence_spearman(d, d, upos) == pytest.approx(1.0)
+  assert sprobe.dspr([1.0, 0.5, 0.0], [5, 5, 60]) == pytest.approx(0.75)  # length 60 ignored
+
+
+def tree_geometry_states(heads, width):
+  """Word i -> indicator of its ancestors-or-self: ||v_i - v_j||^2 = tree distance exactly."""
+  n = len(heads)
+  v = np.zeros((n, width), np.float32)
+  for i in range(n):
+    j = i
+    while True:
+      v[i, j] = 1.0
+      if heads[j] == 0:
+        break
+      j = heads[j] - 1
+  return v
+
+
+def test_probe_learns_planted_tree_geometry():
+  """States = random rotation of [tree embedding; noise]: a linear probe recovers the trees."""
+  rng = np.random.default_rng(0)
+  width, noise_dims, n_towers_layers = 12, 12, 2
+  sents, states = [], []
+  for _ in range(160):
+    n = int(rng.integers(5, width + 1))
+    heads = random_tree(rng, n)
+    upos = np.array(['NOUN'] * n, dtype=object)
+    sents.append(wordclass.Sentence(np.array(['w'] * n, dtype=object), upos, heads, upos,
+                                    np.ones(n, bool), np.zeros(n, np.int32)))
+    states.append(tree_geometry_states(heads, width))
+  v = np.concatenate(states)  # T x width
+  q, _ = np.linalg.qr(rng.normal(size=(width + noise_dims, width + noise_dims)))
+  structured = np.concatenate([v, 2.0 * rng.normal(size=(v.shape[0], noise_dims))], 1) @ q
+  shuffled = structured[rng.permutation(v.shape[0])]  # control: words lose their trees
+  x = np.stack([structured, shuffled]).astype(np.float32)  # P=2 probes
+  idx, d, lens = sprobe.pad_sentences([len(s.forms) for s in sents],
+                                      [sprobe.tree_distances(s.heads) for s in sents])
+  n_train = 120
+  b, losses = sprobe.train_probes(x, idx[:n_train], d[:n_train], lens[:n_train], rank=16,
+                                  steps=400, lr=1e-2, batch_size=32, seed=0)
+  assert losses[-1] < losses[0]
+  res = sprobe.evaluate_probes(b, x, idx[n_train:], d[n_train:], sents[n_train:])
+  assert res['uuas'][0] > 0.95 and res['dspr'][0] > 0.9, res
+  assert res['uuas'][1] < 0.6 and res['dspr'][1] < 0.5, res  # shuffled states: far below the planted geometry
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EWT = next((p for p in (os.path.join(_REPO, d, 'shared', 'data', 'ud_english_ewt')
+                        for d in ('.', '..', os.path.join('..', '..')))
+            if os.path.isdir(p)), '')
+needs_ewt = pytest.mark.skipif(not EWT, reason='shared UD EWT treebank absent')
+
+
+def probe_config(tiny, **overrides):
+  c = tiny(**overrides)
+  c.analysis.struct_conllu = EWT
+  c.analysis.struct_steps = 20
+  c.analysis.struct_max_sentences = 100
+  c.analysis.struct_batch_size = 16
+  c.analysis.struct_rank = 8
+  return c
+
+
+@needs_ewt
+def test_layer_states_and_run_on_tiny_model(tiny, tmp_path):
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from twotower_jax import train as train_lib
+
+  config = probe_config(tiny)
+  setup = train_lib.build(config, str(tmp_path))
+  params = nn.unbox(setup.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32))['params'])
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 32), 5, 256)
+  layers = sprobe.layer_states(setup.model, params, tokens)
+  assert sprobe.layer_order(layers) == ['input', 'block_1', 'block_2', 'final']
+  assert all(v.shape == (2, 3, 32, 32) for v in layers.values())
+  plain = setup.model.apply({'params': params}, tokens, deterministic=True)
+  np.testing.assert_array_equal(layers['final'], plain['tower_states_NxBxLxH'])
+  assert not np.allclose(layers['block_1'], layers['block_2'])
+
+  result = sprobe.run(setup, params, config, str(tmp_path / 'analysis'))
+  assert result['layers'] == ['input', 'block_1', 'block_2', 'final']
+  assert np.asarray(result['uuas']).shape == (2, 4) == np.asarray(result['dspr']).shape
+  assert np.all((np.asarray(result['uuas']) >= 0) & (np.asarray(result['uuas']) <= 1))
+  assert result['n_test_sentences'] == 20 and result['n_train_sentences'] == 80
+  assert 0 < result['baseline_uuas_adjacent'] < 1
+  assert os.path.exists(tmp_path / 'analysis' / sprobe.RESULT_FILENAME)
+
+  config.analysis.struct_conllu = ''
+  with pytest.raises(sprobe.ProbeError, match='struct_conllu'):
+    sprobe.run(setup, params, config, str(tmp_path / 'analysis'))
+
+
+@needs_ewt
+@pytest.mark.slow
+def test_run_on_trained_checkpoint(tiny, tmp_path):
+  """End to end: train a tiny model, restore its checkpoint, probe it."""
+  from twotower_jax import checkpoints
+  from twotower_jax import optimizer as optimizer_lib
+  from twotower_jax import sharding as sharding_lib
+  from twotower_jax import train as train_lib
+  from twotower_jax import train_state as state_lib
+
+  config = probe_config(tiny)
+  workdir = str(tmp_path / 'run')
+  train_lib.train_and_evaluate(config, workdir)
+  setup = train_lib.build(config, workdir, train_tokenizer=False)
+  tx = optimizer_lib.make(config)
+  state_sh = state_lib.shardings(setup.model, tx, setup.mesh, sharding_lib.rules(config))
+  mngr = checkpoints.manager(workdir, read_only=True)
+  state, _ = checkpoints.restore(mngr, mngr.latest_step(),
+                                 state_lib.abstract(setup.model, tx, state_sh))
+  result = sprobe.run(setup, state.params, config, os.path.join(workdir, 'analysis'))
+  assert np.all(np.isfinite(result['uuas'])) and np.all(np.isfinite(result['test_loss']))
+
+
+@pytest.mark.parametrize('field,value', [('struct_word_repr', 'last'), ('struct_test_fraction', 1.0),
+                                         ('struct_rank', 0), ('struct_lr', 0.0)])
+def test_bad_probe_config_is_a_config_error(field, value):
+  from twotower_jax import config as config_lib
+  c = config_lib.base_config()
+  c.analysis[field] = value
+  with pytest.raises(config_lib.ConfigError, match=f'analysis.{field}'):
+    config_lib.validate(c)
