@@ -20,7 +20,7 @@ VOCAB = 40
 
 def tiny_model(**kw) -> model_lib.TwoTowerLM:
   base = dict(vocab_size=VOCAB, n_towers=2, n_layers=1, d_model=16, n_heads=2, d_mlp=32,
-              max_len=8, dropout=0.0)
+              max_len=8, dropout=0.0, scan_layers=False)
   base.update(kw)
   return model_lib.TwoTowerLM(layers.ModelConfig(**base))
 
@@ -40,6 +40,7 @@ def step_config(**model_overrides):
   c.data.seq_len = 8
   c.model.n_layers, c.model.d_model, c.model.n_heads = 1, 16, 2
   c.model.d_mlp, c.model.max_len, c.model.dropout = 32, 8, 0.0
+  c.model.scan_layers = False
   c.train.batch_size, c.train.steps = 8, 4
   c.mesh.tower = 2
   for key, value in model_overrides.items():
