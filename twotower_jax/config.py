@@ -48,6 +48,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.max_len = 128  # rows of the position table
   c.model.dropout = 0.1
   c.model.scan_layers = True  # one compiled layer body, scanned: fast compiles
+  # Gates, embeddings, pondering (DESIGN.md section 2; README 'Gates, embeddings, pondering').
+  c.model.embedding = ml_collections.ConfigDict()
+  c.model.embedding.mode = 'shared'  # 'shared' (V x H) | 'projected' (V x N*H) | 'per_tower'
+  c.model.embedding.tied = True  # output layer = token table; False: own V x H output matrix
+  c.model.embedding.input_grad_scale = 1.0  # s: scales only the table's input-lookup gradient
+  c.model.latent = ml_collections.ConfigDict()
+  c.model.latent.balance_weight = 0.0  # gate=latent: weight of KL(mean gate || uniform)
+  c.model.pondering = ml_collections.ConfigDict()
+  c.model.pondering.steps = 0  # extra passes feeding back expected token embeddings
+  c.model.pondering.temperature = 1.0  # softmax temperature of those passes
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 240  # the default main job: about 6 minutes on a 2-core CPU
@@ -130,6 +140,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                'keep_checkpoints', 'eval_batches'):
     if t[name] < 1:
       raise ConfigError(f'train.{name}={t[name]} must be >= 1')
+  _validate_model_options(m)
   if not 0.0 <= m.dropout < 1.0:
     raise ConfigError(f'model.dropout={m.dropout} must be in [0, 1)')
   sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tower]
@@ -155,6 +166,29 @@ def _validate_struct_probe(a: ml_collections.ConfigDict) -> None:
   if a.struct_max_sentences < 0 or a.struct_lr <= 0:
     raise ConfigError(f'analysis.struct_max_sentences={a.struct_max_sentences} must be >= 0 and '
                       f'analysis.struct_lr={a.struct_lr} > 0')
+
+
+def _validate_model_options(m: ml_collections.ConfigDict) -> None:
+  """Gate, embedding and pondering fields (imports lazily: gates pulls in Flax)."""
+  from twotower_jax import embeddings, gates  # pylint: disable=g-import-not-at-top
+  if m.gate not in gates.GATES:
+    raise ConfigError(f'model.gate={m.gate!r} is unknown; choose one of {sorted(gates.GATES)}')
+  e = m.embedding
+  if e.mode not in embeddings.MODES:
+    raise ConfigError(f'model.embedding.mode={e.mode!r} is unknown; choose one of '
+                      f'{list(embeddings.MODES)}')
+  if not isinstance(e.tied, bool):
+    raise ConfigError(f'model.embedding.tied={e.tied!r} must be true or false')
+  if not (isinstance(e.input_grad_scale, (int, float)) and 0.0 <= e.input_grad_scale < 1e6):
+    raise ConfigError(f'model.embedding.input_grad_scale={e.input_grad_scale!r} must be a '
+                      'number >= 0 (1 leaves gradients unchanged)')
+  if not (isinstance(m.latent.balance_weight, (int, float)) and m.latent.balance_weight >= 0):
+    raise ConfigError(f'model.latent.balance_weight={m.latent.balance_weight!r} must be >= 0')
+  p = m.pondering
+  if isinstance(p.steps, bool) or not isinstance(p.steps, int) or p.steps < 0:
+    raise ConfigError(f'model.pondering.steps={p.steps!r} must be an integer >= 0')
+  if not (isinstance(p.temperature, (int, float)) and p.temperature > 0):
+    raise ConfigError(f'model.pondering.temperature={p.temperature!r} must be > 0')
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Mixing gates: the only place the towers meet.
 
 A gate maps the stacked tower states h_NxBxLxH and the output layer (`decode`,
-z_BxLxH -> logits_BxLxV) to a dict with `logits_BxLxV` (log_softmax of it is the
-model's next-token distribution) plus optional extras: `aux_loss` (added to the
-loss), `metrics` (scalars to log) and per-tower arrays for the analysis.
+z_BxLxH -> logits_BxLxV; `decode_towers`, z_NxBxLxH -> logits_NxBxLxV, tower k
+through its own table where tables are per tower) to a dict with `logits_BxLxV`
+(log_softmax of it is the model's next-token distribution) plus optional extras:
+`aux_loss` (added to the loss), `metrics` (scalars to log) and per-tower arrays
+for the analysis (`tower_logits_NxBxLxV`, `gate_log_weights_NxBxL`).
 Register a new gate with `register`; the train loop never changes.
 """
 
@@ -29,7 +31,8 @@ def register(name: str):
 
 def get(name: str) -> type[nn.Module]:
   if name not in GATES:
-    raise KeyError(f'model.gate={name!r} is unknown; choose one of {sorted(GATES)}')
+    from twotower_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    raise config_lib.ConfigError(f'model.gate={name!r} is unknown; choose one of {sorted(GATES)}')
   return GATES[name]
 
 
@@ -50,9 +53,86 @@ class ConcatGate(nn.Module):
   deterministic: bool
 
   @nn.compact
-  def __call__(self, h_NxBxLxH: jax.Array, decode: Callable[[jax.Array], jax.Array]):
+  def __call__(self, h_NxBxLxH: jax.Array, decode: Callable[[jax.Array], jax.Array],
+               decode_towers: Callable[[jax.Array], jax.Array] | None = None):
+    del decode_towers
     x_BxLxC = layers.layer_norm('gate_in', name='ln_in')(concat_towers(h_NxBxLxH))
     z_BxLxH = layers.gelu(layers.dense(self.cfg.d_model, ('gate_in', 'embed'),
                                        name='dense')(x_BxLxC))
     z_BxLxH = layers.layer_norm(name='ln_out')(z_BxLxH)
     return {'logits_BxLxV': decode(z_BxLxH)}
+
+
+class TowerHead(nn.Module):
+  """Per-tower output head z = LN(GELU(Dense(h))), applied before the output layer."""
+  cfg: layers.ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxLxH: jax.Array) -> jax.Array:
+    z_BxLxH = layers.gelu(layers.dense(self.cfg.d_model, ('embed', 'mlp'), name='dense')(h_BxLxH))
+    return layers.layer_norm(name='ln')(z_BxLxH)
+
+
+def tower_heads(cfg: layers.ModelConfig, h_NxBxLxH: jax.Array, name: str = 'heads') -> jax.Array:
+  """z_NxBxLxH: one independently initialised head per tower (stacked on the tower axis)."""
+  stacked = nn.vmap(TowerHead, in_axes=0, out_axes=0, axis_size=cfg.n_towers,
+                    variable_axes={'params': 0}, split_rngs={'params': True},
+                    metadata_params={nn.PARTITION_NAME: 'tower'})
+  return stacked(cfg, name=name)(h_NxBxLxH)
+
+
+@register('latent')
+class LatentGate(nn.Module):
+  """Co-LLM latent gate: p(x_t) = sum_k pi_{t,k} p_k(x_t), pi_t = softmax(Dense(LN([h_1;..;h_N]))).
+
+  Returns `logits_BxLxV` = logsumexp_k(log pi_k + log_softmax(tower_logits_k)), a
+  normalised log-distribution, so softmax cross-entropy of it is exactly the
+  mixture's negative log-likelihood. `aux_loss` = balance_weight * KL(mean gate ||
+  uniform), a regulariser against collapse onto one tower.
+  """
+  cfg: layers.ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, h_NxBxLxH: jax.Array, decode: Callable[[jax.Array], jax.Array],
+               decode_towers: Callable[[jax.Array], jax.Array]):
+    cfg = self.cfg
+    n = cfg.n_towers
+    tower_logits_NxBxLxV = decode_towers(tower_heads(cfg, h_NxBxLxH))
+    x_BxLxC = layers.layer_norm('gate_in', name='ln_in')(concat_towers(h_NxBxLxH))
+    gate_BxLxN = layers.dense(n, ('gate_in', None), name='gate')(x_BxLxC)
+    log_pi_NxBxL = jnp.moveaxis(jax.nn.log_softmax(gate_BxLxN.astype(jnp.float32), -1), -1, 0)
+    log_p_NxBxLxV = jax.nn.log_softmax(tower_logits_NxBxLxV.astype(jnp.float32), -1)
+    logits_BxLxV = jax.nn.logsumexp(log_pi_NxBxL[..., None] + log_p_NxBxLxV, axis=0)
+    pi_NxBxL = jnp.exp(log_pi_NxBxL)
+    mean_pi_N = pi_NxBxL.reshape(n, -1).mean(axis=1)
+    entropy = -jnp.sum(pi_NxBxL * log_pi_NxBxL, axis=0).mean()
+    kl_uniform = jnp.sum(mean_pi_N * (jnp.log(jnp.maximum(mean_pi_N, 1e-30)) + jnp.log(n)))
+    metrics = {f'gate_mean_t{k}': mean_pi_N[k] for k in range(n)}
+    metrics.update(gate_entropy=entropy, gate_kl_uniform=kl_uniform)
+    return {'logits_BxLxV': logits_BxLxV, 'tower_logits_NxBxLxV': tower_logits_NxBxLxV,
+            'gate_log_weights_NxBxL': log_pi_NxBxL, 'metrics': metrics,
+            'aux_loss': cfg.latent_balance_weight * kl_uniform}
+
+
+def latent_posteriors(tower_logits_NxBxLxV: jax.Array, gate_log_weights_NxBxL: jax.Array,
+                      targets_BxL: jax.Array) -> jax.Array:
+  """r_NxBxL: posterior r_{t,k} = pi_{t,k} p_k(x_t) / sum_j pi_{t,j} p_j(x_t) of who produced x_t."""
+  log_p_NxBxLxV = jax.nn.log_softmax(tower_logits_NxBxLxV.astype(jnp.float32), -1)
+  idx = jnp.broadcast_to(targets_BxL[None, ..., None], log_p_NxBxLxV.shape[:-1] + (1,))
+  log_joint_NxBxL = gate_log_weights_NxBxL + jnp.take_along_axis(log_p_NxBxLxV, idx, -1)[..., 0]
+  return jnp.exp(log_joint_NxBxL - jax.nn.logsumexp(log_joint_NxBxL, axis=0, keepdims=True))
+
+
+@register('logit_sum')
+class LogitSumGate(nn.Module):
+  """Product of experts: logits = sum_k decode(head_k(h_k)), so p is proportional to prod_k p_k."""
+  cfg: layers.ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, h_NxBxLxH: jax.Array, decode: Callable[[jax.Array], jax.Array],
+               decode_towers: Callable[[jax.Array], jax.Array]):
+    tower_logits_NxBxLxV = decode_towers(tower_heads(self.cfg, h_NxBxLxH))
+    return {'logits_BxLxV': jnp.sum(tower_logits_NxBxLxV, axis=0),
+            'tower_logits_NxBxLxV': tower_logits_NxBxLxV}

@@ -31,11 +31,26 @@ class ModelConfig:
   max_len: int = 128
   dropout: float = 0.1
   scan_layers: bool = True
+  # Gates, embeddings, pondering: flat copies of config.model.<block>.<field> (NESTED).
+  embedding_mode: str = 'shared'
+  tied: bool = True
+  input_grad_scale: float = 1.0
+  latent_balance_weight: float = 0.0
+  ponder_steps: int = 0
+  ponder_temperature: float = 1.0
+
+  NESTED = {'embedding_mode': ('embedding', 'mode'), 'tied': ('embedding', 'tied'),
+            'input_grad_scale': ('embedding', 'input_grad_scale'),
+            'latent_balance_weight': ('latent', 'balance_weight'),
+            'ponder_steps': ('pondering', 'steps'),
+            'ponder_temperature': ('pondering', 'temperature')}
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int) -> 'ModelConfig':
     fields = {f.name for f in dataclasses.fields(cls)} - {'vocab_size'}
-    return cls(vocab_size=vocab_size, **{k: config.model[k] for k in fields})
+    flat = {k: config.model[k] for k in fields - set(cls.NESTED)}
+    nested = {k: config.model[a][b] for k, (a, b) in cls.NESTED.items()}
+    return cls(vocab_size=vocab_size, **flat, **nested)
 
   @property
   def head_dim(self) -> int:

@@ -36,13 +36,27 @@ class TwoTowerLM(nn.Module):
                       variable_axes={'params': 0, 'intermediates': 0},
                       split_rngs={'params': True, 'dropout': True},
                       metadata_params={nn.PARTITION_NAME: 'tower'})
-    h_NxBxLxH = stacked(cfg, deterministic, name='towers')(x_NxBxLxH)
-    if states_fn is not None:
-      h_NxBxLxH = states_fn(h_NxBxLxH)
-    out = dict(gates.get(cfg.gate)(cfg, deterministic, name='gate')(h_NxBxLxH, embedder.decode))
+    tower_stack = stacked(cfg, deterministic, name='towers')
+    gate = gates.get(cfg.gate)(cfg, deterministic, name='gate')
+
+    def forward(x_NxBxLxH):
+      h_NxBxLxH = tower_stack(x_NxBxLxH)
+      if states_fn is not None:
+        h_NxBxLxH = states_fn(h_NxBxLxH)
+      out = dict(gate(h_NxBxLxH, embedder.decode, embedder.decode_towers))
+      out['tower_states_NxBxLxH'] = h_NxBxLxH
+      return out
+
+    out = forward(x_NxBxLxH)
+    # Pondering: each extra pass adds the expected token embedding under the current
+    # prediction to the inputs; the towers and gate are reused (same parameters).
+    for _ in range(cfg.ponder_steps):
+      probs_BxLxV = jax.nn.softmax(out['logits_BxLxV'].astype(jnp.float32) /
+                                   cfg.ponder_temperature, axis=-1)
+      x_NxBxLxH = x_NxBxLxH + embedder.soft_embed(probs_BxLxV)
+      out = forward(x_NxBxLxH)
     out.setdefault('aux_loss', jnp.zeros((), jnp.float32))
     out.setdefault('metrics', {})
-    out['tower_states_NxBxLxH'] = h_NxBxLxH
     return out
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from twotower_jax import embeddings
 from twotower_jax import towers
 from twotower_jax.train_state import TrainState
 
@@ -32,8 +33,13 @@ def step_rngs(state: TrainState) -> tuple[jax.Array, jax.Array]:
 
 
 def loss_fn(params: Any, model: nn.Module, example: dict[str, jax.Array],
-            dropout_rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  out = model.apply({'params': params}, example['inputs'], deterministic=False,
+            dropout_rng: jax.Array,
+            perturbations: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean token loss + aux loss; `perturbations` (zeros) expose activation gradients."""
+  variables = {'params': params}
+  if perturbations is not None:
+    variables['perturbations'] = perturbations
+  out = model.apply(variables, example['inputs'], deterministic=False,
                     rngs={'dropout': dropout_rng})
   loss_sum, weight_sum = cross_entropy(out['logits_BxLxV'], example['targets'],
                                        example['weights'])
@@ -43,14 +49,24 @@ def loss_fn(params: Any, model: nn.Module, example: dict[str, jax.Array],
                 **out['metrics']}
 
 
+def zero_perturbations(model: nn.Module, params: Any, inputs_BxL: jax.Array) -> Any:
+  """Zeros shaped like the model's `perturbations` collection (e.g. the embedding lookup)."""
+  _, shapes = jax.eval_shape(
+      lambda p, x: model.apply({'params': p}, x, mutable=['perturbations']), params, inputs_BxL)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['perturbations'])
+
+
 def train_step(state: TrainState, window_BxL1: jax.Array, *, model: nn.Module,
                tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
   """One AdamW update on one global batch of packed windows."""
   dropout_rng, example_rng = step_rngs(state)
   example = towers.get(model.cfg.tower_type).make_example(window_BxL1, example_rng, model.cfg)
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, model, example, dropout_rng)
+  perturbations = zero_perturbations(model, state.params, example['inputs'])
+  (loss, aux), (grads, pert_grads) = jax.value_and_grad(loss_fn, argnums=(0, 4), has_aux=True)(
+      state.params, model, example, dropout_rng, perturbations)
+  aux.update(embeddings.grad_norm_metrics(model.cfg, grads, pert_grads['embed']['lookup'],
+                                          example['inputs']))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
