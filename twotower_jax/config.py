@@ -7,6 +7,7 @@ Config files in configs/ start from `base_config()` and change what they need;
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import ml_collections
@@ -58,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = 8  # a fixed slice of the validation split
   c.train.checkpoint_every = 120
   c.train.keep_checkpoints = 3
+  # Reliability: what a NaN/inf loss or gradient does. 'stop': exit non-zero naming the
+  # step and quantity, the last good checkpoint kept; 'skip': drop that update, count it.
+  c.train.on_nonfinite = 'stop'
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-3
@@ -116,6 +120,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                'keep_checkpoints', 'eval_batches'):
     if t[name] < 1:
       raise ConfigError(f'train.{name}={t[name]} must be >= 1')
+  if t.on_nonfinite not in ('stop', 'skip'):
+    raise ConfigError(f"train.on_nonfinite={t.on_nonfinite!r} is unknown; use 'stop' or 'skip'")
   if not 0.0 <= m.dropout < 1.0:
     raise ConfigError(f'model.dropout={m.dropout} must be in [0, 1)')
   sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tower]
@@ -133,9 +139,12 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def save_json(config: ml_collections.ConfigDict, path: str) -> None:
-  with open(path, 'w') as f:
+  """Written to a temporary file and renamed, so a kill never leaves half a file."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
     json.dump(to_dict(config), f, indent=2, sort_keys=True)
     f.write('\n')
+  os.replace(tmp, path)
 
 
 def load_json(path: str) -> ml_collections.ConfigDict:
