@@ -159,6 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.truncate_after(start)
     log.info('resumed from %s at step %d', checkpoints.directory(workdir), start)
   else:
+    writer.truncate_after(-1)  # lines of an earlier attempt that left no checkpoint
     state = state_lib.create_sharded(model, tx, tc.seed, state_sh)
     start = 0
   n_params = model_lib.param_count(state.params)
