@@ -141,27 +141,6 @@ def test_sigterm_saves_exits_zero_and_resumes_bit_identically(uninterrupted, tmp
   assert_bit_equal(restored_state(config, whole), restored_state(config, workdir))
 
 
-def test_uncommitted_steps_are_never_chosen(uninterrupted, tmp_path):
-  """A tmp dir of an interrupted save and a step dir without Orbax's commit files are skipped."""
-  config, whole = uninterrupted
-  workdir = str(tmp_path / 'copy')
-  shutil.copytree(whole, workdir)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  shutil.copytree(os.path.join(ckpt_dir, str(KILL_STEPS)),
-                  os.path.join(ckpt_dir, f'{KILL_STEPS + 2}.orbax-checkpoint-tmp'))
-  half = os.path.join(ckpt_dir, str(KILL_STEPS + 1))
-  shutil.copytree(os.path.join(ckpt_dir, str(KILL_STEPS)), half)
-  os.remove(os.path.join(half, '_CHECKPOINT_METADATA'))
-  mngr = checkpoints.manager(workdir, read_only=True)
-  assert KILL_STEPS + 1 in mngr.all_steps()  # Orbax alone would pick the half-written step
-  assert checkpoints.latest_complete_step(mngr) == KILL_STEPS
-  mngr.close()
-  mngr = checkpoints.manager(workdir)  # a writing run: cleans both up
-  assert checkpoints.latest_complete_step(mngr, remove_incomplete=True) == KILL_STEPS
-  mngr.close()
-  assert sorted(os.listdir(ckpt_dir), key=int)[-1] == str(KILL_STEPS)
-
-
 # --- non-finite ----------------------------------------------------------------------
 
 def test_nonfinite_stop_names_step_and_keeps_last_good_checkpoint(tiny, tmp_path):
@@ -245,6 +224,29 @@ def mesh_run(small_corpus_dir, tmp_path_factory):
                                             'mesh.fsdp': 2, 'mesh.tower': 1})
   train.train_and_evaluate(config, workdir)
   return config, workdir
+
+
+def test_uncommitted_steps_are_never_chosen(mesh_run, tmp_path):
+  """A tmp dir of an interrupted save and a step dir without Orbax's commit files are skipped."""
+  config, whole = mesh_run
+  last = 2
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(whole, workdir)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  shutil.copytree(os.path.join(ckpt_dir, str(last)),
+                  os.path.join(ckpt_dir, f'{last + 2}.orbax-checkpoint-tmp'))
+  half = os.path.join(ckpt_dir, str(last + 1))
+  shutil.copytree(os.path.join(ckpt_dir, str(last)), half)
+  os.remove(os.path.join(half, '_CHECKPOINT_METADATA'))
+  mngr = checkpoints.manager(workdir, read_only=True)
+  assert last + 1 in mngr.all_steps()  # Orbax alone would pick the half-written step
+  assert checkpoints.latest_complete_step(mngr) == last
+  mngr.close()
+  mngr = checkpoints.manager(workdir)  # a writing run: cleans both up
+  assert checkpoints.latest_complete_step(mngr, remove_incomplete=True) == last
+  assert max(mngr.all_steps()) == last  # the manager forgot the removed step
+  mngr.close()
+  assert sorted(os.listdir(ckpt_dir), key=int)[-1] == str(last)
 
 
 @pytest.mark.parametrize('data, fsdp, tower, n_devices', [

@@ -69,16 +69,19 @@ def latest_complete_step(mngr: ocp.CheckpointManager, remove_incomplete: bool = 
   With remove_incomplete (a writing run), such dirs above the chosen step are deleted so
   the resumed run can save those steps again.
   """
+  found, removed = None, False
   for step in sorted(mngr.all_steps(), reverse=True):
     step_dir = os.path.join(str(mngr.directory), str(step))
     if is_complete(step_dir):
-      return step
+      found = step
+      break
     log.warning('ignoring incomplete checkpoint %s', step_dir)
     if remove_incomplete and jax.process_index() == 0:
       shutil.rmtree(step_dir, ignore_errors=True)
-  if remove_incomplete:
-    mngr.reload()
-  return None
+      removed = True
+  if removed:
+    mngr.reload()  # forget the removed steps so they can be saved again
+  return found
 
 
 @jax.jit

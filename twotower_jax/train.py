@@ -229,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if stop:
         stopped_by = watcher.signal_name
         break
-  mngr.wait_until_finished()
+    mngr.wait_until_finished()  # still under the handlers: a signal now cannot cut the save
   mngr.close()
   writer.close()
   if stopped_by is not None:
