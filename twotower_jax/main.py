@@ -22,6 +22,8 @@ def main(argv):
                            'flag, e.g. --config.train.steps=200')
   from twotower_jax import train  # pylint: disable=g-import-not-at-top
   result = train.train_and_evaluate(cli.load_config(_CONFIG), _WORKDIR.value)
+  if result.get('preempted'):
+    return  # stopped by a signal after saving; the train loop logged how to resume
   ev = result['eval']
   logging.getLogger('twotower_jax').info('done: step %d, val loss %.4f, perplexity %.2f; results in %s',
                result['step'], ev['loss'], ev['perplexity'], result['workdir'])

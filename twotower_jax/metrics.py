@@ -49,10 +49,10 @@ class Writer:
       self._tb.flush()
 
   def truncate_after(self, step: int) -> None:
-    """Drops lines of steps > `step` (a resumed run rewrites them)."""
+    """Drops lines of steps > `step` (a resumed run rewrites them); step < 0 drops all."""
     if not self.enabled or not os.path.exists(self.path):
       return
-    kept = [line for line in read(self.path) if line.get('step', -1) <= step]
+    kept = [line for line in read(self.path) if line.get('step', -1) <= step and step >= 0]
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
       for line in kept:

@@ -6,6 +6,7 @@ EOS=3 (ends each document), MASK=4 (the masked-LM corruption symbol).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from typing import Iterable, Sequence
@@ -82,6 +83,20 @@ def train_or_load(docs: Sequence[str], workdir: str, vocab_size: int,
     raise TokenizerError(f'{path} has {sp.get_piece_size()} pieces but data.vocab_size='
                          f'{vocab_size}; use the original vocab size or a new workdir')
   return sp
+
+
+def file_digest(path: str) -> str:
+  """sha256 of the tokenizer file, saved with each checkpoint."""
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def check_digest(digest: str, saved: str | None, workdir: str) -> None:
+  """Refuses a tokenizer file other than the one the checkpoint was trained with."""
+  if saved is not None and saved != digest:
+    raise TokenizerError(f'{os.path.join(workdir, FILENAME)} is not the tokenizer the '
+                         'checkpoints were trained with; put the original file back or use a '
+                         'new workdir')
 
 
 def encode_docs(sp: spm.SentencePieceProcessor, docs: Sequence[str]) -> list[np.ndarray]:

@@ -24,7 +24,9 @@ from twotower_jax import corpus as corpus_lib
 from twotower_jax import data as data_lib
 from twotower_jax import metrics as metrics_lib
 from twotower_jax import model as model_lib
+from twotower_jax import nonfinite
 from twotower_jax import optimizer as optimizer_lib
+from twotower_jax import preemption
 from twotower_jax import sharding as sharding_lib
 from twotower_jax import tokenizer as tokenizer_lib
 from twotower_jax import train_state as state_lib
@@ -72,8 +74,15 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_tokenizer: bool
   mesh = sharding_lib.make_mesh(config)
   corpus = corpus_lib.load(config.data)
   if train_tokenizer and jax.process_index() == 0:
-    tokenizer_lib.train_or_load(corpus.train_docs, workdir, config.data.vocab_size,
-                                config.data.tokenizer_type)
+    created = not os.path.exists(workdir)  # bad input before this point leaves no trace
+    os.makedirs(workdir, exist_ok=True)
+    try:
+      tokenizer_lib.train_or_load(corpus.train_docs, workdir, config.data.vocab_size,
+                                  config.data.tokenizer_type)
+    except Exception:
+      if created and not os.listdir(workdir):
+        os.rmdir(workdir)
+      raise
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices('tokenizer_ready')
@@ -98,17 +107,33 @@ def _local_rows(global_rows: np.ndarray) -> np.ndarray:
   return global_rows[jax.process_index() * n:(jax.process_index() + 1) * n]
 
 
+def _stop_if_nonfinite(pending: list[dict[str, jax.Array]], step: int, names: list[str],
+                       mngr, writer: metrics_lib.Writer) -> None:
+  """Raises NonFiniteError naming the first bad step and quantity among `pending`."""
+  flags = jax.device_get([m[nonfinite.FLAGS_KEY] for m in pending])
+  for i, flags_Q in enumerate(flags):
+    name = nonfinite.first_offender(flags_Q, names)
+    if name is None:
+      continue
+    bad_step = step - len(pending) + i + 1
+    mngr.wait_until_finished()  # the good checkpoints already started are kept
+    last = mngr.latest_step()
+    mngr.close()
+    writer.write('nonfinite', {'quantity': name}, bad_step)
+    writer.close()
+    raise nonfinite.NonFiniteError(
+        f'step {bad_step}: {name} is not finite (NaN or inf); stopped without saving, last '
+        f'good checkpoint is step {"none" if last is None else last}; lower optimizer.lr or set '
+        '--config.train.on_nonfinite=skip')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains to config.train.steps (resuming if DIR has checkpoints); returns final eval."""
   config_lib.validate(config)
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   check_workdir(config, workdir)
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
   setup = build(config, workdir)
-  if is_main:
-    config_lib.save_json(config, os.path.join(workdir, CONFIG_FILENAME))
   mesh, model, splits, tc = setup.mesh, setup.model, setup.splits, config.train
   axis_rules = sharding_lib.rules(config)
 
@@ -120,21 +145,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   train_iter = iter(data_lib.train_dataset(splits.train_windows, tc.batch_size, tc.seed,
                                            jax.process_index(), jax.process_count()))
+  tokenizer_digest = tokenizer_lib.file_digest(os.path.join(workdir, tokenizer_lib.FILENAME))
   mngr = checkpoints.manager(workdir, tc.keep_checkpoints)
+  start = checkpoints.latest_complete_step(mngr, remove_incomplete=True)
+  if start is not None:  # restore (and fail on a bad checkpoint) before writing anything
+    state, meta = checkpoints.restore(mngr, start, state_lib.abstract(model, tx, state_sh),
+                                      train_iter)
+    tokenizer_lib.check_digest(tokenizer_digest, meta.get('tokenizer_sha256'), workdir)
+  if is_main:
+    config_lib.save_json(config, os.path.join(workdir, CONFIG_FILENAME))
   writer = metrics_lib.Writer(workdir, enabled=is_main)
-  start = mngr.latest_step()
   if start is not None:
-    state, _ = checkpoints.restore(mngr, start, state_lib.abstract(model, tx, state_sh),
-                                   train_iter)
     writer.truncate_after(start)
     log.info('resumed from %s at step %d', checkpoints.directory(workdir), start)
   else:
+    writer.truncate_after(-1)  # lines of an earlier attempt that left no checkpoint
     state = state_lib.create_sharded(model, tx, tc.seed, state_sh)
     start = 0
   n_params = model_lib.param_count(state.params)
+  quantity_names = nonfinite.quantity_names(state.params)
 
   train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx,
-                                       lr_schedule=lr_schedule),
+                                       lr_schedule=lr_schedule,
+                                       on_nonfinite=tc.on_nonfinite),
                      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                      donate_argnums=0)
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model),
@@ -150,39 +183,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
            dict(mesh.shape))
 
   tokens_per_step = tc.batch_size * config.data.seq_len
+  meta = {'n_params': n_params, 'tokenizer_sha256': tokenizer_digest}
   pending: list[dict[str, jax.Array]] = []
   t_last, step_last, t_first = time.perf_counter(), start, None
   final_eval = None
   step = start
-  while step < tc.steps:
-    rows = next(train_iter)
-    state, step_metrics = train_fn(state, sharding_lib.global_batch(rows, batch_sh,
-                                                                    tc.batch_size))
-    pending.append(step_metrics)
-    step += 1
-    if step % tc.log_every == 0 or step == tc.steps:
-      fetched = jax.device_get(pending)  # the only host sync between logs
-      now = time.perf_counter()
-      t_first = t_first or now
-      mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-      mean['lr'] = float(fetched[-1]['lr'])
-      mean['tokens_per_s'] = (step - step_last) * tokens_per_step / (now - t_last)
-      eta = (tc.steps - step) * (now - t_last) / (step - step_last)
-      writer.write('train', mean, step)
-      if is_main:
-        log.info(metrics_lib.log_line(step, tc.steps, mean, eta))
-      pending, t_last, step_last = [], now, step
-    if step % tc.eval_every == 0 or step == tc.steps:
-      final_eval = evaluate(eval_fn, state.params, eval_rows, batch_sh, tc.batch_size)
-      writer.write('eval', final_eval, step)
-      if is_main:
-        log.info('eval step %d | loss %.4f | perplexity %.2f', step, final_eval['loss'],
-                 final_eval['perplexity'])
-    if step % tc.checkpoint_every == 0 or step == tc.steps:
-      checkpoints.save(mngr, step, state, train_iter, {'step': step, 'n_params': n_params})
-  mngr.wait_until_finished()
+  stopped_by = None
+  with preemption.watch(mngr) as watcher:
+    while step < tc.steps:
+      rows = next(train_iter)
+      state, step_metrics = train_fn(state, sharding_lib.global_batch(rows, batch_sh,
+                                                                      tc.batch_size))
+      pending.append(step_metrics)
+      step += 1
+      stop = watcher.should_stop(step, exchange=step % tc.log_every == 0)
+      at_log = step % tc.log_every == 0 or step == tc.steps or stop
+      at_eval = (step % tc.eval_every == 0 or step == tc.steps) and not stop
+      at_save = step % tc.checkpoint_every == 0 or step == tc.steps or stop
+      if tc.on_nonfinite == 'stop' and (at_log or at_eval or at_save):
+        _stop_if_nonfinite(pending, step, quantity_names, mngr, writer)
+      if at_log:
+        fetched = jax.device_get(pending)  # the only host sync between logs
+        now = time.perf_counter()
+        t_first = t_first or now
+        mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]
+                if k != nonfinite.FLAGS_KEY}
+        mean['skipped'] = float(np.sum([m['skipped'] for m in fetched]))
+        mean['lr'] = float(fetched[-1]['lr'])
+        mean['tokens_per_s'] = (step - step_last) * tokens_per_step / (now - t_last)
+        eta = (tc.steps - step) * (now - t_last) / (step - step_last)
+        writer.write('train', mean, step)
+        if is_main:
+          log.info(metrics_lib.log_line(step, tc.steps, mean, eta))
+          if mean['skipped']:
+            log.warning('skipped %d non-finite update(s) up to step %d', mean['skipped'], step)
+        pending, t_last, step_last = [], now, step
+      if at_eval:
+        final_eval = evaluate(eval_fn, state.params, eval_rows, batch_sh, tc.batch_size)
+        writer.write('eval', final_eval, step)
+        if is_main:
+          log.info('eval step %d | loss %.4f | perplexity %.2f', step, final_eval['loss'],
+                   final_eval['perplexity'])
+      if at_save:
+        checkpoints.save(mngr, step, state, train_iter, dict(meta, step=step))
+      if stop:
+        stopped_by = watcher.signal_name
+        break
+    mngr.wait_until_finished()  # still under the handlers: a signal now cannot cut the save
   mngr.close()
   writer.close()
+  if stopped_by is not None:
+    log.warning('stopped by %s at step %d; checkpoint saved, rerun the same command to resume',
+                stopped_by, step)
+    return {'step': step, 'eval': None, 'workdir': workdir, 'preempted': True}
   if final_eval is None:  # nothing left to train: report the checkpoint's eval
     final_eval = evaluate(eval_fn, state.params, eval_rows, batch_sh, tc.batch_size)
   return {'step': step, 'eval': final_eval, 'workdir': workdir}

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from twotower_jax import embeddings
+from twotower_jax import nonfinite
 from twotower_jax import towers
 from twotower_jax.train_state import TrainState
 
@@ -58,8 +59,13 @@ def zero_perturbations(model: nn.Module, params: Any, inputs_BxL: jax.Array) -> 
 
 def train_step(state: TrainState, window_BxL1: jax.Array, *, model: nn.Module,
                tx: optax.GradientTransformation,
-               lr_schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One AdamW update on one global batch of packed windows."""
+               lr_schedule: optax.Schedule,
+               on_nonfinite: str = 'stop') -> tuple[TrainState, dict[str, jax.Array]]:
+  """One AdamW update on one global batch of packed windows.
+
+  metrics[nonfinite.FLAGS_KEY] flags the loss and each gradient leaf as finite; with
+  on_nonfinite='skip' a non-finite step keeps the old params and optimizer state.
+  """
   dropout_rng, example_rng = step_rngs(state)
   example = towers.get(model.cfg.tower_type).make_example(window_BxL1, example_rng, model.cfg)
   perturbations = zero_perturbations(model, state.params, example['inputs'])
@@ -69,8 +75,15 @@ def train_step(state: TrainState, window_BxL1: jax.Array, *, model: nn.Module,
                                           example['inputs']))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  finite, flags_Q = nonfinite.flags(loss, grads)
+  skipped = jnp.zeros((), jnp.float32)
+  if on_nonfinite == 'skip':
+    params = nonfinite.keep_if_finite(finite, params, state.params)
+    opt_state = nonfinite.keep_if_finite(finite, opt_state, state.opt_state)
+    skipped = 1.0 - finite.astype(jnp.float32)
   metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
-             'lr': lr_schedule(state.step), **aux}
+             'lr': lr_schedule(state.step), 'skipped': skipped,
+             nonfinite.FLAGS_KEY: flags_Q, **aux}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
