@@ -46,10 +46,12 @@ def make_mesh(config: ml_collections.ConfigDict,
         f'the mesh tower axis ({shape[2]}) does not divide model.n_towers='
         f'{config.model.n_towers}; set mesh.tower to a divisor of n_towers')
   batch_devices = shape[0] * shape[1]
-  if config.train.batch_size % batch_devices:
+  accum = int(config.train.get('grad_accum_steps', 1))
+  if config.train.batch_size % (batch_devices * accum):
     raise config_lib.ConfigError(
         f'train.batch_size={config.train.batch_size} is not divisible by the {batch_devices} '
-        'data-parallel devices (mesh.data * mesh.fsdp); change the batch or the mesh')
+        f'data-parallel devices (mesh.data * mesh.fsdp) times train.grad_accum_steps={accum}; '
+        'change the batch, the mesh or the accumulation')
   if devices == jax.devices():
     return jax.make_mesh(shape, MESH_AXES,
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))

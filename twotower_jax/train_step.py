@@ -1,7 +1,10 @@
 """Pure train and eval steps; `train.py` jits them with explicit shardings.
 
 Per-step randomness is fold_in(state.rng, state.step), so a resumed run draws the
-same dropout and masks as an uninterrupted one.
+same dropout and masks as an uninterrupted one. With grad_accum_steps=k the global
+batch is split into k micro-batches inside the step (lax.scan) and the gradients
+are summed with the loss normalised by the whole batch's token weight, so the
+update equals one large-batch update (dropout keys differ per micro-batch).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from twotower_jax import towers
 from twotower_jax.train_state import TrainState
@@ -32,25 +36,65 @@ def step_rngs(state: TrainState) -> tuple[jax.Array, jax.Array]:
 
 
 def loss_fn(params: Any, model: nn.Module, example: dict[str, jax.Array],
-            dropout_rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+            dropout_rng: jax.Array, total_weight: jax.Array | None = None,
+            aux_scale: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """CE normalised by `total_weight` (default: this batch's weight) plus scaled aux loss."""
   out = model.apply({'params': params}, example['inputs'], deterministic=False,
                     rngs={'dropout': dropout_rng})
   loss_sum, weight_sum = cross_entropy(out['logits_BxLxV'], example['targets'],
                                        example['weights'])
-  ce = loss_sum / jnp.maximum(weight_sum, 1.0)
-  loss = ce + out['aux_loss']
+  ce = loss_sum / jnp.maximum(weight_sum if total_weight is None else total_weight, 1.0)
+  loss = ce + aux_scale * out['aux_loss']
   return loss, {'ce': ce, 'aux_loss': out['aux_loss'], 'n_tokens': weight_sum,
                 **out['metrics']}
 
 
+def split_micro(x_BxD: jax.Array, k: int) -> jax.Array:
+  """[B, ...] -> [k, B/k, ...]; micro-batch i takes rows i, i+k, ... so every
+  micro-batch stays spread over all data-parallel devices."""
+  b = x_BxD.shape[0]
+  return jnp.swapaxes(x_BxD.reshape((b // k, k) + x_BxD.shape[1:]), 0, 1)
+
+
+# How each loss_fn metric combines over micro-batches (default: mean).
+_SUMMED = ('ce', 'n_tokens')
+
+
+def accumulated_grads(params: Any, model: nn.Module, example: dict[str, jax.Array],
+                      dropout_rng: jax.Array, k: int) -> tuple[jax.Array, dict, Any]:
+  """(loss, aux, grads) of the whole batch from k scanned micro-batches.
+
+  Each micro-batch's CE is divided by the whole batch's token weight, so the summed
+  gradient is the large-batch gradient; the aux loss is the micro-batch mean.
+  """
+  total_weight = jnp.sum(example['weights'])
+  micro = jax.tree.map(lambda x: split_micro(x, k), example)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def body(grads_acc, xs):
+    i, ex = xs
+    (loss, aux), grads = grad_fn(params, model, ex, jax.random.fold_in(dropout_rng, i),
+                                 total_weight, 1.0 / k)
+    return jax.tree.map(jnp.add, grads_acc, grads), (loss, aux)
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  grads, (losses_K, aux_K) = lax.scan(body, zeros, (jnp.arange(k), micro))
+  aux = {name: jnp.sum(v, 0) if name in _SUMMED else jnp.mean(v, 0) for name, v in aux_K.items()}
+  return jnp.sum(losses_K), aux, grads
+
+
 def train_step(state: TrainState, window_BxL1: jax.Array, *, model: nn.Module,
-               tx: optax.GradientTransformation,
-               lr_schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One AdamW update on one global batch of packed windows."""
+               tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+               grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One AdamW update on one global batch of packed windows (optionally accumulated)."""
   dropout_rng, example_rng = step_rngs(state)
   example = towers.get(model.cfg.tower_type).make_example(window_BxL1, example_rng, model.cfg)
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, model, example, dropout_rng)
+  if grad_accum_steps > 1:
+    loss, aux, grads = accumulated_grads(state.params, model, example, dropout_rng,
+                                         grad_accum_steps)
+  else:
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, model, example, dropout_rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
