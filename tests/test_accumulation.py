@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from twotower_jax import model as model_lib
 from twotower_jax import optimizer as optimizer_lib
@@ -64,6 +65,7 @@ def test_accumulated_gradient_equals_large_batch_gradient(tiny):
     np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_accumulated_steps_match_large_batch_steps(tiny):
   params = {}
   losses = {}

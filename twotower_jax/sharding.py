@@ -82,3 +82,20 @@ def global_batch(local_rows: np.ndarray, sharding: NamedSharding, global_rows: i
   """Assembles this process's rows into the global, sharded batch array."""
   shape = (global_rows,) + local_rows.shape[1:]
   return jax.make_array_from_process_local_data(sharding, local_rows, shape)
+
+
+def process_rows(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
+  """[start, stop) of the global batch rows this process's devices hold.
+
+  The data pipeline loads exactly these rows; they must be one contiguous block
+  (true when the batch axes lead the mesh, as make_mesh builds it).
+  """
+  index_map = sharding.addressable_devices_indices_map((global_rows,))
+  slices = {idx[0].indices(global_rows)[:2] for idx in index_map.values()}
+  start, stop = min(s for s, _ in slices), max(e for _, e in slices)
+  covered = sum(e - s for s, e in slices)
+  if covered != stop - start:
+    raise config_lib.ConfigError(
+        f'process {jax.process_index()} holds non-contiguous batch rows {sorted(slices)}; '
+        'put the hosts along mesh.data (keep mesh.tower and mesh.fsdp within a host)')
+  return start, stop
