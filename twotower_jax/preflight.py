@@ -89,13 +89,13 @@ def run(train_fn: Any, state: Any, batch_sharding: Any, config: ml_collections.C
   peak, source = peak_flops(config)
   memory = memory_stats(compiled)
   pf = Preflight(compiled, compile_s, step_flops, peak, source, memory)
-  gib = {k: v / 2**30 for k, v in memory.items()}
+  mib = {k: v / 2**20 for k, v in memory.items()}
   log.info('preflight: train step compiled in %.1fs | %.3g model FLOPs/step (%s tokens) | '
            'peak %s (%s)', compile_s, step_flops, f'{tc.batch_size * config.data.seq_len:,}',
            f'{peak:.3g} FLOP/s' if peak else 'unknown', source)
   if memory:
-    log.info('preflight memory per device: arguments %.3f GiB, outputs %.3f GiB, '
-             'temporaries %.3f GiB, code %.3f GiB', gib.get('argument_size_in_bytes', 0),
-             gib.get('output_size_in_bytes', 0), gib.get('temp_size_in_bytes', 0),
-             gib.get('generated_code_size_in_bytes', 0))
+    log.info('preflight memory per device: arguments %.1f MiB, outputs %.1f MiB, '
+             'temporaries %.1f MiB, code %.1f MiB', mib.get('argument_size_in_bytes', 0),
+             mib.get('output_size_in_bytes', 0), mib.get('temp_size_in_bytes', 0),
+             mib.get('generated_code_size_in_bytes', 0))
   return pf
