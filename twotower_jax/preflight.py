@@ -89,6 +89,8 @@ def run(train_fn: Any, state: Any, batch_sharding: Any, config: ml_collections.C
   peak, source = peak_flops(config)
   memory = memory_stats(compiled)
   pf = Preflight(compiled, compile_s, step_flops, peak, source, memory)
+  if jax.process_index():  # every process compiled; one reports
+    return pf
   mib = {k: v / 2**20 for k, v in memory.items()}
   log.info('preflight: train step compiled in %.1fs | %.3g model FLOPs/step (%s tokens) | '
            'peak %s (%s)', compile_s, step_flops, f'{tc.batch_size * config.data.seq_len:,}',
