@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from twotower_jax import config as config_lib
 from twotower_jax import model as model_lib
 from twotower_jax import optimizer as optimizer_lib
 from twotower_jax import sharding as sharding_lib
@@ -118,3 +119,12 @@ def test_remat_changes_memory_not_results(tiny):
       state, metrics = step(state, batch)
     losses[remat] = float(metrics['loss'])
   np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
+def test_bad_scale_settings_are_config_errors(tiny):
+  for overrides, match in (({'model.dtype': 'float16'}, 'model.dtype'),
+                           ({'train.grad_accum_steps': 3}, 'grad_accum_steps'),
+                           ({'train.grad_accum_steps': 0}, 'grad_accum_steps'),
+                           ({'train.peak_flops': -1.0}, 'peak_flops')):
+    with pytest.raises(config_lib.ConfigError, match=match):
+      config_lib.validate(tiny(**overrides))

@@ -97,3 +97,36 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(small_corpus_dir
   for a, b in zip(jax.tree.leaves(restored['one'].params),
                   jax.tree.leaves(restored['two'].params)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+def test_distributed_settings_and_errors(monkeypatch):
+  from twotower_jax import distributed  # pylint: disable=g-import-not-at-top
+  for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
+            'TPU_WORKER_HOSTNAMES', 'TPU_ACCELERATOR_TYPE', 'CLOUD_TPU_TASK_ID'):
+    monkeypatch.delenv(k, raising=False)
+  assert distributed.settings() == ('', 0, -1)
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', 'h:1')
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '4')
+  monkeypatch.setenv('JAX_PROCESS_ID', '3')
+  assert distributed.settings() == ('h:1', 4, 3)
+  assert distributed.settings('g:2', 2, 0) == ('g:2', 2, 0)  # flags win over env
+  with pytest.raises(distributed.DistributedError, match='process_id'):
+    distributed.initialize('auto', 'g:2', 2, 5)
+  with pytest.raises(distributed.DistributedError, match='unknown'):
+    distributed.initialize('sometimes')
+  assert distributed.initialize('off') is False  # off ignores the env entirely
+  assert distributed.initialize('auto', 'g:2', 1, 0) is False  # one process: nothing to join
+  for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    monkeypatch.delenv(k)
+  if not distributed.on_cloud_tpu_vm():
+    assert distributed.initialize('auto') is False  # a plain single-process run
+
+
+def test_process_rows_follow_the_batch_sharding(tiny):
+  config = tiny(**{'mesh.data': 4, 'mesh.tower': 2})
+  mesh = sharding_lib.make_mesh(config)
+  sh = sharding_lib.batch_sharding(mesh, sharding_lib.rules(config))
+  assert sharding_lib.process_rows(sh, 8) == (0, 8)  # one process holds every row
+  bad = tiny(**{'train.grad_accum_steps': 4, 'mesh.data': 4, 'mesh.tower': 2})
+  with pytest.raises(config_lib.ConfigError, match='grad_accum_steps'):
+    sharding_lib.make_mesh(bad)
