@@ -2,6 +2,7 @@
 ways, and training gives the same losses and parameters as the unsharded run."""
 
 import functools
+import re
 
 import jax
 import numpy as np
@@ -22,9 +23,13 @@ def _run(config, n_devices, steps):
   batch_sh = sharding_lib.batch_sharding(mesh, rules)
   state = state_lib.create_sharded(model, tx, 0, state_sh)
   first = state
-  step = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx,
-                                   lr_schedule=optimizer_lib.schedule(config)),
+  step = jax.jit(sharding_lib.with_rules(  # as train.py: activation constraints bind
+      functools.partial(step_lib.train_step, model=model, tx=tx,
+                        lr_schedule=optimizer_lib.schedule(config)), mesh, rules),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
+  hlo = step.lower(state, jax.ShapeDtypeStruct((config.train.batch_size,
+                                                config.data.seq_len + 1), np.int32,
+                                               sharding=batch_sh)).compile().as_text()
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(steps):
@@ -32,7 +37,7 @@ def _run(config, n_devices, steps):
     state, metrics = step(state, sharding_lib.global_batch(rows.astype(np.int32), batch_sh,
                                                            config.train.batch_size))
     losses.append(float(metrics['loss']))
-  return first, state, losses
+  return first, state, losses, hlo
 
 
 def _is_matrix(path) -> bool:
@@ -42,7 +47,10 @@ def _is_matrix(path) -> bool:
 def test_fsdp_splits_params_and_moments_and_trains_like_unsharded(tiny):
   base = {'model.dropout': 0.0, 'optimizer.warmup_steps': 1, 'mesh.tower': 1}
   fsdp = tiny(**base, **{'mesh.data': 1, 'mesh.fsdp': 4})
-  first, state, losses = _run(fsdp, 4, steps=3)
+  first, state, losses, hlo = _run(fsdp, 4, steps=3)
+  # FSDP gathers weights, never the activations of the whole batch (B=8 rows, L=32).
+  gathered = re.findall(r'= (\S+) all-gather\(', hlo)
+  assert gathered and not [g for g in gathered if re.match(r'f32\[(2,)?8,32', g)], gathered
 
   mu = first.opt_state[1][0].mu
   split = 0
@@ -61,7 +69,7 @@ def test_fsdp_splits_params_and_moments_and_trains_like_unsharded(tiny):
   assert per_device < 0.35 * total
 
   plain = tiny(**base, **{'mesh.data': 1, 'mesh.fsdp': 1})
-  _, plain_state, plain_losses = _run(plain, 1, steps=3)
+  _, plain_state, plain_losses, _ = _run(plain, 1, steps=3)
   np.testing.assert_allclose(losses, plain_losses, rtol=1e-5)
   assert losses[-1] != losses[0]
   for a, b in zip(jax.tree.leaves(plain_state.params), jax.tree.leaves(state.params)):

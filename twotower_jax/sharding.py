@@ -7,7 +7,9 @@ may be -1 to take the remaining devices. Parameters carry logical names
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextvars
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -62,6 +64,31 @@ def make_mesh(config: ml_collections.ConfigDict,
 def rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
   return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                for name, axes in config.sharding.rules)
+
+
+_ACTIVATION_RULES: contextvars.ContextVar = contextvars.ContextVar('activation_rules',
+                                                                 default=None)
+
+
+def with_rules(fn: Callable, mesh: Mesh, axis_rules) -> Callable:
+  """`fn` traced with the mesh and rules active, so `constrain` binds (else a no-op)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    token = _ACTIVATION_RULES.set(tuple(axis_rules))
+    try:
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return fn(*args, **kwargs)
+    finally:
+      _ACTIVATION_RULES.reset(token)
+  return wrapped
+
+
+def constrain(x: jax.Array, logical_names: tuple[str | None, ...]) -> jax.Array:
+  """Pins an activation's sharding by logical axis names (inside `with_rules` only)."""
+  axis_rules = _ACTIVATION_RULES.get()
+  if axis_rules is None or jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, nn.logical_to_mesh_axes(logical_names, axis_rules))
 
 
 def logical_shardings(logical_specs: Any, mesh: Mesh, axis_rules) -> Any:

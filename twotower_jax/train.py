@@ -139,12 +139,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = 0
   n_params = model_lib.param_count(state.params)
 
-  train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx,
-                                       lr_schedule=lr_schedule,
-                                       grad_accum_steps=tc.grad_accum_steps),
+  train_fn = jax.jit(sharding_lib.with_rules(
+      functools.partial(step_lib.train_step, model=model, tx=tx, lr_schedule=lr_schedule,
+                        grad_accum_steps=tc.grad_accum_steps), mesh, axis_rules),
                      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                      donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model),
+  eval_fn = jax.jit(sharding_lib.with_rules(functools.partial(step_lib.eval_step, model=model),
+                                            mesh, axis_rules),
                     in_shardings=(state_sh.params, batch_sh), out_shardings=replicated)
   preflight = preflight_lib.run(train_fn, state, batch_sh, config, model)
   train_fn = preflight.compiled  # the loop runs the executable compiled ahead of time
