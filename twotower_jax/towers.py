@@ -82,7 +82,9 @@ class Transformer(nn.Module):
   def __call__(self, x_BxLxH: jax.Array) -> jax.Array:
     cfg = self.cfg
     x_BxLxH = nn.Dropout(cfg.dropout)(x_BxLxH, deterministic=self.deterministic)
-    block_cls = nn.remat(TransformerBlock, prevent_cse=not cfg.scan_layers) if cfg.remat else TransformerBlock
+    block_cls = TransformerBlock
+    if cfg.remat:  # recompute the block's activations in the backward pass
+      block_cls = nn.remat(TransformerBlock, prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       blocks = nn.scan(block_cls, variable_axes={'params': 0},
                        split_rngs={'params': True, 'dropout': True}, length=cfg.n_layers,

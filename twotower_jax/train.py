@@ -88,7 +88,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_tokenizer: bool
 def evaluate(eval_fn, params, batches: list[np.ndarray], batch_sh, batch_size: int) -> dict:
   loss_sum, weight_sum = 0.0, 0.0
   for rows in batches:
-    out = eval_fn(params, sharding_lib.global_batch(_local_rows(rows, batch_sh), batch_sh, batch_size))
+    local = _local_rows(rows, batch_sh)
+    out = eval_fn(params, sharding_lib.global_batch(local, batch_sh, batch_size))
     loss_sum, weight_sum = loss_sum + out['loss_sum'], weight_sum + out['weight_sum']
   loss = float(loss_sum) / max(float(weight_sum), 1.0)
   return {'loss': loss, 'perplexity': float(np.exp(loss)), 'tokens': float(weight_sum)}
