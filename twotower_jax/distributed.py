@@ -12,6 +12,7 @@ On CPU the cross-process collectives use gloo.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -29,12 +30,13 @@ class DistributedError(errors.UserError):
 
 
 def on_cloud_tpu_vm() -> bool:
-  """True on a Cloud TPU VM (TPU chips exposed as /dev/accel* or /dev/vfio, or TPU env)."""
+  """True on a Cloud TPU VM: TPU env variables, /dev/accel* (v2-v5p) or /dev/vfio + libtpu."""
   if any(os.environ.get(k) for k in ('TPU_WORKER_HOSTNAMES', 'TPU_ACCELERATOR_TYPE',
                                       'CLOUD_TPU_TASK_ID')):
     return True
-  return os.path.exists('/dev/accel0') or (os.path.isdir('/dev/vfio') and
-                                           os.path.exists('/usr/share/tpu'))
+  if os.path.exists('/dev/accel0'):
+    return True
+  return os.path.isdir('/dev/vfio') and importlib.util.find_spec('libtpu') is not None
 
 
 def settings(coordinator_address: str = '', num_processes: int = 0,
