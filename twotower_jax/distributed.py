@@ -80,4 +80,6 @@ def initialize(mode: str = 'auto', coordinator_address: str = '', num_processes:
                            'coordinator address/port and that every process was started') from None
   log.info('distributed: process %d of %d, %d local / %d global devices', jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
+  if jax.process_index():  # progress lines come from process 0; others report problems only
+    log.setLevel(logging.WARNING)
   return True
