@@ -83,7 +83,8 @@ def test_grad_norm_metrics_split_matches_the_stop_gradient_decomposition():
   output_part = _table_grad(plain, params, toks, _stop_input_side)
   zeros = step_lib.zero_perturbations(model, params, toks)
   grads, pert = jax.grad(lambda p, q: _loss(model, p, toks, q), argnums=(0, 1))(params, zeros)
-  m = embeddings.grad_norm_metrics(model.cfg, grads, pert['embed']['lookup'], toks)
+  m = embeddings.grad_norm_metrics(grads, embeddings.lookup_table_grad(
+      model.cfg, grads['embed']['token'], pert['embed']['lookup'], toks))
   np.testing.assert_allclose(m['embed_grad_norm_input'], s * jnp.linalg.norm(lookup_part),
                              rtol=1e-4)
   np.testing.assert_allclose(m['embed_grad_norm_output'], jnp.linalg.norm(output_part),
@@ -110,7 +111,8 @@ def test_modes_and_tying_build_run_and_count(mode):
     assert model_lib.param_count(params['embed']) == _embed_count(mode, tied)
     zeros = step_lib.zero_perturbations(model, params, toks)
     grads, pert = jax.grad(lambda p, q: _loss(model, p, toks, q), argnums=(0, 1))(params, zeros)
-    m = embeddings.grad_norm_metrics(model.cfg, grads, pert['embed']['lookup'], toks)
+    m = embeddings.grad_norm_metrics(grads, embeddings.lookup_table_grad(
+      model.cfg, grads['embed']['token'], pert['embed']['lookup'], toks))
     total = float(jnp.linalg.norm(grads['embed']['token']))
     assert float(m['embed_grad_norm_input']) > 0
     if tied:  # the table is also the output layer, so both paths carry gradient

@@ -104,6 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
       ('gate_in', 'fsdp'),
   )
 
+  # Scale-out (docs/SCALING.md): precision, rematerialisation, accumulation, pre-flight.
+  c.model.dtype = 'float32'  # tower matmul compute dtype: 'float32' | 'bfloat16' (params f32)
+  c.model.remat = False  # recompute each block's activations in the backward pass (saves memory)
+  c.train.grad_accum_steps = 1  # micro-batches per step (scan in the jitted step); 1 = off
+  c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = look up (TPU/GPU) or measure (CPU)
   # Structural probe of the analysis (docs/ANALYSIS_STATS.md); guarded so the
   # analysis section can be created elsewhere.
   if 'analysis' not in c:
@@ -155,6 +160,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ConfigError(f'mesh sizes (data, fsdp, tower) = {tuple(sizes)}: use positive sizes, '
                       'at most one -1')
+  if m.dtype not in ('float32', 'bfloat16'):
+    raise ConfigError(f"model.dtype={m.dtype!r} is unknown; use 'float32' or 'bfloat16'")
+  if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f'train.grad_accum_steps={t.grad_accum_steps} must be >= 1 and divide '
+                      f'train.batch_size={t.batch_size}')
+  if t.peak_flops < 0:
+    raise ConfigError(f'train.peak_flops={t.peak_flops} must be >= 0 (0 = look up or measure)')
   if config.mesh.tower > 0 and m.n_towers % config.mesh.tower:
     raise ConfigError(f'mesh.tower={config.mesh.tower} does not divide model.n_towers='
                       f'{m.n_towers}; set mesh.tower to a divisor of n_towers')

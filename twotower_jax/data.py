@@ -43,21 +43,26 @@ def make_splits(sp, train_docs: Sequence[str], val_docs: Sequence[str], seq_len:
 
 
 def train_dataset(windows: np.ndarray, batch_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
+                  process_count: int = 1,
+                  rows: tuple[int, int] | None = None) -> grain.IterDataset:
   """Endless, reshuffled each epoch, this process's rows of every global batch.
 
   Global batch b is rows [b*B, (b+1)*B) of the shuffled, repeated stream; process p
-  takes its contiguous block of B/process_count rows, so the global batch is the
-  same whatever the number of processes.
+  takes `rows` (the block its devices hold, sharding.process_rows) or by default its
+  contiguous block of B/process_count rows, so the global batch is the same
+  whatever the number of processes.
   """
   if batch_size % process_count:
     raise ValueError(f'train.batch_size={batch_size} is not divisible by the '
                      f'{process_count} processes')
   local = batch_size // process_count
+  if rows is None:
+    rows = (process_index * local, (process_index + 1) * local)
   ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat()
   ds = ds.batch(batch_size, drop_remainder=True)
-  if process_count > 1:
-    ds = ds.map(lambda b: b[process_index * local:(process_index + 1) * local])
+  if tuple(rows) != (0, batch_size):
+    start, stop = rows
+    ds = ds.map(lambda b: b[start:stop])
   return ds.to_iter_dataset()
 
 

@@ -116,23 +116,23 @@ class Embedder(nn.Module):
     return jax.vmap(self.decode)(z_NxBxLxH)
 
 
-def grad_norm_metrics(cfg: layers.ModelConfig, params_grads, lookup_grads,
-                      tokens_BxL: jax.Array) -> dict[str, jax.Array]:
-  """Norms of the token table's gradient through the input lookup and through the rest.
+def lookup_table_grad(cfg: layers.ModelConfig, table: jax.Array, lookup_grads: jax.Array,
+                      tokens_BxL: jax.Array) -> jax.Array:
+  """The part of the token table's gradient that arrives through the input lookup.
 
   `lookup_grads` is the gradient wrt the `lookup` perturbation (the looked-up rows,
-  already including the input_grad_scale factor); scatter-adding it by token id
-  gives the input part of the table's gradient; the output part is the remainder.
+  already including the input_grad_scale factor); scatter-adding it by token id gives
+  that part, shaped like `table`.
   """
-  total = params_grads['embed']['token']
+  ids = tokens_BxL.reshape(-1)
   if cfg.embedding_mode == 'per_tower':
-    n = total.shape[0]
-    g_NxBLxH = lookup_grads.reshape(n, -1, total.shape[-1])
-    ids = tokens_BxL.reshape(-1)
-    input_part = jax.vmap(lambda g: jnp.zeros(total.shape[1:], total.dtype).at[ids].add(g))(
-        g_NxBLxH)
-  else:
-    input_part = jnp.zeros_like(total).at[tokens_BxL.reshape(-1)].add(
-        lookup_grads.reshape(-1, total.shape[-1]))
+    g_NxBLxH = lookup_grads.reshape(table.shape[0], -1, table.shape[-1])
+    return jax.vmap(lambda g: jnp.zeros(table.shape[1:], table.dtype).at[ids].add(g))(g_NxBLxH)
+  return jnp.zeros_like(table).at[ids].add(lookup_grads.reshape(-1, table.shape[-1]))
+
+
+def grad_norm_metrics(params_grads, input_part: jax.Array) -> dict[str, jax.Array]:
+  """Norms of the token table's gradient through the input lookup and through the rest."""
+  total = params_grads['embed']['token']
   return {'embed_grad_norm_input': jnp.linalg.norm(input_part.reshape(-1)),
           'embed_grad_norm_output': jnp.linalg.norm((total - input_part).reshape(-1))}

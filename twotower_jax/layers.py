@@ -31,6 +31,8 @@ class ModelConfig:
   max_len: int = 128
   dropout: float = 0.1
   scan_layers: bool = True
+  dtype: str = 'float32'  # compute dtype of the tower matmuls; parameters stay float32
+  remat: bool = False  # rematerialise each transformer block in the backward pass
   # Gates, embeddings, pondering: flat copies of config.model.<block>.<field> (NESTED).
   embedding_mode: str = 'shared'
   tied: bool = True
@@ -53,6 +55,10 @@ class ModelConfig:
     return cls(vocab_size=vocab_size, **flat, **nested)
 
   @property
+  def compute_dtype(self) -> Any:
+    return jnp.dtype(self.dtype)
+
+  @property
   def head_dim(self) -> int:
     return self.d_model // self.n_heads
 
@@ -73,9 +79,10 @@ def layer_norm(axis_name: str = 'embed', name: str | None = None) -> nn.LayerNor
 
 
 def dense(features: int, names: tuple[str, str], name: str | None = None,
-          std: float = INIT_STD) -> nn.Dense:
+          std: float = INIT_STD, dtype: Any = None) -> nn.Dense:
+  """dtype=None computes in the promoted input/param dtype (f32 for the gate)."""
   return nn.Dense(features, name=name, kernel_init=param_init(names, std),
-                  bias_init=zeros_init(names[1:]))
+                  bias_init=zeros_init(names[1:]), dtype=dtype)
 
 
 def gelu(x: jnp.ndarray) -> jnp.ndarray:

@@ -1,6 +1,8 @@
 """Train: python -m twotower_jax.main --config=configs/default.py --workdir=DIR [--config.x=v].
 
 Rerunning with the same DIR resumes. Bad input exits with one line on stderr.
+Several processes: add --coordinator_address/--num_processes/--process_id (automatic
+on Cloud TPU VMs); see docs/SCALING.md.
 """
 
 import logging
@@ -14,12 +16,24 @@ from twotower_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, config.')
+_DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
+                                 'auto: join a multi-process run when the flags/env below are '
+                                 'set or on a Cloud TPU VM; on: always (JAX cluster detection).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', '',
+                                   'HOST:PORT of process 0 (or env JAX_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0,
+                                      'Processes in the run (or env JAX_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1,
+                                   'This process, 0..num_processes-1 (or env JAX_PROCESS_ID).')
 
 
 def main(argv):
   if len(argv) > 1:
     raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}; every setting is a '
                            'flag, e.g. --config.train.steps=200')
+  from twotower_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value)  # before any other JAX use
   from twotower_jax import train  # pylint: disable=g-import-not-at-top
   result = train.train_and_evaluate(cli.load_config(_CONFIG), _WORKDIR.value)
   if result.get('preempted'):

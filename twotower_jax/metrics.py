@@ -89,6 +89,11 @@ def log_line(step: int, total: int, values: dict[str, float], eta_s: float,
   for k in keys:
     if k in values:
       v = values[k]
-      parts.append(f'{k} {v:,.0f}' if k == 'tokens_per_s' else f'{k} {v:.4g}')
+      if k == 'tokens_per_s':
+        parts.append(f'{k} {v:,.0f}')
+      elif k == 'mfu':
+        parts.append(f'mfu {100 * v:.1f}%')
+      else:
+        parts.append(f'{k} {v:.4g}')
   parts.append(f'eta {format_duration(eta_s)}')
   return ' | '.join(parts)

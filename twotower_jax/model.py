@@ -17,6 +17,7 @@ import ml_collections
 from twotower_jax import embeddings
 from twotower_jax import gates
 from twotower_jax import layers
+from twotower_jax import sharding
 from twotower_jax import towers
 
 
@@ -31,6 +32,8 @@ class TwoTowerLM(nn.Module):
     cfg = self.cfg
     embedder = embeddings.Embedder(cfg, name='embed')
     x_NxBxLxH = embedder.encode(tokens_BxL)
+    # Activations split by batch, not by the (FSDP-sharded) width of the token table.
+    x_NxBxLxH = sharding.constrain(x_NxBxLxH, ('tower', 'batch', 'length', None))
     stacked = nn.vmap(towers.get(cfg.tower_type).module,
                       in_axes=0, out_axes=0, axis_size=cfg.n_towers,
                       variable_axes={'params': 0, 'intermediates': 0},

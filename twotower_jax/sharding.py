@@ -7,7 +7,9 @@ may be -1 to take the remaining devices. Parameters carry logical names
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextvars
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -46,10 +48,12 @@ def make_mesh(config: ml_collections.ConfigDict,
         f'the mesh tower axis ({shape[2]}) does not divide model.n_towers='
         f'{config.model.n_towers}; set mesh.tower to a divisor of n_towers')
   batch_devices = shape[0] * shape[1]
-  if config.train.batch_size % batch_devices:
+  accum = int(config.train.get('grad_accum_steps', 1))
+  if config.train.batch_size % (batch_devices * accum):
     raise config_lib.ConfigError(
         f'train.batch_size={config.train.batch_size} is not divisible by the {batch_devices} '
-        'data-parallel devices (mesh.data * mesh.fsdp); change the batch or the mesh')
+        f'data-parallel devices (mesh.data * mesh.fsdp) times train.grad_accum_steps={accum}; '
+        'change the batch, the mesh or the accumulation')
   if devices == jax.devices():
     return jax.make_mesh(shape, MESH_AXES,
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
@@ -60,6 +64,31 @@ def make_mesh(config: ml_collections.ConfigDict,
 def rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
   return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                for name, axes in config.sharding.rules)
+
+
+_ACTIVATION_RULES: contextvars.ContextVar = contextvars.ContextVar('activation_rules',
+                                                                 default=None)
+
+
+def with_rules(fn: Callable, mesh: Mesh, axis_rules) -> Callable:
+  """`fn` traced with the mesh and rules active, so `constrain` binds (else a no-op)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    token = _ACTIVATION_RULES.set(tuple(axis_rules))
+    try:
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return fn(*args, **kwargs)
+    finally:
+      _ACTIVATION_RULES.reset(token)
+  return wrapped
+
+
+def constrain(x: jax.Array, logical_names: tuple[str | None, ...]) -> jax.Array:
+  """Pins an activation's sharding by logical axis names (inside `with_rules` only)."""
+  axis_rules = _ACTIVATION_RULES.get()
+  if axis_rules is None or jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, nn.logical_to_mesh_axes(logical_names, axis_rules))
 
 
 def logical_shardings(logical_specs: Any, mesh: Mesh, axis_rules) -> Any:
@@ -80,3 +109,20 @@ def global_batch(local_rows: np.ndarray, sharding: NamedSharding, global_rows: i
   """Assembles this process's rows into the global, sharded batch array."""
   shape = (global_rows,) + local_rows.shape[1:]
   return jax.make_array_from_process_local_data(sharding, local_rows, shape)
+
+
+def process_rows(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
+  """[start, stop) of the global batch rows this process's devices hold.
+
+  The data pipeline loads exactly these rows; they must be one contiguous block
+  (true when the batch axes lead the mesh, as make_mesh builds it).
+  """
+  index_map = sharding.addressable_devices_indices_map((global_rows,))
+  slices = {idx[0].indices(global_rows)[:2] for idx in index_map.values()}
+  start, stop = min(s for s, _ in slices), max(e for _, e in slices)
+  covered = sum(e - s for s, e in slices)
+  if covered != stop - start:
+    raise config_lib.ConfigError(
+        f'process {jax.process_index()} holds non-contiguous batch rows {sorted(slices)}; '
+        'put the hosts along mesh.data (keep mesh.tower and mesh.fsdp within a host)')
+  return start, stop

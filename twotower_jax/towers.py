@@ -51,7 +51,7 @@ class TransformerBlock(nn.Module):
     qkv = nn.DenseGeneral(
         (3, cfg.n_heads, cfg.head_dim), name='qkv',
         kernel_init=layers.param_init(('embed', None, 'heads', 'kv')),
-        bias_init=layers.zeros_init((None, 'heads', 'kv')))(h_BxLxH)
+        bias_init=layers.zeros_init((None, 'heads', 'kv')), dtype=cfg.compute_dtype)(h_BxLxH)
     q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     y_BxLxNxD = jax.nn.dot_product_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD,
                                              is_causal=self.causal)
@@ -59,13 +59,15 @@ class TransformerBlock(nn.Module):
         cfg.d_model, axis=(-2, -1), name='attn_out',
         kernel_init=layers.param_init(('heads', 'kv', 'embed'),
                                       layers.INIT_STD / (2 * cfg.n_layers) ** 0.5),
-        bias_init=layers.zeros_init(('embed',)))(y_BxLxNxD)
+        bias_init=layers.zeros_init(('embed',)), dtype=cfg.compute_dtype)(y_BxLxNxD)
     x_BxLxH = x_BxLxH + nn.Dropout(cfg.dropout)(y_BxLxH, deterministic=self.deterministic)
 
     h_BxLxH = layers.layer_norm(name='ln_mlp')(x_BxLxH)
-    h_BxLxF = layers.gelu(layers.dense(cfg.d_mlp, ('embed', 'mlp'), name='mlp_in')(h_BxLxH))
+    h_BxLxF = layers.gelu(layers.dense(cfg.d_mlp, ('embed', 'mlp'), name='mlp_in',
+                                            dtype=cfg.compute_dtype)(h_BxLxH))
     h_BxLxH = layers.dense(cfg.d_model, ('mlp', 'embed'), name='mlp_out',
-                           std=layers.INIT_STD / (2 * cfg.n_layers) ** 0.5)(h_BxLxF)
+                           std=layers.INIT_STD / (2 * cfg.n_layers) ** 0.5,
+                           dtype=cfg.compute_dtype)(h_BxLxF)
     x_BxLxH = x_BxLxH + nn.Dropout(cfg.dropout)(h_BxLxH, deterministic=self.deterministic)
     self.sow('intermediates', 'block_out', x_BxLxH)  # analysis: per-layer states
     return x_BxLxH, None
@@ -82,15 +84,18 @@ class Transformer(nn.Module):
     cfg = self.cfg
     x_BxLxH = nn.Dropout(cfg.dropout)(x_BxLxH, deterministic=self.deterministic)
     self.sow('intermediates', 'tower_in', x_BxLxH)  # analysis: the layer-0 states
+    block_cls = TransformerBlock
+    if cfg.remat:  # recompute the block's activations in the backward pass
+      block_cls = nn.remat(TransformerBlock, prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      blocks = nn.scan(TransformerBlock, variable_axes={'params': 0, 'intermediates': 0},
+      blocks = nn.scan(block_cls, variable_axes={'params': 0, 'intermediates': 0},
                        split_rngs={'params': True, 'dropout': True}, length=cfg.n_layers,
                        metadata_params={nn.PARTITION_NAME: 'layers'})
       x_BxLxH, _ = blocks(cfg, self.causal, self.deterministic, name='blocks')(x_BxLxH)
     else:
       for i in range(cfg.n_layers):
-        x_BxLxH, _ = TransformerBlock(cfg, self.causal, self.deterministic,
-                                      name=f'block_{i}')(x_BxLxH)
+        x_BxLxH, _ = block_cls(cfg, self.causal, self.deterministic,
+                          name=f'block_{i}')(x_BxLxH)
     return layers.layer_norm(name='ln_final')(x_BxLxH)
 
 

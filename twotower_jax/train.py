@@ -27,6 +27,7 @@ from twotower_jax import model as model_lib
 from twotower_jax import nonfinite
 from twotower_jax import optimizer as optimizer_lib
 from twotower_jax import preemption
+from twotower_jax import preflight as preflight_lib
 from twotower_jax import sharding as sharding_lib
 from twotower_jax import tokenizer as tokenizer_lib
 from twotower_jax import train_state as state_lib
@@ -37,6 +38,7 @@ log = logging.getLogger('twotower_jax')
 CONFIG_FILENAME = 'config.json'
 # Changing these in an existing workdir would change what the checkpoints mean.
 _FROZEN_SECTIONS = ('model', 'data')
+_LOG_KEYS = ('loss', 'lr', 'grad_norm', 'tokens_per_s', 'mfu')
 
 
 @dataclasses.dataclass
@@ -95,14 +97,18 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_tokenizer: bool
 def evaluate(eval_fn, params, batches: list[np.ndarray], batch_sh, batch_size: int) -> dict:
   loss_sum, weight_sum = 0.0, 0.0
   for rows in batches:
-    out = eval_fn(params, sharding_lib.global_batch(_local_rows(rows), batch_sh, batch_size))
+    local = _local_rows(rows, batch_sh)
+    out = eval_fn(params, sharding_lib.global_batch(local, batch_sh, batch_size))
     loss_sum, weight_sum = loss_sum + out['loss_sum'], weight_sum + out['weight_sum']
   loss = float(loss_sum) / max(float(weight_sum), 1.0)
   return {'loss': loss, 'perplexity': float(np.exp(loss)), 'tokens': float(weight_sum)}
 
 
-def _local_rows(global_rows: np.ndarray) -> np.ndarray:
-  """This process's contiguous block of a global batch."""
+def _local_rows(global_rows: np.ndarray, batch_sh=None) -> np.ndarray:
+  """This process's contiguous block of a global batch (the rows its devices hold)."""
+  if batch_sh is not None:
+    start, stop = sharding_lib.process_rows(batch_sh, global_rows.shape[0])
+    return global_rows[start:stop]
   n = global_rows.shape[0] // jax.process_count()
   return global_rows[jax.process_index() * n:(jax.process_index() + 1) * n]
 
@@ -144,7 +150,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   replicated = sharding_lib.replicated(mesh)
 
   train_iter = iter(data_lib.train_dataset(splits.train_windows, tc.batch_size, tc.seed,
-                                           jax.process_index(), jax.process_count()))
+                                           jax.process_index(), jax.process_count(),
+                                           sharding_lib.process_rows(batch_sh, tc.batch_size)))
   tokenizer_digest = tokenizer_lib.file_digest(os.path.join(workdir, tokenizer_lib.FILENAME))
   mngr = checkpoints.manager(workdir, tc.keep_checkpoints)
   start = checkpoints.latest_complete_step(mngr, remove_incomplete=True)
@@ -165,19 +172,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   n_params = model_lib.param_count(state.params)
   quantity_names = nonfinite.quantity_names(state.params)
 
-  train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx,
-                                       lr_schedule=lr_schedule,
-                                       on_nonfinite=tc.on_nonfinite),
-                     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-                     donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model),
+  train_fn = jax.jit(sharding_lib.with_rules(
+      functools.partial(step_lib.train_step, model=model, tx=tx, lr_schedule=lr_schedule,
+                        grad_accum_steps=tc.grad_accum_steps, on_nonfinite=tc.on_nonfinite),
+      mesh, axis_rules), in_shardings=(state_sh, batch_sh),
+      out_shardings=(state_sh, replicated), donate_argnums=0)
+  eval_fn = jax.jit(sharding_lib.with_rules(functools.partial(step_lib.eval_step, model=model),
+                                            mesh, axis_rules),
                     in_shardings=(state_sh.params, batch_sh), out_shardings=replicated)
+  preflight = preflight_lib.run(train_fn, state, batch_sh, config, model)
+  train_fn = preflight.compiled  # the loop runs the executable compiled ahead of time
   eval_rows = data_lib.eval_batches(splits.val_windows, tc.batch_size, tc.eval_batches)
   if start == 0:
     unigram = data_lib.unigram_cross_entropy(splits.train_token_counts, eval_rows)
     writer.write('run', {'params': n_params, 'devices': jax.device_count(),
                          'mesh': dict(mesh.shape), 'train_windows': len(splits.train_windows),
-                         'val_windows': len(splits.val_windows)})
+                         'val_windows': len(splits.val_windows), **preflight.summary()})
     writer.write('baseline', {'unigram_loss': unigram, 'unigram_perplexity': np.exp(unigram)})
   log.info('model: %s params, %d towers, mesh %s', f'{n_params:,}', config.model.n_towers,
            dict(mesh.shape))
@@ -211,10 +221,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mean['skipped'] = float(np.sum([m['skipped'] for m in fetched]))
         mean['lr'] = float(fetched[-1]['lr'])
         mean['tokens_per_s'] = (step - step_last) * tokens_per_step / (now - t_last)
+        mean.update(preflight.throughput(step - step_last, now - t_last))
         eta = (tc.steps - step) * (now - t_last) / (step - step_last)
         writer.write('train', mean, step)
         if is_main:
-          log.info(metrics_lib.log_line(step, tc.steps, mean, eta))
+          log.info(metrics_lib.log_line(step, tc.steps, mean, eta, keys=_LOG_KEYS))
           if mean['skipped']:
             log.warning('skipped %d non-finite update(s) up to step %d', mean['skipped'], step)
         pending, t_last, step_last = [], now, step

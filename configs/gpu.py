@@ -1,0 +1,31 @@
+"""Single-GPU preset: 2 x (24 layers, d=1024, seq 1024) causal towers in bf16.
+
+Expected hardware: one 80 GB GPU (H100/H200/A100-80GB), the shape of the speed
+target in DESIGN.md (>= 45% MFU on an H100). Run: bash launch/gpu.sh runs/gpu
+On a 24 GB GPU: --config.model.remat=True --config.train.batch_size=4 (or keep the
+batch and set --config.train.grad_accum_steps=4).
+Data: the embedded State of the Union corpus (a throughput and debugging run).
+"""
+
+from twotower_jax import config as config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.data.seq_len = 1024
+  c.model.n_layers = 24
+  c.model.d_model = 1024
+  c.model.n_heads = 16
+  c.model.d_mlp = 4096
+  c.model.max_len = 1024
+  c.model.dropout = 0.0
+  c.model.dtype = 'bfloat16'
+  c.train.steps = 2_000
+  c.train.batch_size = 16  # 16k tokens per step
+  c.train.log_every = 20
+  c.train.eval_every = 500
+  c.train.checkpoint_every = 500
+  c.optimizer.lr = 3e-4
+  c.optimizer.warmup_steps = 200
+  c.mesh.data = -1
+  return c
