@@ -133,6 +133,18 @@ def _stop_if_nonfinite(pending: list[dict[str, jax.Array]], step: int, names: li
         '--config.train.on_nonfinite=skip')
 
 
+def jit_train_step(config: ml_collections.ConfigDict, model, tx, mesh, state_sh,
+                   batch_sh) -> Any:
+  """The jitted train step with explicit shardings and the state donated (also for bench/)."""
+  tc = config.train
+  step = functools.partial(step_lib.train_step, model=model, tx=tx,
+                           lr_schedule=optimizer_lib.schedule(config),
+                           grad_accum_steps=tc.grad_accum_steps, on_nonfinite=tc.on_nonfinite)
+  return jax.jit(sharding_lib.with_rules(step, mesh, sharding_lib.rules(config)),
+                 in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, sharding_lib.replicated(mesh)), donate_argnums=0)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains to config.train.steps (resuming if DIR has checkpoints); returns final eval."""
   config_lib.validate(config)
@@ -144,7 +156,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   axis_rules = sharding_lib.rules(config)
 
   tx = optimizer_lib.make(config)
-  lr_schedule = optimizer_lib.schedule(config)
   state_sh = state_lib.shardings(model, tx, mesh, axis_rules)
   batch_sh = sharding_lib.batch_sharding(mesh, axis_rules)
   replicated = sharding_lib.replicated(mesh)
@@ -172,11 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   n_params = model_lib.param_count(state.params)
   quantity_names = nonfinite.quantity_names(state.params)
 
-  train_fn = jax.jit(sharding_lib.with_rules(
-      functools.partial(step_lib.train_step, model=model, tx=tx, lr_schedule=lr_schedule,
-                        grad_accum_steps=tc.grad_accum_steps, on_nonfinite=tc.on_nonfinite),
-      mesh, axis_rules), in_shardings=(state_sh, batch_sh),
-      out_shardings=(state_sh, replicated), donate_argnums=0)
+  train_fn = jit_train_step(config, model, tx, mesh, state_sh, batch_sh)
   eval_fn = jax.jit(sharding_lib.with_rules(functools.partial(step_lib.eval_step, model=model),
                                             mesh, axis_rules),
                     in_shardings=(state_sh.params, batch_sh), out_shardings=replicated)

@@ -1,0 +1,116 @@
+"""Train-step benchmark: tokens/s, FLOP/s, MFU, compile time and peak memory.
+
+  python bench/train_step.py                       # the target config (2x4 layers, d=256)
+  python bench/train_step.py --sweep=seq,vocab,towers
+  python bench/train_step.py --set model.n_layers=24 --set model.d_model=1024 --dtype=bfloat16
+
+Each point runs in its own process, so compile time and peak memory are its own.
+MFU = analytic model FLOP/s / device peak; on CPU the peak is a large f32 matmul
+measured in the same process. Results are appended to --out as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# The issue's CPU target: 2 towers x 4 layers, d=256, 4 heads, window 128, batch 16, vocab 8000.
+TARGET = {'model.n_towers': 2, 'model.n_layers': 4, 'model.d_model': 256, 'model.n_heads': 4,
+          'model.d_mlp': 1024, 'data.seq_len': 128, 'model.max_len': 128,
+          'train.batch_size': 16, 'data.vocab_size': 8000}
+
+SWEEPS = {
+    'seq': [{'data.seq_len': n, 'model.max_len': n, 'train.batch_size': 16 * 128 // n}
+            for n in (64, 128, 256, 512)],
+    'vocab': [{'data.vocab_size': v} for v in (2000, 8000, 32000)],
+    'towers': [{'model.n_towers': n} for n in (1, 2, 4)],
+}
+
+COLUMNS = ('label', 'tokens_per_s', 'ms_per_step', 'gflop_per_token', 'achieved_gflops',
+           'peak_gflops', 'mfu', 'compile_s', 'peak_mem_mb')
+
+
+def measure(overrides: dict, steps: int, repeats: int) -> dict:
+  """Runs in the child process: one config, one row."""
+  import harness  # pylint: disable=g-import-not-at-top
+  config = harness.config_with(**{'mesh.data': -1, 'mesh.tower': 1, **overrides})
+  peak, peak_how = harness.device_peak(overrides.get('model.dtype', 'float32'))
+  bench = harness.StepBench(config, config.data.vocab_size)
+  times = bench.seconds_per_step(steps, repeats)
+  t = harness.summarize(times)['median_s']
+  achieved = bench.flops_per_step / t
+  return {**harness.machine(), 'overrides': overrides, 'steps': steps, 'repeats': repeats,
+          'tokens_per_s': bench.tokens_per_step / t, 'ms_per_step': 1e3 * t,
+          'step_times_s': times, 'flops_per_step': bench.flops_per_step,
+          'gflop_per_token': bench.flops_per_step / bench.tokens_per_step / 1e9,
+          'achieved_gflops': achieved / 1e9, 'peak_gflops': peak / 1e9, 'peak_how': peak_how,
+          'mfu': achieved / peak, 'compile_s': bench.compile_s,
+          'peak_mem_mb': harness.peak_memory_mb()}
+
+
+def run_point(overrides: dict, steps: int, repeats: int) -> dict:
+  out = subprocess.run([sys.executable, __file__, '--point', json.dumps(overrides),
+                        f'--steps={steps}', f'--repeats={repeats}'],
+                       capture_output=True, text=True, check=False)
+  if out.returncode:
+    raise SystemExit(f'benchmark point {overrides} failed:\n{out.stderr[-2000:]}')
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def parse_set(items: list[str]) -> dict:
+  out = {}
+  for item in items:
+    key, _, value = item.partition('=')
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--sweep', default='', help='comma list of: ' + ', '.join(SWEEPS))
+  p.add_argument('--set', action='append', default=[], help='KEY=VALUE config override')
+  p.add_argument('--dtype', default='', help='model compute dtype, e.g. bfloat16')
+  p.add_argument('--steps', type=int, default=10, help='steps per timed repeat')
+  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--out', default=os.path.join(HERE, 'results', 'train_step.jsonl'))
+  p.add_argument('--point', help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.point is not None:
+    sys.path.insert(0, HERE)
+    print(json.dumps(measure(json.loads(args.point), args.steps, args.repeats)))
+    return
+  base = {**TARGET, **parse_set(args.set)}
+  if args.dtype:
+    base['model.dtype'] = args.dtype
+  points = [('target', base)]
+  for name in filter(None, args.sweep.split(',')):
+    if name not in SWEEPS:
+      raise SystemExit(f'unknown sweep {name!r}; choose from {sorted(SWEEPS)}')
+    for change in SWEEPS[name]:
+      label = f'{name}:' + ','.join(f'{k.split(".")[-1]}={v}' for k, v in change.items()
+                                    if k not in ('model.max_len', 'train.batch_size'))
+      points.append((label, {**base, **change}))
+  rows = []
+  sys.path.insert(0, HERE)
+  import harness  # pylint: disable=g-import-not-at-top
+  for label, overrides in points:
+    row = {'label': label, 'bench': 'train_step', **run_point(overrides, args.steps, args.repeats)}
+    rows.append(row)
+    harness.print_table([row], COLUMNS)
+  print()
+  harness.print_table(rows, COLUMNS)
+  harness.write_jsonl(args.out, rows)
+  print(f'\nwrote {len(rows)} rows to {args.out}')
+
+
+if __name__ == '__main__':
+  main()
