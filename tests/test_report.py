@@ -72,7 +72,8 @@ def make_analysis(root, n_towers=2, estimators=('probe', 'ablation'), struct=Tru
     per[est] = {
         'n_items': int((counts >= 2).sum()), 'bimodality': 0.61,
         'control': {'kind': 'shuffled_labels', 'bimodality': 0.34},
-        'histogram': {'edges': np.linspace(-3, 3, 11).tolist(), 'counts': [1, 2, 3, 5, 8, 8, 5, 3, 2, 1],
+        'histogram': {'edges': np.linspace(-3, 3, 11).tolist(),
+                      'counts': [1, 2, 3, 5, 8, 8, 5, 3, 2, 1],
                       'control_counts': [0, 1, 3, 6, 9, 9, 6, 3, 1, 0]},
         'frequency': {'spearman_logfreq': 0.12, 'ci': [float('nan'), 0.3] if j else [0.01, 0.2],
                       'bins': [{'lo': 2, 'hi': 10, 'n': 12, 'mean_pref': 0.1, 'auc_closed': 0.6},
@@ -188,3 +189,45 @@ def test_number_formatting():
   assert report.ci([0.1, float('nan')]) == 'n/a' and report.ci([0.1, 0.2], 2) == '[0.10, 0.20]'
   assert report.md_escape('a|b*c') == 'a\\|b\\*c'
   assert math.isnan(report._lean(None))  # pylint: disable=protected-access
+
+
+def _check_png(path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  assert os.path.getsize(path) > 1000, path
+  with Image.open(path) as im:
+    im.verify()
+  with Image.open(path) as im:
+    assert im.format == 'PNG' and im.size[0] > 100 and im.size[1] > 100
+
+
+def test_figures_written_and_linked(tmp_path):
+  out, summary = make_analysis(tmp_path, planted=True)
+  res = report.write_report(out)
+  md = _md(out)
+  expected = {'agreement.png', 'structural_probe.png'}
+  for est in summary['estimators']:
+    expected |= {f'{est}_{k}.png' for k in ('histogram', 'frequency', 'classes', 'top_items',
+                                           'planted')}
+  assert set(os.listdir(os.path.join(out, 'figures'))) == expected
+  for name in expected:
+    _check_png(os.path.join(out, 'figures', name))
+    assert f'](figures/{name})' in md
+  assert res['figures']['_all']['struct'] == 'figures/structural_probe.png'
+
+
+def test_figures_three_towers_without_optional_parts(tmp_path):
+  out, _ = make_analysis(tmp_path, n_towers=3, estimators=('gate',), struct=False)
+  report.write_report(out)
+  names = set(os.listdir(os.path.join(out, 'figures')))
+  assert names == {f'gate_{k}.png' for k in ('histogram', 'frequency', 'classes', 'top_items')}
+  for name in names:
+    _check_png(os.path.join(out, 'figures', name))
+
+
+def test_dollar_pieces_do_not_break_figures(tmp_path):
+  ps = {'top_items': {'tower_0': [{'piece': '$5', 'token_id': 1, 'count': 3, 'pref': 1.0},
+                                  {'piece': 'a$^b$', 'token_id': 2, 'count': 4, 'pref': 0.5}],
+                      'tower_1': [{'piece': '$', 'token_id': 3, 'count': 2, 'pref': -0.2}]}}
+  os.makedirs(tmp_path / 'figures')
+  rel = report.fig_top(str(tmp_path), 'probe', ps)
+  _check_png(os.path.join(str(tmp_path), rel))
