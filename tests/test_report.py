@@ -108,7 +108,7 @@ def make_analysis(root, n_towers=2, estimators=('probe', 'ablation'), struct=Tru
   if token_view:
     passages = [{'pieces': ['\u2581The', ODD_PIECE, '\u2581war', 's', '.'],
                  'lean': [0.9, -0.5, None, float('nan'), 0.1]},
-                {'pieces': ['\u2581of', '\u2581people'], 'lean': [-1.0, 0.3]}]
+                {'pieces': ['\u2581of', '&amp;', '\u2581people'], 'lean': [-1.0, 0.0, 0.3]}]
     with open(os.path.join(out, 'token_view.json'), 'w') as f:
       json.dump({'estimator': estimators[0], 'note': 'item preference scaled to [-1, 1]',
                  'passages': passages}, f)
@@ -231,3 +231,33 @@ def test_dollar_pieces_do_not_break_figures(tmp_path):
   os.makedirs(tmp_path / 'figures')
   rel = report.fig_top(str(tmp_path), 'probe', ps)
   _check_png(os.path.join(str(tmp_path), rel))
+
+
+def test_html_self_contained_escaped_with_token_view(tmp_path):
+  out, summary = make_analysis(tmp_path)
+  res = report.write_report(out)
+  with open(res['report_html'], encoding='utf-8') as f:
+    page = f.read()
+  assert page.startswith('<!DOCTYPE html>') and page.rstrip().endswith('</html>')
+  assert ODD_PIECE not in page and '&lt;b&gt;|' in page
+  assert '&amp;amp;' in page  # a piece '&amp;' is shown literally
+  assert 'src="figures/' not in page
+  n_figs = len(os.listdir(os.path.join(out, 'figures')))
+  assert page.count('src="data:image/png;base64,') == n_figs
+  with open(os.path.join(out, 'token_view.json')) as f:
+    tv = json.load(f)
+  spans = re.findall(r'<span class="tok[^"]*" style="[^"]*" title="[^"]*">(.*?)</span>', page)
+  assert len(spans) == sum(len(p['pieces']) for p in tv['passages'])
+  assert spans[0] == ' The' and spans[1] == '&lt;b&gt;|'  # '▁' shown as a space
+  assert 'title="not scored"' in page and 'rgba(31,119,180,0.90)' in page
+  assert 'rgba(255,127,14,1.00)' in page
+  ce = summary['per_estimator']['probe']['class_enrichment']
+  assert f"AUC {ce['auc']:.2f} [{ce['ci'][0]:.2f}, {ce['ci'][1]:.2f}]" in page
+  assert '<b>' in page and '**' not in page
+  md = _md(out)
+  assert 'The\u2070<b>|\u00b9 wars.' in md and 'of\u00b9&amp; people\u2070' in md
+
+
+def test_inline_html():
+  assert report.inline_html('**a** `b` c\\|d <x>') == '<b>a</b> <code>b</code> c|d &lt;x&gt;'
+  assert report.lean_style(None)[0] == 'tok ns' and report.lean_style(float('nan'))[0] == 'tok ns'
