@@ -150,6 +150,8 @@ def test_markdown_two_towers_headline_and_tables(tmp_path):
   assert not re.search(r'\bnan\b', md, re.I)
   assert 'no latent gate: gate estimator not run' in md
   assert '| probe~ablation | 0.800 | [0.700, 0.900] | 30 |' in md
+  assert 'Best UUAS per tower: tower 0 0.500 (layer\\_1); tower 1 0.550 (layer\\_1).' in md
+  assert 'bimodality 0.61 vs 0.34 in the control' in _headline(md, 'probe')
   assert 'baseline' in md.lower() and '| 1 | layer\\_0 | 0.450 | n/a |' in md
 
 
@@ -161,6 +163,7 @@ def test_markdown_missing_sections_say_why(tmp_path):
   assert 'Not shown: no structural probe: analysis.struct_conllu was not set' in md
   assert 'Not shown: token_view.json is missing' in md
   assert 'ablation estimator not run' in md
+  assert "no latent gate: gate estimator not run (this model's gate is 'concat'" in md
   assert not re.search(r'\bnan\b', md)
 
 

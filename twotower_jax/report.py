@@ -200,6 +200,9 @@ def _how_to_read(n_towers: int) -> list:
         '(or, with more than two towers, have sharper preferences), below 0.5 to tower 1. '
         'The bracket is a 95% bootstrap confidence interval; if it contains 0.5 the data do '
         'not show a split.'),
+      P('**Token view.** At the end, held-out text with each piece marked by the tower it leans '
+        'to; report.html shows it in colour (blue = tower 0, orange = tower 1). '
+        'docs/REPORT.md explains every figure.'),
       P('Counts are occurrences of the item among the scored evaluation positions; statistics '
         'use items seen at least `min_count` times. "n/a" marks a number that could not be '
         'computed (too few items, one class empty, constant values).'),
@@ -210,9 +213,13 @@ def headline(est: str, ps: dict[str, Any], n_towers: int) -> str:
   """One sentence per estimator stating the class split with its AUC and interval."""
   ce = ps.get('class_enrichment') or {}
   auc, interval = ce.get('auc'), ce.get('ci')
-  stat = f'AUC {num(auc, 2)} {ci(interval, 2)}'
+  control = ps.get('control') or {}
+  stat = (f'AUC {num(auc, 2)} {ci(interval, 2)}; bimodality {num(ps.get("bimodality"), 2)} '
+          f'vs {num(control.get("bimodality"), 2)} in the control')
   if not _finite(auc):
-    return f'`{est}`: no class split measurable (AUC n/a: too few closed- or open-class items).'
+    return (f'`{est}`: no class split measurable (AUC n/a: too few closed- or open-class '
+            f'items); bimodality {num(ps.get("bimodality"), 2)} vs '
+            f'{num(control.get("bimodality"), 2)} in the control.')
   lo, hi = (interval if isinstance(interval, (list, tuple)) and len(interval) == 2
             else (float('nan'), float('nan')))
   known = _finite(lo) and _finite(hi)
@@ -326,7 +333,11 @@ def _top_items(est, ps, prefs, n_towers, figs) -> list:
   row_of = {int(t): i for i, t in enumerate(prefs['token_id']) if _finite(t)}
   for key in sorted(top, key=lambda k: int(re.sub(r'\D', '', k) or 0)):
     items = (top[key] or [])[:TOP_K]
-    out.append(P(f"**{key.replace('_', ' ')}**"))
+    label = key.replace('_', ' ')
+    if n_towers == 2:
+      label += (' (largest positive preference)' if label.endswith('0') else
+                ' (most negative preference)')
+    out.append(P(f'**{label}**'))
     if not items:
       out.append(WHY(f'no items prefer {key.replace("_", " ")}'))
       continue
@@ -412,6 +423,14 @@ def _structural(sp, figs) -> list:
       u = uuas[k][j] if j < len(uuas[k]) else None
       d = dspr[k][j] if k < len(dspr) and j < len(dspr[k]) else None
       rows.append([str(k), md_escape(str(name)), num(u), num(d)])
+  best = []
+  for k, row in enumerate(uuas):
+    vals = [(float(v), j) for j, v in enumerate(row) if _finite(v)]
+    if vals:
+      v, j = max(vals)
+      name = layers[j] if j < len(layers) else str(j)
+      best.append(f'tower {k} {num(v)} ({md_escape(str(name))})')
+  out.append(P('Best UUAS per tower: ' + ('; '.join(best) if best else 'n/a') + '.'))
   out.append(TABLE(['tower', 'layer', 'UUAS', 'DSpr'], rows))
   return out
 
@@ -420,10 +439,11 @@ def _token_view(tv, n_towers) -> list:
   out = [H(2, 'Token view')]
   if not tv or not tv.get('passages'):
     return out + [WHY('token_view.json is missing or has no passages')]
-  out.append(P(f"Held-out passages, each piece coloured by the tower it leans to (estimator "
-               f"{md_escape(str(tv.get('estimator', 'n/a')))}): blue = tower 0, orange = "
-               'tower 1, stronger colour = stronger lean, grey = not scored. '
-               + md_escape(str(tv.get('note', '')))))
+  note = str(tv.get('note', '')).strip()
+  out.append(P('Held-out passages with each piece marked by the tower it leans to (estimator '
+               f"{md_escape(str(tv.get('estimator', 'n/a')))}). In report.html the pieces are "
+               'coloured: blue = tower 0, orange = tower 1, stronger colour = stronger lean, '
+               'grey = not scored.' + (f' Lean: {md_escape(note)}.' if note else '')))
   out.append(('tokens', tv['passages']))
   return out
 
@@ -449,9 +469,9 @@ def tokens_markdown(passages: Sequence[dict[str, Any]]) -> str:
     lines.append(''.join(parts).strip())
   body = '\n\n'.join(lines)
   fence = '`' * max(3, max((len(m) for m in re.findall(r'`+', body)), default=0) + 1)
-  legend = (f'In this text form a piece is followed by \u2070 when it leans to tower 0 and by '
-            f'\u00b9 when it leans to tower 1 (|lean| >= {MARK_THRESHOLD}); '
-            'open report.html for the coloured view.')
+  legend = (f'Here a piece is followed by \u2070 when it leans to tower 0 and by \u00b9 when '
+            f'it leans to tower 1 (|lean| >= {MARK_THRESHOLD}; weaker or unscored pieces have no '
+            'mark).')
   return f'{legend}\n\n{fence}text\n{body}\n{fence}'
 
 
@@ -472,7 +492,8 @@ def to_markdown(blocks: Sequence[tuple]) -> str:
       lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
       out.append('\n'.join(lines))
     elif kind == 'fig':
-      out.append(f'![{b[2]}]({b[1]})\n\n*{b[2]}*')
+      alt = os.path.splitext(os.path.basename(b[1]))[0]
+      out.append(f'![{alt}]({b[1]})\n\n*{b[2]}*')
     elif kind == 'tokens':
       out.append(tokens_markdown(b[1]))
   return '\n\n'.join(out) + '\n'
@@ -825,12 +846,13 @@ def build_blocks(summary, prefs, token_view, struct, figs) -> list:
     blocks.append(UL([headline(e, per_est[e], n_towers) for e in ests]))
   else:
     blocks.append(WHY('no estimator ran, so there is no preference to report'))
-  missing = [e for e in EST_MEANING if e not in ests]
-  for e in missing:
-    why = {'gate': 'no latent gate: gate estimator not run (the model has no latent gate or '
-                   'the estimator was not selected)',
-           'probe': 'probe estimator not run (not selected in analysis.estimators)',
-           'ablation': 'ablation estimator not run (not selected in analysis.estimators)'}[e]
+  for e in (e for e in EST_MEANING if e not in ests):
+    if e == 'gate' and summary.get('gate') != 'latent':
+      why = (f"no latent gate: gate estimator not run (this model's gate is "
+             f"'{md_escape(str(summary.get('gate', 'n/a')))}'; only model.gate=latent has "
+             'per-token responsibilities)')
+    else:
+      why = f'{e} estimator not run (not selected for this analysis)'
     blocks.append(WHY(why))
   blocks += _overview(summary)
   for e in ests:
