@@ -264,3 +264,18 @@ def test_html_self_contained_escaped_with_token_view(tmp_path):
 def test_inline_html():
   assert report.inline_html('**a** `b` c\\|d <x>') == '<b>a</b> <code>b</code> c|d &lt;x&gt;'
   assert report.lean_style(None)[0] == 'tok ns' and report.lean_style(float('nan'))[0] == 'tok ns'
+
+
+def test_one_tower_split_control_model(tmp_path):
+  out, summary = make_analysis(tmp_path, estimators=('ablation',), struct=False)
+  summary['n_towers'] = 1
+  summary['per_estimator']['ablation']['control']['kind'] = 'split_single_tower'
+  summary['per_estimator']['ablation']['class_enrichment']['ci'] = [None, None]
+  with open(os.path.join(out, 'summary.json'), 'w') as f:
+    json.dump(summary, f)
+  report.write_report(out)
+  md = _md(out)
+  assert 'This is a one-tower model' in md and 'split\\_single\\_tower' in md
+  line = _headline(md, 'ablation')
+  assert 'no confidence interval, so no claim either way: AUC 0.52 n/a' in line
+  assert '**tower 1 (most negative preference)**' in md

@@ -176,8 +176,13 @@ def _how_to_read(n_towers: int) -> list:
     sign = (f'With {n_towers} towers, **preference = value under the item\'s best tower minus '
             'the mean of the others**: it is always about the best tower (listed per item), and '
             'larger means a sharper preference.')
+  single = []
+  if n_towers == 1:
+    single = [P('**This is a one-tower model.** Its hidden units were split into two random '
+                'halves, called "tower 0" and "tower 1" below. Whatever split appears here is '
+                'the baseline that a real two-tower split has to beat.')]
   return [
-      H(2, 'How to read this report'),
+      H(2, 'How to read this report')] + single + [
       P('The model has several towers (independent networks whose states are combined to '
         'predict the next token). For every vocabulary item (a SentencePiece piece; a leading '
         f'"{SPACE_PIECE}" marks the start of a word) the analysis measures which tower the '
@@ -334,7 +339,7 @@ def _top_items(est, ps, prefs, n_towers, figs) -> list:
   for key in sorted(top, key=lambda k: int(re.sub(r'\D', '', k) or 0)):
     items = (top[key] or [])[:TOP_K]
     label = key.replace('_', ' ')
-    if n_towers == 2:
+    if n_towers <= 2:
       label += (' (largest positive preference)' if label.endswith('0') else
                 ' (most negative preference)')
     out.append(P(f'**{label}**'))
@@ -640,7 +645,7 @@ def fig_histogram(d, est, ps, n_towers):
             label=f'control: {_plain(control.get("kind", "?"))} (bimodality '
                   f'{num(control.get("bimodality"))})')
   ax.axvline(0, color='grey', lw=0.8, ls=':')
-  ax.set_xlabel('preference  (+ = tower 0, - = tower 1)' if n_towers == 2 else
+  ax.set_xlabel('preference  (+ = tower 0, - = tower 1)' if n_towers <= 2 else
                 'preference  (best tower minus the others)')
   ax.set_ylabel('items')
   ax.set_title(f'{est}: preference histogram vs control')
