@@ -150,6 +150,11 @@ def test_markdown_two_towers_headline_and_tables(tmp_path):
   assert not re.search(r'\bnan\b', md, re.I)
   assert 'no latent gate: gate estimator not run' in md
   assert '| probe~ablation | 0.800 | [0.700, 0.900] | 30 |' in md
+  tower1 = md[md.index('**tower 1 (most negative preference)**'):
+              md.index('## Estimator `ablation`')]
+  prefs1 = [float(l.split(' | ')[4]) for l in tower1.splitlines() if re.match(r'\| \d+ \|', l)]
+  assert prefs1 and all(p < 0 for p in prefs1)  # tower-0 items never pad the tower-1 list
+  assert f'Only {len(prefs1)} items with count >= min_count lean to this tower.' in tower1
   assert 'Best UUAS per tower: tower 0 0.500 (layer\\_1); tower 1 0.550 (layer\\_1).' in md
   assert 'bimodality 0.61 vs 0.34 in the control' in _headline(md, 'probe')
   assert 'baseline' in md.lower() and '| 1 | layer\\_0 | 0.450 | n/a |' in md

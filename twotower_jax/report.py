@@ -165,6 +165,22 @@ def _pref_col(prefs: dict[str, Any], est: str) -> np.ndarray | None:
   return col if isinstance(col, np.ndarray) else None
 
 
+def _tower_keys(top) -> list[str]:
+  return sorted(top, key=lambda k: int(re.sub(r'\D', '', k) or 0))
+
+
+def leaning_items(top: dict[str, Any], key: str, n_towers: int) -> list[dict[str, Any]]:
+  """The top items of one tower; with two towers only those whose preference has its sign.
+
+  (A tower-1 list padded with items of positive preference would show tower-0 items.)
+  """
+  items = list(top.get(key) or [])[:TOP_K]
+  if n_towers <= 2 and key in ('tower_0', 'tower_1'):
+    sign = 1.0 if key == 'tower_0' else -1.0
+    items = [it for it in items if _finite(it.get('pref')) and sign * float(it['pref']) > 0]
+  return items
+
+
 # ---------------------------------------------------------------- sections
 
 
@@ -336,16 +352,18 @@ def _top_items(est, ps, prefs, n_towers, figs) -> list:
     out.append(FIG(figs['top'], f'Items with the strongest `{est}` preference for each tower.'))
   lo_col, hi_col = prefs.get(f'{est}_pref_lo'), prefs.get(f'{est}_pref_hi')
   row_of = {int(t): i for i, t in enumerate(prefs['token_id']) if _finite(t)}
-  for key in sorted(top, key=lambda k: int(re.sub(r'\D', '', k) or 0)):
-    items = (top[key] or [])[:TOP_K]
+  for key in _tower_keys(top):
+    items = leaning_items(top, key, n_towers)
     label = key.replace('_', ' ')
     if n_towers <= 2:
       label += (' (largest positive preference)' if label.endswith('0') else
                 ' (most negative preference)')
     out.append(P(f'**{label}**'))
     if not items:
-      out.append(WHY(f'no items prefer {key.replace("_", " ")}'))
+      out.append(WHY(f'no item with count >= min_count leans to {key.replace("_", " ")}'))
       continue
+    if len(items) < TOP_K:
+      out.append(P(f'Only {len(items)} items with count >= min_count lean to this tower.'))
     rows = []
     for rank, it in enumerate(items, 1):
       i = row_of.get(int(it['token_id'])) if _finite(it.get('token_id')) else None
@@ -668,7 +686,7 @@ def fig_frequency(d, est, ps, prefs, scored):
   fig, ax = _new_fig(6, 3.6)
   ax = ax[0, 0]
   closed, opn, other = _class_masks(prefs, ok)
-  for m, c, lab in ((other, '#bbbbbb', 'unknown class'), (opn, '#8fbf8f', 'open class'),
+  for m, c, lab in ((other, '#c7c7c7', 'unknown class'), (opn, '#2ca02c', 'open class'),
                     (closed, '#9b59b6', 'closed class')):
     if m.any():
       ax.scatter(prefs['count'][m], pref[m], s=8, color=c, alpha=0.7, label=lab, lw=0)
@@ -701,7 +719,7 @@ def fig_classes(d, est, ps, prefs, scored):
   ax = ax[0, 0]
   vals = pref[closed | opn]
   edges = np.linspace(vals.min(), vals.max() + 1e-9, 26)
-  for m, c, lab in ((closed, '#9b59b6', 'closed class'), (opn, '#4c9f4c', 'open class')):
+  for m, c, lab in ((closed, '#9b59b6', 'closed class'), (opn, '#2ca02c', 'open class')):
     if m.any():
       ax.hist(pref[m], bins=edges, density=True, histtype='stepfilled', alpha=0.45, color=c,
               label=f'{lab} (n={int(m.sum())}, mean {num(pref[m].mean(), 2)})')
@@ -714,20 +732,16 @@ def fig_classes(d, est, ps, prefs, scored):
   return _save(fig, d, f'{est}_classes')
 
 
-def _tower_keys(top) -> list[str]:
-  return sorted(top, key=lambda k: int(re.sub(r'\D', '', k) or 0))
-
-
-def fig_top(d, est, ps):
+def fig_top(d, est, ps, n_towers=2):
   top = ps.get('top_items') or {}
-  keys = [k for k in _tower_keys(top) if top[k]]
+  keys = [k for k in _tower_keys(top) if leaning_items(top, k, n_towers)]
   if not keys:
     return None
-  n = max(len(top[k][:TOP_K]) for k in keys)
+  n = max(len(leaning_items(top, k, n_towers)) for k in keys)
   fig, axes = _new_fig(3.2 * len(keys), 0.6 + 0.2 * n, 1, len(keys))
   for j, key in enumerate(keys):
     ax = axes[0, j]
-    items = top[key][:TOP_K]
+    items = leaning_items(top, key, n_towers)
     y = np.arange(len(items))[::-1]
     vals = [float(it['pref']) if _finite(it.get('pref')) else 0.0 for it in items]
     ax.barh(y, vals, color=TOWER_COLORS[int(re.sub(r'\D', '', key) or 0) % len(TOWER_COLORS)])
@@ -827,7 +841,7 @@ def make_figures(analysis_dir, summary, prefs, struct) -> dict[str, dict[str, st
     made = {'hist': fig_histogram(analysis_dir, est, ps, int(summary.get('n_towers') or 2)),
             'freq': fig_frequency(analysis_dir, est, ps, prefs, scored),
             'class': fig_classes(analysis_dir, est, ps, prefs, scored),
-            'top': fig_top(analysis_dir, est, ps),
+            'top': fig_top(analysis_dir, est, ps, int(summary.get('n_towers') or 2)),
             'planted': fig_planted(analysis_dir, est, ps, prefs, scored)}
     figs[est] = {k: v for k, v in made.items() if v}
   made = {'agreement': fig_agreement(analysis_dir, ests, summary, prefs, scored),
