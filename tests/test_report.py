@@ -126,9 +126,15 @@ def _headline(md, est):
   return next(l for l in section.splitlines() if l.startswith(f'- `{est}`:'))
 
 
-def test_markdown_two_towers_headline_and_tables(tmp_path):
-  out, summary = make_analysis(tmp_path)
-  res = report.write_report(out)
+@pytest.fixture(scope='module')
+def two_towers(tmp_path_factory):
+  """One full two-tower report (every section), shared by the tests that only read it."""
+  out, summary = make_analysis(tmp_path_factory.mktemp('two_towers'), planted=True)
+  return out, summary, report.write_report(out)
+
+
+def test_markdown_two_towers_headline_and_tables(two_towers):
+  out, summary, res = two_towers
   md = _md(out)
   assert res['report_md'] == os.path.join(out, 'report.md')
   assert md.index('How to read this report') < md.index('Headline')
@@ -173,8 +179,7 @@ def test_markdown_missing_sections_say_why(tmp_path):
 
 
 def test_three_towers_and_gate(tmp_path):
-  out, summary = make_analysis(tmp_path, n_towers=3, estimators=('probe', 'ablation', 'gate'),
-                               planted=True)
+  out, summary = make_analysis(tmp_path, n_towers=3, estimators=('probe', 'gate'), planted=True)
   report.write_report(out)
   md = _md(out)
   gate_line = _headline(md, 'gate')
@@ -183,7 +188,8 @@ def test_three_towers_and_gate(tmp_path):
   assert '**tower 2**' in md
   assert 'Planted classes' in md and '| 0.930 | [0.880, 0.970] | 13 | 13 |' in md
   assert 'no latent gate' not in md
-  assert len(summary['agreement']) == 3 and 'probe~gate' in md
+  assert list(summary['agreement']) == ['probe~gate'] and '| probe~gate |' in md
+  assert 'ablation estimator not run (not selected for this analysis)' in md
 
 
 def test_missing_inputs_raise_user_error(tmp_path):
@@ -208,9 +214,8 @@ def _check_png(path):
     assert im.format == 'PNG' and im.size[0] > 100 and im.size[1] > 100
 
 
-def test_figures_written_and_linked(tmp_path):
-  out, summary = make_analysis(tmp_path, planted=True)
-  res = report.write_report(out)
+def test_figures_written_and_linked(two_towers):
+  out, summary, res = two_towers
   md = _md(out)
   expected = {'agreement.png', 'structural_probe.png'}
   for est in summary['estimators']:
@@ -241,9 +246,8 @@ def test_dollar_pieces_do_not_break_figures(tmp_path):
   _check_png(os.path.join(str(tmp_path), rel))
 
 
-def test_html_self_contained_escaped_with_token_view(tmp_path):
-  out, summary = make_analysis(tmp_path)
-  res = report.write_report(out)
+def test_html_self_contained_escaped_with_token_view(two_towers):
+  out, summary, res = two_towers
   with open(res['report_html'], encoding='utf-8') as f:
     page = f.read()
   assert page.startswith('<!DOCTYPE html>') and page.rstrip().endswith('</html>')
