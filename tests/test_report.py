@@ -288,3 +288,27 @@ def test_one_tower_split_control_model(tmp_path):
   line = _headline(md, 'ablation')
   assert 'no confidence interval, so no claim either way: AUC 0.52 n/a' in line
   assert '**tower 1 (most negative preference)**' in md
+
+
+def test_degenerate_estimator_does_not_fail(tmp_path):
+  out, summary = make_analysis(tmp_path, estimators=('probe',), struct=False)
+  summary['per_estimator']['probe'] = {
+      'n_items': 0, 'bimodality': None, 'control': {}, 'histogram': {'edges': [], 'counts': []},
+      'frequency': None, 'class_enrichment': None, 'top_items': {}}
+  with open(os.path.join(out, 'summary.json'), 'w') as f:
+    json.dump(summary, f)
+  with open(os.path.join(out, 'preference.csv'), newline='') as f:
+    rows = list(csv.DictReader(f))
+  with open(os.path.join(out, 'preference.csv'), 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    for r in rows:
+      w.writerow({**r, **{k: 'nan' for k in r if k.startswith('probe_')}})
+  res = report.write_report(out)
+  md = _md(out)
+  assert res['figures']['probe'] == {} and os.listdir(os.path.join(out, 'figures')) == []
+  assert 'no class split measurable (AUC n/a' in _headline(md, 'probe')
+  for why in ('no histogram in summary.json', 'no frequency statistics in summary.json',
+              'no class enrichment in summary.json', 'no top items in summary.json'):
+    assert f'Not shown: {why}' in md
+  assert os.path.getsize(res['report_html']) > 1000
