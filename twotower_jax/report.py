@@ -800,7 +800,9 @@ def fig_agreement(d, ests, summary, prefs, scored):
     ax = axes[0, p]
     ax.scatter(a[ok], b[ok], s=6, alpha=0.6, lw=0, color='#555555')
     ag = _agreement_of(agr, ea, eb)
-    ax.set_title(f"{ea} vs {eb}: Spearman {num(ag.get('spearman'), 2)} {ci(ag.get('ci'), 2)}",
+    ax.axhline(0, color='grey', lw=0.6, ls=':')
+    ax.axvline(0, color='grey', lw=0.6, ls=':')
+    ax.set_title(f"{ea} vs {eb}\nSpearman {num(ag.get('spearman'), 2)} {ci(ag.get('ci'), 2)}",
                  fontsize=8)
     ax.set_xlabel(f'{ea} preference', fontsize=8)
     ax.set_ylabel(f'{eb} preference', fontsize=8)
