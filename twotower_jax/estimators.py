@@ -135,7 +135,8 @@ def finish(sums: dict[str, np.ndarray], z: float = 1.959964) -> dict[str, np.nda
          'pref_hi': hi, 'control_pref': ctrl}
   for k, s in sums.items():
     if k.startswith('extra_'):
-      out[k[6:]] = s / count
+      with np.errstate(invalid='ignore', divide='ignore'):
+        out[k[6:]] = s / count
   return out
 
 
