@@ -69,11 +69,12 @@ def restore(config: ml_collections.ConfigDict, workdir: str):
   from twotower_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from twotower_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from twotower_jax import train_state as state_lib  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(os.path.join(workdir, tokenizer_lib.FILENAME)):
-    raise AnalysisError(f'{workdir} has no {tokenizer_lib.FILENAME}; train the run first')
   if not os.path.isdir(checkpoints.directory(workdir)):
     raise AnalysisError(f'{workdir} has no checkpoints; train it first (python -m '
                         'twotower_jax.main) or pass the right --workdir')
+  if not os.path.exists(os.path.join(workdir, tokenizer_lib.FILENAME)):
+    raise AnalysisError(f'{workdir} has no {tokenizer_lib.FILENAME} next to its checkpoints; '
+                        'copy the whole training workdir')
   setup = train_lib.build(config, workdir, train_tokenizer=False)
   tx = optimizer_lib.make(config)
   state_sh = state_lib.shardings(setup.model, tx, setup.mesh, sharding_lib.rules(config))
