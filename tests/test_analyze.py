@@ -204,3 +204,30 @@ def test_one_tower_run_gets_split_unit_control(tmp_path, small_corpus_dir):
   assert pe['control']['kind'] == 'split_single_tower' and pe['n_items'] > 0
   with open(os.path.join(out, 'preference.csv')) as f:
     assert 'probe_t1' in next(csv.reader(f))
+
+
+def test_summary_statistics_on_synthetic_items(small_corpus_dir):
+  """Closed-class items planted at pref +1, open at -1: AUC 1, bimodal vs the control."""
+  config = analysis_config(small_corpus_dir)
+  rng = np.random.default_rng(0)
+  v = 200
+  wc = np.array(['closed'] * 60 + ['open'] * 100 + [''] * 40)
+  pref = np.where(wc == 'closed', 1.0, -1.0) + 0.1 * rng.normal(size=v)
+  res = {'count': rng.integers(1, 500, size=v).astype(float), 'pref': pref,
+         'control_pref': 0.1 * rng.normal(size=v), 'best': (pref < 0).astype(int),
+         'seconds': 1.0, 'prepare_seconds': 0.0, 'tokens_per_s': 1.0}
+  classes = {'word_class': wc, 'upos': np.full(v, ''), 'source': 'function_words'}
+  pieces = [f'p{i}' for i in range(v)]
+  labels = np.where(wc == 'closed', 0, np.where(wc == 'open', 1, -1))
+  s = analysis.estimator_summary(res, pieces, classes, 2, config, (labels, 0, 1))
+  keep = res['count'] >= config.analysis.min_count
+  assert s['n_items'] == keep.sum()
+  ce = s['class_enrichment']
+  assert ce['auc'] == 1.0 and ce['ci'][0] == 1.0 and ce['mean_pref_closed'] > 0.8
+  assert s['planted']['auc'] == 1.0 and s['planted']['n_syntax'] == (keep & (wc == 'closed')).sum()
+  assert s['bimodality'] > 0.8 > s['control']['bimodality']
+  assert sum(b['n'] for b in s['frequency']['bins']) == s['n_items']
+  assert sum(s['histogram']['counts']) == s['n_items']
+  top = s['top_items']
+  assert all(wc[t['token_id']] == 'closed' for t in top['tower_0'])
+  assert all(wc[t['token_id']] != 'closed' for t in top['tower_1'])
