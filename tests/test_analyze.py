@@ -107,6 +107,7 @@ def test_segment_sums_match_numpy():
     np.testing.assert_allclose(res['pref_hi'][item] - res['pref'][item], 1.959964 * se, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_estimators_shapes_counts_same_positions(run, results):
   _, config, setup, ctx = run
   vocab = setup.model.cfg.vocab_size
@@ -123,6 +124,7 @@ def test_estimators_shapes_counts_same_positions(run, results):
   assert np.all(results['probe']['mean_NxV'][:, expected > 0] <= 0)  # log-likelihoods
 
 
+@pytest.mark.slow
 def test_probe_heads_saved_and_reused(run, results):
   del results
   _, _, _, ctx = run
@@ -135,6 +137,7 @@ def test_probe_heads_saved_and_reused(run, results):
     np.testing.assert_array_equal(np.asarray(again['out_NxVxH']), f['out_NxVxH'])
 
 
+@pytest.mark.slow
 def test_cli_writes_files_and_reuses_probe(run, results):
   del results
   workdir = run[0]
@@ -187,6 +190,7 @@ def test_planted_items_rank_toward_tower_0(tmp_path_factory, small_corpus_dir):
     assert mean_planted > 0 > mean_rest and auc > 0.7, (name, got[name])
 
 
+@pytest.mark.slow
 def test_one_tower_run_gets_split_unit_control(tmp_path, small_corpus_dir):
   """n_towers=1: ablation and gate are skipped; the probe splits the units into two halves."""
   from twotower_jax import train_state as state_lib  # pylint: disable=g-import-not-at-top
@@ -231,3 +235,17 @@ def test_summary_statistics_on_synthetic_items(small_corpus_dir):
   top = s['top_items']
   assert all(wc[t['token_id']] == 'closed' for t in top['tower_0'])
   assert all(wc[t['token_id']] != 'closed' for t in top['tower_1'])
+
+
+@pytest.mark.slow
+def test_cli_compare(run, results, tmp_path):
+  """--compare DIR1 DIR2 delegates to compare.run_compare (a run against itself: rho = 1)."""
+  del results
+  workdir = run[0]
+  if not os.path.exists(os.path.join(workdir, 'analysis', 'preference.csv')):
+    pytest.skip('needs the CLI test to have written preference.csv')
+  r = run_module('twotower_jax.analyze', '--compare', workdir, workdir, f'--out={tmp_path}',
+                 '--config.analysis.min_count=5', '--config.analysis.n_boot=20')
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.load(open(tmp_path / 'compare.json'))
+  assert out['pairs']

@@ -15,10 +15,8 @@ import json
 import logging
 import math
 import os
-import time
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -287,13 +285,13 @@ def _json_default(x):
 
 
 def _clean(x):
-  """NaN/inf -> None so the JSON is standard (the report prints n/a)."""
+  """Plain Python numbers; NaN stays NaN (json writes NaN, json.load reads it back; n/a)."""
   if isinstance(x, dict):
     return {k: _clean(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
     return [_clean(v) for v in x]
   if isinstance(x, (float, np.floating)):
-    return float(x) if math.isfinite(float(x)) else None
+    return float(x)
   if isinstance(x, np.integer):
     return int(x)
   return x
