@@ -122,6 +122,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.struct_test_fraction = 0.2  # held-out share for UUAS / DSpr
   c.analysis.struct_word_repr = 'mean'  # word state: 'mean' or 'first' of its pieces
   c.analysis.struct_seed = 0  # sentence split and probe init
+  # Tower preference analysis (python -m twotower_jax.analyze; docs/ANALYSIS.md).
+  c.analysis.estimators = 'probe,ablation,gate'  # comma list; gate runs only for model.gate=latent
+  c.analysis.eval_windows = 64  # held-out windows scored (all estimators: the same positions)
+  c.analysis.min_count = 20  # items with fewer scored occurrences are left out of the statistics
+  c.analysis.n_boot = 1000  # bootstrap resamples for confidence intervals
+  c.analysis.probe_steps = 300  # Adam steps of the probe heads (towers frozen)
+  c.analysis.probe_lr = 1e-3
+  c.analysis.probe_batch_size = 16  # training windows per probe step
+  c.analysis.conllu = ''  # CoNLL-U treebank for word classes ('' = built-in function-word list)
+  c.analysis.token_view_passages = 4  # held-out passages in token_view.json
+  c.analysis.step = 0  # checkpoint step to analyse (0 = latest)
+  c.analysis.seed = 0  # probe init and batches, shuffled-label control, bootstrap
   return c
 
 
@@ -172,6 +184,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f'{m.n_towers}; set mesh.tower to a divisor of n_towers')
   if 'analysis' in config and 'struct_rank' in config.analysis:
     _validate_struct_probe(config.analysis)
+  if 'analysis' in config and 'estimators' in config.analysis:
+    _validate_analysis(config.analysis)
+
+
+def _validate_analysis(a: ml_collections.ConfigDict) -> None:
+  """The preference analysis fields (analysis.*, docs/ANALYSIS.md)."""
+  from twotower_jax import estimators  # pylint: disable=g-import-not-at-top
+  names = [n.strip() for n in str(a.estimators).split(',') if n.strip()]
+  unknown = [n for n in names if n not in estimators.ESTIMATORS]
+  if not names or unknown:
+    raise ConfigError(f'analysis.estimators={a.estimators!r}: use a comma list of '
+                      f'{sorted(estimators.ESTIMATORS)}')
+  for name in ('eval_windows', 'probe_steps', 'probe_batch_size', 'n_boot'):
+    if a[name] < 1:
+      raise ConfigError(f'analysis.{name}={a[name]} must be >= 1')
+  if a.min_count < 1 or a.token_view_passages < 0 or a.step < 0 or a.probe_lr <= 0:
+    raise ConfigError('analysis.min_count must be >= 1, analysis.token_view_passages and '
+                      'analysis.step >= 0, analysis.probe_lr > 0')
 
 
 def _validate_struct_probe(a: ml_collections.ConfigDict) -> None:

@@ -1,0 +1,251 @@
+"""Analysis: estimators on a tiny trained checkpoint, segment sums, planted case, CLI."""
+
+import csv
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.conftest import run_module, tiny_config
+from twotower_jax import analysis
+from twotower_jax import checkpoints
+from twotower_jax import estimators as est_lib
+from twotower_jax import gates
+from twotower_jax import train as train_lib
+
+PLANTED_IDS = np.arange(5, 45)  # low SentencePiece ids: frequent pieces
+
+
+@gates.register('planted_test')
+class PlantedGate(nn.Module):
+  """Latent mixture, fixed pi = 1/2: only tower 0 produces the planted items, only tower 1 the rest."""
+  cfg: object
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, h_NxBxLxH, decode, decode_towers):
+    tower_logits = decode_towers(gates.tower_heads(self.cfg, h_NxBxLxH))
+    planted_V = jnp.zeros(self.cfg.vocab_size, bool).at[PLANTED_IDS].set(True)
+    tower_logits = tower_logits.at[0].add(jnp.where(planted_V, 0.0, -1e4))
+    tower_logits = tower_logits.at[1].add(jnp.where(planted_V, -1e4, 0.0))
+    log_pi = jnp.full(h_NxBxLxH.shape[:3], -jnp.log(2.0))
+    log_p = jax.nn.log_softmax(tower_logits.astype(jnp.float32), -1)
+    return {'logits_BxLxV': jax.nn.logsumexp(log_pi[..., None] + log_p, axis=0),
+            'tower_logits_NxBxLxV': tower_logits, 'gate_log_weights_NxBxL': log_pi}
+
+
+def analysis_config(text_dir, **overrides):
+  c = tiny_config(text_dir, **{'train.steps': 30, 'train.checkpoint_every': 30,
+                               'train.eval_every': 30, 'train.log_every': 10, **overrides})
+  c.analysis.eval_windows = 16
+  c.analysis.probe_steps = 40
+  c.analysis.probe_lr = 3e-3
+  c.analysis.probe_batch_size = 8
+  c.analysis.n_boot = 50
+  c.analysis.min_count = 5
+  return c
+
+
+def trained(tmp_path_factory, text_dir, name, **overrides):
+  workdir = str(tmp_path_factory.mktemp(name))
+  config = analysis_config(text_dir, **overrides)
+  train_lib.train_and_evaluate(config, workdir)
+  config = analysis.load_config(workdir, config.analysis)
+  setup, params, step = analysis.restore(config, workdir)
+  out = os.path.join(workdir, 'analysis')
+  ctx = est_lib.Context(config=config, model=setup.model, params=params,
+                        eval_batches=est_lib.eval_batches(setup.splits.val_windows,
+                                                          config.analysis.eval_windows,
+                                                          config.train.batch_size),
+                        train_windows=setup.splits.train_windows, analysis_dir=out, step=step)
+  return workdir, config, setup, ctx
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory, small_corpus_dir):
+  return trained(tmp_path_factory, small_corpus_dir, 'concat')
+
+
+@pytest.fixture(scope='module')
+def results(run):
+  _, _, _, ctx = run
+  before = checkpoints.fingerprints(ctx.params)
+  out = {name: est_lib.score(ctx, name) for name in ('ablation', 'probe')}
+  assert checkpoints.fingerprints(ctx.params) == before  # towers frozen, bit-identical
+  return out
+
+
+def test_segment_sums_match_numpy():
+  rng = np.random.default_rng(0)
+  n, p, v = 3, 500, 37
+  vals = rng.normal(size=(n, p)).astype(np.float32)
+  targets = rng.integers(0, v, size=p)
+  mask = rng.random(p) > 0.2
+  got = jax.device_get(est_lib.item_sums(jnp.asarray(vals), jnp.asarray(targets),
+                                         jnp.asarray(mask), v, jax.random.PRNGKey(1)))
+  count, sums, cross = np.zeros(v), np.zeros((n, v)), np.zeros((v, n, n))
+  for i in np.nonzero(mask)[0]:
+    count[targets[i]] += 1
+    sums[:, targets[i]] += vals[:, i]
+    cross[targets[i]] += np.outer(vals[:, i], vals[:, i])
+  np.testing.assert_allclose(got['count_V'], count)
+  np.testing.assert_allclose(got['sum_NxV'], sums, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got['cross_VxNxN'], cross, rtol=1e-5, atol=1e-4)
+  # the control permutes towers per position: per-item totals over towers are unchanged
+  np.testing.assert_allclose(got['perm_sum_NxV'].sum(0), sums.sum(0), rtol=1e-5, atol=1e-4)
+  res = est_lib.finish({k: np.asarray(x, np.float64) for k, x in got.items()})
+  item = int(np.argmax(count))
+  occ = vals[:, mask & (targets == item)]
+  d = occ[0] - occ[np.arange(1, n)].mean(0) if res['best'][item] == 0 else None
+  if d is not None:
+    np.testing.assert_allclose(res['pref'][item], d.mean(), rtol=1e-5)
+    se = d.std(ddof=1) / np.sqrt(d.size)
+    np.testing.assert_allclose(res['pref_hi'][item] - res['pref'][item], 1.959964 * se, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_estimators_shapes_counts_same_positions(run, results):
+  _, config, setup, ctx = run
+  vocab = setup.model.cfg.vocab_size
+  targets = np.concatenate([w[:, 1:].ravel() for w in ctx.eval_batches])
+  expected = np.bincount(targets[targets != 0], minlength=vocab)
+  for name, res in results.items():
+    assert res['mean_NxV'].shape == (2, vocab), name
+    np.testing.assert_array_equal(res['count'], expected)  # the same positions for all
+    assert res['n_positions'] == expected.sum()
+    seen = res['count'] > 0
+    assert np.all(np.isfinite(res['pref'][seen])) and np.all(np.isnan(res['pref'][~seen]))
+  ab = results['ablation']
+  assert np.all(np.isfinite(ab['shapley_t0'][expected > 0]))
+  assert np.all(results['probe']['mean_NxV'][:, expected > 0] <= 0)  # log-likelihoods
+
+
+@pytest.mark.slow
+def test_probe_heads_saved_and_reused(run, results):
+  del results
+  _, _, _, ctx = run
+  path = est_lib.probe_path(ctx.analysis_dir, ctx.step)
+  assert os.path.exists(path)
+  mtime = os.stat(path).st_mtime_ns
+  again = est_lib.ESTIMATORS['probe'].prepare(ctx)
+  assert os.stat(path).st_mtime_ns == mtime  # not retrained
+  with np.load(path) as f:
+    np.testing.assert_array_equal(np.asarray(again['out_NxVxH']), f['out_NxVxH'])
+
+
+@pytest.mark.slow
+def test_cli_writes_files_and_reuses_probe(run, results):
+  del results
+  workdir = run[0]
+  r = run_module('twotower_jax.analyze', f'--workdir={workdir}',
+                 '--config.analysis.eval_windows=16', '--config.analysis.probe_steps=40',
+                 '--config.analysis.probe_lr=0.003', '--config.analysis.probe_batch_size=8',
+                 '--config.analysis.n_boot=50', '--config.analysis.min_count=5')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'reusing heads' in r.stderr
+  out = os.path.join(workdir, 'analysis')
+  with open(os.path.join(out, 'preference.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 256
+  assert list(rows[0])[:5] == ['token_id', 'piece', 'count', 'word_class', 'upos']
+  for col in ('probe_t0', 'probe_t1', 'probe_pref', 'probe_pref_lo', 'ablation_pref_hi',
+              'ablation_shapley_t0', 'ablation_shapley_t1'):
+    assert col in rows[0]
+  summary = json.load(open(os.path.join(out, 'summary.json')))
+  assert summary['estimators'] == ['probe', 'ablation']  # gate skipped: concat model
+  assert summary['n_positions'] == sum(int(r['count']) for r in rows)
+  pe = summary['per_estimator']['ablation']
+  assert pe['n_items'] > 0 and len(pe['top_items']['tower_0']) > 0
+  assert 'probe~ablation' in summary['agreement']
+  view = json.load(open(os.path.join(out, 'token_view.json')))
+  assert view['passages'] and len(view['passages'][0]['pieces']) == 32
+
+
+def test_cli_missing_workdir_is_one_line(tmp_path):
+  r = run_module('twotower_jax.analyze', f'--workdir={tmp_path / "nope"}')
+  assert r.returncode == 2 and r.stderr.strip().startswith('error:')
+  assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_planted_items_rank_toward_tower_0(tmp_path_factory, small_corpus_dir):
+  """Tower 1 cannot produce the planted items: every estimator must lean them to tower 0."""
+  _, config, _, ctx = trained(tmp_path_factory, small_corpus_dir, 'planted',
+                              **{'model.gate': 'planted_test', 'optimizer.lr': 5e-3})
+  assert config.model.gate == 'planted_test'
+  from twotower_jax import stats  # pylint: disable=g-import-not-at-top
+  got = {}
+  for name in ('gate', 'ablation', 'probe'):
+    res = est_lib.score(ctx, name)
+    keep = res['count'] >= 5
+    planted = np.isin(np.arange(keep.size), PLANTED_IDS)
+    got[name] = (stats.auc(res['pref'][keep], planted[keep]),
+                 res['pref'][keep & planted].mean(), res['pref'][keep & ~planted].mean())
+  print(got)
+  for name, (auc, mean_planted, mean_rest) in got.items():
+    assert mean_planted > 0 > mean_rest and auc > 0.7, (name, got[name])
+
+
+@pytest.mark.slow
+def test_one_tower_run_gets_split_unit_control(tmp_path, small_corpus_dir):
+  """n_towers=1: ablation and gate are skipped; the probe splits the units into two halves."""
+  from twotower_jax import train_state as state_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  config = analysis_config(small_corpus_dir, **{'model.n_towers': 1, 'mesh.tower': 1})
+  config.analysis.probe_steps = 3
+  config.analysis.min_count = 1
+  config.analysis.n_boot = 10
+  assert analysis.estimator_names(config) == ['probe']
+  setup = train_lib.build(config, str(tmp_path))
+  params = state_lib.init(setup.model, optimizer_lib.make(config), 0).params
+  out = str(tmp_path / 'analysis')
+  summary = analysis.analyze(setup, params, 0, config, str(tmp_path), out)
+  pe = summary['per_estimator']['probe']
+  assert pe['control']['kind'] == 'split_single_tower' and pe['n_items'] > 0
+  with open(os.path.join(out, 'preference.csv')) as f:
+    assert 'probe_t1' in next(csv.reader(f))
+
+
+def test_summary_statistics_on_synthetic_items(small_corpus_dir):
+  """Closed-class items planted at pref +1, open at -1: AUC 1, bimodal vs the control."""
+  config = analysis_config(small_corpus_dir)
+  rng = np.random.default_rng(0)
+  v = 200
+  wc = np.array(['closed'] * 60 + ['open'] * 100 + [''] * 40)
+  pref = np.where(wc == 'closed', 1.0, -1.0) + 0.1 * rng.normal(size=v)
+  res = {'count': rng.integers(1, 500, size=v).astype(float), 'pref': pref,
+         'control_pref': 0.1 * rng.normal(size=v), 'best': (pref < 0).astype(int),
+         'seconds': 1.0, 'prepare_seconds': 0.0, 'tokens_per_s': 1.0}
+  classes = {'word_class': wc, 'upos': np.full(v, ''), 'source': 'function_words'}
+  pieces = [f'p{i}' for i in range(v)]
+  labels = np.where(wc == 'closed', 0, np.where(wc == 'open', 1, -1))
+  s = analysis.estimator_summary(res, pieces, classes, 2, config, (labels, 0, 1))
+  keep = res['count'] >= config.analysis.min_count
+  assert s['n_items'] == keep.sum()
+  ce = s['class_enrichment']
+  assert ce['auc'] == 1.0 and ce['ci'][0] == 1.0 and ce['mean_pref_closed'] > 0.8
+  assert s['planted']['auc'] == 1.0 and s['planted']['n_syntax'] == (keep & (wc == 'closed')).sum()
+  assert s['bimodality'] > 0.8 > s['control']['bimodality']
+  assert sum(b['n'] for b in s['frequency']['bins']) == s['n_items']
+  assert sum(s['histogram']['counts']) == s['n_items']
+  top = s['top_items']
+  assert all(wc[t['token_id']] == 'closed' for t in top['tower_0'])
+  assert all(wc[t['token_id']] != 'closed' for t in top['tower_1'])
+
+
+@pytest.mark.slow
+def test_cli_compare(run, results, tmp_path):
+  """--compare DIR1 DIR2 delegates to compare.run_compare (a run against itself: rho = 1)."""
+  del results
+  workdir = run[0]
+  if not os.path.exists(os.path.join(workdir, 'analysis', 'preference.csv')):
+    pytest.skip('needs the CLI test to have written preference.csv')
+  r = run_module('twotower_jax.analyze', '--compare', workdir, workdir, f'--out={tmp_path}',
+                 '--config.analysis.min_count=5', '--config.analysis.n_boot=20')
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.load(open(tmp_path / 'compare.json'))
+  assert out['pairs']

@@ -1,0 +1,58 @@
+"""Analyse a run: python -m twotower_jax.analyze --workdir=DIR [--config.analysis.x=v].
+
+Writes DIR/analysis/ (preference.csv, summary.json, token_view.json, the report);
+`--compare DIR1 DIR2 ...` compares analysed runs instead. See docs/ANALYSIS.md.
+"""
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from twotower_jax import cli
+from twotower_jax import config as config_lib
+from twotower_jax import errors
+
+_CONFIG = config_flags.DEFINE_config_dict('config', config_lib.base_config(),
+                                          'Only --config.analysis.* overrides are used.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory to analyse (read only, except '
+                               'DIR/analysis/).')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: analysis.step, 0 = latest).')
+_COMPARE = flags.DEFINE_multi_string('compare', None, 'Analysed run directories to compare '
+                                     '(give it once per run, or DIR1 DIR2 ... after it).')
+_OUT = flags.DEFINE_string('out', None, '--compare output directory (default '
+                           'DIR1/analysis/compare).')
+
+
+def main(argv):
+  import os  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  base = config_lib.base_config()
+  for section in base.keys():
+    if section != 'analysis' and config[section].to_dict() != base[section].to_dict():
+      raise errors.UserError(f'--config.{section}.* cannot change an analysis (the run\'s '
+                             'config.json decides it); only --config.analysis.* is used')
+  if _COMPARE.value:
+    from twotower_jax import compare  # pylint: disable=g-import-not-at-top
+    dirs = list(_COMPARE.value) + list(argv[1:])
+    if len(dirs) < 2:
+      raise errors.UserError('--compare needs at least two run directories')
+    out = _OUT.value or os.path.join(dirs[0], 'analysis', 'compare')
+    compare.run_compare(dirs, out, min_count=config.analysis.min_count,
+                        n_boot=config.analysis.n_boot, seed=config.analysis.seed)
+    return
+  if len(argv) > 1:
+    raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}; every setting is a '
+                           'flag, e.g. --config.analysis.eval_windows=32')
+  if not _WORKDIR.value:
+    raise errors.UserError('--workdir=DIR is required (a directory written by '
+                           'python -m twotower_jax.main)')
+  if _STEP.value is not None:
+    config.analysis.step = _STEP.value
+  from twotower_jax import analysis  # pylint: disable=g-import-not-at-top
+  run_config = analysis.load_config(_WORKDIR.value, config.analysis)
+  analysis.run(run_config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  sys.exit(cli.run(main))
