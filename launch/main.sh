@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up .venv, train the default config on the
-# embedded corpus, and print where the results are. Rerunning resumes.
+# embedded corpus, analyse the final checkpoint, and print where the results are.
+# Rerunning resumes training and reuses the trained probe heads.
 #   bash launch/main.sh [WORKDIR] [--config.KEY=VALUE ...]
+# TREEBANK (default ../shared/data/ud_english_ewt beside the repo, when present) gives
+# gold word classes and the structural probe; without it the analysis falls back to
+# the built-in function-word list and skips the probe.
 source "$(dirname "$0")/env.sh"
 WORKDIR="${1:-runs/default}"
 [[ $# -gt 0 ]] && shift
 CONFIG="${CONFIG:-configs/default.py}"
+TREEBANK="${TREEBANK:-$ROOT/../shared/data/ud_english_ewt}"
 python -m twotower_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@"
+analysis_flags=()
+if [[ -d "$TREEBANK" || -f "$TREEBANK" ]]; then
+  analysis_flags=(--config.analysis.conllu="$TREEBANK" --config.analysis.struct_conllu="$TREEBANK")
+fi
+python -m twotower_jax.analyze --workdir="$WORKDIR" "${analysis_flags[@]}"
 echo "results: $WORKDIR (config.json, metrics.jsonl, checkpoints/, tensorboard/)"
+echo "report:  $WORKDIR/analysis/report.md and report.html (figures in analysis/figures/)"
