@@ -187,3 +187,19 @@ def test_planted_source_builds_train_and_val_like_the_main_job(tmp_path):
   ids = ids[(ids != tokenizer_lib.PAD_ID) & (ids != tokenizer_lib.EOS_ID)]
   assert (classes_V[ids] >= 0).all()  # every word token has a class
   assert tokenizer_lib.UNK_ID not in set(setup.splits.val_windows.ravel().tolist())
+
+
+def test_class_separation_selects_items_and_orients_auc():
+  classes_V = np.asarray([-1, -1, 0, 0, 0, 1, 1, 1, 1, 0], np.int32)
+  pref_V = np.asarray([9.0, -9.0, 2.0, 1.0, np.nan, -1.0, 0.5, -2.0, 3.0, -5.0])
+  counts_V = np.asarray([100, 100, 50, 50, 50, 50, 50, 50, 50, 1])
+  out = planted.class_separation(pref_V, classes_V, counts_V, min_count=2, n_boot=200)
+  # Kept: syntax {2.0, 1.0}, topic {-1.0, 0.5, -2.0, 3.0}: 6 of 8 pairs won.
+  assert out['n_syntax'] == 2 and out['n_topic'] == 4
+  assert out['auc'] == pytest.approx(_auc_pairwise([2.0, 1.0, -1.0, 0.5, -2.0, 3.0],
+                                                   [1, 1, 0, 0, 0, 0]))
+  assert out['auc'] == pytest.approx(6 / 8)
+  lo, hi = out['ci']
+  assert 0.0 <= lo <= out['auc'] <= hi <= 1.0
+  flipped = planted.class_separation(-pref_V, classes_V, counts_V, min_count=2, n_boot=200)
+  assert flipped['auc'] == pytest.approx(1 - out['auc'])

@@ -203,3 +203,21 @@ def token_classes(config: ml_collections.ConfigDict, sp) -> np.ndarray:
     if piece.startswith('\u2581') and piece[1:] in word_class:
       out[i] = word_class[piece[1:]]
   return out
+
+
+def class_separation(pref_V: np.ndarray, classes_V: np.ndarray, counts_V: np.ndarray,
+                     min_count: int = 1, n_boot: int = 1000, seed: int = 0) -> dict:
+  """AUC of the preference for telling syntax (positive) from topic items, with a 95% CI.
+
+  Items: classified pieces with count >= min_count and a finite preference. AUC > 0.5
+  means syntax words lean to tower 0 (positive preference), < 0.5 to tower 1; towers
+  are exchangeable, so |AUC - 0.5| is the strength of the split. The CI resamples items.
+  """
+  from twotower_jax import stats  # pylint: disable=g-import-not-at-top
+  pref_V, classes_V = np.asarray(pref_V, np.float64), np.asarray(classes_V)
+  keep = (classes_V >= 0) & (np.asarray(counts_V) >= min_count) & np.isfinite(pref_V)
+  scores, labels = pref_V[keep], classes_V[keep] == SYNTAX
+  auc = stats.auc(scores, labels)
+  lo, hi = stats.bootstrap_ci(stats.auc, (scores, labels), n_boot=n_boot, seed=seed)
+  return {'auc': auc, 'ci': [lo, hi], 'n_syntax': int(labels.sum()),
+          'n_topic': int((~labels).sum())}
