@@ -203,3 +203,35 @@ def test_class_separation_selects_items_and_orients_auc():
   assert 0.0 <= lo <= out['auc'] <= hi <= 1.0
   flipped = planted.class_separation(-pref_V, classes_V, counts_V, min_count=2, n_boot=200)
   assert flipped['auc'] == pytest.approx(1 - out['auc'])
+
+
+def test_oracle_is_the_generators_own_distribution():
+  d = small(planted_zipf=1.0, planted_topic_purity=0.8, planted_agreement=0.9).data
+  lang, docs = planted.generate(d)
+  oracle = planted.Oracle(d)
+  doc = docs[0]
+  lp, dists = oracle.log_probs(doc.words, return_dists=True)
+  for dist in dists:  # a distribution over the whole vocabulary at every position
+    assert dist.sum() == pytest.approx(1.0, abs=1e-12) and (dist >= 0).all()
+  # Sentence start: templates begin with D (2 of 4), V (1) or P (1).
+  first = dict(zip(oracle.words, dists[0]))
+  assert sum(first[w] for g in lang.determiners for w in g) == pytest.approx(0.5)
+  assert sum(first[w] for w in lang.prepositions) == pytest.approx(0.25)
+  assert sum(first[w] for g in lang.topic_words for w in g) == pytest.approx(0.25)
+  # The end word is fixed once the prefix has decided the template.
+  ends = [i for i, s in enumerate(doc.slots) if s.startswith('E')]
+  assert np.allclose(lp[ends], 0.0)
+  # A marker after determiner class c: agreement + (1 - agreement) / classes of its mass.
+  i = doc.slots.index('S')
+  det = next(doc.words[j] for j in range(i - 1, -1, -1) if doc.slots[j] == 'D')
+  c = next(k for k, g in enumerate(lang.determiners) if det in g)
+  dist = dict(zip(oracle.words, dists[i]))
+  assert sum(dist[w] for w in lang.markers[c]) == pytest.approx(0.9 + 0.1 / 3)
+  # Knowing the topic helps exactly on topic words.
+  blind = planted.Oracle(small(planted_zipf=1.0, planted_topic_purity=0.0,
+                               planted_agreement=0.9).data)
+  lp_all = np.concatenate([oracle.log_probs(x.words) for x in docs[:20]])
+  lp_blind = np.concatenate([blind.log_probs(x.words) for x in docs[:20]])
+  cls = np.concatenate([x.classes for x in docs[:20]])
+  assert np.allclose(lp_all[cls == planted.SYNTAX], lp_blind[cls == planted.SYNTAX])
+  assert lp_all[cls == planted.TOPIC].mean() > lp_blind[cls == planted.TOPIC].mean() + 0.3

@@ -221,3 +221,78 @@ def class_separation(pref_V: np.ndarray, classes_V: np.ndarray, counts_V: np.nda
   lo, hi = stats.bootstrap_ci(stats.auc, (scores, labels), n_boot=n_boot, seed=seed)
   return {'auc': auc, 'ci': [lo, hi], 'n_syntax': int(labels.sum()),
           'n_topic': int((~labels).sum())}
+
+
+class Oracle:
+  """The generator's own next-word distribution: the Bayes-optimal predictor of a document.
+
+  It knows the rules and parameters, not the hidden choices: the sentence template
+  and the document topic are marginalised from the words so far (exact posteriors).
+  Its mean -log p is the floor a model with whole-document context could reach.
+  """
+
+  def __init__(self, d: ml_collections.ConfigDict):
+    self.lang, self.d = language(d), d
+    self.words = self.lang.words
+    self.index = {w: i for i, w in enumerate(self.words)}
+    n = len(self.words)
+    self.kind = np.empty(n, object)
+    self.group = np.zeros(n, np.int64)  # agreement class (D, S) or topic (content)
+    self.zipf_W = np.zeros(n)
+
+    def put(kind, group_id, names, n_in_group):
+      p = _zipf(n_in_group, d.planted_zipf)
+      for i, w in enumerate(names):
+        j = self.index[w]
+        self.kind[j], self.group[j], self.zipf_W[j] = kind, group_id, p[i]
+    for c, names in enumerate(self.lang.determiners):
+      put('D', c, names, d.planted_words_per_class)
+    for c, names in enumerate(self.lang.markers):
+      put('S', c, names, d.planted_words_per_class)
+    put('P', 0, self.lang.prepositions, d.planted_prepositions)
+    for j, w in enumerate(self.lang.ends):
+      put(f'E{j}', 0, [w], 1)
+    for k, names in enumerate(self.lang.topic_words):
+      put('C', k, names, d.planted_topic_words)
+
+  def _slot_dist(self, slot: str, last_cls: int, topic_post: np.ndarray) -> np.ndarray:
+    d, n_cls, n_top = self.d, self.d.planted_agreement_classes, self.d.planted_topics
+    if slot == 'D':
+      return (self.kind == 'D') * self.zipf_W / n_cls
+    if slot == 'S':
+      p_cls = d.planted_agreement * (self.group == last_cls) + (1 - d.planted_agreement) / n_cls
+      return (self.kind == 'S') * self.zipf_W * p_cls
+    if slot in ('N', 'V'):
+      p_top = (d.planted_topic_purity * topic_post[self.group % n_top]  # group = topic for 'C'
+               + (1 - d.planted_topic_purity) / n_top)
+      return (self.kind == 'C') * self.zipf_W * p_top
+    return (self.kind == slot) * self.zipf_W  # 'P', 'E0', 'E1'
+
+  def log_probs(self, words: list[str], return_dists: bool = False):
+    """float64[n]: log p(word_t | words_<t) for one document (and, optionally, each dist)."""
+    n_top = self.d.planted_topics
+    topic_post = np.full(n_top, 1.0 / n_top)
+    tpl_w, pos, last_cls = np.full(len(TEMPLATES), 1.0 / len(TEMPLATES)), 0, 0
+    out, dists = np.zeros(len(words)), []
+    for t, word in enumerate(words):
+      per_tpl = [self._slot_dist(tpl[pos], last_cls, topic_post) if pos < len(tpl) and tpl_w[i] > 0
+                 else np.zeros(len(self.words)) for i, tpl in enumerate(TEMPLATES)]
+      dist = sum(w * p for w, p in zip(tpl_w, per_tpl))
+      j = self.index[word]
+      out[t] = np.log(dist[j])
+      if return_dists:
+        dists.append(dist)
+      tpl_w = np.asarray([w * p[j] for w, p in zip(tpl_w, per_tpl)])
+      tpl_w /= tpl_w.sum()
+      kind = self.kind[j]
+      if kind == 'D':
+        last_cls = self.group[j]
+      elif kind == 'C':
+        like = (self.d.planted_topic_purity * (np.arange(n_top) == self.group[j])
+                + (1 - self.d.planted_topic_purity) / n_top)
+        topic_post = topic_post * like
+        topic_post /= topic_post.sum()
+      pos += 1
+      if kind.startswith('E'):
+        tpl_w, pos = np.full(len(TEMPLATES), 1.0 / len(TEMPLATES)), 0
+    return (out, dists) if return_dists else out
