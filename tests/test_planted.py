@@ -235,3 +235,12 @@ def test_oracle_is_the_generators_own_distribution():
   cls = np.concatenate([x.classes for x in docs[:20]])
   assert np.allclose(lp_all[cls == planted.SYNTAX], lp_blind[cls == planted.SYNTAX])
   assert lp_all[cls == planted.TOPIC].mean() > lp_blind[cls == planted.TOPIC].mean() + 0.3
+
+
+def test_reference_losses_order_the_floors():
+  ref = planted.reference_losses(small(planted_zipf=1.0).data)
+  assert ref['oracle']['loss'] < ref['agreement_blind']['loss']
+  assert ref['oracle']['loss'] < ref['topic_blind']['loss']
+  assert ref['oracle']['syntax'] == pytest.approx(ref['topic_blind']['syntax'])
+  assert ref['oracle']['topic'] == pytest.approx(ref['agreement_blind']['topic'])
+  assert ref['agreement_blind']['syntax'] > ref['oracle']['syntax']

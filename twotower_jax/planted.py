@@ -296,3 +296,30 @@ class Oracle:
       if kind.startswith('E'):
         tpl_w, pos = np.full(len(TEMPLATES), 1.0 / len(TEMPLATES)), 0
     return (out, dists) if return_dists else out
+
+
+def reference_losses(d: ml_collections.ConfigDict) -> dict[str, dict[str, float]]:
+  """Oracle floors on the held-out documents, in nats per target as the eval counts them.
+
+  'oracle' knows every rule; 'topic_blind' ignores the topic (content words from
+  their marginal), 'agreement_blind' the agreement. Each: 'loss' per target (EOS
+  targets count, at 0 nats: the oracle knows the document length), and the mean
+  per 'syntax' and 'topic' token. A model reads windows, not whole documents, so
+  the oracle, which sees the whole document so far, is a floor, not a target.
+  """
+  from twotower_jax import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  _, docs = generate(d)
+  val = [docs[i] for i in corpus_lib.held_out_indices(len(docs), d.val_fraction)]
+  classes = np.concatenate([doc.classes for doc in val])
+  out = {}
+  for name, field in (('oracle', None), ('topic_blind', 'planted_topic_purity'),
+                      ('agreement_blind', 'planted_agreement')):
+    dd = ml_collections.ConfigDict(d.to_dict())
+    if field:
+      dd[field] = 0.0
+    oracle = Oracle(dd)
+    nll = -np.concatenate([oracle.log_probs(doc.words) for doc in val])
+    out[name] = {'loss': float(nll.sum() / (nll.size + len(val))),
+                 'syntax': float(nll[classes == SYNTAX].mean()),
+                 'topic': float(nll[classes == TOPIC].mean())}
+  return out
