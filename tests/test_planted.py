@@ -9,6 +9,7 @@ import pytest
 
 from twotower_jax import config as config_lib
 from twotower_jax import corpus as corpus_lib
+from twotower_jax import errors
 from twotower_jax import planted
 from twotower_jax import stats
 from twotower_jax import tokenizer as tokenizer_lib
@@ -244,3 +245,40 @@ def test_reference_losses_order_the_floors():
   assert ref['oracle']['syntax'] == pytest.approx(ref['topic_blind']['syntax'])
   assert ref['oracle']['topic'] == pytest.approx(ref['agreement_blind']['topic'])
   assert ref['agreement_blind']['syntax'] > ref['oracle']['syntax']
+
+
+def test_per_class_loss_by_hand():
+  from twotower_jax import planted_check
+  classes_V = np.asarray([-1, -1, -1, -1, -1, 0, 1, 0], np.int32)
+  targets = np.asarray([5, 6, 7, 0, 3, 6])
+  nll = np.asarray([1.0, 2.0, 3.0, 9.0, 0.5, 4.0])
+  out = planted_check.per_class_loss(nll, targets, classes_V)
+  assert out['all'] == pytest.approx((1 + 2 + 3 + 0.5 + 4) / 5) and out['n'] == 5
+  assert out['syntax'] == pytest.approx(2.0) and out['n_syntax'] == 2
+  assert out['topic'] == pytest.approx(3.0) and out['n_topic'] == 2
+
+
+@pytest.mark.slow  # trains a tiny run: ~40 s of CPU
+def test_planted_check_on_a_trained_run(tmp_path):
+  from twotower_jax import planted_check
+  c = small(planted_zipf=1.0)
+  c.data.seq_len = 32
+  c.model.n_layers, c.model.d_model, c.model.n_heads, c.model.d_mlp = 1, 32, 2, 64
+  c.model.max_len = 32
+  c.train.steps, c.train.batch_size, c.train.eval_every, c.train.checkpoint_every = 3, 8, 3, 3
+  c.mesh.tower = 1
+  config_lib.validate(c)
+  workdir = str(tmp_path / 'run')
+  result = train.train_and_evaluate(c, workdir)
+  out = planted_check.class_losses(workdir)
+  assert out['step'] == 3
+  # The eval slice (8 batches of 8) covers every held-out window here: same loss, same targets.
+  assert out['model']['n'] == result['eval']['tokens']
+  assert out['model']['all'] == pytest.approx(result['eval']['loss'], rel=1e-4)
+  m = out['model']
+  assert m['n_syntax'] + m['n_topic'] + 12 == m['n']  # every target but the 12 EOS has a class
+  assert out['floors']['oracle']['loss'] < out['floors']['topic_blind']['loss']
+  with pytest.raises(errors.UserError, match='planted_check needs'):
+    c2 = config_lib.base_config()
+    config_lib.save_json(c2, str(tmp_path / 'config.json'))
+    planted_check.class_losses(str(tmp_path))
