@@ -22,7 +22,7 @@ def get_config():
   c.model.d_model = 128
   c.model.n_heads = 4
   c.model.d_mlp = 512
-  c.train.steps = 900  # 300 learns too little of the topic (docs/PLANTED.md)
+  c.train.steps = 900  # 300 steps learn almost none of the topic (docs/PLANTED.md)
   c.train.eval_every = 150
   c.train.checkpoint_every = 300
   c.optimizer.warmup_steps = 30
