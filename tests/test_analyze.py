@@ -15,6 +15,7 @@ from twotower_jax import analysis
 from twotower_jax import checkpoints
 from twotower_jax import estimators as est_lib
 from twotower_jax import gates
+from twotower_jax import planted
 from twotower_jax import train as train_lib
 
 PLANTED_IDS = np.arange(5, 45)  # low SentencePiece ids: frequent pieces
@@ -222,8 +223,8 @@ def test_summary_statistics_on_synthetic_items(small_corpus_dir):
          'seconds': 1.0, 'prepare_seconds': 0.0, 'tokens_per_s': 1.0}
   classes = {'word_class': wc, 'upos': np.full(v, ''), 'source': 'function_words'}
   pieces = [f'p{i}' for i in range(v)]
-  labels = np.where(wc == 'closed', 0, np.where(wc == 'open', 1, -1))
-  s = analysis.estimator_summary(res, pieces, classes, 2, config, (labels, 0, 1))
+  labels = np.where(wc == 'closed', planted.SYNTAX, np.where(wc == 'open', planted.TOPIC, -1))
+  s = analysis.estimator_summary(res, pieces, classes, 2, config, (planted, labels))
   keep = res['count'] >= config.analysis.min_count
   assert s['n_items'] == keep.sum()
   ce = s['class_enrichment']

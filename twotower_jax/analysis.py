@@ -9,8 +9,6 @@ the report when twotower_jax/report.py is present.
 from __future__ import annotations
 
 import csv
-import importlib
-import importlib.util
 import json
 import logging
 import math
@@ -24,6 +22,7 @@ from twotower_jax import checkpoints
 from twotower_jax import config as config_lib
 from twotower_jax import errors
 from twotower_jax import estimators as est_lib
+from twotower_jax import report
 from twotower_jax import stats
 from twotower_jax import tokenizer as tokenizer_lib
 from twotower_jax import wordclass
@@ -177,14 +176,10 @@ def estimator_summary(res, pieces, classes, n_towers, config, planted=None) -> d
       'seconds': float(res['seconds'] + res['prepare_seconds']),
       'tokens_per_s': float(res['tokens_per_s']),
   }
-  if planted is not None:
-    labels_V, syn, top = planted
-    m = keep & ((labels_V == syn) | (labels_V == top))
-    s, lab = res['pref'][m], labels_V[m] == syn
-    out['planted'] = {'auc': stats.auc(s, lab),
-                      'ci': list(stats.bootstrap_ci(stats.auc, (s, lab), n_boot=a.n_boot,
-                                                    seed=a.seed)),
-                      'n_syntax': int(lab.sum()), 'n_topic': int((~lab).sum())}
+  if planted is not None:  # (planted module, labels_V): how well pref separates the classes
+    module, labels_V = planted
+    out['planted'] = module.class_separation(res['pref'], labels_V, res['count'], a.min_count,
+                                             a.n_boot, a.seed)
   return out
 
 
@@ -305,22 +300,12 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def _optional_module(name: str):
-  """twotower_jax.<name> if it exists in this checkout, else None."""
-  full = f'twotower_jax.{name}'
-  return importlib.import_module(full) if importlib.util.find_spec(full) else None
-
-
 def planted_labels(config, sp):
-  """(labels_V, syntax label, topic label) for planted corpora, else None."""
+  """(planted module, class label per piece) for planted corpora, else None."""
   if config.data.source != 'planted':
     return None
-  planted = _optional_module('planted')
-  if planted is None:
-    log.info('analysis: data.source=planted but twotower_jax/planted.py is missing')
-    return None
-  labels = np.asarray(planted.token_classes(config, sp))
-  return labels, getattr(planted, 'SYNTAX', 0), getattr(planted, 'TOPIC', 1)
+  from twotower_jax import planted  # pylint: disable=g-import-not-at-top
+  return planted, np.asarray(planted.token_classes(config, sp))
 
 
 # ---------------------------------------------------------------- entry point
@@ -360,7 +345,7 @@ def analyze(setup, params, step, config, workdir, out_dir) -> dict[str, Any]:
   classes['source'] = 'treebank' if a.conllu else 'function_words'
   planted = planted_labels(config, sp)
   write_preference_csv(os.path.join(out_dir, 'preference.csv'), pieces, classes, results,
-                       n_towers, None if planted is None else planted[0])
+                       n_towers, None if planted is None else planted[1])
   struct = None
   if a.struct_conllu:
     from twotower_jax import structural_probe  # pylint: disable=g-import-not-at-top
@@ -380,8 +365,6 @@ def analyze(setup, params, step, config, workdir, out_dir) -> dict[str, Any]:
       'structural_probe': struct, 'token_view_estimator': view['estimator'],
   }
   write_json(os.path.join(out_dir, 'summary.json'), summary)
-  report = _optional_module('report')
-  if report is not None:
-    report.write_report(out_dir)
+  report.write_report(out_dir)
   log.info('analysis: wrote %s', out_dir)
   return summary

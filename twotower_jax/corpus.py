@@ -173,6 +173,13 @@ def _tfds_split(data_config: ml_collections.ConfigDict, split: str, limit: int) 
   return docs
 
 
+@register('planted')
+def planted_corpus(data_config: ml_collections.ConfigDict) -> Corpus:
+  """The generated planted-structure language (twotower_jax/planted.py)."""
+  from twotower_jax import planted  # pylint: disable=g-import-not-at-top
+  return planted.corpus(data_config)
+
+
 @register('tfds')
 def tfds_corpus(data_config: ml_collections.ConfigDict) -> Corpus:
   """A TFDS dataset prepared in array_record format, read without TensorFlow."""
