@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.n_towers = 2
-  c.model.tower_type = 'causal'
+  c.model.tower_type = 'causal'  # 'causal' (GPT) | 'mlm' (BERT) | 'bilstm' (ELMo); towers.py
   c.model.gate = 'concat'
   c.model.n_layers = 4
   c.model.d_model = 256
