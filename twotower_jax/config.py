@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.n_towers = 2
-  c.model.tower_type = 'causal'
+  c.model.tower_type = 'causal'  # 'causal' (GPT) | 'mlm' (BERT) | 'bilstm' (ELMo); towers.py
   c.model.gate = 'concat'
   c.model.n_layers = 4
   c.model.d_model = 256
@@ -260,7 +260,13 @@ def _validate_struct_probe(a: ml_collections.ConfigDict) -> None:
 
 def _validate_model_options(m: ml_collections.ConfigDict) -> None:
   """Gate, embedding and pondering fields (imports lazily: gates pulls in Flax)."""
-  from twotower_jax import embeddings, gates  # pylint: disable=g-import-not-at-top
+  from twotower_jax import embeddings, gates, towers  # pylint: disable=g-import-not-at-top
+  if m.tower_type not in towers.TOWER_TYPES:
+    raise ConfigError(f'model.tower_type={m.tower_type!r} is unknown; choose one of '
+                      f'{sorted(towers.TOWER_TYPES)}')
+  if m.tower_type == 'bilstm' and m.pondering.steps:
+    raise ConfigError('model.pondering.steps>0 with model.tower_type=bilstm would leak token t '
+                      'into its own prediction (fed back through its neighbours); use 0')
   if m.gate not in gates.GATES:
     raise ConfigError(f'model.gate={m.gate!r} is unknown; choose one of {sorted(gates.GATES)}')
   e = m.embedding
