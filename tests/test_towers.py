@@ -2,6 +2,8 @@
 
 import glob
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -10,12 +12,14 @@ import numpy as np
 import pytest
 
 from twotower_jax import config as config_lib
+from twotower_jax import layers
 from twotower_jax import model as model_lib
 from twotower_jax import presets
 from twotower_jax import tokenizer as tokenizer_lib
 from twotower_jax import towers
 
 import _family
+from conftest import REPO
 
 TOWER_TYPES = ('causal', 'mlm', 'bilstm')
 GATES = ('concat', 'latent', 'logit_sum')
@@ -254,3 +258,24 @@ def test_sharded_steps_for_every_tower_type_gate_and_n_towers(tower_type, gate):
   """1, 2 and 3 towers per tower type x gate on the 8-device mesh; each learns."""
   for n in (1, 2, 3):
     _assert_learns(_run(tower_type, gate, n, 6))
+
+
+@pytest.mark.parametrize('shape', [(16, 16), (8, 32), (48, 12)])
+def test_orthogonal_init_is_orthogonal(shape):
+  w = np.asarray(layers.orthogonal_init()(jax.random.PRNGKey(1), shape))
+  gram = w.T @ w if shape[0] >= shape[1] else w @ w.T
+  np.testing.assert_allclose(gram, np.eye(min(shape)), atol=1e-5)
+  assert not np.allclose(w, np.asarray(layers.orthogonal_init()(jax.random.PRNGKey(2), shape)))
+
+
+def test_two_bilstm_towers_initialise_on_one_cpu_device():
+  """With LAPACK QR inits, two vmapped LSTM stacks deadlocked XLA:CPU on one device."""
+  code = ('import jax, jax.numpy as jnp; from twotower_jax import presets, model; '
+          "c = presets.tiny('bilstm'); m = model.build(c, 300); "
+          'p = jax.jit(lambda r: m.init(r, jnp.zeros((2, 16), jnp.int32)))(jax.random.PRNGKey(0)); '
+          "jax.block_until_ready(p); print('ok')")
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       timeout=240, check=False)
+  assert out.returncode == 0 and out.stdout.strip().endswith('ok'), out.stderr[-2000:]

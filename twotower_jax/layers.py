@@ -8,9 +8,11 @@ config's rule table alone decides how it is sharded.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -65,6 +67,23 @@ class ModelConfig:
 
 def param_init(names: Sequence[str | None], std: float = INIT_STD) -> Any:
   return nn.with_logical_partitioning(nn.initializers.normal(std), tuple(names))
+
+
+def orthogonal_init(iterations: int = 60) -> Any:
+  """A Haar-random (semi-)orthogonal matrix: the polar factor of a Gaussian one.
+
+  Newton-Schulz iterations (matmuls only) instead of nn.initializers.orthogonal's
+  LAPACK QR: two QRs running concurrently in one jitted, tower-vmapped init
+  deadlock XLA:CPU (jax 0.10.2), which hung bilstm initialisation on one device.
+  """
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    tall = rows >= cols
+    g = jax.random.normal(key, (rows, cols) if tall else (cols, rows), jnp.float32)
+    x = g / jnp.linalg.norm(g)  # Frobenius scaling: every singular value in (0, 1]
+    x = jax.lax.fori_loop(0, iterations, lambda _, x: 1.5 * x - 0.5 * x @ (x.T @ x), x)
+    return (x if tall else x.T).reshape(shape).astype(dtype)
+  return init
 
 
 def zeros_init(names: Sequence[str | None]) -> Any:

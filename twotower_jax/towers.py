@@ -166,7 +166,7 @@ def _lstm_stack(cfg: layers.ModelConfig, x_BxLxH: jax.Array, reverse: bool, dete
     cell = nn.LSTMCell(
         cfg.d_model, dtype=cfg.compute_dtype,
         kernel_init=init(nn.initializers.lecun_normal(), ('embed', 'mlp')),
-        recurrent_kernel_init=init(nn.initializers.orthogonal(), ('embed', 'mlp')),
+        recurrent_kernel_init=init(layers.orthogonal_init(), ('embed', 'mlp')),
         bias_init=init(nn.initializers.zeros_init(), ('mlp',)), name=f'{name}_{i}')
     y_BxLxH = nn.RNN(cell, reverse=reverse, keep_order=True, name=f'{name}_rnn_{i}')(x_BxLxH)
     y_BxLxH = nn.Dropout(cfg.dropout)(y_BxLxH, deterministic=deterministic)
