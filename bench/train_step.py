@@ -23,7 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # The CPU target: 2 towers x 4 layers, d=256, 4 heads, window 128, batch 16, vocab 8000.
 TARGET = {'model.n_towers': 2, 'model.n_layers': 4, 'model.d_model': 256, 'model.n_heads': 4,
           'model.d_mlp': 1024, 'data.seq_len': 128, 'model.max_len': 128,
-          'train.batch_size': 16, 'data.vocab_size': 8000}
+          'train.batch_size': 16, 'data.vocab_size': 8000,
+          'model.scan_layers': False}  # as configs/default.py
 
 SWEEPS = {
     'seq': [{'data.seq_len': n, 'model.max_len': n, 'train.batch_size': 16 * 128 // n}
