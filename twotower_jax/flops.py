@@ -102,8 +102,9 @@ def device_peak(device: jax.Device, dtype: str) -> float | None:
   return None
 
 
-def measure_matmul_flops(n: int = 1024, repeats: int = 3) -> float:
-  """FLOP/s of a large f32 matmul in this process (the CPU reference for MFU)."""
+def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a large f32 matmul in this process (the CPU reference for MFU; the same
+  2048^3 reference bench/ uses, so the log's MFU and docs/PERFORMANCE.md agree)."""
   import time  # pylint: disable=g-import-not-at-top
   device = jax.local_devices()[0]
   a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
