@@ -21,7 +21,6 @@ from twotower_jax import train as train_lib
 PLANTED_IDS = np.arange(5, 45)  # low SentencePiece ids: frequent pieces
 
 
-@gates.register('planted_test')
 class PlantedGate(nn.Module):
   """Latent mixture, fixed pi = 1/2: only tower 0 produces the planted items, only tower 1 the rest."""
   cfg: object
@@ -172,8 +171,16 @@ def test_cli_missing_workdir_is_one_line(tmp_path):
   assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.fixture
+def planted_gate():
+  """Registers the test gate for one test only (other tests list the registered gates)."""
+  gates.register('planted_test')(PlantedGate)
+  yield
+  gates.GATES.pop('planted_test')
+
+
 @pytest.mark.slow
-def test_planted_items_rank_toward_tower_0(tmp_path_factory, small_corpus_dir):
+def test_planted_items_rank_toward_tower_0(tmp_path_factory, small_corpus_dir, planted_gate):
   """Tower 1 cannot produce the planted items: every estimator must lean them to tower 0."""
   _, config, _, ctx = trained(tmp_path_factory, small_corpus_dir, 'planted',
                               **{'model.gate': 'planted_test', 'optimizer.lr': 5e-3})
