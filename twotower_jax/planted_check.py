@@ -20,8 +20,6 @@ import numpy as np
 from twotower_jax import cli
 from twotower_jax import errors
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A run trained with data.source=planted.')
-
 
 def per_class_loss(nll_N: np.ndarray, targets_N: np.ndarray, classes_V: np.ndarray) -> dict:
   """Mean loss over all targets and per planted class (PAD targets excluded)."""
@@ -86,5 +84,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Defined only when run as a command: the library functions above are imported next
+  # to analyze, which defines its own --workdir.
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'A run trained with data.source=planted.')
   flags.mark_flags_as_required(['workdir'])
   sys.exit(cli.run(main))
