@@ -80,12 +80,7 @@ def peak_memory_mb() -> float:
 def config_with(base: ml_collections.ConfigDict | None = None, **overrides) -> ml_collections.ConfigDict:
   """A config from dotted overrides, e.g. config_with(**{'model.n_towers': 1})."""
   c = base.copy_and_resolve_references() if base is not None else config_lib.base_config()
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
+  config_lib.set_fields(c, overrides)
   return c
 
 

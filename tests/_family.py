@@ -43,12 +43,7 @@ def step_config(**model_overrides):
   c.model.scan_layers = False
   c.train.batch_size, c.train.steps = 8, 4
   c.mesh.tower = 2
-  for key, value in model_overrides.items():
-    node = c.model
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
+  config_lib.set_fields(c.model, model_overrides)
   config_lib.validate(c)
   return c
 

@@ -55,12 +55,7 @@ def tiny_config(text_dir: str, **overrides):
   c.train.checkpoint_every = 3
   c.optimizer.warmup_steps = 2
   c.mesh.tower = 2
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
+  config_lib.set_fields(c, overrides)
   return c
 
 

@@ -91,7 +91,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str):
 def estimator_names(config: ml_collections.ConfigDict) -> list[str]:
   """The requested estimators that apply to this model (others skipped with a log line)."""
   names = []
-  for name in [n.strip() for n in config.analysis.estimators.split(',') if n.strip()]:
+  for name in config_lib.estimator_list(config.analysis.estimators):
     reason = est_lib.ESTIMATORS[name].skip_reason(config)
     if reason:
       log.info('analysis: skipping estimator %s: %s', name, reason)

@@ -205,7 +205,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def _validate_analysis(a: ml_collections.ConfigDict) -> None:
   """The preference analysis fields (analysis.*, docs/ANALYSIS.md)."""
   from twotower_jax import estimators  # pylint: disable=g-import-not-at-top
-  names = [n.strip() for n in str(a.estimators).split(',') if n.strip()]
+  names = estimator_list(a.estimators)
   unknown = [n for n in names if n not in estimators.ESTIMATORS]
   if not names or unknown:
     raise ConfigError(f'analysis.estimators={a.estimators!r}: use a comma list of '
@@ -299,6 +299,21 @@ def _check_known_fields(config: ml_collections.ConfigDict, known: ml_collections
     if isinstance(config[key], ml_collections.ConfigDict) and isinstance(
         known[key], ml_collections.ConfigDict):
       _check_known_fields(config[key], known[key], f'{prefix}{key}.')
+
+
+def set_fields(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
+  """Sets dotted fields in place, e.g. {'model.n_towers': 1, 'model.embedding.tied': False}."""
+  for key, value in overrides.items():
+    *path, last = key.split('.')
+    node = config
+    for name in path:
+      node = node[name]
+    node[last] = value
+
+
+def estimator_list(text: str) -> list[str]:
+  """The names in analysis.estimators, a comma list."""
+  return [n.strip() for n in str(text).split(',') if n.strip()]
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
