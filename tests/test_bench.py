@@ -1,0 +1,45 @@
+"""bench/matmul_share.py reads the dots of a compiled step out of its HLO: check that reading."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                'bench'))
+import matmul_share  # pylint: disable=wrong-import-position
+
+
+def _compiled_hlo(fn, *args) -> str:
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_hlo_dots_reads_shapes_dimension_numbers_and_flops():
+  x = jnp.ones((64, 32))
+  w1 = jnp.ones((32, 48))
+  w2 = jnp.ones((16, 48))  # used transposed: contracts on its minor dimension
+  hlo = _compiled_hlo(lambda x, w1, w2: jnp.tanh(x @ w1) @ w2.T, x, w1, w2)
+  dots = matmul_share.hlo_dots(hlo)
+  assert sorted(matmul_share.dot_flops(d) for d in dots) == [2 * 64 * 48 * 16, 2 * 64 * 32 * 48]
+  second = next(d for d in dots if d['out'] == (64, 16))
+  assert second['lhs'] == (64, 48) and second['rhs'] == (16, 48)
+  assert second['contract'] == ((1,), (1,))
+
+
+def test_hlo_dots_reads_batched_dots_and_times_them():
+  a = jnp.ones((2, 8, 16, 4))
+  b = jnp.ones((2, 8, 16, 4))
+  hlo = _compiled_hlo(lambda a, b: jnp.einsum('tbqd,tbkd->tbqk', a, b).sum(), a, b)
+  (dot,) = matmul_share.hlo_dots(hlo)
+  assert dot['batch'][0] and len(dot['batch'][0]) == len(dot['batch'][1])
+  assert matmul_share.dot_flops(dot) == 2 * 2 * 8 * 16 * 16 * 4
+  assert matmul_share.time_dot(dot, repeats=2) > 0
+
+
+def test_hlo_dots_names_a_line_it_cannot_read():
+  bad = '%c (p: f32[2,2]) -> f32[2,2] {\n  ROOT %d = f32[2,2]{1,0} dot(%p, %missing), ' \
+        'lhs_contracting_dims={1}, rhs_contracting_dims={0}\n}\n'
+  with pytest.raises(SystemExit, match='cannot read the operand shapes'):
+    matmul_share.hlo_dots(bad)
