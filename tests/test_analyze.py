@@ -218,6 +218,34 @@ def test_one_tower_run_gets_split_unit_control(tmp_path, small_corpus_dir):
     assert 'probe_t1' in next(csv.reader(f))
 
 
+def test_three_tower_run_scores_every_tower(tmp_path, small_corpus_dir):
+  """n_towers=3: per-tower columns for each estimator; pref = best tower minus mean of the others."""
+  from twotower_jax import train_state as state_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax import report as report_lib  # pylint: disable=g-import-not-at-top
+  config = analysis_config(small_corpus_dir, **{'model.n_towers': 3, 'mesh.tower': 1})
+  config.analysis.probe_steps = 3
+  config.analysis.min_count = 1
+  config.analysis.n_boot = 10
+  setup = train_lib.build(config, str(tmp_path))
+  params = state_lib.init(setup.model, optimizer_lib.make(config), 0).params
+  out = str(tmp_path / 'analysis')
+  summary = analysis.analyze(setup, params, 0, config, str(tmp_path), out)
+  assert summary['n_towers'] == 3 and set(summary['per_estimator']) == {'probe', 'ablation'}
+  with open(os.path.join(out, 'preference.csv')) as f:
+    rows = [r for r in csv.DictReader(f) if int(r['count']) > 0]
+  assert rows
+  for name in ('probe', 'ablation'):
+    for r in rows:
+      v = np.array([float(r[f'{name}_t{k}']) for k in range(3)])
+      best = int(r[f'{name}_best'])
+      assert best == int(np.argmax(v)), (name, r)
+      expected = v[best] - np.delete(v, best).mean()
+      np.testing.assert_allclose(float(r[f'{name}_pref']), expected, atol=1e-4)  # CSV digits
+  md = open(report_lib.write_report(out)['report_md']).read()
+  assert 'With 3 towers' in md
+
+
 def test_summary_statistics_on_synthetic_items(small_corpus_dir):
   """Closed-class items planted at pref +1, open at -1: AUC 1, bimodal vs the control."""
   config = analysis_config(small_corpus_dir)
