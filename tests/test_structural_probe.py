@@ -193,6 +193,36 @@ def test_layer_states_and_run_on_tiny_model(tiny, tmp_path):
 
 
 @needs_ewt
+def test_bilstm_layers_are_elmo_states_and_probe_runs(tiny, tmp_path):
+  """bilstm: block_i = [fwd_i; bwd_i] (2H wide); the probe runs on layers of mixed width."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from twotower_jax import train as train_lib
+
+  config = probe_config(tiny)
+  config.model.tower_type = 'bilstm'
+  setup = train_lib.build(config, str(tmp_path))
+  params = nn.unbox(setup.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32))['params'])
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 32), 5, 256)
+  layers = sprobe.layer_states(setup.model, params, tokens)
+  assert sprobe.layer_order(layers) == ['input', 'block_1', 'block_2', 'final']
+  assert layers['block_1'].shape == (2, 3, 32, 64) and layers['final'].shape == (2, 3, 32, 32)
+  _, inter = setup.model.apply({'params': params}, tokens, deterministic=True,
+                               mutable=['intermediates'])
+  towers = inter['intermediates']['towers']
+  np.testing.assert_array_equal(layers['block_2'],  # the top layer: the streams the gate joins
+                                np.concatenate([towers['fwd'][0], towers['bwd'][0]], -1))
+  assert not np.allclose(layers['block_1'], layers['block_2'])
+
+  config.analysis.struct_steps = 20
+  result = sprobe.run(setup, params, config, str(tmp_path / 'analysis'))
+  assert result['layers'] == ['input', 'block_1', 'block_2', 'final']
+  uuas = np.asarray(result['uuas'])
+  assert uuas.shape == (2, 4) and np.all((uuas >= 0) & (uuas <= 1))
+
+
+@needs_ewt
 @pytest.mark.slow
 def test_run_on_trained_checkpoint(tiny, tmp_path):
   """End to end: train a tiny model, restore its checkpoint, probe it."""

@@ -104,7 +104,7 @@ def test_bilstm_leak_check_catches_the_original_backward_defects(monkeypatch, de
 
   def broken(cfg, x, reverse, deterministic, name):
     if reverse and defect == 'zeroed':
-      return 0.0 * stack(cfg, x, reverse, deterministic, name)
+      return [0.0 * y for y in stack(cfg, x, reverse, deterministic, name)]
     return stack(cfg, x, False, deterministic, name)
 
   monkeypatch.setattr(towers, '_lstm_stack', broken)

@@ -137,8 +137,9 @@ def layer_states(model, params, tokens_BxL: jax.Array) -> dict[str, jax.Array]:
   """{layer name: h_NxBxLxH}: every tower's states at each layer (order: `layer_order`).
 
   Layers: 'input' (what the tower reads), 'block_1'..'block_L' (after each
-  block), 'final' (the final states the gate sees). Tower types that do not
-  sow per-layer states ('intermediates' collection) give only 'final'.
+  block; for bilstm ELMo's [fwd_i; bwd_i], width 2H), 'final' (the final states
+  the gate sees). Tower types that do not sow per-layer states ('intermediates'
+  collection) give only 'final'.
   """
   out, state = model.apply({'params': params}, tokens_BxL, deterministic=True,
                            mutable=['intermediates'])
@@ -152,8 +153,10 @@ def layer_states(model, params, tokens_BxL: jax.Array) -> dict[str, jax.Array]:
       layers[f'block_{i + 1}'] = stacked[:, i]
   else:
     for k in inter:
-      if k.startswith('block_'):
+      if k.startswith('block_'):  # unrolled transformer blocks block_0..: a submodule each
         layers[f'block_{int(k[6:]) + 1}'] = inter[k]['block_out'][0]
+      elif k.startswith('layer_'):  # bilstm layers layer_1..: sown by the tower itself
+        layers[f'block_{int(k[6:])}'] = inter[k][0]
   layers['final'] = out['tower_states_NxBxLxH']
   return layers
 
@@ -217,7 +220,12 @@ def word_states(model, params, tokens_SxL: np.ndarray, mats: list[np.ndarray],
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n_real, 0)])
     layers = jax.device_get(fn(params, jnp.asarray(batch)))
     names = layer_order(layers)
-    h = np.stack([np.asarray(layers[k], np.float32) for k in names], axis=1)  # NxSxBxLxH
+    # Layers of different widths (bilstm: 2H) are zero-padded to the widest; a linear
+    # probe gives zero columns no weight, and they add nothing to the state scale.
+    width = max(v.shape[-1] for v in layers.values())
+    h = np.stack([np.pad(np.asarray(layers[k], np.float32),
+                         [(0, 0)] * 3 + [(0, width - layers[k].shape[-1])]) for k in names],
+                 axis=1)  # NxSxBxLxH
     for b in range(n_real):
       m = mats[start + b]
       chunks.append(np.einsum('wp,nsph->nswh', m, h[:, :, b, 1:m.shape[1] + 1]))

@@ -16,7 +16,8 @@ predicts `targets[t]`.
   h_t = LN(Dense([fwd_{t-1}; bwd_{t+1}])), so position t sees tokens < t through the
   forward stream and tokens > t through the backward stream, never token t (zeros
   stand in for fwd_{-1} and bwd_L). Each stack has n_layers LSTM layers of width H;
-  `scan_layers` and `remat` do not apply.
+  `scan_layers` and `remat` do not apply. For the analysis, layer i's state is
+  ELMo's [fwd_i; bwd_i] (width 2H, sown as `layer_i`).
 """
 
 from __future__ import annotations
@@ -159,9 +160,10 @@ register('mlm', BidirectionalTransformer, mlm_example)
 
 
 def _lstm_stack(cfg: layers.ModelConfig, x_BxLxH: jax.Array, reverse: bool, deterministic: bool,
-                name: str) -> jax.Array:
-  """n_layers LSTM layers of width H in one direction; outputs in input order."""
+                name: str) -> list[jax.Array]:
+  """n_layers LSTM layers of width H in one direction: each layer's output, in input order."""
   init = lambda base, names: nn.with_logical_partitioning(base, names)
+  outputs = []
   for i in range(cfg.n_layers):
     cell = nn.LSTMCell(
         cfg.d_model, dtype=cfg.compute_dtype,
@@ -171,7 +173,8 @@ def _lstm_stack(cfg: layers.ModelConfig, x_BxLxH: jax.Array, reverse: bool, dete
     y_BxLxH = nn.RNN(cell, reverse=reverse, keep_order=True, name=f'{name}_rnn_{i}')(x_BxLxH)
     y_BxLxH = nn.Dropout(cfg.dropout)(y_BxLxH, deterministic=deterministic)
     x_BxLxH = y_BxLxH if i == 0 else x_BxLxH + y_BxLxH  # residual above the first layer
-  return x_BxLxH
+    outputs.append(x_BxLxH)
+  return outputs
 
 
 class BiLSTM(nn.Module):
@@ -184,8 +187,11 @@ class BiLSTM(nn.Module):
     cfg = self.cfg
     x_BxLxH = nn.Dropout(cfg.dropout)(x_BxLxH, deterministic=self.deterministic)
     self.sow('intermediates', 'tower_in', x_BxLxH)
-    fwd_BxLxH = _lstm_stack(cfg, x_BxLxH, False, self.deterministic, 'fwd')  # sees tokens <= t
-    bwd_BxLxH = _lstm_stack(cfg, x_BxLxH, True, self.deterministic, 'bwd')  # sees tokens >= t
+    fwds = _lstm_stack(cfg, x_BxLxH, False, self.deterministic, 'fwd')  # sees tokens <= t
+    bwds = _lstm_stack(cfg, x_BxLxH, True, self.deterministic, 'bwd')  # sees tokens >= t
+    for i, (f_BxLxH, b_BxLxH) in enumerate(zip(fwds, bwds)):  # analysis: ELMo layer states
+      self.sow('intermediates', f'layer_{i + 1}', jnp.concatenate([f_BxLxH, b_BxLxH], axis=-1))
+    fwd_BxLxH, bwd_BxLxH = fwds[-1], bwds[-1]
     self.sow('intermediates', 'fwd', fwd_BxLxH)
     self.sow('intermediates', 'bwd', bwd_BxLxH)
     # Shift by one so position t reads fwd_{t-1} and bwd_{t+1}: token t itself is unseen.
