@@ -226,6 +226,19 @@ def mesh_run(small_corpus_dir, tmp_path_factory):
   return config, workdir
 
 
+def test_unfinished_saves_are_removed_before_a_writing_run_starts(tmp_path):
+  """Orbax cleans tmp dirs in a background thread; ours is done when manager() returns."""
+  root = tmp_path / 'checkpoints'
+  for name in ('2', '4.orbax-checkpoint-tmp', '6.orbax-checkpoint-tmp-1732000000'):
+    (root / name / 'state').mkdir(parents=True)
+  checkpoints.manager(str(tmp_path), read_only=True).close()
+  assert len(os.listdir(root)) == 3  # a reader never deletes
+  removed = checkpoints.remove_interrupted_saves(str(tmp_path))
+  assert [os.path.basename(p) for p in removed] == ['4.orbax-checkpoint-tmp',
+                                                    '6.orbax-checkpoint-tmp-1732000000']
+  assert os.listdir(root) == ['2']
+
+
 def test_uncommitted_steps_are_never_chosen(mesh_run, tmp_path):
   """A tmp dir of an interrupted save and a step dir without Orbax's commit files are skipped."""
   config, whole = mesh_run

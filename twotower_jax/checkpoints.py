@@ -29,6 +29,7 @@ log = logging.getLogger('twotower_jax')
 
 # Files Orbax writes into a step directory before committing it by rename.
 _COMMITTED_MARKERS = ('_CHECKPOINT_METADATA',)
+_TMP_MARKER = '.orbax-checkpoint-tmp'  # in the name of a save Orbax has not finalized
 # TensorStore status codes and messages that mean unreadable bytes, not a model mismatch.
 _DAMAGE_RE = re.compile(r'OUT_OF_RANGE|DATA_LOSS|Error reading|Error opening|NOT_FOUND|'
                         r'Unterminated|Expecting')
@@ -42,7 +43,25 @@ def directory(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
+def remove_interrupted_saves(workdir: str) -> list[str]:
+  """Deletes the tmp dirs of saves that never finished (a writing run, process 0 only).
+
+  Orbax also does this, but in a background thread it waits for only at the next
+  save; doing it here first leaves the workdir settled when a run resumes.
+  """
+  root = directory(workdir)
+  if jax.process_index() != 0 or not os.path.isdir(root):
+    return []
+  removed = [os.path.join(root, n) for n in sorted(os.listdir(root)) if _TMP_MARKER in n]
+  for path in removed:
+    log.warning('removing the unfinished save %s', path)
+    shutil.rmtree(path, ignore_errors=True)
+  return removed
+
+
 def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  if not read_only:
+    remove_interrupted_saves(workdir)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, enable_async_checkpointing=not read_only, create=not read_only,
       read_only=read_only, cleanup_tmp_directories=not read_only)
