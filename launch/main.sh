@@ -13,7 +13,7 @@ CONFIG="${CONFIG:-configs/default.py}"
 TREEBANK="${TREEBANK:-$ROOT/../shared/data/ud_english_ewt}"
 python -m twotower_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@"
 # Shorter probe schedules than the analysis defaults (300 / 1000 steps) keep the whole
-# job, training plus analysis, within 10 minutes on a 2-core CPU.
+# job, training plus analysis, near 10 minutes on a 2-core CPU (README: Numbers).
 analysis_flags=(--config.analysis.probe_steps=150 --config.analysis.struct_steps=500)
 if [[ -d "$TREEBANK" || -f "$TREEBANK" ]]; then
   analysis_flags+=(--config.analysis.conllu="$TREEBANK" --config.analysis.struct_conllu="$TREEBANK")
