@@ -99,20 +99,22 @@ def main() -> None:
   dots = hlo_dots(bench.compiled.as_text())
   if not dots:
     raise SystemExit('no dot found in the compiled step; nothing to measure')
-  groups = collections.Counter((d['dtype'], d['lhs'], d['rhs'], d['contract'], d['batch'])
-                               for d in dots)
+  key = lambda d: (d['dtype'], d['lhs'], d['rhs'], d['contract'], d['batch'])
+  counts = collections.Counter(map(key, dots))
+  first = {}  # one representative dot per distinct shape
+  for d in dots:
+    first.setdefault(key(d), d)
   step_s = statistics.median(bench.seconds_per_step(args.steps, args.repeats))
   peak, _ = harness.device_peak(overrides.get('model.dtype', 'float32'))
   rows, dot_s, dot_flops_total = [], 0.0, 0
-  for (dtype, lhs, rhs, contract, batch), count in groups.most_common():
-    d = next(x for x in dots if (x['dtype'], x['lhs'], x['rhs'], x['contract'],
-                                 x['batch']) == (dtype, lhs, rhs, contract, batch))
+  for k, count in counts.most_common():
+    d = first[k]
     t = time_dot(d, args.repeats)
     fl = dot_flops(d)
     dot_s += count * t
     dot_flops_total += count * fl
-    rows.append({'shape': f'{"x".join(map(str, lhs))} . {"x".join(map(str, rhs))} '
-                          f'c{list(contract[0])}{list(contract[1])}',
+    rows.append({'shape': f'{"x".join(map(str, d["lhs"]))} . {"x".join(map(str, d["rhs"]))} '
+                          f'c{list(d["contract"][0])}{list(d["contract"][1])}',
                  'count': count, 'gflop': fl / 1e9, 'ms_each': 1e3 * t,
                  'share_of_step': count * t / step_s, 'efficiency': fl / t / peak})
   harness.print_table(rows, ('shape', 'count', 'gflop', 'ms_each', 'share_of_step', 'efficiency'))
