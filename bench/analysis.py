@@ -22,6 +22,7 @@ import jax  # pylint: disable=wrong-import-position
 from twotower_jax import analysis  # pylint: disable=wrong-import-position
 from twotower_jax import config as config_lib  # pylint: disable=wrong-import-position
 from twotower_jax import estimators as est_lib  # pylint: disable=wrong-import-position
+from twotower_jax import hostmem  # pylint: disable=wrong-import-position
 from twotower_jax import train as train_lib  # pylint: disable=wrong-import-position
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'analysis.jsonl')
@@ -77,7 +78,7 @@ def main() -> None:
                  'prepare_seconds': runs[0]['prepare_seconds']})
   env = {'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
          'n_devices': jax.device_count(), 'cpu_count': os.cpu_count(),
-         'machine': platform.machine(), 'jax': jax.__version__,
+         'machine': platform.machine(), 'jax': jax.__version__, 'huge_pages': hostmem.active(),
          'model': {k: config.model[k] for k in ('n_towers', 'gate', 'n_layers', 'd_model')},
          'vocab': setup.model.cfg.vocab_size, 'seq_len': config.data.seq_len,
          'positions': ev['n_positions'], 'time': time.strftime('%Y-%m-%dT%H:%M:%S')}
@@ -93,4 +94,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  hostmem.reexec_with_huge_pages()  # as the entry points do (twotower_jax/hostmem.py)
   main()

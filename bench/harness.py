@@ -24,6 +24,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from twotower_jax import config as config_lib  # pylint: disable=wrong-import-position
 from twotower_jax import flops as flops_lib  # pylint: disable=wrong-import-position
+from twotower_jax import hostmem  # pylint: disable=wrong-import-position
 from twotower_jax import model as model_lib  # pylint: disable=wrong-import-position
 from twotower_jax import optimizer as optimizer_lib  # pylint: disable=wrong-import-position
 from twotower_jax import sharding as sharding_lib  # pylint: disable=wrong-import-position
@@ -36,7 +37,8 @@ def machine() -> dict[str, Any]:
   dev = jax.devices()[0]
   return {'backend': jax.default_backend(), 'device': dev.device_kind,
           'n_devices': jax.device_count(), 'cpu_count': os.cpu_count(),
-          'machine': platform.machine(), 'jax': jax.__version__}
+          'machine': platform.machine(), 'jax': jax.__version__,
+          'huge_pages': hostmem.active()}
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> list[float]:

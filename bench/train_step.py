@@ -4,6 +4,7 @@
   python bench/train_step.py --sweep=seq,vocab,towers
   python bench/train_step.py --set model.n_layers=24 --set model.d_model=1024 --dtype=bfloat16
   python bench/train_step.py --xla_flags= --xla_flags=--xla_cpu_use_xnnpack=false --rounds=3
+  python bench/train_step.py --huge_pages=on --huge_pages=off --rounds=3
 
 Each point runs in its own process, so compile time and peak memory are its own.
 MFU = analytic model FLOP/s / device peak; on CPU the peak is a large f32 matmul
@@ -21,6 +22,9 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from twotower_jax import hostmem  # pylint: disable=wrong-import-position
 
 # The issue's CPU target: 2 towers x 4 layers, d=256, 4 heads, window 128, batch 16, vocab 8000.
 TARGET = {'model.n_towers': 2, 'model.n_layers': 4, 'model.d_model': 256, 'model.n_heads': 4,
@@ -68,11 +72,29 @@ def measure(overrides: dict, steps: int, repeats: int) -> dict:
           'compile_s': bench.compile_s, 'peak_mem_mb': harness.peak_memory_mb()}
 
 
-def run_point(overrides: dict, steps: int, repeats: int, xla_flags: str | None = None) -> dict:
-  env = dict(os.environ) if xla_flags is None else {**os.environ, 'XLA_FLAGS': xla_flags}
+def point_env(xla_flags: str | None, huge_pages: str | None) -> dict:
+  """The environment of a point process: this one's, with the A/B arm's settings."""
+  env = dict(os.environ)
+  if xla_flags is not None:
+    env['XLA_FLAGS'] = xla_flags
+  if huge_pages == 'off':
+    env = hostmem.without_tunable(env)
+  elif huge_pages == 'on':
+    why = hostmem.unsupported()
+    if why is not None:
+      raise SystemExit(f'--huge_pages=on does not apply on this machine: {why}; '
+                       'run without --huge_pages')
+    env = hostmem.with_tunable(env)
+    env.pop(hostmem.OPT_OUT, None)
+  return env
+
+
+def run_point(overrides: dict, steps: int, repeats: int, xla_flags: str | None = None,
+              huge_pages: str | None = None) -> dict:
   out = subprocess.run([sys.executable, __file__, '--point', json.dumps(overrides),
                         f'--steps={steps}', f'--repeats={repeats}'],
-                       capture_output=True, text=True, check=False, env=env)
+                       capture_output=True, text=True, check=False,
+                       env=point_env(xla_flags, huge_pages))
   if out.returncode:
     raise SystemExit(f'benchmark point {overrides} failed:\n{out.stderr[-2000:]}')
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -98,8 +120,12 @@ def main() -> None:
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--xla_flags', action='append', default=None,
                  help='XLA_FLAGS value for the point processes; give several to A/B them')
+  p.add_argument('--huge_pages', action='append', choices=('on', 'off'), default=None,
+                 help='host buffers on transparent huge pages (twotower_jax/hostmem.py) in '
+                      'the point processes; give both to A/B them (default: as the entry '
+                      'points decide)')
   p.add_argument('--rounds', type=int, default=1,
-                 help='repeat every point this many times, alternating the --xla_flags values')
+                 help='repeat every point this many times, alternating the A/B arms')
   p.add_argument('--out', default=os.path.join(HERE, 'results', 'train_step.jsonl'))
   p.add_argument('--point', help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -121,12 +147,15 @@ def main() -> None:
   rows = []
   sys.path.insert(0, HERE)
   import harness  # pylint: disable=g-import-not-at-top
-  columns = COLUMNS if args.xla_flags is None else ('xla_flags',) + COLUMNS
+  arms = [(flags, pages) for flags in args.xla_flags or [None]
+          for pages in args.huge_pages or [None]]
+  columns = (('xla_flags',) if args.xla_flags is not None else ()) + (
+      ('huge_pages',) if args.huge_pages is not None else ()) + COLUMNS
   for _ in range(args.rounds):
     for label, overrides in points:
-      for flags in args.xla_flags or [None]:  # alternated, so a slow patch hits every arm
+      for flags, pages in arms:  # alternated, so a slow patch hits every arm
         row = {'label': label, 'bench': 'train_step',
-               **run_point(overrides, args.steps, args.repeats, flags)}
+               **run_point(overrides, args.steps, args.repeats, flags, pages)}
         if flags is not None:
           row['xla_flags'] = flags
         rows.append(row)
@@ -138,4 +167,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  hostmem.reexec_with_huge_pages()  # as the entry points do; point processes inherit it
   main()

@@ -1,4 +1,5 @@
-"""bench/matmul_share.py reads the dots of a compiled step out of its HLO: check that reading."""
+"""The bench scripts' own logic: matmul_share.py's reading of the HLO dots, and the
+environment train_step.py gives each A/B arm's point process."""
 
 import os
 import sys
@@ -10,6 +11,9 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'bench'))
 import matmul_share  # pylint: disable=wrong-import-position
+import train_step  # pylint: disable=wrong-import-position
+
+from twotower_jax import hostmem  # pylint: disable=wrong-import-position
 
 
 def _compiled_hlo(fn, *args) -> str:
@@ -43,3 +47,20 @@ def test_hlo_dots_names_a_line_it_cannot_read():
         'lhs_contracting_dims={1}, rhs_contracting_dims={0}\n}\n'
   with pytest.raises(SystemExit, match='cannot read the operand shapes'):
     matmul_share.hlo_dots(bad)
+
+
+def test_point_env_sets_each_arm(monkeypatch):
+  monkeypatch.setenv('GLIBC_TUNABLES', f'glibc.malloc.arena_max=2:{hostmem.TUNABLE}')
+  off = train_step.point_env('--xla_cpu_use_xnnpack=false', 'off')
+  assert off['XLA_FLAGS'] == '--xla_cpu_use_xnnpack=false'
+  assert off['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2'
+  assert off[hostmem.OPT_OUT] == '0'  # so the point process does not restart itself
+  inherit = train_step.point_env(None, None)
+  assert inherit['GLIBC_TUNABLES'] == os.environ['GLIBC_TUNABLES']
+  if hostmem.unsupported() is None:
+    monkeypatch.setenv(hostmem.OPT_OUT, '0')
+    on = train_step.point_env(None, 'on')
+    assert hostmem.active(on) and hostmem.OPT_OUT not in on
+  else:
+    with pytest.raises(SystemExit, match='does not apply on this machine'):
+      train_step.point_env(None, 'on')

@@ -22,6 +22,7 @@ from twotower_jax import checkpoints
 from twotower_jax import config as config_lib
 from twotower_jax import corpus as corpus_lib
 from twotower_jax import data as data_lib
+from twotower_jax import hostmem
 from twotower_jax import metrics as metrics_lib
 from twotower_jax import model as model_lib
 from twotower_jax import nonfinite
@@ -194,7 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     unigram = data_lib.unigram_cross_entropy(splits.train_token_counts, eval_rows)
     writer.write('run', {'params': n_params, 'devices': jax.device_count(),
                          'mesh': dict(mesh.shape), 'train_windows': len(splits.train_windows),
-                         'val_windows': len(splits.val_windows), **preflight.summary()})
+                         'val_windows': len(splits.val_windows),
+                         'host_huge_pages': hostmem.active(), **preflight.summary()})
     writer.write('baseline', {'unigram_loss': unigram, 'unigram_perplexity': np.exp(unigram)})
   log.info('model: %s params, %d towers, mesh %s', f'{n_params:,}', config.model.n_towers,
            dict(mesh.shape))

@@ -1,0 +1,88 @@
+"""Huge-page host buffers: when the tunable applies, how the environment is edited,
+that entry points restart with it, and that it removes the per-step page faults."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from twotower_jax import hostmem
+
+LINUX_MADVISE = {'mode': 'madvise', 'libc': (2, 36), 'system': 'Linux'}
+
+
+def test_applies_only_on_linux_glibc_with_thp_on_request():
+  assert hostmem.reason({}, **LINUX_MADVISE) is None
+  assert 'already the default' in hostmem.reason({}, **{**LINUX_MADVISE, 'mode': 'always'})
+  assert 'no huge pages' in hostmem.reason({}, **{**LINUX_MADVISE, 'mode': 'never'})
+  assert 'Darwin' in hostmem.reason({}, **{**LINUX_MADVISE, 'system': 'Darwin'})
+  assert '2.35' in hostmem.reason({}, **{**LINUX_MADVISE, 'libc': (2, 31)})
+  assert hostmem.reason({hostmem.OPT_OUT: '0'}, **LINUX_MADVISE) == 'TWOTOWER_HUGE_PAGES=0'
+  assert hostmem.reason({'GLIBC_TUNABLES': hostmem.TUNABLE}, **LINUX_MADVISE) == 'already set'
+
+
+def test_thp_mode_reads_the_bracketed_choice(tmp_path):
+  path = tmp_path / 'enabled'
+  path.write_text('always [madvise] never\n')
+  assert hostmem.thp_mode(str(path)) == 'madvise'
+  assert hostmem.thp_mode(str(tmp_path / 'missing')) is None
+
+
+def test_environment_edits_keep_other_tunables():
+  env = {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2', 'HOME': '/h'}
+  on = hostmem.with_tunable(env)
+  assert on['GLIBC_TUNABLES'] == f'glibc.malloc.arena_max=2:{hostmem.TUNABLE}'
+  assert hostmem.with_tunable(on) == on and hostmem.active(on)
+  off = hostmem.without_tunable(on)
+  assert off['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2' and off[hostmem.OPT_OUT] == '0'
+  assert 'GLIBC_TUNABLES' not in hostmem.without_tunable({'GLIBC_TUNABLES': hostmem.TUNABLE})
+  assert env == {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2', 'HOME': '/h'}  # not mutated
+
+
+def _python(code: str, env: dict) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env,
+                        capture_output=True, text=True, check=True, timeout=300)
+
+
+@pytest.mark.skipif(hostmem.unsupported() is not None, reason=str(hostmem.unsupported()))
+def test_entry_point_restarts_once_with_the_tunable_unless_opted_out():
+  code = """
+      import os, sys
+      from twotower_jax import hostmem
+      print('start', flush=True)
+      hostmem.reexec_with_huge_pages()
+      print(os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:])
+  """
+  base = hostmem.without_tunable(os.environ)
+  base.pop(hostmem.OPT_OUT)
+  out = _python(code + '\n', base).stdout.split('\n')
+  assert out[:2] == ['start', 'start'], out  # ran twice: once before, once after the exec
+  assert hostmem.TUNABLE in out[2]
+  opted_out = _python(code, {**base, hostmem.OPT_OUT: '0'}).stdout.split('\n')
+  assert opted_out[0] == 'start' and hostmem.TUNABLE not in opted_out[1]
+
+
+@pytest.mark.skipif(hostmem.unsupported() is not None, reason=str(hostmem.unsupported()))
+def test_huge_pages_remove_the_per_execution_page_faults():
+  """XLA:CPU's temporaries (here a 64 MiB matmul output) are faulted in again on every
+  run under glibc's defaults; with the tunable they land on 2 MiB pages."""
+  code = """
+      import resource
+      import jax, jax.numpy as jnp
+      f = jax.jit(lambda x, w: jnp.sum((x @ w) @ w.T))
+      x, w = jnp.ones((4096, 1024)), jnp.ones((1024, 4096)) / 1024
+      for _ in range(3):
+        jax.block_until_ready(f(x, w))
+      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      for _ in range(3):
+        jax.block_until_ready(f(x, w))
+      print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+  """
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  default = float(_python(code, hostmem.without_tunable(env)).stdout)
+  huge = float(_python(code, hostmem.with_tunable(env)).stdout)
+  pages_4k = 4096 * 4096 * 4 / 4096
+  assert default > 0.5 * pages_4k, default  # the premise: every run refaults the temp
+  assert huge < 0.1 * default, (huge, default)
