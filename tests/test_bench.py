@@ -57,10 +57,16 @@ def test_point_env_sets_each_arm(monkeypatch):
   assert off[hostmem.OPT_OUT] == '0'  # so the point process does not restart itself
   inherit = train_step.point_env(None, None)
   assert inherit['GLIBC_TUNABLES'] == os.environ['GLIBC_TUNABLES']
-  if hostmem.unsupported() is None:
-    monkeypatch.setenv(hostmem.OPT_OUT, '0')
-    on = train_step.point_env(None, 'on')
-    assert hostmem.active(on) and hostmem.OPT_OUT not in on
-  else:
-    with pytest.raises(SystemExit, match='does not apply on this machine'):
-      train_step.point_env(None, 'on')
+  monkeypatch.setenv(hostmem.OPT_OUT, '0')
+  monkeypatch.delenv('GLIBC_TUNABLES')
+  on = train_step.point_env(None, 'on')
+  assert hostmem.active(on) and hostmem.OPT_OUT not in on
+
+
+def test_huge_pages_on_is_refused_where_it_cannot_apply(monkeypatch, capsys):
+  monkeypatch.setattr(hostmem, 'unsupported', lambda: "kernel THP mode is 'never': no huge pages")
+  monkeypatch.setattr(sys, 'argv', ['train_step.py', '--huge_pages=on', '--huge_pages=off'])
+  with pytest.raises(SystemExit) as exit_info:
+    train_step.main()
+  assert exit_info.value.code == 2
+  assert "does not apply on this machine: kernel THP mode is 'never'" in capsys.readouterr().err
