@@ -41,6 +41,15 @@ def test_environment_edits_keep_other_tunables():
   assert env == {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2', 'HOME': '/h'}  # not mutated
 
 
+def test_a_failed_restart_runs_on_without_the_tunable(monkeypatch, capsys):
+  def fail(*args):
+    raise OSError('exec format error')
+  monkeypatch.setattr(hostmem, 'reason', lambda: None)
+  monkeypatch.setattr(os, 'execve', fail)
+  hostmem.reexec_with_huge_pages()  # returns instead of raising
+  assert 'could not restart with glibc.malloc.hugetlb=1' in capsys.readouterr().err
+
+
 def _python(code: str, env: dict) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env,
                         capture_output=True, text=True, check=True, timeout=300)

@@ -103,10 +103,13 @@ def reexec_with_huge_pages() -> None:
   tests: it replaces the running process). The arguments and interpreter options
   are kept (sys.orig_argv).
   """
-  if reason() is None:
+  if reason() is None and sys.executable:
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], with_tunable(os.environ))
+    try:
+      os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], with_tunable(os.environ))
+    except OSError as e:  # run on, with glibc's defaults: slower on CPU, same results
+      sys.stderr.write(f'warning: could not restart with {TUNABLE} ({e}); continuing without\n')
 
 
 if __name__ == '__main__':
