@@ -8,17 +8,14 @@ in a temporary directory first. Prints a table and appends to bench/results/anal
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # pylint: disable=wrong-import-position
-
+import harness  # pylint: disable=wrong-import-position
 from twotower_jax import analysis  # pylint: disable=wrong-import-position
 from twotower_jax import config as config_lib  # pylint: disable=wrong-import-position
 from twotower_jax import estimators as est_lib  # pylint: disable=wrong-import-position
@@ -76,9 +73,7 @@ def main() -> None:
     res = max(runs, key=lambda r: r['tokens_per_s'])
     rows.append({'what': name, 'tokens_per_s': res['tokens_per_s'], 'seconds': res['seconds'],
                  'prepare_seconds': runs[0]['prepare_seconds']})
-  env = {'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
-         'n_devices': jax.device_count(), 'cpu_count': os.cpu_count(),
-         'machine': platform.machine(), 'jax': jax.__version__, 'huge_pages': hostmem.active(),
+  env = {**harness.machine(),
          'model': {k: config.model[k] for k in ('n_towers', 'gate', 'n_layers', 'd_model')},
          'vocab': setup.model.cfg.vocab_size, 'seq_len': config.data.seq_len,
          'positions': ev['n_positions'], 'time': time.strftime('%Y-%m-%dT%H:%M:%S')}
@@ -87,10 +82,7 @@ def main() -> None:
     r['vs_forward'] = r['tokens_per_s'] / rows[0]['tokens_per_s']
     print(f"{r['what']:<14}{r['tokens_per_s']:>12.0f}{r['vs_forward']:>12.2f}"
           f"{r['seconds']:>10.2f}{r['prepare_seconds']:>11.2f}")
-  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-  with open(RESULTS, 'a') as f:
-    for r in rows:
-      f.write(json.dumps(dict(env, **r)) + '\n')
+  harness.write_jsonl(RESULTS, [dict(env, **r) for r in rows])
 
 
 if __name__ == '__main__':

@@ -4,9 +4,10 @@ XLA:CPU mallocs one block for a step's temporaries when the step starts (776 MiB
 the default config) and frees it when the step ends. glibc serves blocks that large
 with a fresh mmap and unmaps them on free, so every 4 KiB page is faulted in and
 zeroed again on every step: about 200,000 page faults per step there, a fifth of the
-CPU time and 12% of the step's wall time on a 2-core VM. glibc's `glibc.malloc.hugetlb=1` tunable asks the kernel for
-2 MiB transparent huge pages on those blocks (512x fewer faults) when the kernel's
-THP mode is `madvise`, the usual default. Tunables are read only at process start,
+CPU time and 12% of the step's wall time on a 2-core VM. glibc's
+`glibc.malloc.hugetlb=1` tunable asks the kernel for 2 MiB transparent huge pages on
+those blocks (512x fewer faults) when the kernel's THP mode is `madvise`, the usual
+default. Tunables are read only at process start,
 so entry points call `reexec_with_huge_pages()` first: it restarts the process once
 with the tunable set. TWOTOWER_HUGE_PAGES=0 turns this off.
 
