@@ -16,11 +16,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # pylint: disable=wrong-import-position
-from twotower_jax import analysis  # pylint: disable=wrong-import-position
 from twotower_jax import config as config_lib  # pylint: disable=wrong-import-position
-from twotower_jax import estimators as est_lib  # pylint: disable=wrong-import-position
-from twotower_jax import hostmem  # pylint: disable=wrong-import-position
-from twotower_jax import train as train_lib  # pylint: disable=wrong-import-position
+from twotower_jax import run as run_lib  # pylint: disable=wrong-import-position
+from twotower_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
+from twotower_jax.analysis import estimators as est_lib  # pylint: disable=wrong-import-position
+from twotower_jax.analysis import runner  # pylint: disable=wrong-import-position
+from twotower_jax.train import loop as train_lib  # pylint: disable=wrong-import-position
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'analysis.jsonl')
 
@@ -52,24 +53,26 @@ def main() -> None:
   workdir = args.workdir or tempfile.mkdtemp(prefix='bench_analysis_')
   if not args.workdir:
     tiny_run(workdir, args.steps)
-  config = config_lib.load_json(os.path.join(workdir, 'config.json'))
+  config = workdir_lib.read_config(workdir)
   config.analysis.eval_windows = args.eval_windows
   config.analysis.probe_steps = args.probe_steps
-  config = analysis.load_config(workdir, config.analysis)
-  setup, params, step = analysis.restore(config, workdir)
+  config = runner.load_config(workdir, config.analysis)
+  restored = run_lib.restore(config, workdir)
+  setup = restored.setup
   out_dir = tempfile.mkdtemp(prefix='bench_analysis_out_')
-  ctx = est_lib.Context(config=config, model=setup.model, params=params,
-                        eval_batches=est_lib.eval_batches(setup.splits.val_windows,
-                                                          args.eval_windows,
-                                                          config.train.batch_size),
-                        train_windows=setup.splits.train_windows, analysis_dir=out_dir, step=step)
+  ctx = est_lib.Context(config=config, model=setup.model, params=restored.params,
+                        eval_batches=est_lib.base.eval_batches(setup.splits.val_windows,
+                                                               args.eval_windows,
+                                                               config.train.batch_size),
+                        train_windows=setup.splits.train_windows, analysis_dir=out_dir,
+                        step=restored.step)
   # Best of `repeats` passes (the machine may be shared); the first probe pass trains heads.
-  evs = [est_lib.eval_loss(ctx) for _ in range(args.repeats)]
+  evs = [est_lib.base.eval_loss(ctx) for _ in range(args.repeats)]
   ev = max(evs, key=lambda r: r['tokens_per_s'])
   rows = [{'what': 'eval_forward', 'tokens_per_s': ev['tokens_per_s'], 'seconds': ev['seconds'],
            'prepare_seconds': 0.0}]
-  for name in analysis.estimator_names(config):
-    runs = [est_lib.score(ctx, name) for _ in range(args.repeats)]
+  for name in runner.estimator_names(config)[0]:
+    runs = [est_lib.base.score(ctx, name) for _ in range(args.repeats)]
     res = max(runs, key=lambda r: r['tokens_per_s'])
     rows.append({'what': name, 'tokens_per_s': res['tokens_per_s'], 'seconds': res['seconds'],
                  'prepare_seconds': runs[0]['prepare_seconds']})
@@ -86,5 +89,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  hostmem.reexec_with_huge_pages()  # as the entry points do (twotower_jax/hostmem.py)
   main()

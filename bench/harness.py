@@ -23,13 +23,13 @@ import ml_collections  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from twotower_jax import config as config_lib  # pylint: disable=wrong-import-position
-from twotower_jax import flops as flops_lib  # pylint: disable=wrong-import-position
+from twotower_jax.train import flops as flops_lib  # pylint: disable=wrong-import-position
 from twotower_jax import hostmem  # pylint: disable=wrong-import-position
-from twotower_jax import model as model_lib  # pylint: disable=wrong-import-position
-from twotower_jax import optimizer as optimizer_lib  # pylint: disable=wrong-import-position
-from twotower_jax import sharding as sharding_lib  # pylint: disable=wrong-import-position
-from twotower_jax import train_state as state_lib  # pylint: disable=wrong-import-position
-from twotower_jax import train as train_lib  # pylint: disable=wrong-import-position
+from twotower_jax.model import lm as model_lib  # pylint: disable=wrong-import-position
+from twotower_jax.train import optimizer as optimizer_lib  # pylint: disable=wrong-import-position
+from twotower_jax.train import sharding as sharding_lib  # pylint: disable=wrong-import-position
+from twotower_jax.train import state as state_lib  # pylint: disable=wrong-import-position
+from twotower_jax.train import loop as train_lib  # pylint: disable=wrong-import-position
 
 
 def machine() -> dict[str, Any]:
@@ -67,7 +67,7 @@ def device_peak(dtype: str) -> tuple[float, str]:
     return flops_lib.measure_matmul_flops(2048, 10), 'measured f32 2048^3 matmul, this process'
   peak = flops_lib.device_peak(dev, dtype)
   if peak is not None:
-    return peak, f'{dev.device_kind} dense {dtype} spec (twotower_jax.flops)'
+    return peak, f'{dev.device_kind} dense {dtype} spec (twotower_jax.train.flops)'
   return matmul_peak(4096, jnp.dtype(dtype)), f'measured {dtype} 4096^3 matmul'
 
 

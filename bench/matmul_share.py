@@ -30,7 +30,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import harness  # pylint: disable=wrong-import-position
-from twotower_jax import hostmem  # pylint: disable=wrong-import-position
 from train_step import TARGET, parse_set  # pylint: disable=wrong-import-position
 
 import jax  # pylint: disable=wrong-import-position,g-import-not-at-top
@@ -134,5 +133,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  hostmem.reexec_with_huge_pages()  # as the entry points do (twotower_jax/hostmem.py)
   main()

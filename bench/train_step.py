@@ -166,5 +166,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  hostmem.reexec_with_huge_pages()  # as the entry points do; point processes inherit it
   main()

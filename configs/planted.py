@@ -8,7 +8,7 @@ changes the vocabulary: validation then names the data.vocab_size to set.
 """
 
 from twotower_jax import config as config_lib
-from twotower_jax import planted
+from twotower_jax.data import planted
 
 
 def get_config():

@@ -16,3 +16,6 @@ if [[ ! -x "$VENV/bin/python" || "$(cat "$VENV/.installed" 2>/dev/null)" != "$st
 fi
 export PATH="$VENV/bin:$PATH"
 cd "$ROOT"
+# Host tuning for XLA:CPU (twotower_jax/hostmem.py): back each step's temporaries with
+# transparent huge pages where glibc and the kernel allow it; TWOTOWER_HUGE_PAGES=0 opts out.
+eval "$(python -m twotower_jax.hostmem --export)"

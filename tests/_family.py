@@ -7,22 +7,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from twotower_jax.train import setup as setup_lib
 from twotower_jax import config as config_lib
-from twotower_jax import layers
-from twotower_jax import model as model_lib
-from twotower_jax import optimizer
-from twotower_jax import sharding as sharding_lib
-from twotower_jax import train_state as state_lib
-from twotower_jax import train_step as step_lib
+from twotower_jax.model import layers
+from twotower_jax.model import lm as model_lib
+from twotower_jax.train import optimizer
+from twotower_jax.train import sharding as sharding_lib
+from twotower_jax.train import state as state_lib
+from twotower_jax.train import step as step_lib
 
 VOCAB = 40
 
 
-def tiny_model(**kw) -> model_lib.TwoTowerLM:
-  base = dict(vocab_size=VOCAB, n_towers=2, n_layers=1, d_model=16, n_heads=2, d_mlp=32,
-              max_len=8, dropout=0.0, scan_layers=False)
+def tiny_model(vocab_size=VOCAB, **kw) -> model_lib.TwoTowerLM:
+  """Dotted model fields as keywords, e.g. tiny_model(**{'embedding.mode': 'per_tower'})."""
+  base = dict(n_towers=2, n_layers=1, d_model=16, n_heads=2, d_mlp=32, max_len=8, dropout=0.0,
+              scan_layers=False)
   base.update(kw)
-  return model_lib.TwoTowerLM(layers.ModelConfig(**base))
+  return model_lib.TwoTowerLM(layers.model_config(vocab_size=vocab_size, **base))
 
 
 def init(model, seed=0):
@@ -44,7 +46,7 @@ def step_config(**model_overrides):
   c.train.batch_size, c.train.steps = 8, 4
   c.mesh.tower = 2
   config_lib.set_fields(c.model, model_overrides)
-  config_lib.validate(c)
+  setup_lib.check_config(c)
   return c
 
 

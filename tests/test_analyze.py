@@ -11,12 +11,16 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_module, tiny_config
-from twotower_jax import analysis
-from twotower_jax import checkpoints
-from twotower_jax import estimators as est_lib
-from twotower_jax import gates
-from twotower_jax import planted
-from twotower_jax import train as train_lib
+from twotower_jax.train import setup as setup_lib
+from twotower_jax import run as run_lib
+from twotower_jax.analysis import runner as analysis
+from twotower_jax.analysis import summary as summary_lib
+from twotower_jax.analysis.estimators import probe
+from twotower_jax.train import checkpoints
+from twotower_jax.analysis import estimators as est_lib
+from twotower_jax.model import gates
+from twotower_jax.data import planted
+from twotower_jax.train import loop as train_lib
 
 PLANTED_IDS = np.arange(5, 45)  # low SentencePiece ids: frequent pieces
 
@@ -24,10 +28,9 @@ PLANTED_IDS = np.arange(5, 45)  # low SentencePiece ids: frequent pieces
 class PlantedGate(nn.Module):
   """Latent mixture, fixed pi = 1/2: only tower 0 produces the planted items, only tower 1 the rest."""
   cfg: object
-  deterministic: bool
 
   @nn.compact
-  def __call__(self, h_NxBxLxH, decode, decode_towers):
+  def __call__(self, h_NxBxLxH, decode, decode_towers, weights_BxL=None):
     tower_logits = decode_towers(gates.tower_heads(self.cfg, h_NxBxLxH))
     planted_V = jnp.zeros(self.cfg.vocab_size, bool).at[PLANTED_IDS].set(True)
     tower_logits = tower_logits.at[0].add(jnp.where(planted_V, 0.0, -1e4))
@@ -55,13 +58,15 @@ def trained(tmp_path_factory, text_dir, name, **overrides):
   config = analysis_config(text_dir, **overrides)
   train_lib.train_and_evaluate(config, workdir)
   config = analysis.load_config(workdir, config.analysis)
-  setup, params, step = analysis.restore(config, workdir)
+  restored = run_lib.restore(config, workdir)
+  setup = restored.setup
   out = os.path.join(workdir, 'analysis')
-  ctx = est_lib.Context(config=config, model=setup.model, params=params,
-                        eval_batches=est_lib.eval_batches(setup.splits.val_windows,
-                                                          config.analysis.eval_windows,
-                                                          config.train.batch_size),
-                        train_windows=setup.splits.train_windows, analysis_dir=out, step=step)
+  ctx = est_lib.Context(config=config, model=setup.model, params=restored.params,
+                        eval_batches=est_lib.base.eval_batches(setup.splits.val_windows,
+                                                               config.analysis.eval_windows,
+                                                               config.train.batch_size),
+                        train_windows=setup.splits.train_windows, analysis_dir=out,
+                        step=restored.step)
   return workdir, config, setup, ctx
 
 
@@ -74,7 +79,7 @@ def run(tmp_path_factory, small_corpus_dir):
 def results(run):
   _, _, _, ctx = run
   before = checkpoints.fingerprints(ctx.params)
-  out = {name: est_lib.score(ctx, name) for name in ('ablation', 'probe')}
+  out = {name: est_lib.base.score(ctx, name) for name in ('ablation', 'probe')}
   assert checkpoints.fingerprints(ctx.params) == before  # towers frozen, bit-identical
   return out
 
@@ -85,8 +90,8 @@ def test_segment_sums_match_numpy():
   vals = rng.normal(size=(n, p)).astype(np.float32)
   targets = rng.integers(0, v, size=p)
   mask = rng.random(p) > 0.2
-  got = jax.device_get(est_lib.item_sums(jnp.asarray(vals), jnp.asarray(targets),
-                                         jnp.asarray(mask), v, jax.random.PRNGKey(1)))
+  got = jax.device_get(est_lib.base.item_sums(jnp.asarray(vals), jnp.asarray(targets),
+                                              jnp.asarray(mask), v, jax.random.PRNGKey(1)))
   count, sums, cross = np.zeros(v), np.zeros((n, v)), np.zeros((v, n, n))
   for i in np.nonzero(mask)[0]:
     count[targets[i]] += 1
@@ -97,7 +102,7 @@ def test_segment_sums_match_numpy():
   np.testing.assert_allclose(got['cross_VxNxN'], cross, rtol=1e-5, atol=1e-4)
   # the control permutes towers per position: per-item totals over towers are unchanged
   np.testing.assert_allclose(got['perm_sum_NxV'].sum(0), sums.sum(0), rtol=1e-5, atol=1e-4)
-  res = est_lib.finish({k: np.asarray(x, np.float64) for k, x in got.items()})
+  res = est_lib.base.finish({k: np.asarray(x, np.float64) for k, x in got.items()})
   item = int(np.argmax(count))
   occ = vals[:, mask & (targets == item)]
   d = occ[0] - occ[np.arange(1, n)].mean(0) if res['best'][item] == 0 else None
@@ -120,7 +125,7 @@ def test_estimators_shapes_counts_same_positions(run, results):
     seen = res['count'] > 0
     assert np.all(np.isfinite(res['pref'][seen])) and np.all(np.isnan(res['pref'][~seen]))
   ab = results['ablation']
-  assert np.all(np.isfinite(ab['shapley_t0'][expected > 0]))
+  assert np.all(np.isfinite(ab['extras']['shapley_t0'][expected > 0]))
   assert np.all(results['probe']['mean_NxV'][:, expected > 0] <= 0)  # log-likelihoods
 
 
@@ -128,10 +133,10 @@ def test_estimators_shapes_counts_same_positions(run, results):
 def test_probe_heads_saved_and_reused(run, results):
   del results
   _, _, _, ctx = run
-  path = est_lib.probe_path(ctx.analysis_dir, ctx.step)
+  path = probe.probe_path(ctx.analysis_dir, ctx.step)
   assert os.path.exists(path)
   mtime = os.stat(path).st_mtime_ns
-  again = est_lib.ESTIMATORS['probe'].prepare(ctx)
+  again = est_lib.get('probe').prepare(ctx)
   assert os.stat(path).st_mtime_ns == mtime  # not retrained
   with np.load(path) as f:
     np.testing.assert_array_equal(np.asarray(again['out_NxVxH']), f['out_NxVxH'])
@@ -174,7 +179,7 @@ def test_cli_missing_workdir_is_one_line(tmp_path):
 @pytest.fixture
 def planted_gate():
   """Registers the test gate for one test only (other tests list the registered gates)."""
-  gates.register('planted_test')(PlantedGate)
+  gates.register('planted_test', mixture=True)(PlantedGate)
   yield
   gates.GATES.pop('planted_test')
 
@@ -185,10 +190,10 @@ def test_planted_items_rank_toward_tower_0(tmp_path_factory, small_corpus_dir, p
   _, config, _, ctx = trained(tmp_path_factory, small_corpus_dir, 'planted',
                               **{'model.gate': 'planted_test', 'optimizer.lr': 5e-3})
   assert config.model.gate == 'planted_test'
-  from twotower_jax import stats  # pylint: disable=g-import-not-at-top
+  from twotower_jax.analysis import stats  # pylint: disable=g-import-not-at-top
   got = {}
   for name in ('gate', 'ablation', 'probe'):
-    res = est_lib.score(ctx, name)
+    res = est_lib.base.score(ctx, name)
     keep = res['count'] >= 5
     planted = np.isin(np.arange(keep.size), PLANTED_IDS)
     got[name] = (stats.auc(res['pref'][keep], planted[keep]),
@@ -201,17 +206,17 @@ def test_planted_items_rank_toward_tower_0(tmp_path_factory, small_corpus_dir, p
 @pytest.mark.slow
 def test_one_tower_run_gets_split_unit_control(tmp_path, small_corpus_dir):
   """n_towers=1: ablation and gate are skipped; the probe splits the units into two halves."""
-  from twotower_jax import train_state as state_lib  # pylint: disable=g-import-not-at-top
-  from twotower_jax import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   config = analysis_config(small_corpus_dir, **{'model.n_towers': 1, 'mesh.tower': 1})
   config.analysis.probe_steps = 3
   config.analysis.min_count = 1
   config.analysis.n_boot = 10
-  assert analysis.estimator_names(config) == ['probe']
-  setup = train_lib.build(config, str(tmp_path))
+  assert analysis.estimator_names(config)[0] == ['probe']
+  setup = setup_lib.build(config, str(tmp_path))
   params = state_lib.init(setup.model, optimizer_lib.make(config), 0).params
   out = str(tmp_path / 'analysis')
-  summary = analysis.analyze(setup, params, 0, config, str(tmp_path), out)
+  summary = analysis.analyze(run_lib.Run(setup, params, 0), str(tmp_path), out)
   pe = summary['per_estimator']['probe']
   assert pe['control']['kind'] == 'split_single_tower' and pe['n_items'] > 0
   with open(os.path.join(out, 'preference.csv')) as f:
@@ -220,17 +225,17 @@ def test_one_tower_run_gets_split_unit_control(tmp_path, small_corpus_dir):
 
 def test_three_tower_run_scores_every_tower(tmp_path, small_corpus_dir):
   """n_towers=3: per-tower columns for each estimator; pref = best tower minus mean of the others."""
-  from twotower_jax import train_state as state_lib  # pylint: disable=g-import-not-at-top
-  from twotower_jax import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from twotower_jax import report as report_lib  # pylint: disable=g-import-not-at-top
   config = analysis_config(small_corpus_dir, **{'model.n_towers': 3, 'mesh.tower': 1})
   config.analysis.probe_steps = 3
   config.analysis.min_count = 1
   config.analysis.n_boot = 10
-  setup = train_lib.build(config, str(tmp_path))
+  setup = setup_lib.build(config, str(tmp_path))
   params = state_lib.init(setup.model, optimizer_lib.make(config), 0).params
   out = str(tmp_path / 'analysis')
-  summary = analysis.analyze(setup, params, 0, config, str(tmp_path), out)
+  summary = analysis.analyze(run_lib.Run(setup, params, 0), str(tmp_path), out)
   assert summary['n_towers'] == 3 and set(summary['per_estimator']) == {'probe', 'ablation'}
   with open(os.path.join(out, 'preference.csv')) as f:
     rows = [r for r in csv.DictReader(f) if int(r['count']) > 0]
@@ -259,7 +264,7 @@ def test_summary_statistics_on_synthetic_items(small_corpus_dir):
   classes = {'word_class': wc, 'upos': np.full(v, ''), 'source': 'function_words'}
   pieces = [f'p{i}' for i in range(v)]
   labels = np.where(wc == 'closed', planted.SYNTAX, np.where(wc == 'open', planted.TOPIC, -1))
-  s = analysis.estimator_summary(res, pieces, classes, 2, config, (planted, labels))
+  s = summary_lib.estimator_summary(res, pieces, classes, 2, config, labels)
   keep = res['count'] >= config.analysis.min_count
   assert s['n_items'] == keep.sum()
   ce = s['class_enrichment']

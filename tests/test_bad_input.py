@@ -10,12 +10,13 @@ import pytest
 
 from conftest import run_module, snapshot
 from test_train import cli_overrides
-from twotower_jax import checkpoints
+from twotower_jax import workdir as workdir_lib
+from twotower_jax.train import checkpoints
 from twotower_jax import config as config_lib
-from twotower_jax import corpus as corpus_lib
+from twotower_jax.data import corpus as corpus_lib
 from twotower_jax import errors
-from twotower_jax import tokenizer as tokenizer_lib
-from twotower_jax import train
+from twotower_jax.data import tokenizer as tokenizer_lib
+from twotower_jax.train import loop as train
 
 
 def refused(config, workdir, error=errors.UserError, match=''):
@@ -149,7 +150,7 @@ def test_corrupted_checkpoint_through_the_cli_is_one_line(trained, tmp_path):
 def test_tokenizer_of_another_vocab_size(trained, tmp_path):
   config, workdir = copy_of(trained, tmp_path)
   docs = corpus_lib.load(config.data).train_docs
-  tokenizer_lib.train(docs, os.path.join(workdir, tokenizer_lib.FILENAME), 200)
+  tokenizer_lib.train(docs, os.path.join(workdir, workdir_lib.TOKENIZER), 200)
   refused(config, workdir, tokenizer_lib.TokenizerError, 'has 200 pieces but data.vocab_size=256')
 
 
@@ -157,16 +158,15 @@ def test_tokenizer_other_than_the_checkpoints(trained, tmp_path):
   """Same vocab size, different pieces: caught by the digest saved with each checkpoint."""
   config, workdir = copy_of(trained, tmp_path)
   docs = corpus_lib.load(config.data).train_docs
-  tokenizer_lib.train(docs[:3], os.path.join(workdir, tokenizer_lib.FILENAME), 256)
+  tokenizer_lib.train(docs[:3], os.path.join(workdir, workdir_lib.TOKENIZER), 256)
   refused(config, workdir, tokenizer_lib.TokenizerError,
           'is not the tokenizer the checkpoints were trained with')
 
 
 def test_analysis_of_a_workdir_without_checkpoints(tiny, tmp_path):
-  pytest.importorskip('twotower_jax.analyze')
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  config_lib.save_json(tiny(), str(workdir / 'config.json'))
+  workdir_lib.write_config(tiny(), str(workdir))
   before = snapshot(str(workdir))
   proc = run_module('twotower_jax.analyze', f'--workdir={workdir}', timeout=300)
   assert proc.returncode != 0

@@ -54,7 +54,7 @@ def test_point_env_sets_each_arm(monkeypatch):
   off = train_step.point_env('--xla_cpu_use_xnnpack=false', 'off')
   assert off['XLA_FLAGS'] == '--xla_cpu_use_xnnpack=false'
   assert off['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2'
-  assert off[hostmem.OPT_OUT] == '0'  # so the point process does not restart itself
+  assert off[hostmem.OPT_OUT] == '0'
   inherit = train_step.point_env(None, None)
   assert inherit['GLIBC_TUNABLES'] == os.environ['GLIBC_TUNABLES']
   monkeypatch.setenv(hostmem.OPT_OUT, '0')

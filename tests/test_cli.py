@@ -42,11 +42,11 @@ def test_missing_config_file_is_one_line(tmp_path):
 
 
 def test_a_workdir_with_another_model_is_refused(tiny, tmp_path):
-  from twotower_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'run'
   workdir.mkdir()
   old = tiny()
-  config_lib.save_json(old, str(workdir / 'config.json'))
+  workdir_lib.write_config(old, str(workdir))
   before = snapshot(str(workdir))
   proc = _main(str(workdir), '--config.model.d_model=64')
   assert proc.returncode == 2

@@ -1,34 +1,28 @@
 """Cross-run comparison: tower alignment and correlations from fake preference.csv files."""
 
-import csv
 import json
 import os
 
 import numpy as np
 import pytest
 
-from twotower_jax import compare
+from twotower_jax import workdir as workdir_lib
+from twotower_jax.analysis import compare
+from twotower_jax.analysis.estimators import base as est_base
 from twotower_jax import errors
 
 
-def write_run(workdir, pieces, counts, est_values, with_pref=True):
-  """est_values: {est: [I, N]} -> DIR/analysis/preference.csv as analyze writes it."""
+def write_run(workdir, pieces, counts, est_values):
+  """est_values: {est: [I, N]} -> DIR/analysis/preference.csv, written by the analysis's writer."""
   os.makedirs(os.path.join(workdir, 'analysis'), exist_ok=True)
-  fields = ['token_id', 'piece', 'count']
-  for est, v in est_values.items():
-    fields += [f'{est}_t{k}' for k in range(v.shape[1])]
-    if with_pref and v.shape[1] == 2:
-      fields.append(f'{est}_pref')
-  with open(os.path.join(workdir, 'analysis', 'preference.csv'), 'w', newline='') as f:
-    w = csv.writer(f)
-    w.writerow(fields)
-    for i, (p, c) in enumerate(zip(pieces, counts)):
-      row = [i, p, c]
-      for est, v in est_values.items():
-        row += [f'{x:.6g}' for x in v[i]]
-        if with_pref and v.shape[1] == 2:
-          row.append(f'{v[i, 0] - v[i, 1]:.6g}')
-      w.writerow(row)
+  results = {}
+  for est, v_IxN in est_values.items():
+    pref, best, _ = est_base.preference(v_IxN.T)
+    results[est] = {'count': np.asarray(counts, float), 'mean_NxV': v_IxN.T, 'pref': pref,
+                    'best': best, 'pref_lo': pref - 0.1, 'pref_hi': pref + 0.1}
+  classes = {'word_class': [''] * len(pieces), 'upos': [''] * len(pieces)}
+  workdir_lib.write_preference_csv(os.path.join(workdir, 'analysis', 'preference.csv'), pieces,
+                                   classes, results)
   return str(workdir)
 
 
@@ -72,9 +66,9 @@ def test_identical_towers_order_kept(tmp_path):
   n = 60
   adv = rng.normal(size=(n, 1)) * np.array([[0.5, -0.5]])
   d1 = write_run(tmp_path / 'a', [f'x{i}' for i in range(n)], [30] * n,
-                 {'probe': fake_values(rng, n, 2, adv)}, with_pref=False)
+                 {'probe': fake_values(rng, n, 2, adv)})
   d2 = write_run(tmp_path / 'b', [f'x{i}' for i in range(n)], [30] * n,
-                 {'probe': fake_values(rng, n, 2, adv)}, with_pref=False)
+                 {'probe': fake_values(rng, n, 2, adv)})
   res = compare.run_compare([d1, d2], str(tmp_path / 'o'), n_boot=50)
   assert res['alignment'][1]['permutation'] == [0, 1]
   assert res['pairs'][0]['spearman'] > 0.95
@@ -102,7 +96,30 @@ def test_recovers_known_permutation_of_three_towers(tmp_path):
 
 def test_missing_csv_is_a_user_error(tmp_path):
   d1 = write_run(tmp_path / 'a', ['x', 'y', 'z'], [30] * 3, {'probe': np.ones((3, 2))})
-  with pytest.raises(errors.UserError, match='run analyze on it first'):
+  with pytest.raises(errors.UserError, match='run the analysis first'):
     compare.run_compare([d1, str(tmp_path / 'never_analyzed')], str(tmp_path / 'o'))
   with pytest.raises(errors.UserError, match='at least two'):
     compare.run_compare([d1], str(tmp_path / 'o'))
+
+
+def test_extra_columns_are_not_estimators(tmp_path):
+  """An estimator's extra columns (ablation_shapley_t0/t1) look like EST_tK columns but are
+  not an estimator: compare counts one estimator, not two."""
+  rng = np.random.default_rng(3)
+  n = 50
+  pieces = [f'w{i}' for i in range(n)]
+  dirs = []
+  for name in ('a', 'b'):
+    v = rng.normal(size=(n, 2))
+    pref, best, _ = est_base.preference(v.T)
+    res = {'count': np.full(n, 30.0), 'mean_NxV': v.T, 'pref': pref, 'best': best,
+           'pref_lo': pref, 'pref_hi': pref,
+           'extras': {'shapley_t0': v[:, 0], 'shapley_t1': v[:, 1]}}
+    os.makedirs(tmp_path / name / 'analysis')
+    workdir_lib.write_preference_csv(str(tmp_path / name / 'analysis' / 'preference.csv'), pieces,
+                                     {'word_class': [''] * n, 'upos': [''] * n}, {'ablation': res})
+    dirs.append(str(tmp_path / name))
+  header = (tmp_path / 'a' / 'analysis' / 'preference.csv').read_text().splitlines()[0]
+  assert 'ablation_shapley_t0' in header
+  res = compare.run_compare(dirs, str(tmp_path / 'o'), n_boot=20)
+  assert res['estimators'] == ['ablation'] and len(res['pairs']) == 1

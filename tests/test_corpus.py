@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO
 from twotower_jax import config as config_lib
-from twotower_jax import corpus as corpus_lib
+from twotower_jax.data import corpus as corpus_lib
 
 
 def _data_config(**kw):
@@ -61,7 +61,7 @@ def test_text_source_errors(tmp_path, setup, match):
 
 
 def test_unknown_source():
-  with pytest.raises(corpus_lib.CorpusError, match="data.source='nope' is unknown"):
+  with pytest.raises(config_lib.ConfigError, match="data.source='nope' is unknown"):
     corpus_lib.load(_data_config(source='nope'))
 
 
@@ -85,7 +85,8 @@ TinyText(data_dir=sys.argv[1], file_format='array_record').download_and_prepare(
 
 _READ_TFDS = '''
 import sys
-from twotower_jax import config as config_lib, corpus as corpus_lib
+from twotower_jax import config as config_lib
+from twotower_jax.data import corpus as corpus_lib
 c = config_lib.base_config().data
 c.source, c.tfds_name, c.tfds_data_dir = 'tfds', 'tiny_text', sys.argv[1]
 corpus = corpus_lib.load(c)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from twotower_jax import data as data_lib
-from twotower_jax import tokenizer as tokenizer_lib
+from twotower_jax.data import windows as data_lib
+from twotower_jax.data import tokenizer as tokenizer_lib
 
 
 def test_pack_windows_targets_cover_the_stream_once():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from twotower_jax import config as config_lib
-from twotower_jax import embeddings
-from twotower_jax import model as model_lib
-from twotower_jax import train_step as step_lib
+from twotower_jax.model import embeddings
+from twotower_jax.model import lm as model_lib
+from twotower_jax.train import step as step_lib
 
 import _family
 
@@ -64,7 +64,7 @@ def test_input_grad_scale_scales_only_the_lookup_part():
   np.testing.assert_allclose(_table_grad(plain, params, toks), lookup_part + output_part,
                              rtol=1e-4, atol=1e-6)
   for s in (3.0, 0.5):
-    scaled = _family.tiny_model(input_grad_scale=s)
+    scaled = _family.tiny_model(**{'embedding.input_grad_scale': s})
     # same forward values (up to the rounding of s*e - (s-1)*e)
     np.testing.assert_allclose(plain.apply({'params': params}, toks)['logits_BxLxV'],
                                scaled.apply({'params': params}, toks)['logits_BxLxV'],
@@ -76,7 +76,7 @@ def test_input_grad_scale_scales_only_the_lookup_part():
 def test_grad_norm_metrics_split_matches_the_stop_gradient_decomposition():
   s = 2.0
   toks = _family.tokens((2, 8))
-  model = _family.tiny_model(input_grad_scale=s)
+  model = _family.tiny_model(**{'embedding.input_grad_scale': s})
   params = _family.init(model)
   plain = _family.tiny_model()
   lookup_part = _table_grad(plain, params, toks, _stop_output_side)
@@ -106,7 +106,7 @@ def _embed_count(mode, tied, n=2, v=_family.VOCAB, h=16, p=8):
 def test_modes_and_tying_build_run_and_count(mode):
   toks = _family.tokens((2, 8))
   for tied in (True, False):
-    model = _family.tiny_model(embedding_mode=mode, tied=tied, gate='latent')
+    model = _family.tiny_model(gate='latent', **{'embedding.mode': mode, 'embedding.tied': tied})
     params = _family.init(model)
     assert model_lib.param_count(params['embed']) == _embed_count(mode, tied)
     zeros = step_lib.zero_perturbations(model, params, toks)
@@ -123,7 +123,7 @@ def test_modes_and_tying_build_run_and_count(mode):
 
 
 def test_per_tower_tables_give_each_tower_its_own_input():
-  model = _family.tiny_model(embedding_mode='per_tower', gate='logit_sum')
+  model = _family.tiny_model(gate='logit_sum', **{'embedding.mode': 'per_tower'})
   params = _family.init(model)
   assert not np.allclose(params['embed']['token'][0], params['embed']['token'][1])
   toks = _family.tokens((1, 8))

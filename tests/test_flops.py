@@ -4,10 +4,10 @@ import types
 
 import pytest
 
-from twotower_jax import flops
-from twotower_jax import layers
-from twotower_jax import model as model_lib
-from twotower_jax import preflight
+from twotower_jax.train import flops
+from twotower_jax.model import layers
+from twotower_jax.model import lm as model_lib
+from twotower_jax.train import preflight
 
 
 def test_tree_count_equals_closed_form_for_causal_towers(tiny):
@@ -21,7 +21,7 @@ def test_tree_count_equals_closed_form_for_causal_towers(tiny):
   assert flops.train_flops_per_step(model, 8, 32) == by_hand * 8 * 32
   # One tower of the same shape costs a bit more than half (the shared output layer).
   single = flops.causal_formula_flops_per_token(
-      layers.ModelConfig(vocab_size=256, n_towers=1, n_layers=3, d_model=48, d_mlp=96), 32)
+      layers.model_config(vocab_size=256, n_towers=1, n_layers=3, d_model=48, d_mlp=96), 32)
   assert per_token / 2 < single < per_token
 
 

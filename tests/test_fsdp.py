@@ -7,11 +7,12 @@ import re
 import jax
 import numpy as np
 
-from twotower_jax import model as model_lib
-from twotower_jax import optimizer as optimizer_lib
-from twotower_jax import sharding as sharding_lib
-from twotower_jax import train_state as state_lib
-from twotower_jax import train_step as step_lib
+from twotower_jax.model import partitioning
+from twotower_jax.model import lm as model_lib
+from twotower_jax.train import optimizer as optimizer_lib
+from twotower_jax.train import sharding as sharding_lib
+from twotower_jax.train import state as state_lib
+from twotower_jax.train import step as step_lib
 
 
 def _run(config, n_devices, steps):
@@ -23,7 +24,7 @@ def _run(config, n_devices, steps):
   batch_sh = sharding_lib.batch_sharding(mesh, rules)
   state = state_lib.create_sharded(model, tx, 0, state_sh)
   first = state
-  step = jax.jit(sharding_lib.with_rules(  # as train.py: activation constraints bind
+  step = jax.jit(partitioning.with_rules(  # as train.py: activation constraints bind
       functools.partial(step_lib.train_step, model=model, tx=tx,
                         lr_schedule=optimizer_lib.schedule(config)), mesh, rules),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))

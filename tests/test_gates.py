@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from twotower_jax import config as config_lib
-from twotower_jax import gates
-from twotower_jax import train_step as step_lib
+from twotower_jax.model import gates
+from twotower_jax.train import step as step_lib
 
 import _family
 
@@ -131,3 +131,24 @@ def test_bad_gate_options_are_one_line_config_errors(field, value, needle):
   with pytest.raises(config_lib.ConfigError) as err:
     _family.step_config(**{field: value})
   assert needle in str(err.value) and '\n' not in str(err.value)
+
+
+def test_latent_gate_averages_only_positions_that_carry_loss():
+  """The mean gate (logged and in the balance regulariser) and its entropy are weighted by the
+  loss weights: positions with weight 0 (PAD, unselected MLM positions) do not count."""
+  model = _family.tiny_model(n_towers=2, gate='latent', **{'latent.balance_weight': 1.0})
+  params = _family.init(model)
+  toks = _family.tokens((2, 8))
+  weights = jnp.zeros((2, 8)).at[:, :3].set(1.0)
+  out = model.apply({'params': params}, toks, weights_BxL=weights)
+  pi_NxBxL = np.exp(np.asarray(out['gate_log_weights_NxBxL']))
+  want = pi_NxBxL[:, :, :3].reshape(2, -1).mean(axis=1)
+  got = [float(out['metrics'][f'gate_mean_t{k}']) for k in range(2)]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert not np.allclose(got, pi_NxBxL.reshape(2, -1).mean(axis=1), rtol=1e-5)
+  entropy = -(pi_NxBxL * np.log(pi_NxBxL)).sum(0)[:, :3].mean()
+  np.testing.assert_allclose(float(out['metrics']['gate_entropy']), entropy, rtol=1e-5)
+  np.testing.assert_allclose(float(out['aux_loss']), np.sum(want * np.log(2 * want)), rtol=1e-4)
+  everywhere = model.apply({'params': params}, toks)  # no weights: every position counts
+  np.testing.assert_allclose(float(everywhere['metrics']['gate_mean_t0']),
+                             pi_NxBxL[0].mean(), rtol=1e-5)

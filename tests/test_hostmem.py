@@ -1,5 +1,5 @@
 """Huge-page host buffers: when the tunable applies, how the environment is edited,
-that entry points restart with it, and that it removes the per-step page faults."""
+that the launch scripts export it, and that it removes the per-step page faults."""
 
 import os
 import subprocess
@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from conftest import REPO
 from twotower_jax import hostmem
 
 LINUX_MADVISE = {'mode': 'madvise', 'libc': (2, 36), 'system': 'Linux'}
@@ -41,13 +42,11 @@ def test_environment_edits_keep_other_tunables():
   assert env == {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2', 'HOME': '/h'}  # not mutated
 
 
-def test_a_failed_restart_runs_on_without_the_tunable(monkeypatch, capsys):
-  def fail(*args):
-    raise OSError('exec format error')
-  monkeypatch.setattr(hostmem, 'reason', lambda: None)
-  monkeypatch.setattr(os, 'execve', fail)
-  hostmem.reexec_with_huge_pages()  # returns instead of raising
-  assert 'could not restart with glibc.malloc.hugetlb=1' in capsys.readouterr().err
+def test_export_line_only_where_the_tunable_applies():
+  line = hostmem.export_line({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, **LINUX_MADVISE)
+  assert line == f"export GLIBC_TUNABLES='glibc.malloc.arena_max=2:{hostmem.TUNABLE}'"
+  assert hostmem.export_line({hostmem.OPT_OUT: '0'}, **LINUX_MADVISE) == ''
+  assert hostmem.export_line({}, **{**LINUX_MADVISE, 'mode': 'never'}) == ''
 
 
 def _python(code: str, env: dict) -> subprocess.CompletedProcess:
@@ -56,21 +55,24 @@ def _python(code: str, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(hostmem.unsupported() is not None, reason=str(hostmem.unsupported()))
-def test_entry_point_restarts_once_with_the_tunable_unless_opted_out():
-  code = """
-      import os, sys
-      from twotower_jax import hostmem
-      print('start', flush=True)
-      hostmem.reexec_with_huge_pages()
-      print(os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:])
-  """
+def test_launch_env_exports_the_tunable_unless_opted_out():
+  """The line launch/env.sh runs gives the processes it starts the tunable; the library
+  itself never restarts a process (entry points run as started)."""
+  with open(os.path.join(REPO, 'launch', 'env.sh')) as f:
+    (line,) = [l for l in f.read().splitlines() if 'twotower_jax.hostmem' in l]
+  script = line + '; python -c "import os; print(os.environ.get(\'GLIBC_TUNABLES\', \'\'))"'
   base = hostmem.without_tunable(os.environ)
   base.pop(hostmem.OPT_OUT)
-  out = _python(code + '\n', base).stdout.split('\n')
-  assert out[:2] == ['start', 'start'], out  # ran twice: once before, once after the exec
-  assert hostmem.TUNABLE in out[2]
-  opted_out = _python(code, {**base, hostmem.OPT_OUT: '0'}).stdout.split('\n')
-  assert opted_out[0] == 'start' and hostmem.TUNABLE not in opted_out[1]
+  base['PATH'] = os.path.dirname(sys.executable) + os.pathsep + base.get('PATH', '')
+  base['PYTHONPATH'] = REPO
+  on = subprocess.run(['bash', '-c', script], env=base, capture_output=True, text=True, check=True)
+  assert hostmem.TUNABLE in on.stdout
+  off = subprocess.run(['bash', '-c', script], env={**base, hostmem.OPT_OUT: '0'},
+                       capture_output=True, text=True, check=True)
+  assert hostmem.TUNABLE not in off.stdout
+  started = _python("import os; from twotower_jax import cli; "
+                    "print(os.environ.get('GLIBC_TUNABLES', ''))", {**base})
+  assert hostmem.TUNABLE not in started.stdout  # importing the entry plumbing changes nothing
 
 
 @pytest.mark.skipif(hostmem.unsupported() is not None, reason=str(hostmem.unsupported()))

@@ -7,8 +7,8 @@ import subprocess
 import pytest
 
 from tests.conftest import REPO
-from twotower_jax import config as config_lib
-from twotower_jax import sharding as sharding_lib
+from twotower_jax.train import setup as setup_lib
+from twotower_jax.train import sharding as sharding_lib
 
 SCRIPTS = sorted(glob.glob(os.path.join(REPO, 'launch', '*.sh')))
 
@@ -65,7 +65,7 @@ def test_tpu_script_rejects_unknown_commands():
 def test_presets_validate_and_fit_their_hardware(name, devices):
   import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f'configs.{name}').get_config()
-  config_lib.validate(config)
+  setup_lib.check_config(config)
   shape = sharding_lib.mesh_shape(config.mesh, devices)
   assert config.train.batch_size % (shape[0] * shape[1]) == 0
   assert config.model.dtype == 'bfloat16'

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from twotower_jax import config as config_lib
-from twotower_jax import layers
-from twotower_jax import model as model_lib
+from twotower_jax.model import layers
+from twotower_jax.model import lm as model_lib
 
 
 def _model(n_towers=2, **kw):
-  cfg = layers.ModelConfig(vocab_size=50, n_towers=n_towers, n_layers=2, d_model=16, n_heads=2,
-                           d_mlp=32, max_len=12, dropout=0.0, **kw)
+  cfg = layers.model_config(vocab_size=50, n_towers=n_towers, n_layers=2, d_model=16, n_heads=2,
+                            d_mlp=32, max_len=12, dropout=0.0, **kw)
   return model_lib.TwoTowerLM(cfg)
 
 

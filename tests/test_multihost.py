@@ -4,7 +4,6 @@ Same global batch, same (data=4, tower=2) mesh over 8 devices: the losses agree
 within float tolerance, and the checkpoint the two processes wrote restores in one.
 """
 
-import json
 import os
 import socket
 import subprocess
@@ -15,14 +14,14 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, tiny_config
-from twotower_jax import checkpoints
+from twotower_jax import workdir as workdir_lib
+from twotower_jax.train import checkpoints
 from twotower_jax import config as config_lib
-from twotower_jax import metrics as metrics_lib
-from twotower_jax import model as model_lib
-from twotower_jax import optimizer as optimizer_lib
-from twotower_jax import sharding as sharding_lib
-from twotower_jax import tokenizer as tokenizer_lib
-from twotower_jax import train_state as state_lib
+from twotower_jax.model import lm as model_lib
+from twotower_jax.train import optimizer as optimizer_lib
+from twotower_jax.train import sharding as sharding_lib
+from twotower_jax.data import tokenizer as tokenizer_lib
+from twotower_jax.train import state as state_lib
 
 
 def _free_port() -> int:
@@ -51,7 +50,7 @@ def _launch(workdir, config, n_devices, extra=()):
 
 
 def _train_losses(workdir):
-  return [l['loss'] for l in metrics_lib.read(os.path.join(workdir, 'metrics.jsonl'))
+  return [l['loss'] for l in workdir_lib.read_metrics(workdir)
           if l['kind'] == 'train']
 
 
@@ -75,7 +74,7 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(small_corpus_dir
   losses_one, losses_two = _train_losses(one), _train_losses(two)
   assert len(losses_one) == len(losses_two) == 4
   np.testing.assert_allclose(losses_two, losses_one, rtol=2e-5)
-  run_line = [l for l in metrics_lib.read(os.path.join(two, 'metrics.jsonl'))
+  run_line = [l for l in workdir_lib.read_metrics(two)
               if l['kind'] == 'run'][0]
   assert run_line['devices'] == 8 and run_line['flops_per_step'] > 0
   assert run_line['compile_s'] > 0
@@ -83,7 +82,7 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(small_corpus_dir
   # The checkpoint written by both processes restores in this one process.
   mesh = sharding_lib.make_mesh(config)
   rules = sharding_lib.rules(config)
-  sp = tokenizer_lib.load(os.path.join(two, tokenizer_lib.FILENAME))
+  sp = tokenizer_lib.load(os.path.join(two, workdir_lib.TOKENIZER))
   model = model_lib.build(config, sp.get_piece_size())
   tx = optimizer_lib.make(config)
   abstract = state_lib.abstract(model, tx, state_lib.shardings(model, tx, mesh, rules))
@@ -100,7 +99,7 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(small_corpus_dir
 
 
 def test_distributed_settings_and_errors(monkeypatch):
-  from twotower_jax import distributed  # pylint: disable=g-import-not-at-top
+  from twotower_jax.train import distributed  # pylint: disable=g-import-not-at-top
   for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
             'TPU_WORKER_HOSTNAMES', 'TPU_ACCELERATOR_TYPE', 'CLOUD_TPU_TASK_ID'):
     monkeypatch.delenv(k, raising=False)

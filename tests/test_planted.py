@@ -7,13 +7,16 @@ import os
 import numpy as np
 import pytest
 
+from twotower_jax.analysis import summary as summary_lib
+from twotower_jax import workdir as workdir_lib
+from twotower_jax.train import setup as setup_lib
 from twotower_jax import config as config_lib
-from twotower_jax import corpus as corpus_lib
+from twotower_jax.data import corpus as corpus_lib
 from twotower_jax import errors
-from twotower_jax import planted
-from twotower_jax import stats
-from twotower_jax import tokenizer as tokenizer_lib
-from twotower_jax import train
+from twotower_jax.data import planted
+from twotower_jax.analysis import stats
+from twotower_jax.data import tokenizer as tokenizer_lib
+from twotower_jax.train import loop as train
 
 
 def small(**overrides):
@@ -107,7 +110,7 @@ def test_bad_parameters_are_config_errors(field, value, match):
   c = small()
   c.data[field] = value
   with pytest.raises(config_lib.ConfigError, match=match):
-    config_lib.validate(c)
+    setup_lib.check_config(c)
 
 
 def test_word_tokenizer_size_must_fit_the_language():
@@ -115,12 +118,12 @@ def test_word_tokenizer_size_must_fit_the_language():
   c.data.planted_topics = 5
   with pytest.raises(config_lib.ConfigError,
                      match=f'set data.vocab_size={planted.required_vocab_size(c.data)}'):
-    config_lib.validate(c)
+    setup_lib.check_config(c)
 
 
 def test_token_classes_on_a_trained_tokenizer(tmp_path):
   c = small()
-  config_lib.validate(c)
+  setup_lib.check_config(c)
   lang, _ = planted.generate(c.data)
   corpus = corpus_lib.load(c.data)
   path = str(tmp_path / 'tok.model')
@@ -176,10 +179,10 @@ def test_planted_source_builds_train_and_val_like_the_main_job(tmp_path):
   c.model.n_layers, c.model.d_model, c.model.n_heads, c.model.d_mlp = 1, 32, 2, 64
   c.model.max_len = 32
   c.mesh.tower = 1
-  config_lib.validate(c)
+  setup_lib.check_config(c)
   workdir = str(tmp_path / 'run')
-  setup = train.build(c, workdir)
-  assert os.path.exists(os.path.join(workdir, tokenizer_lib.FILENAME))
+  setup = setup_lib.build(c, workdir)
+  assert os.path.exists(os.path.join(workdir, workdir_lib.TOKENIZER))
   assert len(setup.corpus.val_docs) == 12 and len(setup.corpus.train_docs) == 108
   assert not set(setup.corpus.val_names) & set(setup.corpus.train_names)
   assert setup.splits.train_windows.shape[1] == 33 and len(setup.splits.val_windows) > 0
@@ -194,7 +197,7 @@ def test_class_separation_selects_items_and_orients_auc():
   classes_V = np.asarray([-1, -1, 0, 0, 0, 1, 1, 1, 1, 0], np.int32)
   pref_V = np.asarray([9.0, -9.0, 2.0, 1.0, np.nan, -1.0, 0.5, -2.0, 3.0, -5.0])
   counts_V = np.asarray([100, 100, 50, 50, 50, 50, 50, 50, 50, 1])
-  out = planted.class_separation(pref_V, classes_V, counts_V, min_count=2, n_boot=200)
+  out = summary_lib.class_separation(pref_V, classes_V, counts_V, min_count=2, n_boot=200)
   # Kept: syntax {2.0, 1.0}, topic {-1.0, 0.5, -2.0, 3.0}: 6 of 8 pairs won.
   assert out['n_syntax'] == 2 and out['n_topic'] == 4
   assert out['auc'] == pytest.approx(_auc_pairwise([2.0, 1.0, -1.0, 0.5, -2.0, 3.0],
@@ -202,7 +205,7 @@ def test_class_separation_selects_items_and_orients_auc():
   assert out['auc'] == pytest.approx(6 / 8)
   lo, hi = out['ci']
   assert 0.0 <= lo <= out['auc'] <= hi <= 1.0
-  flipped = planted.class_separation(-pref_V, classes_V, counts_V, min_count=2, n_boot=200)
+  flipped = summary_lib.class_separation(-pref_V, classes_V, counts_V, min_count=2, n_boot=200)
   assert flipped['auc'] == pytest.approx(1 - out['auc'])
 
 
@@ -267,7 +270,7 @@ def test_planted_check_on_a_trained_run(tmp_path):
   c.model.max_len = 32
   c.train.steps, c.train.batch_size, c.train.eval_every, c.train.checkpoint_every = 3, 8, 3, 3
   c.mesh.tower = 1
-  config_lib.validate(c)
+  setup_lib.check_config(c)
   workdir = str(tmp_path / 'run')
   result = train.train_and_evaluate(c, workdir)
   out = planted_check.class_losses(workdir)
@@ -280,5 +283,5 @@ def test_planted_check_on_a_trained_run(tmp_path):
   assert out['floors']['oracle']['loss'] < out['floors']['topic_blind']['loss']
   with pytest.raises(errors.UserError, match='planted_check needs'):
     c2 = config_lib.base_config()
-    config_lib.save_json(c2, str(tmp_path / 'config.json'))
+    workdir_lib.write_config(c2, str(tmp_path))
     planted_check.class_losses(str(tmp_path))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from twotower_jax import config as config_lib
-from twotower_jax import embeddings
-from twotower_jax import train_step as step_lib
+from twotower_jax.model import embeddings
+from twotower_jax.train import step as step_lib
 
 import _family
 
@@ -17,7 +17,7 @@ def test_zero_steps_is_exactly_the_plain_model_and_steps_change_the_output():
   toks = _family.tokens((2, 8))
   plain = _family.tiny_model()
   params = _family.init(plain)
-  zero = _family.tiny_model(ponder_steps=0, ponder_temperature=0.5)
+  zero = _family.tiny_model(**{'pondering.steps': 0, 'pondering.temperature': 0.5})
   assert jax.tree.structure(_family.init(zero)) == jax.tree.structure(params)
   same = jax.tree.map(np.array_equal, _family.init(zero), params)
   assert all(jax.tree.leaves(same))  # same parameters, same init
@@ -26,7 +26,7 @@ def test_zero_steps_is_exactly_the_plain_model_and_steps_change_the_output():
   np.testing.assert_array_equal(a['logits_BxLxV'], b['logits_BxLxV'])
   np.testing.assert_array_equal(a['tower_states_NxBxLxH'], b['tower_states_NxBxLxH'])
   # pondering reuses the same parameters: the tree does not grow
-  two = _family.tiny_model(ponder_steps=2)
+  two = _family.tiny_model(**{'pondering.steps': 2})
   assert jax.tree.structure(_family.init(two)) == jax.tree.structure(params)
   c = two.apply({'params': params}, toks)
   assert not np.allclose(a['logits_BxLxV'], c['logits_BxLxV'], atol=1e-4)
@@ -44,7 +44,7 @@ def test_one_step_feeds_back_the_expected_embedding():
   position = params['embed']['position'].at[:8].add(soft[0])
   manual = plain.apply({'params': dict(params, embed=dict(params['embed'], position=position))},
                        toks)['logits_BxLxV']
-  pondered = _family.tiny_model(ponder_steps=1, ponder_temperature=tau).apply(
+  pondered = _family.tiny_model(**{'pondering.steps': 1, 'pondering.temperature': tau}).apply(
       {'params': params}, toks)['logits_BxLxV']
   np.testing.assert_allclose(pondered, manual, rtol=1e-5, atol=1e-5)
 
@@ -52,7 +52,7 @@ def test_one_step_feeds_back_the_expected_embedding():
 def test_gradient_flows_through_every_pass():
   """d loss / d logits of pass 0 is nonzero: the first pass is trained through the second."""
   toks = _family.tokens((2, 8))
-  model = _family.tiny_model(ponder_steps=1)
+  model = _family.tiny_model(**{'pondering.steps': 1})
   params = _family.init(model)
 
   def loss(p):
@@ -86,7 +86,7 @@ def loss_stopped(model, params, toks):
 @pytest.mark.parametrize('gate,mode', [('latent', 'per_tower'), ('logit_sum', 'projected')])
 def test_pondering_runs_with_other_gates_and_embeddings(gate, mode):
   toks = _family.tokens((2, 8))
-  model = _family.tiny_model(ponder_steps=1, gate=gate, embedding_mode=mode, n_towers=3)
+  model = _family.tiny_model(gate=gate, n_towers=3, **{'pondering.steps': 1, 'embedding.mode': mode})
   out = model.apply({'params': _family.init(model)}, toks)
   assert out['logits_BxLxV'].shape == (2, 8, _family.VOCAB)
   assert np.isfinite(np.asarray(out['logits_BxLxV'])).all()

@@ -15,19 +15,20 @@ import pytest
 
 from conftest import REPO, tiny_config
 from test_train import cli_overrides
-from twotower_jax import checkpoints
-from twotower_jax import metrics as metrics_lib
-from twotower_jax import nonfinite
-from twotower_jax import optimizer as optimizer_lib
-from twotower_jax import sharding as sharding_lib
-from twotower_jax import train
-from twotower_jax import train_state as state_lib
-from twotower_jax import train_step as step_lib
+from twotower_jax.train import setup as setup_lib
+from twotower_jax import workdir as workdir_lib
+from twotower_jax.train import checkpoints
+from twotower_jax.train import nonfinite
+from twotower_jax.train import optimizer as optimizer_lib
+from twotower_jax.train import sharding as sharding_lib
+from twotower_jax.train import loop as train
+from twotower_jax.train import state as state_lib
+from twotower_jax.train import step as step_lib
 
 
 def restored_state(config, workdir, devices=None, step=None, mesh_config=None):
   """The checkpointed state of `workdir` restored onto a mesh of `devices` (default: all)."""
-  setup = train.build(config, workdir, train_tokenizer=False)
+  setup = setup_lib.build(config, workdir, train_tokenizer=False)
   mesh = sharding_lib.make_mesh(mesh_config or config, devices)
   tx = optimizer_lib.make(config)
   state_sh = state_lib.shardings(setup.model, tx, mesh, sharding_lib.rules(config))
@@ -67,10 +68,8 @@ def start_training(config, workdir) -> subprocess.Popen:
 
 
 def trained_steps(workdir) -> int:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return 0
-  return max([l['step'] for l in metrics_lib.read(path) if l['kind'] == 'train'], default=0)
+  return max([l['step'] for l in workdir_lib.read_metrics(workdir) if l['kind'] == 'train'],
+             default=0)
 
 
 def wait_for(proc, condition, timeout=300.0):
@@ -116,7 +115,7 @@ def test_sigkill_during_checkpoint_writes_resumes_bit_identically(uninterrupted,
   assert result['step'] == KILL_STEPS
   assert not glob.glob(os.path.join(ckpt_dir, '*tmp*'))
   assert_bit_equal(restored_state(config, whole), restored_state(config, workdir))
-  steps = [l['step'] for l in metrics_lib.read(os.path.join(workdir, 'metrics.jsonl'))
+  steps = [l['step'] for l in workdir_lib.read_metrics(workdir)
            if l['kind'] == 'train']
   assert steps == list(range(1, KILL_STEPS + 1))  # lines after the resumed step were redone
 
@@ -158,14 +157,14 @@ def test_nonfinite_stop_names_step_and_keeps_last_good_checkpoint(tiny, tmp_path
   assert f'last good checkpoint is step {bad - 1}' in message
   state = restored_state(config, workdir)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
-  lines = metrics_lib.read(os.path.join(workdir, 'metrics.jsonl'))
+  lines = workdir_lib.read_metrics(workdir)
   assert [l['step'] for l in lines if l['kind'] == 'nonfinite'] == [bad]
 
 
 def test_nonfinite_skip_keeps_params_and_counts(tiny, tmp_path):
   """With skip, a NaN step leaves params and optimizer state bit-identical, step + 1."""
   config = tiny(**{'train.on_nonfinite': 'skip'})
-  setup = train.build(config, str(tmp_path), train_tokenizer=True)
+  setup = setup_lib.build(config, str(tmp_path), train_tokenizer=True)
   tx = optimizer_lib.make(config)
   state = state_lib.init(setup.model, tx, 0)
   leaves, treedef = jax.tree.flatten(state.params)
@@ -205,7 +204,7 @@ def test_nonfinite_skip_run_finishes_and_counts_skips(tiny, tmp_path):
                    'train.eval_every': 4, 'train.checkpoint_every': 4})
   result = train.train_and_evaluate(config, workdir)
   assert result['step'] == 4
-  lines = [l for l in metrics_lib.read(os.path.join(workdir, 'metrics.jsonl'))
+  lines = [l for l in workdir_lib.read_metrics(workdir)
            if l['kind'] == 'train']
   n_bad = sum(1 for l in lines if not np.isfinite(float(l['loss'])))
   assert n_bad >= 1 and sum(l['skipped'] for l in lines) >= n_bad
@@ -284,7 +283,7 @@ def test_mismatched_shape_or_structure_is_refused(mesh_run):
   with pytest.raises(checkpoints.CheckpointError, match='does not restore onto this model'):
     restored_state(wider, workdir)
   # A target tree missing a leaf: Orbax refuses instead of restoring the rest.
-  setup = train.build(config, workdir, train_tokenizer=False)
+  setup = setup_lib.build(config, workdir, train_tokenizer=False)
   tx = optimizer_lib.make(config)
   mesh = sharding_lib.make_mesh(config)
   abstract = state_lib.abstract(setup.model, tx,

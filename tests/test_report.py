@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 from twotower_jax import report
+from twotower_jax.report import figures
+from twotower_jax.report import format as fmt
+from twotower_jax.report import render
 
 ODD_PIECE = '<b>|'
 
@@ -83,6 +86,7 @@ def make_analysis(root, n_towers=2, estimators=('probe', 'ablation'), struct=Tru
                              'n_closed': 18, 'n_open': 17, 'mean_pref_closed': 0.2,
                              'mean_pref_open': -0.1},
         'top_items': top[est], 'seconds': 1.5, 'tokens_per_s': 1234.0,
+        'description': f'what {est} measures',
     }
     if planted:
       per[est]['planted'] = {'auc': 0.93, 'ci': [0.88, 0.97], 'n_syntax': 13, 'n_topic': 13}
@@ -101,6 +105,8 @@ def make_analysis(root, n_towers=2, estimators=('probe', 'ablation'), struct=Tru
   summary = {'workdir': str(root), 'step': 100, 'n_towers': n_towers, 'tower_type': 'gpt',
              'gate': 'latent' if 'gate' in estimators else 'concat', 'n_positions': 4000,
              'n_eval_windows': 8, 'min_count': 2, 'estimators': list(estimators),
+             'estimators_skipped': ({} if 'gate' in estimators else
+                                    {'gate': 'needs a mixture gate (this run: concat)'}),
              'eval_loss': 4.2, 'per_estimator': per, 'agreement': agreement,
              'structural_probe': sp, 'token_view_estimator': estimators[0]}
   with open(os.path.join(out, 'summary.json'), 'w') as f:
@@ -154,7 +160,7 @@ def test_markdown_two_towers_headline_and_tables(two_towers):
       assert line.count('|') - line.count('\\|') == 8  # 7 columns
   assert 'n/a' in md  # NaN bins and CIs print as n/a
   assert not re.search(r'\bnan\b', md, re.I)
-  assert 'no latent gate: gate estimator not run' in md
+  assert 'Not shown: estimator gate did not run: needs a mixture gate' in md
   assert '| probe~ablation | 0.800 | [0.700, 0.900] | 30 |' in md
   tower1 = md[md.index('**tower 1 (most negative preference)**'):
               md.index('## Estimator `ablation`')]
@@ -173,8 +179,8 @@ def test_markdown_missing_sections_say_why(tmp_path):
   assert 'Not shown: only 1 estimator(s) ran (probe); agreement needs two or more.' in md
   assert 'Not shown: no structural probe: analysis.struct_conllu was not set' in md
   assert 'Not shown: token_view.json is missing' in md
-  assert 'ablation estimator not run' in md
-  assert "no latent gate: gate estimator not run (this model's gate is 'concat'" in md
+  assert 'Not shown: estimator gate did not run: needs a mixture gate (this run: concat).' in md
+  assert '`probe`: per-tower value = what probe measures.' in md
   assert not re.search(r'\bnan\b', md)
 
 
@@ -187,9 +193,8 @@ def test_three_towers_and_gate(tmp_path):
   assert 'AUC 0.27 [0.20, 0.33]' in gate_line
   assert '**tower 2**' in md
   assert 'Planted classes' in md and '| 0.930 | [0.880, 0.970] | 13 | 13 |' in md
-  assert 'no latent gate' not in md
+  assert 'did not run' not in md
   assert list(summary['agreement']) == ['probe~gate'] and '| probe~gate |' in md
-  assert 'ablation estimator not run (not selected for this analysis)' in md
 
 
 def test_missing_inputs_raise_user_error(tmp_path):
@@ -198,11 +203,11 @@ def test_missing_inputs_raise_user_error(tmp_path):
 
 
 def test_number_formatting():
-  assert report.num(float('nan')) == 'n/a' and report.num(None) == 'n/a'
-  assert report.num(0.12345) == '0.123' and report.num(3) == '3'
-  assert report.ci([0.1, float('nan')]) == 'n/a' and report.ci([0.1, 0.2], 2) == '[0.10, 0.20]'
-  assert report.md_escape('a|b*c') == 'a\\|b\\*c'
-  assert math.isnan(report._lean(None))  # pylint: disable=protected-access
+  assert fmt.num(float('nan')) == 'n/a' and fmt.num(None) == 'n/a'
+  assert fmt.num(0.12345) == '0.123' and fmt.num(3) == '3'
+  assert fmt.ci([0.1, float('nan')]) == 'n/a' and fmt.ci([0.1, 0.2], 2) == '[0.10, 0.20]'
+  assert fmt.md_escape('a|b*c') == 'a\\|b\\*c'
+  assert math.isnan(render._lean(None))  # pylint: disable=protected-access
 
 
 def _check_png(path):
@@ -242,7 +247,7 @@ def test_dollar_pieces_do_not_break_figures(tmp_path):
                                   {'piece': 'a$^b$', 'token_id': 2, 'count': 4, 'pref': 0.5}],
                       'tower_1': [{'piece': '$', 'token_id': 3, 'count': 2, 'pref': -0.2}]}}
   os.makedirs(tmp_path / 'figures')
-  rel = report.fig_top(str(tmp_path), 'probe', ps)
+  rel = figures.fig_top(str(tmp_path), 'probe', ps)
   _check_png(os.path.join(str(tmp_path), rel))
 
 
@@ -271,8 +276,8 @@ def test_html_self_contained_escaped_with_token_view(two_towers):
 
 
 def test_inline_html():
-  assert report.inline_html('**a** `b` c\\|d <x>') == '<b>a</b> <code>b</code> c|d &lt;x&gt;'
-  assert report.lean_style(None)[0] == 'tok ns' and report.lean_style(float('nan'))[0] == 'tok ns'
+  assert render.inline_html('**a** `b` c\\|d <x>') == '<b>a</b> <code>b</code> c|d &lt;x&gt;'
+  assert render.lean_style(None)[0] == 'tok ns' and render.lean_style(float('nan'))[0] == 'tok ns'
 
 
 def test_one_tower_split_control_model(tmp_path):

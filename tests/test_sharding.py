@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from twotower_jax import config as config_lib
-from twotower_jax import model as model_lib
-from twotower_jax import optimizer as optimizer_lib
-from twotower_jax import sharding as sharding_lib
-from twotower_jax import train_state as state_lib
-from twotower_jax import train_step as step_lib
+from twotower_jax.model import lm as model_lib
+from twotower_jax.train import optimizer as optimizer_lib
+from twotower_jax.train import sharding as sharding_lib
+from twotower_jax.train import state as state_lib
+from twotower_jax.train import step as step_lib
 
 
 def _setup(config):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sp_stats
 
-from twotower_jax import stats
+from twotower_jax.analysis import stats
 
 
 def brute_auc(scores, labels):

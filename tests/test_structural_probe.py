@@ -6,8 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from twotower_jax import structural_probe as sprobe
-from twotower_jax import wordclass
+from twotower_jax import workdir as workdir_lib
+from twotower_jax.train import setup as setup_lib
+from twotower_jax.analysis import structural_probe as sprobe
+from twotower_jax.analysis import wordclass
 
 
 def random_tree(rng, n):
@@ -166,10 +168,9 @@ def test_layer_states_and_run_on_tiny_model(tiny, tmp_path):
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from twotower_jax import train as train_lib
 
   config = probe_config(tiny)
-  setup = train_lib.build(config, str(tmp_path))
+  setup = setup_lib.build(config, str(tmp_path))
   params = nn.unbox(setup.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32))['params'])
   tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 32), 5, 256)
   layers = sprobe.layer_states(setup.model, params, tokens)
@@ -185,7 +186,7 @@ def test_layer_states_and_run_on_tiny_model(tiny, tmp_path):
   assert np.all((np.asarray(result['uuas']) >= 0) & (np.asarray(result['uuas']) <= 1))
   assert result['n_test_sentences'] == 20 and result['n_train_sentences'] == 80
   assert 0 < result['baseline_uuas_adjacent'] < 1
-  assert os.path.exists(tmp_path / 'analysis' / sprobe.RESULT_FILENAME)
+  assert os.path.exists(tmp_path / 'analysis' / workdir_lib.STRUCT_JSON)
 
   config.analysis.struct_conllu = ''
   with pytest.raises(sprobe.ProbeError, match='struct_conllu'):
@@ -198,11 +199,10 @@ def test_bilstm_layers_are_elmo_states_and_probe_runs(tiny, tmp_path):
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from twotower_jax import train as train_lib
 
   config = probe_config(tiny)
   config.model.tower_type = 'bilstm'
-  setup = train_lib.build(config, str(tmp_path))
+  setup = setup_lib.build(config, str(tmp_path))
   params = nn.unbox(setup.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32))['params'])
   tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 32), 5, 256)
   layers = sprobe.layer_states(setup.model, params, tokens)
@@ -226,16 +226,16 @@ def test_bilstm_layers_are_elmo_states_and_probe_runs(tiny, tmp_path):
 @pytest.mark.slow
 def test_run_on_trained_checkpoint(tiny, tmp_path):
   """End to end: train a tiny model, restore its checkpoint, probe it."""
-  from twotower_jax import checkpoints
-  from twotower_jax import optimizer as optimizer_lib
-  from twotower_jax import sharding as sharding_lib
-  from twotower_jax import train as train_lib
-  from twotower_jax import train_state as state_lib
+  from twotower_jax.train import checkpoints
+  from twotower_jax.train import optimizer as optimizer_lib
+  from twotower_jax.train import sharding as sharding_lib
+  from twotower_jax.train import loop as train_lib
+  from twotower_jax.train import state as state_lib
 
   config = probe_config(tiny)
   workdir = str(tmp_path / 'run')
   train_lib.train_and_evaluate(config, workdir)
-  setup = train_lib.build(config, workdir, train_tokenizer=False)
+  setup = setup_lib.build(config, workdir, train_tokenizer=False)
   tx = optimizer_lib.make(config)
   state_sh = state_lib.shardings(setup.model, tx, setup.mesh, sharding_lib.rules(config))
   mngr = checkpoints.manager(workdir, read_only=True)
@@ -252,4 +252,4 @@ def test_bad_probe_config_is_a_config_error(field, value):
   c = config_lib.base_config()
   c.analysis[field] = value
   with pytest.raises(config_lib.ConfigError, match=f'analysis.{field}'):
-    config_lib.validate(c)
+    setup_lib.check_config(c)

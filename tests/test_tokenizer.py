@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from twotower_jax import corpus as corpus_lib
-from twotower_jax import tokenizer as tokenizer_lib
+from twotower_jax import workdir as workdir_lib
+from twotower_jax.data import corpus as corpus_lib
+from twotower_jax.data import tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope='module')
@@ -21,7 +22,7 @@ def test_train_save_load_round_trip(tmp_path, docs):
   assert sp.piece_to_id('[MASK]') == tokenizer_lib.MASK_ID
   text = 'The Congress shall have power to lay and collect taxes.'
   assert sp.decode(sp.encode(text)) == text
-  path = os.path.join(tmp_path, tokenizer_lib.FILENAME)
+  path = os.path.join(tmp_path, workdir_lib.TOKENIZER)
   mtime = os.stat(path).st_mtime_ns
   again = tokenizer_lib.train_or_load(['completely different text'], str(tmp_path), 300)
   assert os.stat(path).st_mtime_ns == mtime  # reused, not retrained
@@ -48,6 +49,6 @@ def test_vocab_size_mismatch_with_saved_tokenizer(tmp_path, docs):
 
 
 def test_not_a_tokenizer(tmp_path):
-  (tmp_path / tokenizer_lib.FILENAME).write_bytes(b'garbage')
+  (tmp_path / workdir_lib.TOKENIZER).write_bytes(b'garbage')
   with pytest.raises(tokenizer_lib.TokenizerError, match='not a SentencePiece model'):
-    tokenizer_lib.load(str(tmp_path / tokenizer_lib.FILENAME))
+    tokenizer_lib.load(str(tmp_path / workdir_lib.TOKENIZER))

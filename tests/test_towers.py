@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from twotower_jax.train import setup as setup_lib
 from twotower_jax import config as config_lib
-from twotower_jax import layers
-from twotower_jax import model as model_lib
-from twotower_jax import presets
-from twotower_jax import tokenizer as tokenizer_lib
-from twotower_jax import towers
+from twotower_jax.model import layers
+from twotower_jax.model import lm as model_lib
+from twotower_jax.data import tokenizer as tokenizer_lib
+from twotower_jax.model import bilstm
+from twotower_jax.model import transformer
 
 import _family
 from conftest import REPO
@@ -100,14 +101,14 @@ def test_bilstm_each_direction_sees_only_its_side():
 @pytest.mark.parametrize('defect', ['zeroed', 'not_reversed'])
 def test_bilstm_leak_check_catches_the_original_backward_defects(monkeypatch, defect):
   """The check above fails on a backward stream that is multiplied by zero or left unflipped."""
-  stack = towers._lstm_stack  # pylint: disable=protected-access
+  stack = bilstm._lstm_stack  # pylint: disable=protected-access
 
   def broken(cfg, x, reverse, deterministic, name):
     if reverse and defect == 'zeroed':
       return [0.0 * y for y in stack(cfg, x, reverse, deterministic, name)]
     return stack(cfg, x, False, deterministic, name)
 
-  monkeypatch.setattr(towers, '_lstm_stack', broken)
+  monkeypatch.setattr(bilstm, '_lstm_stack', broken)
   model = _family.tiny_model(tower_type='bilstm')
   params = _init(model)
   assert _changed_positions(model, params, (3,)) != [set(range(L)) - {3}]
@@ -122,7 +123,7 @@ def test_mlm_masking_statistics_on_a_large_batch():
   window[:, ::7] = tokenizer_lib.EOS_ID
   window[:, 100:] = tokenizer_lib.PAD_ID
   window[::5, 10:14] = tokenizer_lib.MASK_ID
-  ex = jax.jit(towers.mlm_example, static_argnums=2)(jnp.asarray(window), jax.random.PRNGKey(0),
+  ex = jax.jit(transformer.mlm_example, static_argnums=2)(jnp.asarray(window), jax.random.PRNGKey(0),
                                                      cfg)
   tokens, inputs = window[:, :-1], np.asarray(ex['inputs'])
   selected = np.asarray(ex['weights']) == 1.0
@@ -142,19 +143,19 @@ def test_mlm_masking_statistics_on_a_large_batch():
   assert not np.isin(sel_in[randomised], tokenizer_lib.SPECIAL_IDS).any()
   assert sel_in[randomised].max() < vocab
   # A fixed key gives fixed masks (eval); another key gives others (each train step).
-  again = towers.mlm_example(jnp.asarray(window), jax.random.PRNGKey(0), cfg)
+  again = transformer.mlm_example(jnp.asarray(window), jax.random.PRNGKey(0), cfg)
   np.testing.assert_array_equal(again['inputs'], inputs)
-  other = towers.mlm_example(jnp.asarray(window), jax.random.PRNGKey(1), cfg)
+  other = transformer.mlm_example(jnp.asarray(window), jax.random.PRNGKey(1), cfg)
   assert (np.asarray(other['weights']) != np.asarray(ex['weights'])).any()
 
 
 def test_targets_and_weights_of_causal_and_bilstm_examples():
   window = jnp.asarray([[5, 6, 7, tokenizer_lib.EOS_ID, 0, 0]])
   key = jax.random.PRNGKey(0)
-  c = towers.causal_example(window, key, None)
+  c = transformer.causal_example(window, key, None)
   np.testing.assert_array_equal(c['targets'], window[:, 1:])
   np.testing.assert_array_equal(c['weights'], [[1, 1, 1, 0, 0]])
-  b = towers.bilstm_example(window, key, None)
+  b = bilstm.bilstm_example(window, key, None)
   np.testing.assert_array_equal(b['inputs'], window[:, :-1])
   np.testing.assert_array_equal(b['targets'], window[:, :-1])  # token t, unseen at t
   np.testing.assert_array_equal(b['weights'], [[1, 1, 1, 1, 0]])
@@ -194,37 +195,45 @@ def _load(path, arg=None):
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
 def test_every_config_file_loads_and_validates(path):
-  config_lib.validate(_load(path))
+  setup_lib.check_config(_load(path))
+
+
+def _config_file(name):
+  return [p for p in CONFIG_FILES if os.path.basename(p) == name][0]
+
+
+def _tiny_preset(tower_type):
+  return _load(_config_file('tiny.py'), tower_type)
 
 
 @pytest.mark.parametrize('tower_type', TOWER_TYPES)
 @pytest.mark.parametrize('size,layers_,width,heads', [('base', 12, 384, 12),
                                                       ('large', 24, 512, 16)])
 def test_paper_presets_have_the_paper_sizes(tower_type, size, layers_, width, heads):
-  path = [p for p in CONFIG_FILES if os.path.basename(p) == f'{tower_type}_{size}.py'][0]
-  c = _load(path)
+  c = _load(_config_file('paper.py'), f'{tower_type},{size}')
+  setup_lib.check_config(c)
   m = c.model
   assert (m.tower_type, m.n_layers, m.d_model, m.n_heads) == (tower_type, layers_, width, heads)
   assert c.data.seq_len == 128 and m.max_len == 128
   assert m.embedding.mode == ('shared' if tower_type == 'causal' else 'projected')
-  tiny = _load([p for p in CONFIG_FILES if p.endswith('tiny.py')][0], tower_type)
-  config_lib.validate(tiny)
+  tiny = _tiny_preset(tower_type)
+  setup_lib.check_config(tiny)
   assert tiny.model.tower_type == tower_type and tiny.model.d_model == 64
 
 
 def test_bad_tower_options_are_one_line_config_errors():
-  c = presets.tiny('rnn')
+  c = _tiny_preset('rnn')
   with pytest.raises(config_lib.ConfigError, match=r"model.tower_type='rnn' is unknown"):
-    config_lib.validate(c)
-  c = presets.tiny('bilstm')
+    setup_lib.check_config(c)
+  c = _tiny_preset('bilstm')
   c.model.pondering.steps = 1
   with pytest.raises(config_lib.ConfigError, match='pondering.steps>0 with model.tower_type=bilstm'):
-    config_lib.validate(c)
+    setup_lib.check_config(c)
   for tower_type in TOWER_TYPES:
-    c = presets.tiny(tower_type)
+    c = _tiny_preset(tower_type)
     c.model.n_towers, c.mesh.tower = 3, 2
     with pytest.raises(config_lib.ConfigError, match='mesh.tower=2 does not divide model.n_towers=3'):
-      config_lib.validate(c)
+      setup_lib.check_config(c)
 
 
 def _run(tower_type, gate, n, n_steps):
@@ -233,7 +242,7 @@ def _run(tower_type, gate, n, n_steps):
   config.model.n_towers, config.mesh.tower = n, 2 if n % 2 == 0 else 1
   config.optimizer.lr, config.optimizer.warmup_steps = 1e-2, 1
   config.train.steps = n_steps
-  config_lib.validate(config)
+  setup_lib.check_config(config)
   metrics = _family.sharded_steps(config, n_steps=n_steps)
   losses = [float(m['loss']) for m in metrics]
   assert np.isfinite(losses).all(), (tower_type, gate, n, losses)
@@ -270,8 +279,11 @@ def test_orthogonal_init_is_orthogonal(shape):
 
 def test_two_bilstm_towers_initialise_on_one_cpu_device():
   """With LAPACK QR inits, two vmapped LSTM stacks deadlocked XLA:CPU on one device."""
-  code = ('import jax, jax.numpy as jnp; from twotower_jax import presets, model; '
-          "c = presets.tiny('bilstm'); m = model.build(c, 300); "
+  code = ('import jax, jax.numpy as jnp; from twotower_jax.model import lm; '
+          "from twotower_jax import config; c = config.base_config(); "
+          "c.model.tower_type = 'bilstm'; c.model.n_layers, c.model.d_model = 2, 64; "
+          "c.model.embedding.mode = 'projected'; "
+          "m = lm.build(c, 300); "
           'p = jax.jit(lambda r: m.init(r, jnp.zeros((2, 16), jnp.int32)))(jax.random.PRNGKey(0)); '
           "jax.block_until_ready(p); print('ok')")
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 
 from conftest import REPO, run_module, snapshot
+from twotower_jax import workdir as workdir_lib
 from twotower_jax import config as config_lib
-from twotower_jax import metrics as metrics_lib
-from twotower_jax import train
+from twotower_jax.train import loop as train
 
 
 def default_file_config():
@@ -47,7 +47,7 @@ def test_main_job_trains_checkpoints_and_logs(tiny, tmp_path):
     saved = json.load(f)
   assert saved['train']['steps'] == 6 and saved['data']['vocab_size'] == 256
 
-  lines = metrics_lib.read(os.path.join(workdir, 'metrics.jsonl'))
+  lines = workdir_lib.read_metrics(workdir)
   train_lines = [l for l in lines if l['kind'] == 'train']
   assert [l['step'] for l in train_lines] == [1, 2, 3, 4, 5, 6]
   for l in train_lines:
@@ -77,13 +77,13 @@ def test_resumed_run_continues_exactly(tiny, tmp_path):
   assert result['step'] == 6
 
   def losses(workdir):
-    lines = metrics_lib.read(os.path.join(workdir, 'metrics.jsonl'))
+    lines = workdir_lib.read_metrics(workdir)
     return {l['step']: l['loss'] for l in lines if l['kind'] == 'train'}
 
   a, b = losses(whole), losses(parts)
   assert sorted(b) == [1, 2, 3, 4, 5, 6]
   for step in (4, 5, 6):
     assert a[step] == b[step], (step, a[step], b[step])
-  evals = [l for l in metrics_lib.read(os.path.join(parts, 'metrics.jsonl'))
+  evals = [l for l in workdir_lib.read_metrics(parts)
            if l['kind'] == 'eval']
   assert [l['step'] for l in evals] == [3, 6]

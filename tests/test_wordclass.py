@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from twotower_jax import errors
-from twotower_jax import tokenizer as tokenizer_lib
-from twotower_jax import wordclass
+from twotower_jax.data import tokenizer as tokenizer_lib
+from twotower_jax.analysis import wordclass
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The shared data sit beside the checkout (../shared) or, in a worktree, two levels up.

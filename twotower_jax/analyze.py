@@ -12,6 +12,7 @@ from ml_collections import config_flags
 from twotower_jax import cli
 from twotower_jax import config as config_lib
 from twotower_jax import errors
+from twotower_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_dict('config', config_lib.base_config(),
                                           'Only --config.analysis.* overrides are used.')
@@ -33,11 +34,11 @@ def main(argv):
       raise errors.UserError(f'--config.{section}.* cannot change an analysis (the run\'s '
                              'config.json decides it); only --config.analysis.* is used')
   if _COMPARE.value:
-    from twotower_jax import compare  # pylint: disable=g-import-not-at-top
+    from twotower_jax.analysis import compare  # pylint: disable=g-import-not-at-top
     dirs = list(_COMPARE.value) + list(argv[1:])
     if len(dirs) < 2:
       raise errors.UserError('--compare needs at least two run directories')
-    out = _OUT.value or os.path.join(dirs[0], 'analysis', 'compare')
+    out = _OUT.value or os.path.join(workdir_lib.analysis_dir(dirs[0]), workdir_lib.COMPARE_DIR)
     compare.run_compare(dirs, out, min_count=config.analysis.min_count,
                         n_boot=config.analysis.n_boot, seed=config.analysis.seed)
     return
@@ -49,9 +50,9 @@ def main(argv):
                            'python -m twotower_jax.main)')
   if _STEP.value is not None:
     config.analysis.step = _STEP.value
-  from twotower_jax import analysis  # pylint: disable=g-import-not-at-top
-  run_config = analysis.load_config(_WORKDIR.value, config.analysis)
-  analysis.run(run_config, _WORKDIR.value)
+  from twotower_jax.analysis import runner  # pylint: disable=g-import-not-at-top
+  run_config = runner.load_config(_WORKDIR.value, config.analysis)
+  runner.run(run_config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -10,7 +10,6 @@ from absl import app
 from absl import flags
 
 from twotower_jax import errors
-from twotower_jax import hostmem
 
 
 def _one_line(message) -> str:
@@ -70,12 +69,7 @@ def setup_logging() -> None:
 
 
 def run(main: Callable[[list[str]], None]) -> int:
-  """Runs `main` under absl; a UserError becomes 'error: ...' and exit status 2.
-
-  For `__main__` blocks only: it first restarts the process with huge-page-backed
-  host buffers where that applies (hostmem), which replaces the running process.
-  """
-  hostmem.reexec_with_huge_pages()
+  """Runs `main` under absl; a UserError becomes 'error: ...' and exit status 2."""
   def wrapped(argv):
     setup_logging()
     try:

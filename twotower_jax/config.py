@@ -1,14 +1,17 @@
-"""The config schema: every field with its default, plus validation and JSON I/O.
+"""The config schema: every field with its default, the checks that need no registry,
+and conversion to and from plain dicts.
 
 Config files in configs/ start from `base_config()` and change what they need;
-`main` locks the result so a mistyped `--config.x=` override fails loudly.
+`main` locks the result so a mistyped `--config.x=` override fails loudly. Names that
+select a registered part (a data source, tower type, gate, embedding mode, estimator)
+are checked by the package that owns the registry (`data.check_config`,
+`model.check_config`, `analysis.check_config`), so this module imports none of them.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
-import os
 from typing import Any
 
 import ml_collections
@@ -25,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'sotu'  # 'sotu' | 'text' | 'tfds' | 'planted'
+  c.data.source = 'sotu'  # registered source: 'sotu' | 'text' | 'tfds' | 'planted'
   c.data.text_glob = ''  # source=text: documents, one per file
   c.data.text_val_glob = ''  # source=text: held-out files (default: a fraction of text_glob)
   c.data.tfds_name = ''  # source=tfds: e.g. 'lm1b' (prepared as array_record)
@@ -53,8 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.n_towers = 2
-  c.model.tower_type = 'causal'  # 'causal' (GPT) | 'mlm' (BERT) | 'bilstm' (ELMo); towers.py
-  c.model.gate = 'concat'
+  c.model.tower_type = 'causal'  # registered tower type: 'causal' | 'mlm' | 'bilstm' (model/)
+  c.model.gate = 'concat'  # registered gate: 'concat' | 'latent' | 'logit_sum'
   c.model.n_layers = 4
   c.model.d_model = 256
   c.model.n_heads = 4
@@ -62,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.max_len = 128  # rows of the position table
   c.model.dropout = 0.1
   c.model.scan_layers = True  # one compiled layer body, scanned: fast compiles
-  # Gates, embeddings, pondering (DESIGN.md section 2; README 'Gates, embeddings, pondering').
+  # Gates, embeddings, pondering (docs/DESIGN.md section 2).
   c.model.embedding = ml_collections.ConfigDict()
   c.model.embedding.mode = 'shared'  # 'shared' (V x H) | 'projected' (V x N*H) | 'per_tower'
   c.model.embedding.tied = True  # output layer = token table; False: own V x H output matrix
@@ -121,10 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = False  # recompute each block's activations in the backward pass (saves memory)
   c.train.grad_accum_steps = 1  # micro-batches per step (scan in the jitted step); 1 = off
   c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = look up (TPU/GPU) or measure (CPU)
-  # Structural probe of the analysis (docs/ANALYSIS_STATS.md); guarded so the
-  # analysis section can be created elsewhere.
-  if 'analysis' not in c:
-    c.analysis = ml_collections.ConfigDict()
+  # Structural probe of the analysis (docs/ANALYSIS_STATS.md).
+  c.analysis = ml_collections.ConfigDict()
   c.analysis.struct_conllu = ''  # CoNLL-U file, directory or glob ('' = no probe)
   c.analysis.struct_rank = 64  # rank of the probe matrix B (capped at d_model)
   c.analysis.struct_steps = 1000  # Adam steps per probe (all probes train together)
@@ -150,17 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks sizes that must agree; raises ConfigError with the fix."""
+  """Checks fields whose meaning needs no registry; raises ConfigError with the fix."""
   _check_known_fields(config, base_config(), '')
   m, d, t = config.model, config.data, config.train
-  if d.source not in ('sotu', 'text', 'tfds', 'planted'):
-    raise ConfigError(f"data.source={d.source!r} is unknown; use 'sotu', 'text', 'tfds' or "
-                      "'planted'")
-  if d.source == 'text' and not d.text_glob:
-    raise ConfigError('data.source=text needs --config.data.text_glob=PATTERN')
-  if d.source == 'tfds' and not d.tfds_name:
-    raise ConfigError('data.source=tfds needs --config.data.tfds_name=NAME')
-  _validate_planted(d)
   if m.n_towers < 1:
     raise ConfigError(f'model.n_towers={m.n_towers} must be >= 1')
   if m.d_model % m.n_heads:
@@ -196,52 +189,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.mesh.tower > 0 and m.n_towers % config.mesh.tower:
     raise ConfigError(f'mesh.tower={config.mesh.tower} does not divide model.n_towers='
                       f'{m.n_towers}; set mesh.tower to a divisor of n_towers')
-  if 'analysis' in config and 'struct_rank' in config.analysis:
-    _validate_struct_probe(config.analysis)
-  if 'analysis' in config and 'estimators' in config.analysis:
-    _validate_analysis(config.analysis)
+  _validate_struct_probe(config.analysis)
+  _validate_analysis(config.analysis)
 
 
 def _validate_analysis(a: ml_collections.ConfigDict) -> None:
-  """The preference analysis fields (analysis.*, docs/ANALYSIS.md)."""
-  from twotower_jax import estimators  # pylint: disable=g-import-not-at-top
-  names = estimator_list(a.estimators)
-  unknown = [n for n in names if n not in estimators.ESTIMATORS]
-  if not names or unknown:
-    raise ConfigError(f'analysis.estimators={a.estimators!r}: use a comma list of '
-                      f'{sorted(estimators.ESTIMATORS)}')
+  """The preference analysis's numeric fields (estimator names: analysis.check_config)."""
   for name in ('eval_windows', 'probe_steps', 'probe_batch_size', 'n_boot'):
     if a[name] < 1:
       raise ConfigError(f'analysis.{name}={a[name]} must be >= 1')
   if a.min_count < 1 or a.token_view_passages < 0 or a.step < 0 or a.probe_lr <= 0:
     raise ConfigError('analysis.min_count must be >= 1, analysis.token_view_passages and '
                       'analysis.step >= 0, analysis.probe_lr > 0')
-
-
-def _validate_planted(d: ml_collections.ConfigDict) -> None:
-  """The planted language's fields (data.planted_*), checked whatever the source."""
-  counts = {'planted_docs': 2, 'planted_sentences': 1, 'planted_topics': 2,
-            'planted_topic_words': 1, 'planted_agreement_classes': 1,
-            'planted_words_per_class': 1, 'planted_prepositions': 1}
-  for name, low in counts.items():
-    v = d[name]
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-      raise ConfigError(f'data.{name}={v!r} must be an integer >= {low}')
-  for name in ('planted_topic_purity', 'planted_agreement'):
-    v = d[name]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-      raise ConfigError(f'data.{name}={v!r} must be a probability in [0, 1]')
-  if isinstance(d.planted_zipf, bool) or not isinstance(d.planted_zipf, (int, float)) or not (
-      0.0 <= d.planted_zipf <= 4.0):
-    raise ConfigError(f'data.planted_zipf={d.planted_zipf!r} must be in [0, 4] (0 = uniform)')
-  if isinstance(d.planted_seed, bool) or not isinstance(d.planted_seed, int) or d.planted_seed < 0:
-    raise ConfigError(f'data.planted_seed={d.planted_seed!r} must be an integer >= 0')
-  if d.source == 'planted' and d.tokenizer_type == 'word':
-    from twotower_jax import planted  # pylint: disable=g-import-not-at-top
-    need = planted.required_vocab_size(d)
-    if d.vocab_size != need:
-      raise ConfigError(f'data.vocab_size={d.vocab_size} does not fit the planted language with '
-                        f"tokenizer_type='word' (one piece per word); set data.vocab_size={need}")
 
 
 def _validate_struct_probe(a: ml_collections.ConfigDict) -> None:
@@ -259,20 +218,8 @@ def _validate_struct_probe(a: ml_collections.ConfigDict) -> None:
 
 
 def _validate_model_options(m: ml_collections.ConfigDict) -> None:
-  """Gate, embedding and pondering fields (imports lazily: gates pulls in Flax)."""
-  from twotower_jax import embeddings, gates, towers  # pylint: disable=g-import-not-at-top
-  if m.tower_type not in towers.TOWER_TYPES:
-    raise ConfigError(f'model.tower_type={m.tower_type!r} is unknown; choose one of '
-                      f'{sorted(towers.TOWER_TYPES)}')
-  if m.tower_type == 'bilstm' and m.pondering.steps:
-    raise ConfigError('model.pondering.steps>0 with model.tower_type=bilstm would leak token t '
-                      'into its own prediction (fed back through its neighbours); use 0')
-  if m.gate not in gates.GATES:
-    raise ConfigError(f'model.gate={m.gate!r} is unknown; choose one of {sorted(gates.GATES)}')
+  """Embedding, latent-gate and pondering numbers (their names: model.check_config)."""
   e = m.embedding
-  if e.mode not in embeddings.MODES:
-    raise ConfigError(f'model.embedding.mode={e.mode!r} is unknown; choose one of '
-                      f'{list(embeddings.MODES)}')
   if not isinstance(e.tied, bool):
     raise ConfigError(f'model.embedding.tied={e.tied!r} must be true or false')
   if not (isinstance(e.input_grad_scale, (int, float)) and 0.0 <= e.input_grad_scale < 1e6):
@@ -285,6 +232,11 @@ def _validate_model_options(m: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.pondering.steps={p.steps!r} must be an integer >= 0')
   if not (isinstance(p.temperature, (int, float)) and p.temperature > 0):
     raise ConfigError(f'model.pondering.temperature={p.temperature!r} must be > 0')
+
+
+def unknown_name(field: str, value: str, known) -> ConfigError:
+  """The error for a registered name that is not registered: names the choices."""
+  return ConfigError(f'{field}={value!r} is unknown; choose one of {sorted(known)}')
 
 
 def _check_known_fields(config: ml_collections.ConfigDict, known: ml_collections.ConfigDict,
@@ -321,31 +273,22 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json())
 
 
-def save_json(config: ml_collections.ConfigDict, path: str) -> None:
-  """Written to a temporary file and renamed, so a kill never leaves half a file."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(to_dict(config), f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)
+def from_dict(raw: dict[str, Any]) -> ml_collections.ConfigDict:
+  """base_config() with `raw` (a config.json's contents) written on top.
 
-
-def load_json(path: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with, as a ConfigDict."""
-  with open(path) as f:
-    raw = json.load(f)
+  Keys unknown to this version of the code are kept, so `validate` names them.
+  """
   base = base_config()
-  _merge(base, raw, prefix='')
+  _merge(base, raw)
   return base
 
 
-def _merge(dst: ml_collections.ConfigDict, src: dict[str, Any], prefix: str) -> None:
-  """Writes src onto dst; keys unknown to this version of the code are kept."""
+def _merge(dst: ml_collections.ConfigDict, src: dict[str, Any]) -> None:
   for key, value in src.items():
     if isinstance(value, dict):
       if key not in dst:
         dst[key] = ml_collections.ConfigDict()
-      _merge(dst[key], value, prefix + key + '.')
+      _merge(dst[key], value)
     elif key == 'rules':
       dst[key] = tuple((a, tuple(b) if isinstance(b, list) else b) for a, b in value)
     else:

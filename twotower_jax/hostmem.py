@@ -7,11 +7,12 @@ zeroed again on every step: about 200,000 page faults per step there, a fifth of
 CPU time and 12% of the step's wall time on a 2-core VM. glibc's
 `glibc.malloc.hugetlb=1` tunable asks the kernel for 2 MiB transparent huge pages on
 those blocks (512x fewer faults) when the kernel's THP mode is `madvise`, the usual
-default. Tunables are read only at process start,
-so entry points call `reexec_with_huge_pages()` first: it restarts the process once
-with the tunable set. TWOTOWER_HUGE_PAGES=0 turns this off.
+default. Tunables are read only at process start, so this is host tuning set in the
+environment before Python starts, never by the library: the launch scripts
+(launch/env.sh) export it where it applies, and TWOTOWER_HUGE_PAGES=0 turns that off.
 
-  python -m twotower_jax.hostmem    # prints whether it applies here, and why
+  python -m twotower_jax.hostmem            # prints whether it applies here, and why
+  eval "$(python -m twotower_jax.hostmem --export)"   # what launch/env.sh runs
 """
 
 from __future__ import annotations
@@ -97,27 +98,21 @@ def without_tunable(env: Mapping[str, str]) -> dict[str, str]:
   return out
 
 
-def reexec_with_huge_pages() -> None:
-  """Restarts this process once with the tunable when it applies; otherwise returns.
-
-  Call it first thing in an entry point's `__main__` (never from library code or
-  tests: it replaces the running process). The arguments and interpreter options
-  are kept (sys.orig_argv).
-  """
-  if reason() is None and sys.executable:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-      os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], with_tunable(os.environ))
-    except OSError as e:  # run on, with glibc's defaults: slower on CPU, same results
-      sys.stderr.write(f'warning: could not restart with {TUNABLE} ({e}); continuing without\n')
+def export_line(env: Mapping[str, str] = os.environ, **machine) -> str:
+  """A shell line exporting GLIBC_TUNABLES with the tunable where it applies, else ''."""
+  if reason(env, **machine) is not None:
+    return ''
+  return f"export GLIBC_TUNABLES='{with_tunable(env)['GLIBC_TUNABLES']}'"
 
 
 if __name__ == '__main__':
-  why = reason()
-  if active():
+  if sys.argv[1:] == ['--export']:
+    print(export_line())
+  elif sys.argv[1:]:
+    sys.exit('usage: python -m twotower_jax.hostmem [--export]')
+  elif active():
     print(f'on: GLIBC_TUNABLES has {TUNABLE}')
-  elif why is None:
-    print(f'applies: entry points restart themselves with GLIBC_TUNABLES={TUNABLE}')
+  elif reason() is None:
+    print(f'applies: launch/env.sh exports GLIBC_TUNABLES={TUNABLE} (off: TWOTOWER_HUGE_PAGES=0)')
   else:
-    print(f'off: {why}')
+    print(f'off: {reason()}')

@@ -31,10 +31,10 @@ def main(argv):
   if len(argv) > 1:
     raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}; every setting is a '
                            'flag, e.g. --config.train.steps=200')
-  from twotower_jax import distributed  # pylint: disable=g-import-not-at-top
+  from twotower_jax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value)  # before any other JAX use
-  from twotower_jax import train  # pylint: disable=g-import-not-at-top
+  from twotower_jax.train import loop as train  # pylint: disable=g-import-not-at-top
   result = train.train_and_evaluate(cli.load_config(_CONFIG), _WORKDIR.value)
   if result.get('preempted'):
     return  # stopped by a signal after saving; the train loop logged how to resume

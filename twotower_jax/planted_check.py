@@ -11,7 +11,6 @@ oracle floors of planted.reference_losses. Reads DIR only and writes nothing.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import flags
@@ -23,7 +22,8 @@ from twotower_jax import errors
 
 def per_class_loss(nll_N: np.ndarray, targets_N: np.ndarray, classes_V: np.ndarray) -> dict:
   """Mean loss over all targets and per planted class (PAD targets excluded)."""
-  from twotower_jax import planted, tokenizer  # pylint: disable=g-import-not-at-top
+  from twotower_jax.data import planted  # pylint: disable=g-import-not-at-top
+  from twotower_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
   keep_N = targets_N != tokenizer.PAD_ID
   cls_N = classes_V[targets_N]
   out = {'all': float(nll_N[keep_N].mean()), 'n': int(keep_N.sum())}
@@ -38,27 +38,15 @@ def class_losses(workdir: str) -> dict:
   """The restored model's per-class held-out loss and the oracle floors."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from twotower_jax import checkpoints, planted, train  # pylint: disable=g-import-not-at-top
-  from twotower_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from twotower_jax import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from twotower_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from twotower_jax import train_state as state_lib  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, train.CONFIG_FILENAME)
-  if not os.path.exists(path):
-    raise errors.UserError(f'{path} is missing; train first (python -m twotower_jax.main)')
-  config = config_lib.load_json(path)
+  from twotower_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax.data import planted  # pylint: disable=g-import-not-at-top
+  config = run_lib.load_config(workdir)
   if config.data.source != 'planted' or config.model.tower_type != 'causal':
     raise errors.UserError(f'{workdir} was trained with data.source={config.data.source!r}, '
                            f'model.tower_type={config.model.tower_type!r}; planted_check needs '
                            "a 'planted' run with causal towers")
-  setup = train.build(config, workdir, train_tokenizer=False)
-  tx = optimizer_lib.make(config)
-  state_sh = state_lib.shardings(setup.model, tx, setup.mesh, sharding_lib.rules(config))
-  mngr = checkpoints.manager(workdir, read_only=True)
-  step = checkpoints.latest_complete_step(mngr)
-  if step is None:
-    raise errors.UserError(f'{workdir} has no complete checkpoint; train it first')
-  state, _ = checkpoints.restore(mngr, step, state_lib.abstract(setup.model, tx, state_sh))
+  restored = run_lib.restore(config, workdir)
+  setup, step = restored.setup, restored.step
 
   @jax.jit
   def nll(params, windows_BxL1):
@@ -69,7 +57,7 @@ def class_losses(workdir: str) -> dict:
   windows = setup.splits.val_windows
   batch = config.train.batch_size
   with jax.set_mesh(setup.mesh):
-    nll_N = np.concatenate([np.asarray(nll(state.params, jnp.asarray(windows[i:i + batch])))
+    nll_N = np.concatenate([np.asarray(nll(restored.params, jnp.asarray(windows[i:i + batch])))
                             .ravel() for i in range(0, len(windows), batch)])
   classes_V = planted.token_classes(config, setup.tokenizer)
   model = per_class_loss(nll_N, windows[:, 1:].ravel(), classes_V)

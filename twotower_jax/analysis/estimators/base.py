@@ -1,0 +1,210 @@
+"""Estimators of tower preference: the registry, and scoring on one fixed set of positions.
+
+Each estimator gives, at every scored position, one value per tower (probe.py: the
+tower probe's log-likelihood of the target; ablation.py: the drop in the model's
+log-likelihood when that tower's states are replaced; gate.py: the latent gate's
+posterior responsibility). Per vocabulary item these are summed on device (segment
+sums over target ids), never in a Python loop over tokens. A new estimator is one
+module that calls `register`; the analysis looks it up by `analysis.estimators`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from twotower_jax import config as config_lib
+from twotower_jax.data import tokenizer as tokenizer_lib
+from twotower_jax.model import towers
+
+EVAL_KEY = 0  # make_example key for scored positions: MLM masks are fixed
+
+
+@dataclasses.dataclass
+class Context:
+  """What every estimator needs: the frozen model, its params and the data."""
+  config: ml_collections.ConfigDict
+  model: Any
+  params: Any
+  eval_batches: list[np.ndarray]  # windows_BxL1 (PAD rows fill the last batch)
+  train_windows: np.ndarray
+  analysis_dir: str
+  step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+  """prepare(ctx) -> state; values(ctx) -> fn(params, state, example) -> (v_NxBxL, extras).
+
+  `extras` maps a name to per-position values x_BxL whose per-item mean becomes the
+  preference.csv column EST_<name>. `skip_reason(config)` says why the estimator does
+  not apply to a run (None: it does). `description` (what one tower's value means)
+  goes into summary.json, so the report needs no model code. `token_lean`: the
+  per-position values are responsibilities, so v_0 - v_1 at each token is that
+  token's lean in [-1, 1] (the token view then shows tokens, not item means).
+  """
+  prepare: Callable[[Context], Any]
+  values: Callable[[Context], Callable]
+  description: str
+  skip_reason: Callable[[ml_collections.ConfigDict], str | None] = lambda config: None
+  token_lean: bool = False
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register(name: str, estimator: Estimator) -> Estimator:
+  ESTIMATORS[name] = estimator
+  return estimator
+
+
+def get(name: str) -> Estimator:
+  if name not in ESTIMATORS:
+    raise config_lib.unknown_name('analysis.estimators entry', name, ESTIMATORS)
+  return ESTIMATORS[name]
+
+
+def eval_batches(windows: np.ndarray, n_windows: int, batch_size: int) -> list[np.ndarray]:
+  """The first n_windows held-out windows in fixed batches; PAD rows (weight 0) fill the last."""
+  rows = windows[:n_windows]
+  short = (-len(rows)) % batch_size
+  if short:
+    rows = np.concatenate([rows, np.full((short, windows.shape[1]), tokenizer_lib.PAD_ID,
+                                         windows.dtype)])
+  return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def example(model, window_BxL1) -> dict[str, jax.Array]:
+  """The scored example of a window: inputs, targets, weights with the fixed eval key."""
+  return towers.get(model.cfg.tower_type).make_example(
+      jnp.asarray(window_BxL1), jax.random.PRNGKey(EVAL_KEY), model.cfg)
+
+
+def target_log_probs(logits_XxV: jax.Array, targets: jax.Array) -> jax.Array:
+  """log softmax(logits)[target] at every position (float32)."""
+  logp = jax.nn.log_softmax(logits_XxV.astype(jnp.float32), -1)
+  return jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def item_sums(v_NxP: jax.Array, targets_P: jax.Array, mask_P: jax.Array, vocab: int,
+              key: jax.Array) -> dict[str, jax.Array]:
+  """Per item: count, sum and cross-product sums of the tower values, and the control.
+
+  `perm_sum_NxV` sums the values after a random per-position permutation of the
+  towers (the shuffled-label control: towers exchangeable at each occurrence).
+  """
+  n = v_NxP.shape[0]
+  w_P = mask_P.astype(jnp.float32)
+  seg = lambda x: jax.ops.segment_sum(x, targets_P, num_segments=vocab)
+  v_NxP = jnp.where(mask_P[None], v_NxP.astype(jnp.float32), 0.0)
+  perm_NxP = jnp.argsort(jax.random.uniform(key, v_NxP.shape), axis=0)
+  vp_NxP = jnp.take_along_axis(v_NxP, perm_NxP, axis=0)
+  cross_PxNxN = v_NxP.T[:, :, None] * v_NxP.T[:, None, :]
+  return {'count_V': seg(w_P), 'sum_NxV': jax.vmap(seg)(v_NxP),
+          'cross_VxNxN': seg(cross_PxNxN.reshape(-1, n, n)),
+          'perm_sum_NxV': jax.vmap(seg)(vp_NxP)}
+
+
+def preference(mean_NxV: np.ndarray):
+  """(pref_V, best_V, weights_VxN): N=2: t0 - t1; else best tower minus mean of the others."""
+  n, v = mean_NxV.shape
+  if n == 2:
+    w = np.tile(np.array([1.0, -1.0]), (v, 1))
+    best = np.where(mean_NxV[0] >= mean_NxV[1], 0, 1)
+  else:
+    best = np.argmax(np.nan_to_num(mean_NxV, nan=-np.inf), axis=0)
+    w = np.full((v, n), -1.0 / max(n - 1, 1))
+    w[np.arange(v), best] = 1.0
+  pref = np.einsum('vn,nv->v', w, mean_NxV)
+  return pref, best, w
+
+
+def finish(sums: dict[str, np.ndarray], z: float = 1.959964) -> dict[str, np.ndarray]:
+  """Per item means, preference, its 95% interval over occurrences (normal), control pref."""
+  count = sums['count_V']
+  with np.errstate(invalid='ignore', divide='ignore'):
+    mean = sums['sum_NxV'] / count
+    pref, best, w = preference(mean)
+    second = sums['cross_VxNxN'] / count[:, None, None]
+    cov = second - mean.T[:, :, None] * mean.T[:, None, :]
+    var = np.einsum('vn,vnm,vm->v', w, cov, w) * count / (count - 1)
+    se = np.sqrt(np.maximum(var, 0.0) / count)
+    ctrl, _, _ = preference(sums['perm_sum_NxV'] / count)
+  few = count < 2
+  lo, hi = pref - z * se, pref + z * se
+  lo[few], hi[few] = np.nan, np.nan
+  out = {'count': count, 'mean_NxV': mean, 'pref': pref, 'best': best, 'pref_lo': lo,
+         'pref_hi': hi, 'control_pref': ctrl, 'extras': {}}
+  for k, s in sums.items():
+    if k.startswith('extra_'):
+      with np.errstate(invalid='ignore', divide='ignore'):
+        out['extras'][k[6:]] = s / count
+  return out
+
+
+def score(ctx: Context, name: str) -> dict[str, Any]:
+  """Runs estimator `name` over the eval batches: per-item results, timing and its
+  prepared `state`."""
+  est = get(name)
+  t0 = time.perf_counter()
+  state = est.prepare(ctx)
+  t_prep = time.perf_counter() - t0
+  values_fn = est.values(ctx)
+  vocab = ctx.model.cfg.vocab_size
+  seed = int(ctx.config.analysis.seed)
+
+  @jax.jit
+  def batch_sums(params, state, window_BxL1, key):
+    ex = example(ctx.model, window_BxL1)
+    v_NxBxL, extras = values_fn(params, state, ex)
+    n = v_NxBxL.shape[0]
+    targets_P = ex['targets'].reshape(-1)
+    mask_P = ex['weights'].reshape(-1) > 0
+    out = item_sums(v_NxBxL.reshape(n, -1), targets_P, mask_P, vocab, key)
+    for k, x_BxL in extras.items():
+      out['extra_' + k] = jax.ops.segment_sum(jnp.where(mask_P, x_BxL.reshape(-1), 0.0),
+                                              targets_P, num_segments=vocab)
+    return out
+
+  jax.block_until_ready(batch_sums(ctx.params, state, ctx.eval_batches[0],
+                                   jax.random.PRNGKey(seed)))  # compile outside the timing
+  t1 = time.perf_counter()
+  total = None
+  for i, window in enumerate(ctx.eval_batches):
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+    out = batch_sums(ctx.params, state, window, key)
+    total = out if total is None else jax.tree.map(jnp.add, total, out)
+  sums = {k: np.asarray(v, np.float64) for k, v in jax.device_get(total).items()}
+  seconds = time.perf_counter() - t1
+  res = finish(sums)
+  n_pos = int(sums['count_V'].sum())
+  res.update(seconds=seconds, prepare_seconds=t_prep, n_positions=n_pos,
+             tokens_per_s=n_pos / max(seconds, 1e-9), state=state)
+  return res
+
+
+def eval_loss(ctx: Context) -> dict[str, float]:
+  """The model's own CE on the scored positions, and the plain forward pass's speed."""
+  @jax.jit
+  def sums(params, window_BxL1):
+    ex = example(ctx.model, window_BxL1)
+    out = ctx.model.apply({'params': params}, ex['inputs'], deterministic=True)
+    ll_BxL = target_log_probs(out['logits_BxLxV'], ex['targets'])
+    return -jnp.sum(ll_BxL * ex['weights']), jnp.sum(ex['weights'])
+
+  jax.block_until_ready(sums(ctx.params, ctx.eval_batches[0]))  # compile outside the timing
+  t = time.perf_counter()
+  total = [sums(ctx.params, w) for w in ctx.eval_batches]
+  loss, n = np.sum(np.asarray(jax.device_get(total), np.float64), axis=0)
+  seconds = time.perf_counter() - t
+  return {'loss': float(loss / max(n, 1)), 'n_positions': int(n), 'seconds': seconds,
+          'tokens_per_s': float(n / max(seconds, 1e-9))}

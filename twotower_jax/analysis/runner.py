@@ -1,0 +1,134 @@
+"""The analysis of a run: which tower predicts each vocabulary item, with statistics.
+
+Restores a checkpoint through run.py, scores the requested estimators on the same
+held-out positions and writes DIR/analysis/ (file names and formats: workdir.py and
+docs/ANALYSIS.md): preference.csv, summary.json, token_view.json, the structural
+probe when a treebank is given, and the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from twotower_jax import config as config_lib
+from twotower_jax import errors
+from twotower_jax import report
+from twotower_jax import run as run_lib
+from twotower_jax import workdir as workdir_lib
+from twotower_jax.analysis import estimators as est_lib
+from twotower_jax.analysis import summary as summary_lib
+from twotower_jax.analysis import token_view as token_view_lib
+from twotower_jax.analysis import wordclass
+from twotower_jax.data import planted
+
+log = logging.getLogger('twotower_jax')
+
+
+class AnalysisError(errors.UserError):
+  """A workdir that cannot be analysed; the message says what to do."""
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """analysis.estimators names registered estimators."""
+  names = config_lib.estimator_list(config.analysis.estimators)
+  unknown = [n for n in names if n not in est_lib.ESTIMATORS]
+  if not names or unknown:
+    raise config_lib.ConfigError(f'analysis.estimators={config.analysis.estimators!r}: use a '
+                                 f'comma list of {sorted(est_lib.ESTIMATORS)}')
+
+
+def load_config(workdir: str, analysis: ml_collections.ConfigDict | None = None
+                ) -> ml_collections.ConfigDict:
+  """The run's config with the command line's analysis.* fields on top, checked."""
+  config = run_lib.load_config(workdir, analysis)
+  check_config(config)
+  return config
+
+
+def estimator_names(config: ml_collections.ConfigDict) -> tuple[list[str], dict[str, str]]:
+  """The requested estimators that apply to this model, and why each other one does not."""
+  names, skipped = [], {}
+  for name in config_lib.estimator_list(config.analysis.estimators):
+    reason = est_lib.get(name).skip_reason(config)
+    if reason:
+      log.info('analysis: skipping estimator %s: %s', name, reason)
+      skipped[name] = reason
+    else:
+      names.append(name)
+  return names, skipped
+
+
+def planted_labels(config: ml_collections.ConfigDict, sp) -> np.ndarray | None:
+  """The planted class of each piece for planted corpora, else None."""
+  if config.data.source != 'planted':
+    return None
+  return np.asarray(planted.token_classes(config, sp))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Restores the checkpoint analysis.step, scores the estimators, writes DIR/analysis/*."""
+  workdir = os.path.abspath(workdir)
+  restored = run_lib.restore(config, workdir, int(config.analysis.step))
+  out_dir = workdir_lib.analysis_dir(workdir)
+  os.makedirs(out_dir, exist_ok=True)
+  return analyze(restored, workdir, out_dir)
+
+
+def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]:
+  config, setup, step = restored.config, restored.setup, restored.step
+  a, n_towers = config.analysis, config.model.n_towers
+  sp = setup.tokenizer
+  if len(setup.splits.val_windows) == 0:
+    raise AnalysisError('the run has no held-out windows to score; give it more data')
+  ctx = est_lib.Context(config=config, model=setup.model, params=restored.params,
+                        eval_batches=est_lib.base.eval_batches(setup.splits.val_windows,
+                                                               int(a.eval_windows),
+                                                               config.train.batch_size),
+                        train_windows=setup.splits.train_windows, analysis_dir=out_dir, step=step)
+  names, skipped = estimator_names(config)
+  ev = est_lib.base.eval_loss(ctx)
+  log.info('analysis: step %d, %d scored positions, eval loss %.4f (%.0f tokens/s forward)',
+           step, ev['n_positions'], ev['loss'], ev['tokens_per_s'])
+  results = {}
+  for name in names:
+    results[name] = est_lib.base.score(ctx, name)
+    log.info('analysis: %s done in %.1fs (+%.1fs preparing), %.0f tokens/s', name,
+             results[name]['seconds'], results[name]['prepare_seconds'],
+             results[name]['tokens_per_s'])
+  pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+  classes = dict(wordclass.piece_classes(sp, a.conllu or None))
+  classes['source'] = 'treebank' if a.conllu else 'function_words'
+  planted_V = planted_labels(config, sp)
+  workdir_lib.write_preference_csv(os.path.join(out_dir, workdir_lib.PREFERENCE_CSV), pieces,
+                                   classes, results, planted_V)
+  struct = None
+  if a.struct_conllu:
+    from twotower_jax.analysis import structural_probe  # pylint: disable=g-import-not-at-top
+    struct = structural_probe.run(setup, restored.params, config, out_dir)
+  view = token_view_lib.token_view(ctx, results, pieces,
+                                   {name: res['state'] for name, res in results.items()})
+  workdir_lib.write_json(os.path.join(out_dir, workdir_lib.TOKEN_VIEW_JSON), view)
+  summary = {
+      'workdir': workdir, 'step': int(step), 'n_towers': n_towers,
+      'tower_type': config.model.tower_type, 'gate': config.model.gate,
+      'n_positions': ev['n_positions'], 'n_eval_windows': int(min(a.eval_windows,
+                                                                  len(setup.splits.val_windows))),
+      'min_count': int(a.min_count), 'estimators': names, 'estimators_skipped': skipped,
+      'eval_loss': ev['loss'],
+      'eval_tokens_per_s': ev['tokens_per_s'],
+      'per_estimator': {name: dict(summary_lib.estimator_summary(res, pieces, classes, n_towers,
+                                                                 config, planted_V),
+                                   description=est_lib.get(name).description)
+                        for name, res in results.items()},
+      'agreement': summary_lib.agreement(results, a.min_count, a.n_boot, a.seed),
+      'structural_probe': struct, 'token_view_estimator': view['estimator'],
+  }
+  workdir_lib.write_json(os.path.join(out_dir, workdir_lib.SUMMARY_JSON), summary)
+  report.write_report(out_dir)
+  log.info('analysis: wrote %s', out_dir)
+  return summary

@@ -1,0 +1,138 @@
+"""Token tables: how the towers read tokens and how the output layer maps back to them.
+
+`model.embedding.mode`:
+- `shared` (GPT variant of the paper): one V x H token table and one position
+  table, read directly by every tower.
+- `projected` (BERT/ELMo variant): one V x (N*H) token table (and N*H wide
+  position table); tower k reads it through its own linear projection to H. The
+  tied output layer maps a gate output z (width H) back through a learned H -> N*H
+  projection: logits = (z W_up) E^T + b.
+- `per_tower`: tower k has its own V x H token and position tables. The tied joint
+  output layer (the `concat` gate) uses the mean of the N token tables; per-tower
+  output distributions (`latent`, `logit_sum`) use tower k's own table.
+
+`model.embedding.tied=False` adds a separate V x H output matrix (no up-projection).
+`model.embedding.input_grad_scale` s scales only the gradient that reaches the token
+table through the input lookup: e = s*E[x] - (s-1)*stop_gradient(E[x]).
+
+The looked-up rows are marked with `self.perturb('lookup', ...)`, so the train step
+can split the table's gradient into the part arriving through the input lookup and
+the rest (output layer, and pondering's soft embeddings): `grad_norm_metrics`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from twotower_jax.model import layers
+
+MODES = ('shared', 'projected', 'per_tower')
+
+
+def scale_input_grad(e: jax.Array, s: float) -> jax.Array:
+  """Value e, gradient s * (incoming gradient); s=1 returns e untouched."""
+  if s == 1.0:
+    return e
+  return s * e - (s - 1.0) * jax.lax.stop_gradient(e)
+
+
+class Embedder(nn.Module):
+  """encode: tokens -> per-tower inputs; decode: gate output -> vocabulary logits."""
+  cfg: layers.ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    n, v, h = cfg.n_towers, cfg.vocab_size, cfg.d_model
+    if cfg.embedding.mode == 'shared':
+      self.token = self.param('token', layers.param_init(('vocab', 'embed')), (v, h))
+      self.position = self.param('position', layers.param_init(('length', 'embed')),
+                                 (cfg.max_len, h))
+    elif cfg.embedding.mode == 'projected':
+      self.token = self.param('token', layers.param_init(('vocab', 'embed')), (v, n * h))
+      self.position = self.param('position', layers.param_init(('length', 'embed')),
+                                 (cfg.max_len, n * h))
+      self.in_proj_NxWxH = self.param('in_proj', layers.param_init(('tower', None, 'embed')),
+                                      (n, n * h, h))
+      if cfg.embedding.tied:
+        self.out_proj_HxW = self.param('out_proj', layers.param_init((None, 'embed')),
+                                       (h, n * h))
+    elif cfg.embedding.mode == 'per_tower':
+      self.token = self.param('token', layers.param_init(('tower', 'vocab', 'embed')), (n, v, h))
+      self.position = self.param('position', layers.param_init(('tower', 'length', 'embed')),
+                                 (n, cfg.max_len, h))
+    else:
+      raise ValueError(f'unknown embedding mode {cfg.embedding.mode!r}')
+    if not cfg.embedding.tied:
+      self.output_VxH = self.param('output', layers.param_init(('vocab', 'embed')), (v, h))
+    self.output_bias_V = self.param('output_bias', layers.zeros_init(('vocab',)), (v,))
+
+  def encode(self, tokens_BxL: jax.Array) -> jax.Array:
+    """x_NxBxLxH: each tower's embedded input."""
+    cfg = self.cfg
+    length = tokens_BxL.shape[1]
+    if cfg.embedding.mode == 'per_tower':
+      e_NxBxLxH = jnp.take(self.token, tokens_BxL, axis=1)
+      e_NxBxLxH = self.perturb('lookup', e_NxBxLxH)
+      e_NxBxLxH = scale_input_grad(e_NxBxLxH, cfg.embedding.input_grad_scale)
+      return e_NxBxLxH + self.position[:, None, :length]
+    e_BxLxW = jnp.take(self.token, tokens_BxL, axis=0)
+    e_BxLxW = self.perturb('lookup', e_BxLxW)
+    e_BxLxW = scale_input_grad(e_BxLxW, cfg.embedding.input_grad_scale) + self.position[:length]
+    return self._to_towers(e_BxLxW)
+
+  def soft_embed(self, probs_BxLxV: jax.Array) -> jax.Array:
+    """Pondering input x_NxBxLxH: probability-weighted sum of token embeddings, per tower."""
+    if self.cfg.embedding.mode == 'per_tower':
+      return jnp.einsum('blv,nvh->nblh', probs_BxLxV, self.token)
+    return self._to_towers(probs_BxLxV @ self.token)
+
+  def _to_towers(self, e_BxLxW: jax.Array) -> jax.Array:
+    if self.cfg.embedding.mode == 'projected':
+      return jnp.einsum('blw,nwh->nblh', e_BxLxW, self.in_proj_NxWxH)
+    return jnp.broadcast_to(e_BxLxW, (self.cfg.n_towers,) + e_BxLxW.shape)
+
+  def output_matrix(self) -> jax.Array:
+    """The V x H matrix of the joint output layer (its rows score the vocabulary)."""
+    cfg = self.cfg
+    if not cfg.embedding.tied:
+      return self.output_VxH
+    if cfg.embedding.mode == 'per_tower':
+      return jnp.mean(self.token, axis=0)
+    return self.token  # projected: V x (N*H), reached through out_proj in decode
+
+  def decode(self, z_BxLxH: jax.Array) -> jax.Array:
+    """logits_BxLxV = z E^T + b (tied: the output layer is the input table)."""
+    if self.cfg.embedding.tied and self.cfg.embedding.mode == 'projected':
+      z_BxLxH = z_BxLxH @ self.out_proj_HxW
+    return jnp.einsum('blh,vh->blv', z_BxLxH, self.output_matrix()) + self.output_bias_V
+
+  def decode_towers(self, z_NxBxLxH: jax.Array) -> jax.Array:
+    """logits_NxBxLxV: tower k's head output through the output layer (its own table
+    when tables are per tower and tied)."""
+    if self.cfg.embedding.tied and self.cfg.embedding.mode == 'per_tower':
+      return jnp.einsum('nblh,nvh->nblv', z_NxBxLxH, self.token) + self.output_bias_V
+    return jax.vmap(self.decode)(z_NxBxLxH)
+
+
+def lookup_table_grad(cfg: layers.ModelConfig, table: jax.Array, lookup_grads: jax.Array,
+                      tokens_BxL: jax.Array) -> jax.Array:
+  """The part of the token table's gradient that arrives through the input lookup.
+
+  `lookup_grads` is the gradient wrt the `lookup` perturbation (the looked-up rows,
+  already including the input_grad_scale factor); scatter-adding it by token id gives
+  that part, shaped like `table`.
+  """
+  ids = tokens_BxL.reshape(-1)
+  if cfg.embedding.mode == 'per_tower':
+    g_NxBLxH = lookup_grads.reshape(table.shape[0], -1, table.shape[-1])
+    return jax.vmap(lambda g: jnp.zeros(table.shape[1:], table.dtype).at[ids].add(g))(g_NxBLxH)
+  return jnp.zeros_like(table).at[ids].add(lookup_grads.reshape(-1, table.shape[-1]))
+
+
+def grad_norm_metrics(params_grads, input_part: jax.Array) -> dict[str, jax.Array]:
+  """Norms of the token table's gradient through the input lookup and through the rest."""
+  total = params_grads['embed']['token']
+  return {'embed_grad_norm_input': jnp.linalg.norm(input_part.reshape(-1)),
+          'embed_grad_norm_output': jnp.linalg.norm((total - input_part).reshape(-1))}

@@ -1,0 +1,163 @@
+"""Mixing gates: the only place the towers meet.
+
+A gate is a Flax module with field `cfg`, called with the stacked tower states
+h_NxBxLxH, the output layer (`decode`, z_BxLxH -> logits_BxLxV; `decode_towers`,
+z_NxBxLxH -> logits_NxBxLxV, tower k through its own table where tables are per
+tower) and the loss weights w_BxL (averages such as the gate's balance are over
+the positions that carry loss). It returns a dict with `logits_BxLxV` (log_softmax
+of it is the model's next-token distribution) plus optional extras: `aux_loss`
+(added to the loss), `metrics` (scalars to log) and per-tower arrays for the
+analysis (`tower_logits_NxBxLxV`; a `mixture` gate also `gate_log_weights_NxBxL`,
+the log prior log pi_NxBxL of its per-token mixture). Register a new gate with
+`@register(name)`; the model and the train loop never change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from twotower_jax import config as config_lib
+from twotower_jax.model import layers
+
+@dataclasses.dataclass(frozen=True)
+class Gate:
+  """A registered gate: its module, and whether it is a per-token mixture of the towers'
+  own distributions (it returns tower_logits_NxBxLxV and gate_log_weights_NxBxL, so the
+  posterior of which tower produced each token is defined: `latent_posteriors`)."""
+  module: type[nn.Module]
+  mixture: bool = False
+
+
+GATES: dict[str, Gate] = {}
+
+
+def register(name: str, mixture: bool = False):
+  """Class decorator: `@register('name')` registers a gate module under model.gate=name."""
+  def wrap(cls):
+    GATES[name] = Gate(cls, mixture)
+    return cls
+  return wrap
+
+
+def get(name: str) -> Gate:
+  if name not in GATES:
+    raise config_lib.unknown_name('model.gate', name, GATES)
+  return GATES[name]
+
+
+def weighted_mean(x_NxBxL: jax.Array, weights_BxL: jax.Array | None) -> jax.Array:
+  """x_N: per tower, the mean over the positions that carry loss (all when weights is None)."""
+  if weights_BxL is None:
+    return x_NxBxL.reshape(x_NxBxL.shape[0], -1).mean(axis=1)
+  w_BxL = weights_BxL.astype(jnp.float32)
+  return jnp.einsum('nbl,bl->n', x_NxBxL, w_BxL) / jnp.maximum(jnp.sum(w_BxL), 1.0)
+
+
+def concat_towers(h_NxBxLxH: jax.Array) -> jax.Array:
+  """[h_1; ...; h_N] along the feature axis: BxLx(N*H)."""
+  n, b, l, h = h_NxBxLxH.shape
+  return jnp.transpose(h_NxBxLxH, (1, 2, 0, 3)).reshape(b, l, n * h)
+
+
+@register('concat')
+class ConcatGate(nn.Module):
+  """The paper's head: z = LN(GELU(Dense(LN([h_1; ...; h_N])))), logits = z E^T + b.
+
+  The first LayerNorm is joint over the concatenation, so the towers' scales
+  compete for one normaliser.
+  """
+  cfg: layers.ModelConfig
+
+  @nn.compact
+  def __call__(self, h_NxBxLxH: jax.Array, decode: Callable[[jax.Array], jax.Array],
+               decode_towers: Callable[[jax.Array], jax.Array] | None = None,
+               weights_BxL: jax.Array | None = None):
+    del decode_towers, weights_BxL
+    x_BxLxC = layers.layer_norm('gate_in', name='ln_in')(concat_towers(h_NxBxLxH))
+    z_BxLxH = layers.gelu(layers.dense(self.cfg.d_model, ('gate_in', 'embed'),
+                                       name='dense')(x_BxLxC))
+    z_BxLxH = layers.layer_norm(name='ln_out')(z_BxLxH)
+    return {'logits_BxLxV': decode(z_BxLxH)}
+
+
+class TowerHead(nn.Module):
+  """Per-tower output head z = LN(GELU(Dense(h))), applied before the output layer."""
+  cfg: layers.ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxLxH: jax.Array) -> jax.Array:
+    z_BxLxH = layers.gelu(layers.dense(self.cfg.d_model, ('embed', 'mlp'), name='dense')(h_BxLxH))
+    return layers.layer_norm(name='ln')(z_BxLxH)
+
+
+def tower_heads(cfg: layers.ModelConfig, h_NxBxLxH: jax.Array, name: str = 'heads') -> jax.Array:
+  """z_NxBxLxH: one independently initialised head per tower (stacked on the tower axis)."""
+  stacked = nn.vmap(TowerHead, in_axes=0, out_axes=0, axis_size=cfg.n_towers,
+                    variable_axes={'params': 0}, split_rngs={'params': True},
+                    metadata_params={nn.PARTITION_NAME: 'tower'})
+  return stacked(cfg, name=name)(h_NxBxLxH)
+
+
+@register('latent', mixture=True)
+class LatentGate(nn.Module):
+  """Co-LLM latent gate: p(x_t) = sum_k pi_{t,k} p_k(x_t), pi_t = softmax(Dense(LN([h_1;..;h_N]))).
+
+  Returns `logits_BxLxV` = logsumexp_k(log pi_k + log_softmax(tower_logits_k)), a
+  normalised log-distribution, so softmax cross-entropy of it is exactly the
+  mixture's negative log-likelihood. `aux_loss` = balance_weight * KL(mean gate ||
+  uniform), a regulariser against collapse onto one tower; the mean gate (and the
+  logged means and entropy) average over the positions that carry loss.
+  """
+  cfg: layers.ModelConfig
+
+  @nn.compact
+  def __call__(self, h_NxBxLxH: jax.Array, decode: Callable[[jax.Array], jax.Array],
+               decode_towers: Callable[[jax.Array], jax.Array],
+               weights_BxL: jax.Array | None = None):
+    cfg = self.cfg
+    n = cfg.n_towers
+    tower_logits_NxBxLxV = decode_towers(tower_heads(cfg, h_NxBxLxH))
+    x_BxLxC = layers.layer_norm('gate_in', name='ln_in')(concat_towers(h_NxBxLxH))
+    gate_BxLxN = layers.dense(n, ('gate_in', None), name='gate')(x_BxLxC)
+    log_pi_NxBxL = jnp.moveaxis(jax.nn.log_softmax(gate_BxLxN.astype(jnp.float32), -1), -1, 0)
+    log_p_NxBxLxV = jax.nn.log_softmax(tower_logits_NxBxLxV.astype(jnp.float32), -1)
+    logits_BxLxV = jax.nn.logsumexp(log_pi_NxBxL[..., None] + log_p_NxBxLxV, axis=0)
+    pi_NxBxL = jnp.exp(log_pi_NxBxL)
+    mean_pi_N = weighted_mean(pi_NxBxL, weights_BxL)
+    entropy = weighted_mean(-jnp.sum(pi_NxBxL * log_pi_NxBxL, axis=0, keepdims=True),
+                            weights_BxL)[0]
+    kl_uniform = jnp.sum(mean_pi_N * (jnp.log(jnp.maximum(mean_pi_N, 1e-30)) + jnp.log(n)))
+    metrics = {f'gate_mean_t{k}': mean_pi_N[k] for k in range(n)}
+    metrics.update(gate_entropy=entropy, gate_kl_uniform=kl_uniform)
+    return {'logits_BxLxV': logits_BxLxV, 'tower_logits_NxBxLxV': tower_logits_NxBxLxV,
+            'gate_log_weights_NxBxL': log_pi_NxBxL, 'metrics': metrics,
+            'aux_loss': cfg.latent.balance_weight * kl_uniform}
+
+
+def latent_posteriors(tower_logits_NxBxLxV: jax.Array, gate_log_weights_NxBxL: jax.Array,
+                      targets_BxL: jax.Array) -> jax.Array:
+  """r_NxBxL: posterior r_{t,k} = pi_{t,k} p_k(x_t) / sum_j pi_{t,j} p_j(x_t) of who produced x_t."""
+  log_p_NxBxLxV = jax.nn.log_softmax(tower_logits_NxBxLxV.astype(jnp.float32), -1)
+  idx = jnp.broadcast_to(targets_BxL[None, ..., None], log_p_NxBxLxV.shape[:-1] + (1,))
+  log_joint_NxBxL = gate_log_weights_NxBxL + jnp.take_along_axis(log_p_NxBxLxV, idx, -1)[..., 0]
+  return jnp.exp(log_joint_NxBxL - jax.nn.logsumexp(log_joint_NxBxL, axis=0, keepdims=True))
+
+
+@register('logit_sum')
+class LogitSumGate(nn.Module):
+  """Product of experts: logits = sum_k decode(head_k(h_k)), so p is proportional to prod_k p_k."""
+  cfg: layers.ModelConfig
+
+  @nn.compact
+  def __call__(self, h_NxBxLxH: jax.Array, decode: Callable[[jax.Array], jax.Array],
+               decode_towers: Callable[[jax.Array], jax.Array],
+               weights_BxL: jax.Array | None = None):
+    del weights_BxL
+    tower_logits_NxBxLxV = decode_towers(tower_heads(self.cfg, h_NxBxLxH))
+    return {'logits_BxLxV': jnp.sum(tower_logits_NxBxLxV, axis=0),
+            'tower_logits_NxBxLxV': tower_logits_NxBxLxV}

@@ -1,0 +1,94 @@
+"""The model's hyper-parameters and the small layers every module shares.
+
+Every parameter is created with logical axis names (`vocab`, `embed`, `mlp`,
+`heads`, `kv`, `gate_in`; `tower` and `layers` are added by vmap and scan) so the
+config's rule table alone decides how it is sharded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from twotower_jax import config as config_lib
+
+INIT_STD = 0.02
+
+
+ModelConfig = ml_collections.FrozenConfigDict  # config.model + vocab_size, hashable
+
+
+def model_config(model: ml_collections.ConfigDict | dict[str, Any] | None = None,
+                 vocab_size: int | None = None, **overrides: Any) -> ModelConfig:
+  """The model's hyper-parameters: a frozen copy of `config.model` plus `vocab_size`.
+
+  `config.base_config()` is the one schema of these fields; `overrides` are dotted
+  fields set on top (`model_config(vocab_size=40, n_layers=1, **{'embedding.mode':
+  'per_tower'})`, for tests and benchmarks). Frozen so a Flax module can hold it.
+  """
+  section = config_lib.base_config().model
+  if model is not None:
+    section.update(model.to_dict() if isinstance(model, ml_collections.ConfigDict) else model)
+  config_lib.set_fields(section, overrides)
+  if vocab_size is not None:
+    section.vocab_size = vocab_size
+  if 'vocab_size' not in section:
+    raise ValueError('model_config needs vocab_size')
+  return ml_collections.FrozenConfigDict(section)
+
+
+def compute_dtype(cfg: ModelConfig) -> Any:
+  """Compute dtype of the tower matmuls; parameters stay float32."""
+  return jnp.dtype(cfg.dtype)
+
+
+def head_dim(cfg: ModelConfig) -> int:
+  return cfg.d_model // cfg.n_heads
+
+
+def param_init(names: Sequence[str | None], std: float = INIT_STD) -> Any:
+  return nn.with_logical_partitioning(nn.initializers.normal(std), tuple(names))
+
+
+def orthogonal_init(iterations: int = 60) -> Any:
+  """A Haar-random (semi-)orthogonal matrix: the polar factor of a Gaussian one.
+
+  Newton-Schulz iterations (matmuls only) instead of nn.initializers.orthogonal's
+  LAPACK QR: two QRs running concurrently in one jitted, tower-vmapped init
+  deadlock XLA:CPU (jax 0.10.2), which hung bilstm initialisation on one device.
+  """
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    tall = rows >= cols
+    g = jax.random.normal(key, (rows, cols) if tall else (cols, rows), jnp.float32)
+    x = g / jnp.linalg.norm(g)  # Frobenius scaling: every singular value in (0, 1]
+    x = jax.lax.fori_loop(0, iterations, lambda _, x: 1.5 * x - 0.5 * x @ (x.T @ x), x)
+    return (x if tall else x.T).reshape(shape).astype(dtype)
+  return init
+
+
+def zeros_init(names: Sequence[str | None]) -> Any:
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(names))
+
+
+def layer_norm(axis_name: str = 'embed', name: str | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=1e-5, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis_name,)))
+
+
+def dense(features: int, names: tuple[str, str], name: str | None = None,
+          std: float = INIT_STD, dtype: Any = None) -> nn.Dense:
+  """dtype=None computes in the promoted input/param dtype (f32 for the gate)."""
+  return nn.Dense(features, name=name, kernel_init=param_init(names, std),
+                  bias_init=zeros_init(names[1:]), dtype=dtype)
+
+
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+  return nn.gelu(x, approximate=True)

@@ -1,0 +1,90 @@
+"""The two-tower LM: shared embeddings -> N stacked towers -> mixing gate.
+
+The towers are one tower module vmapped along a leading `tower` axis with
+independent initialisation, so N towers cost one definition and the tower axis
+can be sharded across devices. Pure functions: `model.init` / `model.apply`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from twotower_jax import config as config_lib
+from twotower_jax.model import embeddings
+from twotower_jax.model import gates
+from twotower_jax.model import layers
+from twotower_jax.model import partitioning
+from twotower_jax.model import towers
+
+
+class TwoTowerLM(nn.Module):
+  """Returns a dict: `logits_BxLxV`, `tower_states_NxBxLxH`, `aux_loss`, `metrics`, ..."""
+  cfg: layers.ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL: jax.Array, *, weights_BxL: jax.Array | None = None,
+               deterministic: bool = True,
+               states_fn: Callable[[jax.Array], jax.Array] | None = None):
+    """`weights_BxL`: the loss weights, for the gate's averages (None: every position).
+    `states_fn` (analysis hook) edits the tower states h_NxBxLxH before the gate."""
+    cfg = self.cfg
+    embedder = embeddings.Embedder(cfg, name='embed')
+    x_NxBxLxH = embedder.encode(tokens_BxL)
+    # Activations split by batch, not by the (FSDP-sharded) width of the token table.
+    x_NxBxLxH = partitioning.constrain(x_NxBxLxH, ('tower', 'batch', 'length', None))
+    stacked = nn.vmap(towers.get(cfg.tower_type).module,
+                      in_axes=0, out_axes=0, axis_size=cfg.n_towers,
+                      variable_axes={'params': 0, 'intermediates': 0},
+                      split_rngs={'params': True, 'dropout': True},
+                      metadata_params={nn.PARTITION_NAME: 'tower'})
+    tower_stack = stacked(cfg, deterministic, name='towers')
+    gate = gates.get(cfg.gate).module(cfg, name='gate')
+
+    def forward(x_NxBxLxH):
+      h_NxBxLxH = tower_stack(x_NxBxLxH)
+      if states_fn is not None:
+        h_NxBxLxH = states_fn(h_NxBxLxH)
+      out = dict(gate(h_NxBxLxH, embedder.decode, embedder.decode_towers, weights_BxL))
+      out['tower_states_NxBxLxH'] = h_NxBxLxH
+      return out
+
+    out = forward(x_NxBxLxH)
+    # Pondering: each extra pass adds the expected token embedding under the current
+    # prediction to the inputs; the towers and gate are reused (same parameters).
+    for _ in range(cfg.pondering.steps):
+      probs_BxLxV = jax.nn.softmax(out['logits_BxLxV'].astype(jnp.float32) /
+                                   cfg.pondering.temperature, axis=-1)
+      x_NxBxLxH = x_NxBxLxH + embedder.soft_embed(probs_BxLxV)
+      out = forward(x_NxBxLxH)
+    out.setdefault('aux_loss', jnp.zeros((), jnp.float32))
+    out.setdefault('metrics', {})
+    return out
+
+
+def build(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTowerLM:
+  return TwoTowerLM(layers.model_config(config.model, vocab_size))
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """model.* names a registered tower type, gate and embedding mode that fit together."""
+  m = config.model
+  if m.tower_type not in towers.TOWER_TYPES:
+    raise config_lib.unknown_name('model.tower_type', m.tower_type, towers.TOWER_TYPES)
+  if m.pondering.steps and not towers.get(m.tower_type).allows_pondering:
+    raise config_lib.ConfigError(
+        f'model.pondering.steps>0 with model.tower_type={m.tower_type} would leak the target '
+        'into its own prediction (fed back through its neighbours); use 0')
+  if m.gate not in gates.GATES:
+    raise config_lib.unknown_name('model.gate', m.gate, gates.GATES)
+  if m.embedding.mode not in embeddings.MODES:
+    raise config_lib.ConfigError(f'model.embedding.mode={m.embedding.mode!r} is unknown; choose '
+                                 f'one of {list(embeddings.MODES)}')
+
+
+def param_count(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

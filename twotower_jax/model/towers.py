@@ -1,0 +1,67 @@
+"""Tower types: the registry. A tower maps embedded inputs x_BxLxH to final states h_BxLxH.
+
+A tower type pairs a Flax module with its objective: `make_example` turns a packed
+window of L+1 tokens into inputs, targets and loss weights (PAD weights are zero);
+the state h_t feeds the gate, which predicts `targets[t]`. Everything else that
+depends on the tower type is a field of its registered entry, so a new type is one
+module that calls `register` (the model, the train step, FLOPs, the paper presets
+and the structural probe read these fields and never name a type):
+
+- `paper_embedding_mode`: the token table the paper's variant of this type reads
+  (configs/paper.py);
+- `allows_pondering`: False where feeding predictions back would leak the target;
+- `layer_states`: the per-layer states the tower sowed ('intermediates'), by name
+  ('input', 'block_1', ...), for the structural probe;
+- `attention_layers`: attention layers applied per token (FLOPs);
+- `left_to_right`: whether it generates text token by token (causal).
+
+Built-in types: `causal` and `mlm` (transformer.py), `bilstm` (bilstm.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+
+from twotower_jax.model import layers
+
+
+def sown_layers(inter: dict[str, Any]) -> dict[str, jax.Array]:
+  """The default `layer_states`: 'tower_in' as 'input' and `layer_i` sown by the tower."""
+  out = {}
+  if 'tower_in' in inter:
+    out['input'] = inter['tower_in'][0]
+  for k in inter:
+    if k.startswith('layer_'):
+      out[f'block_{int(k[6:])}'] = inter[k][0]
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerType:
+  module: type[nn.Module]  # fields (cfg, deterministic); __call__(x_BxLxH) -> h_BxLxH
+  make_example: Callable[..., dict[str, jax.Array]]  # (window_BxL1, rng, cfg) -> example
+  paper_embedding_mode: str = 'shared'
+  allows_pondering: bool = True
+  layer_states: Callable[[dict[str, Any]], dict[str, jax.Array]] = sown_layers
+  attention_layers: Callable[[layers.ModelConfig], int] = lambda cfg: 0
+  left_to_right: bool = False
+
+
+TOWER_TYPES: dict[str, TowerType] = {}
+
+
+def register(name: str, module: type[nn.Module], make_example: Callable[..., dict],
+             **fields: Any) -> TowerType:
+  """Registers tower type `name` (fields: see TowerType)."""
+  TOWER_TYPES[name] = TowerType(module, make_example, **fields)
+  return TOWER_TYPES[name]
+
+
+def get(name: str) -> TowerType:
+  if name not in TOWER_TYPES:
+    raise KeyError(f'model.tower_type={name!r} is unknown; choose one of {sorted(TOWER_TYPES)}')
+  return TOWER_TYPES[name]

@@ -1,0 +1,141 @@
+"""Transformer towers: `causal` (GPT) and `mlm` (BERT), pre-LN blocks with a final LayerNorm.
+
+- `causal`: inputs are tokens 0..L-1 of the window, target t is token t+1.
+- `mlm`: a bidirectional stack on a corrupted copy of tokens 0..L-1; target t is the
+  original token t, weighted only where it was selected. Masking is drawn from the
+  step's example rng inside the jitted step (`mlm_example`).
+The tower sows its input ('tower_in') and each block's output ('block_out') for the
+structural probe.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from twotower_jax.data import tokenizer as tokenizer_lib
+from twotower_jax.model import layers
+from twotower_jax.model import towers
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  cfg: layers.ModelConfig
+  causal: bool
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxH: jax.Array, _=None):
+    cfg = self.cfg
+    h_BxLxH = layers.layer_norm(name='ln_attn')(x_BxLxH)
+    qkv = nn.DenseGeneral(
+        (3, cfg.n_heads, layers.head_dim(cfg)), name='qkv',
+        kernel_init=layers.param_init(('embed', None, 'heads', 'kv')),
+        bias_init=layers.zeros_init((None, 'heads', 'kv')), dtype=layers.compute_dtype(cfg))(h_BxLxH)
+    q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    y_BxLxNxD = jax.nn.dot_product_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD,
+                                             is_causal=self.causal)
+    y_BxLxH = nn.DenseGeneral(
+        cfg.d_model, axis=(-2, -1), name='attn_out',
+        kernel_init=layers.param_init(('heads', 'kv', 'embed'),
+                                      layers.INIT_STD / (2 * cfg.n_layers) ** 0.5),
+        bias_init=layers.zeros_init(('embed',)), dtype=layers.compute_dtype(cfg))(y_BxLxNxD)
+    x_BxLxH = x_BxLxH + nn.Dropout(cfg.dropout)(y_BxLxH, deterministic=self.deterministic)
+
+    h_BxLxH = layers.layer_norm(name='ln_mlp')(x_BxLxH)
+    h_BxLxF = layers.gelu(layers.dense(cfg.d_mlp, ('embed', 'mlp'), name='mlp_in',
+                                            dtype=layers.compute_dtype(cfg))(h_BxLxH))
+    h_BxLxH = layers.dense(cfg.d_model, ('mlp', 'embed'), name='mlp_out',
+                           std=layers.INIT_STD / (2 * cfg.n_layers) ** 0.5,
+                           dtype=layers.compute_dtype(cfg))(h_BxLxF)
+    x_BxLxH = x_BxLxH + nn.Dropout(cfg.dropout)(h_BxLxH, deterministic=self.deterministic)
+    self.sow('intermediates', 'block_out', x_BxLxH)  # analysis: per-layer states
+    return x_BxLxH, None
+
+
+class Transformer(nn.Module):
+  """A stack of pre-LN blocks and a final LayerNorm (GPT-2 layout)."""
+  cfg: layers.ModelConfig
+  deterministic: bool
+  causal: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxLxH: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    x_BxLxH = nn.Dropout(cfg.dropout)(x_BxLxH, deterministic=self.deterministic)
+    self.sow('intermediates', 'tower_in', x_BxLxH)  # analysis: the layer-0 states
+    block_cls = TransformerBlock
+    if cfg.remat:  # recompute the block's activations in the backward pass
+      block_cls = nn.remat(TransformerBlock, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      blocks = nn.scan(block_cls, variable_axes={'params': 0, 'intermediates': 0},
+                       split_rngs={'params': True, 'dropout': True}, length=cfg.n_layers,
+                       metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BxLxH, _ = blocks(cfg, self.causal, self.deterministic, name='blocks')(x_BxLxH)
+    else:
+      for i in range(cfg.n_layers):
+        x_BxLxH, _ = block_cls(cfg, self.causal, self.deterministic,
+                          name=f'block_{i}')(x_BxLxH)
+    return layers.layer_norm(name='ln_final')(x_BxLxH)
+
+
+def block_states(inter: dict) -> dict[str, jax.Array]:
+  """{'input', 'block_1'..'block_L'}: what the tower read and each block's output."""
+  out = {'input': inter['tower_in'][0]} if 'tower_in' in inter else {}
+  if 'blocks' in inter:  # scanned blocks: N x n_layers x B x L x H
+    stacked = inter['blocks']['block_out'][0]
+    for i in range(stacked.shape[1]):
+      out[f'block_{i + 1}'] = stacked[:, i]
+  for k in inter:
+    if k.startswith('block_'):  # unrolled blocks block_0..: a submodule each
+      out[f'block_{int(k[6:]) + 1}'] = inter[k]['block_out'][0]
+  return out
+
+
+def causal_example(window_BxL1: jax.Array, rng: jax.Array, cfg: layers.ModelConfig):
+  """Next-token prediction: inputs are tokens < t, the target is token t."""
+  del rng, cfg
+  targets_BxL = window_BxL1[:, 1:]
+  return {'inputs': window_BxL1[:, :-1], 'targets': targets_BxL,
+          'weights': (targets_BxL != tokenizer_lib.PAD_ID).astype(jnp.float32)}
+
+
+towers.register('causal', Transformer, causal_example, layer_states=block_states,
+                attention_layers=lambda cfg: cfg.n_layers, left_to_right=True)
+
+
+class BidirectionalTransformer(Transformer):
+  """The same stack with full (non-causal) attention, for the masked LM."""
+  causal: bool = False
+
+
+# BERT corruption: share of candidate positions selected, and of those the share
+# replaced by [MASK] and by a random token (the rest stay unchanged).
+MLM_SELECT, MLM_MASK, MLM_RANDOM = 0.15, 0.8, 0.1
+
+
+def mlm_example(window_BxL1: jax.Array, rng: jax.Array, cfg: layers.ModelConfig):
+  """BERT masking of tokens 0..L-1: each non-special token is selected with p=0.15;
+  selected tokens become [MASK] (80%), a random non-special token (10%) or stay (10%).
+
+  Special ids (tokenizer.SPECIAL_IDS: PAD, UNK, BOS, EOS, MASK) are never selected;
+  the loss weight is 1 exactly at selected positions, whose target is the original.
+  """
+  tokens_BxL = window_BxL1[:, :-1]
+  select_rng, kind_rng, random_rng = jax.random.split(rng, 3)
+  candidate_BxL = ~jnp.isin(tokens_BxL, jnp.asarray(tokenizer_lib.SPECIAL_IDS))
+  selected_BxL = candidate_BxL & jax.random.bernoulli(select_rng, MLM_SELECT, tokens_BxL.shape)
+  u_BxL = jax.random.uniform(kind_rng, tokens_BxL.shape)
+  # Special ids are 0..len(SPECIAL_IDS)-1, so random replacements are drawn above them.
+  random_BxL = jax.random.randint(random_rng, tokens_BxL.shape, len(tokenizer_lib.SPECIAL_IDS),
+                                  cfg.vocab_size, dtype=tokens_BxL.dtype)
+  corrupted_BxL = jnp.where(u_BxL < MLM_MASK, tokenizer_lib.MASK_ID,
+                            jnp.where(u_BxL < MLM_MASK + MLM_RANDOM, random_BxL, tokens_BxL))
+  inputs_BxL = jnp.where(selected_BxL, corrupted_BxL, tokens_BxL)
+  return {'inputs': inputs_BxL, 'targets': tokens_BxL,
+          'weights': selected_BxL.astype(jnp.float32)}
+
+
+towers.register('mlm', BidirectionalTransformer, mlm_example, paper_embedding_mode='projected',
+                layer_states=block_states, attention_layers=lambda cfg: cfg.n_layers)

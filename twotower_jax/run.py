@@ -1,0 +1,102 @@
+"""A trained run, read back: its config, tokenizer, data, model and checkpointed parameters.
+
+What every reader of a workdir after training needs (the analysis, planted_check,
+generation): `load_config` reads DIR/config.json, `restore` rebuilds the model and
+the held-out windows exactly as training did and restores one checkpoint's
+parameters onto this machine's devices. It reads the workdir and writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from twotower_jax import errors
+from twotower_jax import workdir as workdir_lib
+from twotower_jax.train import checkpoints
+from twotower_jax.train import optimizer as optimizer_lib
+from twotower_jax.train import setup as setup_lib
+from twotower_jax.train import sharding as sharding_lib
+from twotower_jax.train import state as state_lib
+
+
+class RunError(errors.UserError):
+  """A workdir that holds no usable run; the message says what to do."""
+
+
+@dataclasses.dataclass
+class Run:
+  """A restored run: what `setup.build` makes from its config, plus one checkpoint."""
+  setup: setup_lib.Setup
+  params: Any
+  step: int
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    return self.setup.config
+
+  @property
+  def model(self):
+    return self.setup.model
+
+
+def load_config(workdir: str, analysis: ml_collections.ConfigDict | None = None
+                ) -> ml_collections.ConfigDict:
+  """The run's config.json, with `analysis` (command-line analysis.* fields) on top,
+  validated against this version's schema and registries."""
+  if not os.path.isdir(workdir):
+    raise RunError(f'workdir {workdir} does not exist; pass the --workdir of a training run')
+  config = workdir_lib.read_config(workdir)
+  if analysis is not None:
+    config.analysis = ml_collections.ConfigDict(analysis.to_dict())
+  setup_lib.check_config(config)
+  return config
+
+
+def fit_mesh(config: ml_collections.ConfigDict) -> list[jax.Device]:
+  """The devices to read the run on, setting config.mesh to fit them.
+
+  The training mesh where it fits this machine; else data parallel over all devices;
+  else over the most devices that divide the batch (reading needs no particular mesh).
+  """
+  devices = jax.devices()
+  try:
+    sharding_lib.make_mesh(config, devices)
+    return devices
+  except errors.UserError:
+    pass
+  config.mesh.data, config.mesh.fsdp, config.mesh.tower = -1, 1, 1
+  n = len(devices)
+  while config.train.batch_size % (n * config.train.grad_accum_steps):
+    n -= 1
+  return devices[:n]
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str, step: int = 0) -> Run:
+  """The run at checkpoint `step` (0 = the latest complete one)."""
+  if not os.path.isdir(checkpoints.directory(workdir)):
+    raise RunError(f'{workdir} has no checkpoints; train it first (python -m '
+                   'twotower_jax.main) or pass the right --workdir')
+  if not os.path.exists(workdir_lib.path(workdir, workdir_lib.TOKENIZER)):
+    raise RunError(f'{workdir} has no {workdir_lib.TOKENIZER} next to its checkpoints; '
+                   'copy the whole training workdir')
+  setup = setup_lib.build(config, workdir, train_tokenizer=False, devices=fit_mesh(config))
+  tx = optimizer_lib.make(config)
+  state_sh = state_lib.shardings(setup.model, tx, setup.mesh, sharding_lib.rules(config))
+  mngr = checkpoints.manager(workdir, read_only=True)
+  try:
+    step = int(step) or checkpoints.latest_complete_step(mngr)
+    if step is None:
+      raise RunError(f'{checkpoints.directory(workdir)} holds no complete checkpoint; train '
+                     'the run (python -m twotower_jax.main) first')
+    if step not in mngr.all_steps():
+      raise RunError(f'no checkpoint for step {step} in {checkpoints.directory(workdir)}; '
+                     f'choose one of {sorted(mngr.all_steps())} or 0 for the latest')
+    state, _ = checkpoints.restore(mngr, step, state_lib.abstract(setup.model, tx, state_sh))
+  finally:
+    mngr.close()
+  return Run(setup, state.params, step)

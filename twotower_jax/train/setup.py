@@ -1,0 +1,66 @@
+"""What training and every later reader of a workdir build from config + workdir.
+
+`check_config` validates a config against the schema and every registry (data
+sources, tower types, gates); `build` makes the mesh, reads the corpus, trains the
+tokenizer on first use (process 0) and packs the windows, and builds the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+
+from twotower_jax import config as config_lib
+from twotower_jax import workdir as workdir_lib
+from twotower_jax.data import corpus as corpus_lib
+from twotower_jax.data import tokenizer as tokenizer_lib
+from twotower_jax.data import windows as data_lib
+from twotower_jax.model import lm as model_lib
+from twotower_jax.train import sharding as sharding_lib
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The schema's checks, then each registry's (data.source, model.tower_type, model.gate)."""
+  config_lib.validate(config)
+  corpus_lib.check_config(config.data)
+  model_lib.check_config(config)
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from config + workdir that both training and analysis need."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  tokenizer: Any
+  splits: data_lib.Splits
+  corpus: corpus_lib.Corpus
+  model: model_lib.TwoTowerLM
+
+
+def build(config: ml_collections.ConfigDict, workdir: str, train_tokenizer: bool = True,
+          devices: Sequence[jax.Device] | None = None) -> Setup:
+  """Mesh (over `devices`, default all), corpus, tokenizer (trained on first use), packed
+  splits and model."""
+  mesh = sharding_lib.make_mesh(config, devices)
+  corpus = corpus_lib.load(config.data)
+  if train_tokenizer and jax.process_index() == 0:
+    created = not os.path.exists(workdir)  # bad input before this point leaves no trace
+    os.makedirs(workdir, exist_ok=True)
+    try:
+      tokenizer_lib.train_or_load(corpus.train_docs, workdir, config.data.vocab_size,
+                                  config.data.tokenizer_type)
+    except Exception:
+      if created and not os.listdir(workdir):
+        os.rmdir(workdir)
+      raise
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('tokenizer_ready')
+  sp = tokenizer_lib.load(workdir_lib.path(workdir, workdir_lib.TOKENIZER))
+  splits = data_lib.make_splits(sp, corpus.train_docs, corpus.val_docs, config.data.seq_len)
+  model = model_lib.build(config, sp.get_piece_size())
+  return Setup(config, mesh, sp, splits, corpus, model)

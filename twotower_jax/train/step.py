@@ -1,0 +1,153 @@
+"""Pure train and eval steps; `train.py` jits them with explicit shardings.
+
+Per-step randomness is fold_in(state.rng, state.step), so a resumed run draws the
+same dropout and masks as an uninterrupted one. With grad_accum_steps=k the global
+batch is split into k micro-batches inside the step (lax.scan) and the gradients
+are summed with the loss normalised by the whole batch's token weight, so the
+update equals one large-batch update (dropout keys differ per micro-batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from twotower_jax.model import embeddings
+from twotower_jax.train import nonfinite
+from twotower_jax.model import towers
+from twotower_jax.train.state import TrainState
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
+                  weights_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum of weighted token losses, sum of weights), in float32."""
+  losses_BxL = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxLxV.astype(jnp.float32), targets_BxL)
+  return jnp.sum(losses_BxL * weights_BxL), jnp.sum(weights_BxL)
+
+
+def step_rngs(state: TrainState) -> tuple[jax.Array, jax.Array]:
+  """(dropout key, example key) for this step."""
+  dropout_rng, example_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  return dropout_rng, example_rng
+
+
+def loss_fn(params: Any, model: nn.Module, example: dict[str, jax.Array],
+            dropout_rng: jax.Array, perturbations: Any = None,
+            total_weight: jax.Array | None = None,
+            aux_scale: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """CE normalised by `total_weight` (default: this batch's weight) plus scaled aux loss.
+
+  `perturbations` (zeros) expose activation gradients, e.g. of the embedding lookup.
+  """
+  variables = {'params': params}
+  if perturbations is not None:
+    variables['perturbations'] = perturbations
+  out = model.apply(variables, example['inputs'], weights_BxL=example['weights'],
+                    deterministic=False, rngs={'dropout': dropout_rng})
+  loss_sum, weight_sum = cross_entropy(out['logits_BxLxV'], example['targets'],
+                                       example['weights'])
+  ce = loss_sum / jnp.maximum(weight_sum if total_weight is None else total_weight, 1.0)
+  loss = ce + aux_scale * out['aux_loss']
+  return loss, {'ce': ce, 'aux_loss': out['aux_loss'], 'n_tokens': weight_sum,
+                **out['metrics']}
+
+
+def zero_perturbations(model: nn.Module, params: Any, inputs_BxL: jax.Array) -> Any:
+  """Zeros shaped like the model's `perturbations` collection (e.g. the embedding lookup)."""
+  _, shapes = jax.eval_shape(
+      lambda p, x: model.apply({'params': p}, x, mutable=['perturbations']), params, inputs_BxL)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['perturbations'])
+
+
+def grads_and_lookup(params: Any, model: nn.Module, example: dict[str, jax.Array],
+                     dropout_rng: jax.Array, total_weight: jax.Array | None = None,
+                     aux_scale: float = 1.0) -> tuple[jax.Array, dict, Any, jax.Array]:
+  """(loss, aux, grads, table gradient through the input lookup) of one batch."""
+  perturbations = zero_perturbations(model, params, example['inputs'])
+  (loss, aux), (grads, pert_grads) = jax.value_and_grad(loss_fn, argnums=(0, 4), has_aux=True)(
+      params, model, example, dropout_rng, perturbations, total_weight, aux_scale)
+  lookup_part = embeddings.lookup_table_grad(model.cfg, grads['embed']['token'],
+                                             pert_grads['embed']['lookup'], example['inputs'])
+  return loss, aux, grads, lookup_part
+
+
+def split_micro(x_BxD: jax.Array, k: int) -> jax.Array:
+  """[B, ...] -> [k, B/k, ...]; micro-batch i takes rows i, i+k, ... so every
+  micro-batch stays spread over all data-parallel devices."""
+  b = x_BxD.shape[0]
+  return jnp.swapaxes(x_BxD.reshape((b // k, k) + x_BxD.shape[1:]), 0, 1)
+
+
+# How each loss_fn metric combines over micro-batches (default: mean).
+_SUMMED = ('ce', 'n_tokens')
+
+
+def accumulated_grads(params: Any, model: nn.Module, example: dict[str, jax.Array],
+                      dropout_rng: jax.Array, k: int) -> tuple[jax.Array, dict, Any, jax.Array]:
+  """grads_and_lookup of the whole batch from k scanned micro-batches.
+
+  Each micro-batch's CE is divided by the whole batch's token weight, so the summed
+  gradient is the large-batch gradient; the aux loss is the micro-batch mean.
+  """
+  total_weight = jnp.sum(example['weights'])
+  micro = jax.tree.map(lambda x: split_micro(x, k), example)
+
+  def body(acc, xs):
+    i, ex = xs
+    loss, aux, grads, lookup_part = grads_and_lookup(
+        params, model, ex, jax.random.fold_in(dropout_rng, i), total_weight, 1.0 / k)
+    return jax.tree.map(jnp.add, acc, (grads, lookup_part)), (loss, aux)
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  (grads, lookup_part), (losses_K, aux_K) = lax.scan(
+      body, (zeros, jnp.zeros_like(zeros['embed']['token'])), (jnp.arange(k), micro))
+  aux = {name: jnp.sum(v, 0) if name in _SUMMED else jnp.mean(v, 0) for name, v in aux_K.items()}
+  return jnp.sum(losses_K), aux, grads, lookup_part
+
+
+def train_step(state: TrainState, window_BxL1: jax.Array, *, model: nn.Module,
+               tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+               grad_accum_steps: int = 1,
+               on_nonfinite: str = 'stop') -> tuple[TrainState, dict[str, jax.Array]]:
+  """One AdamW update on one global batch of packed windows (optionally accumulated).
+
+  metrics[nonfinite.FLAGS_KEY] flags the loss and each gradient leaf as finite; with
+  on_nonfinite='skip' a non-finite step keeps the old params and optimizer state.
+  """
+  dropout_rng, example_rng = step_rngs(state)
+  example = towers.get(model.cfg.tower_type).make_example(window_BxL1, example_rng, model.cfg)
+  if grad_accum_steps > 1:
+    loss, aux, grads, lookup_part = accumulated_grads(state.params, model, example, dropout_rng,
+                                                      grad_accum_steps)
+  else:
+    loss, aux, grads, lookup_part = grads_and_lookup(state.params, model, example, dropout_rng)
+  aux.update(embeddings.grad_norm_metrics(grads, lookup_part))
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite, flags_Q = nonfinite.flags(loss, grads)
+  skipped = jnp.zeros((), jnp.float32)
+  if on_nonfinite == 'skip':
+    params = nonfinite.keep_if_finite(finite, params, state.params)
+    opt_state = nonfinite.keep_if_finite(finite, opt_state, state.opt_state)
+    skipped = 1.0 - finite.astype(jnp.float32)
+  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+             'lr': lr_schedule(state.step), 'skipped': skipped,
+             nonfinite.FLAGS_KEY: flags_Q, **aux}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, window_BxL1: jax.Array, *, model: nn.Module) -> dict[str, jax.Array]:
+  """Summed loss and weight, dropout off; masks (if any) from a fixed key."""
+  example = towers.get(model.cfg.tower_type).make_example(
+      window_BxL1, jax.random.PRNGKey(0), model.cfg)
+  out = model.apply({'params': params}, example['inputs'], weights_BxL=example['weights'],
+                    deterministic=True)
+  loss_sum, weight_sum = cross_entropy(out['logits_BxLxV'], example['targets'],
+                                       example['weights'])
+  return {'loss_sum': loss_sum, 'weight_sum': weight_sum}
