@@ -15,7 +15,8 @@ from twotower_jax import errors
 from twotower_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_dict('config', config_lib.base_config(),
-                                          'Only --config.analysis.* overrides are used.')
+                                          'Only --config.analysis.* and --config.imports '
+                                          '(modules with more estimators) are used.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory to analyse (read only, except '
                                'DIR/analysis/).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: analysis.step, 0 = latest).')
@@ -28,11 +29,12 @@ _OUT = flags.DEFINE_string('out', None, '--compare output directory (default '
 def main(argv):
   import os  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  base = config_lib.base_config()
-  for section in base.keys():
-    if section != 'analysis' and config[section].to_dict() != base[section].to_dict():
+  given, base = config_lib.to_dict(config), config_lib.to_dict(config_lib.base_config())
+  for section in base:
+    if section not in ('analysis', 'imports') and given[section] != base[section]:
       raise errors.UserError(f'--config.{section}.* cannot change an analysis (the run\'s '
-                             'config.json decides it); only --config.analysis.* is used')
+                             'config.json decides it); only --config.analysis.* and '
+                             '--config.imports are used')
   if _COMPARE.value:
     from twotower_jax.analysis import compare  # pylint: disable=g-import-not-at-top
     dirs = list(_COMPARE.value) + list(argv[1:])
@@ -51,7 +53,7 @@ def main(argv):
   if _STEP.value is not None:
     config.analysis.step = _STEP.value
   from twotower_jax.analysis import runner  # pylint: disable=g-import-not-at-top
-  run_config = runner.load_config(_WORKDIR.value, config.analysis)
+  run_config = runner.load_config(_WORKDIR.value, config.analysis, config.imports)
   runner.run(run_config, _WORKDIR.value)
 
 

@@ -11,6 +11,7 @@ are checked by the package that owns the registry (`data.check_config`,
 from __future__ import annotations
 
 import difflib
+import importlib
 import json
 from typing import Any
 
@@ -26,6 +27,10 @@ class ConfigError(errors.UserError):
 def base_config() -> ml_collections.ConfigDict:
   """Every field the code reads, with a default that trains on CPU."""
   c = ml_collections.ConfigDict()
+  # Modules imported before the config is checked (comma list): each registers extra tower
+  # types, gates, estimators or data sources (README, "Extending"). Saved in config.json,
+  # so the analysis of the run imports them too.
+  c.imports = ''
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'sotu'  # registered source: 'sotu' | 'text' | 'tfds' | 'planted'
@@ -234,6 +239,16 @@ def _validate_model_options(m: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.pondering.temperature={p.temperature!r} must be > 0')
 
 
+def import_parts(config: ml_collections.ConfigDict) -> None:
+  """Imports the modules named in config.imports (they register themselves)."""
+  for name in estimator_list(config.get('imports', '')):
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise ConfigError(f'imports: cannot import {name!r} ({e}); put its folder on PYTHONPATH '
+                        'or fix the name') from None
+
+
 def unknown_name(field: str, value: str, known) -> ConfigError:
   """The error for a registered name that is not registered: names the choices."""
   return ConfigError(f'{field}={value!r} is unknown; choose one of {sorted(known)}')
@@ -264,7 +279,7 @@ def set_fields(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> 
 
 
 def estimator_list(text: str) -> list[str]:
-  """The names in analysis.estimators, a comma list."""
+  """The names in a comma list (analysis.estimators, imports)."""
   return [n.strip() for n in str(text).split(',') if n.strip()]
 
 

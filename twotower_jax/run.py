@@ -44,15 +44,17 @@ class Run:
     return self.setup.model
 
 
-def load_config(workdir: str, analysis: ml_collections.ConfigDict | None = None
-                ) -> ml_collections.ConfigDict:
-  """The run's config.json, with `analysis` (command-line analysis.* fields) on top,
-  validated against this version's schema and registries."""
+def load_config(workdir: str, analysis: ml_collections.ConfigDict | None = None,
+                imports: str = '') -> ml_collections.ConfigDict:
+  """The run's config.json, with `analysis` (command-line analysis.* fields) on top and
+  `imports` added to the run's, validated against this version's schema and registries."""
   if not os.path.isdir(workdir):
     raise RunError(f'workdir {workdir} does not exist; pass the --workdir of a training run')
   config = workdir_lib.read_config(workdir)
   if analysis is not None:
     config.analysis = ml_collections.ConfigDict(analysis.to_dict())
+  if imports:
+    config.imports = ','.join(filter(None, [config.imports, imports]))
   setup_lib.check_config(config)
   return config
 

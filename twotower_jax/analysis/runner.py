@@ -42,10 +42,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                  f'comma list of {sorted(est_lib.ESTIMATORS)}')
 
 
-def load_config(workdir: str, analysis: ml_collections.ConfigDict | None = None
-                ) -> ml_collections.ConfigDict:
-  """The run's config with the command line's analysis.* fields on top, checked."""
-  config = run_lib.load_config(workdir, analysis)
+def load_config(workdir: str, analysis: ml_collections.ConfigDict | None = None,
+                imports: str = '') -> ml_collections.ConfigDict:
+  """The run's config with the command line's analysis.* fields on top, checked; `imports`
+  (more modules, e.g. a new estimator) are added to the run's own."""
+  config = run_lib.load_config(workdir, analysis, imports)
   check_config(config)
   return config
 

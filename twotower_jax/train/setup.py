@@ -24,7 +24,9 @@ from twotower_jax.train import sharding as sharding_lib
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """The schema's checks, then each registry's (data.source, model.tower_type, model.gate)."""
+  """The schema's checks, then each registry's (data.source, model.tower_type, model.gate),
+  after importing the modules in config.imports (they may register more names)."""
+  config_lib.import_parts(config)
   config_lib.validate(config)
   corpus_lib.check_config(config.data)
   model_lib.check_config(config)
