@@ -7,6 +7,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import glob  # pylint: disable=g-import-not-at-top,wrong-import-position
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,40 @@ def tiny_config(text_dir: str, **overrides):
 @pytest.fixture
 def tiny(small_corpus_dir):
   return lambda **overrides: tiny_config(small_corpus_dir, **overrides)
+
+
+def default_file_config():
+  """get_config() of configs/default.py, the file the CLI tests pass."""
+  spec = importlib.util.spec_from_file_location('default_config',
+                                                os.path.join(REPO, 'configs', 'default.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _leaves(tree: dict, prefix: str = ''):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def cli_overrides(config, base=None) -> list[str]:
+  """--config.A.B=VALUE for every leaf (nested sections included) that differs from `base`
+  (default: configs/default.py, the file the CLI tests pass): what a user would type."""
+  base_leaves = dict(_leaves(config_lib.to_dict(base or default_file_config())))
+  out = []
+  for key, value in _leaves(config_lib.to_dict(config)):
+    if base_leaves.get(key, object()) != value:
+      if isinstance(value, list):  # tuples (e.g. sharding.rules) in Python syntax
+        value = repr(_as_tuple(value))
+      out.append(f'--config.{key}={value}')
+  return out
+
+
+def _as_tuple(value):
+  return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
 
 
 def run_module(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -142,14 +142,21 @@ def test_probe_heads_saved_and_reused(run, results):
     np.testing.assert_array_equal(np.asarray(again['out_NxVxH']), f['out_NxVxH'])
 
 
-@pytest.mark.slow
-def test_cli_writes_files_and_reuses_probe(run, results):
+@pytest.fixture(scope='module')
+def cli_analysis(run, results):
+  """The analysis command on the trained run (after `results` trained the probe heads)."""
   del results
   workdir = run[0]
-  r = run_module('twotower_jax.analyze', f'--workdir={workdir}',
-                 '--config.analysis.eval_windows=16', '--config.analysis.probe_steps=40',
-                 '--config.analysis.probe_lr=0.003', '--config.analysis.probe_batch_size=8',
-                 '--config.analysis.n_boot=50', '--config.analysis.min_count=5')
+  return workdir, run_module(
+      'twotower_jax.analyze', f'--workdir={workdir}', '--config.analysis.eval_windows=16',
+      '--config.analysis.probe_steps=40', '--config.analysis.probe_lr=0.003',
+      '--config.analysis.probe_batch_size=8', '--config.analysis.n_boot=50',
+      '--config.analysis.min_count=5')
+
+
+@pytest.mark.slow
+def test_cli_writes_files_and_reuses_probe(cli_analysis):
+  workdir, r = cli_analysis
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'reusing heads' in r.stderr
   out = os.path.join(workdir, 'analysis')
@@ -279,12 +286,10 @@ def test_summary_statistics_on_synthetic_items(small_corpus_dir):
 
 
 @pytest.mark.slow
-def test_cli_compare(run, results, tmp_path):
+def test_cli_compare(cli_analysis, tmp_path):
   """--compare DIR1 DIR2 delegates to compare.run_compare (a run against itself: rho = 1)."""
-  del results
-  workdir = run[0]
-  if not os.path.exists(os.path.join(workdir, 'analysis', 'preference.csv')):
-    pytest.skip('needs the CLI test to have written preference.csv')
+  workdir, analysed = cli_analysis
+  assert analysed.returncode == 0, analysed.stderr[-3000:]
   r = run_module('twotower_jax.analyze', '--compare', workdir, workdir, f'--out={tmp_path}',
                  '--config.analysis.min_count=5', '--config.analysis.n_boot=20')
   assert r.returncode == 0, r.stderr[-2000:]

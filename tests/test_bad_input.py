@@ -8,8 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import run_module, snapshot
-from test_train import cli_overrides
+from conftest import cli_overrides, run_module, snapshot
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.train import checkpoints
 from twotower_jax import config as config_lib

@@ -1,10 +1,13 @@
 """Command-line config overrides and their errors: one line, exit 2, workdir untouched."""
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_module, snapshot
+from conftest import REPO, run_module, snapshot
 
 
 def _main(workdir, *args):
@@ -54,3 +57,24 @@ def test_a_workdir_with_another_model_is_refused(tiny, tmp_path):
   assert 'different config' in proc.stderr and 'new --workdir' in proc.stderr
   assert snapshot(str(workdir)) == before
   assert os.listdir(workdir) == ['config.json']
+
+
+def test_cli_overrides_are_one_per_leaf_and_parse_back(tiny, tmp_path):
+  """The tests' override helper: nested sections become one --config.a.b.c=v per leaf, and
+  main parses them back into the same config (bools, floats, strings, nested fields)."""
+  from conftest import cli_overrides, default_file_config  # pylint: disable=g-import-not-at-top
+  config = tiny(**{'model.embedding.tied': False, 'model.embedding.input_grad_scale': 2.5,
+                   'model.pondering.steps': 1, 'model.gate': 'latent'})
+  flags = cli_overrides(config)
+  assert '--config.model.embedding.tied=False' in flags
+  assert '--config.model.embedding.input_grad_scale=2.5' in flags
+  assert '--config.model.pondering.steps=1' in flags
+  assert not [f for f in flags if f.startswith('--config.model.embedding=')]
+  assert cli_overrides(default_file_config()) == []
+  code = ('import json, sys; from absl import flags; from ml_collections import config_flags; '
+          'from twotower_jax import config; c = config_flags.DEFINE_config_file("config"); '
+          'flags.FLAGS(sys.argv); print(json.dumps(config.to_dict(c.value)))')
+  proc = subprocess.run([sys.executable, '-c', code, '--config=configs/default.py', *flags],
+                        cwd=REPO, capture_output=True, text=True, check=True)
+  from twotower_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  assert json.loads(proc.stdout) == config_lib.to_dict(config)

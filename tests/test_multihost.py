@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, cli_overrides, tiny_config
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.train import checkpoints
 from twotower_jax import config as config_lib
@@ -30,21 +30,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _overrides(config) -> list[str]:
-  flat = []
-  for section in ('data', 'model', 'train', 'optimizer', 'mesh'):
-    for key, value in config[section].items():
-      flat.append(f'--config.{section}.{key}={value}')
-  return flat
-
-
 def _launch(workdir, config, n_devices, extra=()):
   env = dict(os.environ)
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   env['JAX_PLATFORMS'] = 'cpu'
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={n_devices}'
   cmd = [sys.executable, '-m', 'twotower_jax.main', '--config=configs/default.py',
-         f'--workdir={workdir}', *_overrides(config), *extra]
+         f'--workdir={workdir}', *cli_overrides(config), *extra]
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 

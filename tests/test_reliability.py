@@ -13,8 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
-from test_train import cli_overrides
+from conftest import REPO, cli_overrides, tiny_config
 from twotower_jax.train import setup as setup_lib
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.train import checkpoints

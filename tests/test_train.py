@@ -1,36 +1,14 @@
 """The main job end to end: CLI run, workdir contents, metrics, resume equals uninterrupted."""
 
-import importlib.util
 import json
 import os
 import shutil
 
 import numpy as np
 
-from conftest import REPO, run_module, snapshot
+from conftest import cli_overrides, run_module, snapshot
 from twotower_jax import workdir as workdir_lib
-from twotower_jax import config as config_lib
 from twotower_jax.train import loop as train
-
-
-def default_file_config():
-  """get_config() of configs/default.py, the file the CLI tests pass."""
-  spec = importlib.util.spec_from_file_location('default_config',
-                                                os.path.join(REPO, 'configs', 'default.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def cli_overrides(config) -> list[str]:
-  """--config.KEY=VALUE for every field that differs from configs/default.py."""
-  base = config_lib.to_dict(default_file_config())
-  out = []
-  for section, fields in config_lib.to_dict(config).items():
-    for key, value in fields.items():
-      if base[section][key] != value and not isinstance(value, (dict, list)):
-        out.append(f'--config.{section}.{key}={value}')
-  return out
 
 
 def test_main_job_trains_checkpoints_and_logs(tiny, tmp_path):
