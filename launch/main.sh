@@ -3,19 +3,24 @@
 # embedded corpus, analyse the final checkpoint, and print where the results are.
 # Rerunning resumes training and reuses the trained probe heads.
 #   bash launch/main.sh [WORKDIR] [--config.KEY=VALUE ...]
-# TREEBANK (default ../shared/data/ud_english_ewt beside the repo, when present) gives
-# gold word classes and the structural probe; without it the analysis falls back to
-# the built-in function-word list and skips the probe.
+# TWOTOWER_TREEBANK: a UD English EWT folder (CoNLL-U files; universaldependencies.org,
+# repository UD_English-EWT) for gold word classes and the structural probe. Unset: the
+# first that exists of treebanks/ud_english_ewt in the repository and
+# shared/data/ud_english_ewt beside it. None: the analysis uses the built-in
+# function-word list and skips the structural probe.
 source "$(dirname "$0")/env.sh"
 WORKDIR="${1:-runs/default}"
 [[ $# -gt 0 ]] && shift
 CONFIG="${CONFIG:-configs/default.py}"
-TREEBANK="${TREEBANK:-$ROOT/../shared/data/ud_english_ewt}"
+TREEBANK="${TWOTOWER_TREEBANK:-}"
+for candidate in "$ROOT/treebanks/ud_english_ewt" "$ROOT/../shared/data/ud_english_ewt"; do
+  if [[ -z "$TREEBANK" && -e "$candidate" ]]; then TREEBANK="$candidate"; fi
+done
 python -m twotower_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@"
 # Shorter probe schedules than the analysis defaults (300 / 1000 steps) keep the whole
 # job, training plus analysis, near 10 minutes on a 2-core CPU (README: Numbers).
 analysis_flags=(--config.analysis.probe_steps=150 --config.analysis.struct_steps=500)
-if [[ -d "$TREEBANK" || -f "$TREEBANK" ]]; then
+if [[ -n "$TREEBANK" ]]; then
   analysis_flags+=(--config.analysis.conllu="$TREEBANK" --config.analysis.struct_conllu="$TREEBANK")
 fi
 python -m twotower_jax.analyze --workdir="$WORKDIR" "${analysis_flags[@]}"
