@@ -101,7 +101,7 @@ def test_segment_sums_match_numpy():
   np.testing.assert_allclose(got['sum_NxV'], sums, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got['cross_VxNxN'], cross, rtol=1e-5, atol=1e-4)
   # the control permutes towers per position: per-item totals over towers are unchanged
-  np.testing.assert_allclose(got['perm_sum_NxV'].sum(0), sums.sum(0), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got['perm_sum_KxNxV'][0].sum(0), sums.sum(0), rtol=1e-5, atol=1e-4)
   res = est_lib.base.finish({k: np.asarray(x, np.float64) for k, x in got.items()})
   item = int(np.argmax(count))
   occ = vals[:, mask & (targets == item)]
@@ -243,7 +243,8 @@ def test_three_tower_run_scores_every_tower(tmp_path, small_corpus_dir):
   params = state_lib.init(setup.model, optimizer_lib.make(config), 0).params
   out = str(tmp_path / 'analysis')
   summary = analysis.analyze(run_lib.Run(setup, params, 0), str(tmp_path), out)
-  assert summary['n_towers'] == 3 and set(summary['per_estimator']) == {'probe', 'ablation'}
+  assert summary['n_towers'] == 3
+  assert set(summary['per_estimator']) == {'probe', 'ablation', 'resample'}
   with open(os.path.join(out, 'preference.csv')) as f:
     rows = [r for r in csv.DictReader(f) if int(r['count']) > 0]
   assert rows
@@ -265,8 +266,9 @@ def test_summary_statistics_on_synthetic_items(small_corpus_dir):
   v = 200
   wc = np.array(['closed'] * 60 + ['open'] * 100 + [''] * 40)
   pref = np.where(wc == 'closed', 1.0, -1.0) + 0.1 * rng.normal(size=v)
+  control = 0.1 * rng.normal(size=(20, v))
   res = {'count': rng.integers(1, 500, size=v).astype(float), 'pref': pref,
-         'control_pref': 0.1 * rng.normal(size=v), 'best': (pref < 0).astype(int),
+         'control_pref': control[0], 'control_pref_KxV': control, 'best': (pref < 0).astype(int),
          'seconds': 1.0, 'prepare_seconds': 0.0, 'tokens_per_s': 1.0}
   classes = {'word_class': wc, 'upos': np.full(v, ''), 'source': 'function_words'}
   pieces = [f'p{i}' for i in range(v)]
@@ -276,6 +278,8 @@ def test_summary_statistics_on_synthetic_items(small_corpus_dir):
   assert s['n_items'] == keep.sum()
   ce = s['class_enrichment']
   assert ce['auc'] == 1.0 and ce['ci'][0] == 1.0 and ce['mean_pref_closed'] > 0.8
+  assert ce['null']['p'] == 1 / 21 and ce['null']['effect'] > 5  # beyond every control draw
+  assert abs(ce['null']['null_mean'] - 0.5) < 0.1
   assert s['planted']['auc'] == 1.0 and s['planted']['n_syntax'] == (keep & (wc == 'closed')).sum()
   assert s['bimodality'] > 0.8 > s['control']['bimodality']
   assert sum(b['n'] for b in s['frequency']['bins']) == s['n_items']

@@ -135,14 +135,14 @@ def rewrite_metrics(workdir: str, lines: Sequence[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------- JSON outputs
 
 
-def _clean(x):
+def clean(x):
   """Plain Python numbers; NaN stays NaN (json writes NaN, json.load reads it back; n/a)."""
   if isinstance(x, dict):
-    return {k: _clean(v) for k, v in x.items()}
+    return {k: clean(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_clean(v) for v in x]
+    return [clean(v) for v in x]
   if isinstance(x, np.ndarray):
-    return _clean(x.tolist())
+    return clean(x.tolist())
   if isinstance(x, (float, np.floating)):
     return float(x)
   if isinstance(x, (bool, np.bool_)):
@@ -156,7 +156,7 @@ def write_json(file: str, obj: Any, indent: int = 1, sort_keys: bool = False) ->
   """Atomic: written beside the target and renamed over it."""
   tmp = file + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(_clean(obj), f, indent=indent, sort_keys=sort_keys)
+    json.dump(clean(obj), f, indent=indent, sort_keys=sort_keys)
     f.write('\n')
   os.replace(tmp, file)
 

@@ -71,6 +71,17 @@ def planted_labels(config: ml_collections.ConfigDict, sp) -> np.ndarray | None:
   return np.asarray(planted.token_classes(config, sp))
 
 
+def _estimator_entry(name, res, pieces, classes, config, planted_V) -> dict[str, Any]:
+  """summary.json's block for one estimator: its statistics, meaning and own record."""
+  est = est_lib.get(name)
+  out = summary_lib.estimator_summary(res, pieces, classes, config.model.n_towers, config,
+                                      planted_V)
+  out['description'] = est.description
+  if est.summary is not None:
+    out.update(est.summary(res['state']))
+  return out
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Restores the checkpoint analysis.step, scores the estimators, writes DIR/analysis/*."""
   workdir = os.path.abspath(workdir)
@@ -92,7 +103,7 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
                                                                config.train.batch_size),
                         train_windows=setup.splits.train_windows, analysis_dir=out_dir, step=step)
   names, skipped = estimator_names(config)
-  ev = est_lib.base.eval_loss(ctx)
+  ev = est_lib.base.tower_pass(ctx)
   log.info('analysis: step %d, %d scored positions, eval loss %.4f (%.0f tokens/s forward)',
            step, ev['n_positions'], ev['loss'], ev['tokens_per_s'])
   results = {}
@@ -117,14 +128,13 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
   summary = {
       'workdir': workdir, 'step': int(step), 'n_towers': n_towers,
       'tower_type': config.model.tower_type, 'gate': config.model.gate,
-      'n_positions': ev['n_positions'], 'n_eval_windows': int(min(a.eval_windows,
-                                                                  len(setup.splits.val_windows))),
+      'n_positions': ev['n_positions'],
+      'n_eval_windows': int(min(a.eval_windows or len(setup.splits.val_windows),
+                                len(setup.splits.val_windows))),
       'min_count': int(a.min_count), 'estimators': names, 'estimators_skipped': skipped,
       'eval_loss': ev['loss'],
       'eval_tokens_per_s': ev['tokens_per_s'],
-      'per_estimator': {name: dict(summary_lib.estimator_summary(res, pieces, classes, n_towers,
-                                                                 config, planted_V),
-                                   description=est_lib.get(name).description)
+      'per_estimator': {name: _estimator_entry(name, res, pieces, classes, config, planted_V)
                         for name, res in results.items()},
       'agreement': summary_lib.agreement(results, a.min_count, a.n_boot, a.seed),
       'structural_probe': struct, 'token_view_estimator': view['estimator'],

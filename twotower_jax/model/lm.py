@@ -29,11 +29,26 @@ class TwoTowerLM(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, *, weights_BxL: jax.Array | None = None,
                deterministic: bool = True,
-               states_fn: Callable[[jax.Array], jax.Array] | None = None):
+               states_fn: Callable[[jax.Array], jax.Array] | None = None,
+               tower_states: jax.Array | None = None):
     """`weights_BxL`: the loss weights, for the gate's averages (None: every position).
-    `states_fn` (analysis hook) edits the tower states h_NxBxLxH before the gate."""
+    `states_fn` (analysis hook) edits the tower states h_NxBxLxH before the gate.
+    `tower_states` (analysis): h_NxBxLxH computed before from these tokens; the towers
+    are skipped and only the gate runs on them (no pondering: its passes need the towers).
+    """
     cfg = self.cfg
     embedder = embeddings.Embedder(cfg, name='embed')
+    gate = gates.get(cfg.gate).module(cfg, name='gate')
+    if tower_states is not None:
+      if cfg.pondering.steps:
+        raise ValueError('tower_states needs model.pondering.steps=0 (each pass reruns the '
+                         'towers)')
+      h_NxBxLxH = tower_states if states_fn is None else states_fn(tower_states)
+      out = dict(gate(h_NxBxLxH, embedder.decode, embedder.decode_towers, weights_BxL))
+      out['tower_states_NxBxLxH'] = h_NxBxLxH
+      out.setdefault('aux_loss', jnp.zeros((), jnp.float32))
+      out.setdefault('metrics', {})
+      return out
     x_NxBxLxH = embedder.encode(tokens_BxL)
     # Activations split by batch, not by the (FSDP-sharded) width of the token table.
     x_NxBxLxH = partitioning.constrain(x_NxBxLxH, ('tower', 'batch', 'length', None))
@@ -43,7 +58,6 @@ class TwoTowerLM(nn.Module):
                       split_rngs={'params': True, 'dropout': True},
                       metadata_params={nn.PARTITION_NAME: 'tower'})
     tower_stack = stacked(cfg, deterministic, name='towers')
-    gate = gates.get(cfg.gate).module(cfg, name='gate')
 
     def forward(x_NxBxLxH):
       h_NxBxLxH = tower_stack(x_NxBxLxH)

@@ -68,6 +68,43 @@ def _class_masks(prefs, mask):
   return mask & (wc == 'closed'), mask & (wc == 'open'), mask & (wc != 'closed') & (wc != 'open')
 
 
+N_LABELLED = 4  # the most extreme items per side get their piece written next to them
+
+
+def _label_extremes(ax, x, y, names, ok):
+  """Writes the pieces of the N_LABELLED highest and lowest y among `ok` next to them."""
+  idx = np.flatnonzero(ok)
+  if not idx.size:
+    return
+  order = idx[np.argsort(y[idx], kind='stable')]
+  for i in list(order[:N_LABELLED]) + list(order[-N_LABELLED:]):
+    ax.annotate(_plain(show_piece(names[i])), (x[i], y[i]), fontsize=6, alpha=0.85,
+                xytext=(3, 2), textcoords='offset points')
+
+
+def fig_training(d, est, ps):
+  """Held-out loss of each probe head against its training step."""
+  curve = (ps.get('training') or {}).get('curve') or []
+  if not curve:
+    return None
+  fig, ax = _new_fig(5, 3)
+  ax = ax[0, 0]
+  steps = [c['step'] for c in curve]
+  for k in range(len(curve[0]['heldout'])):
+    ax.plot(steps, [c['heldout'][k] for c in curve], '-o', ms=3,
+            color=TOWER_COLORS[k % len(TOWER_COLORS)], label=f'tower {k} held out')
+    ax.plot(steps, [c['train'][k] for c in curve], ':', color=TOWER_COLORS[k % len(TOWER_COLORS)],
+            label=f'tower {k} training')
+  model = (ps.get('training') or {}).get('model_heldout_loss')
+  if _finite(model):
+    ax.axhline(model, color='black', lw=0.8, ls='--', label='the model')
+  ax.set_xlabel('probe step')
+  ax.set_ylabel('cross-entropy (nats)')
+  ax.set_title(f'{est}: probe heads', fontsize=9)
+  ax.legend(fontsize=7)
+  return _save(fig, d, f'{est}_training')
+
+
 def fig_frequency(d, est, ps, prefs, scored):
   pref = _pref_col(prefs, est)
   if pref is None:
@@ -87,6 +124,7 @@ def fig_frequency(d, est, ps, prefs, scored):
   if bins:
     x = [math.sqrt(max(b['lo'], 1) * max(b['hi'], 1)) for b in bins]
     ax.plot(x, [b['mean_pref'] for b in bins], 'k-o', ms=4, label='bin mean')
+  _label_extremes(ax, prefs['count'], pref, prefs['piece'], ok)
   ax.set_xscale('log')
   ax.axhline(0, color='grey', lw=0.8, ls=':')
   fr = ps.get('frequency') or {}
@@ -191,6 +229,7 @@ def fig_agreement(d, ests, summary, prefs, scored):
     ok = scored & np.isfinite(a) & np.isfinite(b)
     ax = axes[0, p]
     ax.scatter(a[ok], b[ok], s=6, alpha=0.6, lw=0, color='#555555')
+    _label_extremes(ax, a, b, prefs['piece'], ok)
     ag = _agreement_of(agr, ea, eb)
     ax.axhline(0, color='grey', lw=0.6, ls=':')
     ax.axvline(0, color='grey', lw=0.6, ls=':')
@@ -236,7 +275,8 @@ def make_figures(analysis_dir, summary, prefs, struct) -> dict[str, dict[str, st
             'freq': fig_frequency(analysis_dir, est, ps, prefs, scored),
             'class': fig_classes(analysis_dir, est, ps, prefs, scored),
             'top': fig_top(analysis_dir, est, ps, int(summary.get('n_towers') or 2)),
-            'planted': fig_planted(analysis_dir, est, ps, prefs, scored)}
+            'planted': fig_planted(analysis_dir, est, ps, prefs, scored),
+            'training': fig_training(analysis_dir, est, ps)}
     figs[est] = {k: v for k, v in made.items() if v}
   made = {'agreement': fig_agreement(analysis_dir, ests, summary, prefs, scored),
           'struct': fig_structural(analysis_dir, struct) if struct else None}
