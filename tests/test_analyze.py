@@ -299,3 +299,26 @@ def test_cli_compare(cli_analysis, tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   out = json.load(open(tmp_path / 'compare.json'))
   assert out['pairs']
+
+
+@pytest.mark.slow
+def test_analysis_over_training_steps(tmp_path, small_corpus_dir):
+  """--steps=all analyses every kept checkpoint and tabulates the statistics by step."""
+  workdir = str(tmp_path / 'run')
+  config = analysis_config(small_corpus_dir, **{'train.steps': 4, 'train.checkpoint_every': 2,
+                                                'train.eval_every': 2})
+  train_lib.train_and_evaluate(config, workdir)
+  flags = ['--config.analysis.estimators=ablation', '--config.analysis.min_count=2',
+           '--config.analysis.n_boot=10', '--config.analysis.n_control=5']
+  r = run_module('twotower_jax.analyze', f'--workdir={workdir}', '--steps=all', *flags)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = os.path.join(workdir, 'analysis')
+  assert sorted(os.listdir(os.path.join(out, 'steps'))) == ['2', '4']
+  rows = json.load(open(os.path.join(out, 'over_training.json')))['steps']
+  assert [row['step'] for row in rows] == [2, 4]
+  assert all(row['per_estimator']['ablation']['n_items'] > 0 for row in rows)
+  md = open(os.path.join(out, 'over_training.md')).read()
+  assert '![over_training](figures/over_training.png)' in md and '| 4 |' in md
+  assert os.path.getsize(os.path.join(out, 'figures', 'over_training.png')) > 1000
+  bad = run_module('twotower_jax.analyze', f'--workdir={workdir}', '--steps=3', *flags)
+  assert bad.returncode == 2 and 'no checkpoint for step(s) [3]; kept: [2, 4]' in bad.stderr

@@ -10,7 +10,8 @@ find files through these names and read or write them through these functions:
   DIR/tensorboard/                 the same scalars as event files
   DIR/analysis/                    preference.csv, summary.json, token_view.json,
                                    structural_probe.json, probe/, report.md,
-                                   report.html, figures/, compare/
+                                   report.html, figures/, compare/, steps/<step>/,
+                                   over_training.json, over_training.md
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ FIG_DIR = 'figures'
 REPORT_MD = 'report.md'
 REPORT_HTML = 'report.html'
 COMPARE_DIR = 'compare'
+STEPS_DIR = 'steps'  # analysis/steps/<step>/: one full analysis per checkpoint (--steps)
+OVER_TRAINING_JSON = 'over_training.json'
+OVER_TRAINING_MD = 'over_training.md'
 COMPARE_JSON = 'compare.json'
 COMPARE_MD = 'compare.md'
 TOP_K = 20  # items per tower in summary.json's top_items (and the report's tables)

@@ -82,13 +82,55 @@ def _estimator_entry(name, res, pieces, classes, config, planted_V) -> dict[str,
   return out
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Restores the checkpoint analysis.step, scores the estimators, writes DIR/analysis/*."""
+def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = None
+        ) -> dict[str, Any]:
+  """Restores the checkpoint analysis.step, scores the estimators and writes the analysis
+  files into `out_dir` (default DIR/analysis/)."""
   workdir = os.path.abspath(workdir)
   restored = run_lib.restore(config, workdir, int(config.analysis.step))
-  out_dir = workdir_lib.analysis_dir(workdir)
+  out_dir = out_dir or workdir_lib.analysis_dir(workdir)
   os.makedirs(out_dir, exist_ok=True)
   return analyze(restored, workdir, out_dir)
+
+
+def kept_steps(workdir: str) -> list[int]:
+  """The complete checkpoints of a run, oldest first."""
+  from twotower_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  mngr = checkpoints.manager(workdir, read_only=True)
+  try:
+    steps = [s for s in sorted(mngr.all_steps())
+             if checkpoints.is_complete(os.path.join(str(mngr.directory), str(s)))]
+  finally:
+    mngr.close()
+  if not steps:
+    raise AnalysisError(f'{checkpoints.directory(workdir)} holds no complete checkpoint; train '
+                        'the run first')
+  return steps
+
+
+def run_over_training(config: ml_collections.ConfigDict, workdir: str, steps: str
+                      ) -> dict[str, Any]:
+  """Analyses each checkpoint in `steps` ('all' or a comma list) into DIR/analysis/steps/<s>/
+  and draws the headline statistics against the training step (report/trajectory.py)."""
+  workdir = os.path.abspath(workdir)
+  kept = kept_steps(workdir)
+  if steps.strip() == 'all':
+    chosen = kept
+  else:
+    try:
+      chosen = sorted({int(s) for s in steps.split(',') if s.strip()})
+    except ValueError:
+      raise AnalysisError(f"--steps={steps!r}: give 'all' or a comma list of checkpoint steps, "
+                          f'e.g. --steps={",".join(map(str, kept[:3]))}') from None
+  missing = [s for s in chosen if s not in kept]
+  if missing or not chosen:
+    raise AnalysisError(f'--steps: no checkpoint for step(s) {missing}; kept: {kept}')
+  root = workdir_lib.analysis_dir(workdir)
+  for step in chosen:
+    config.analysis.step = step
+    log.info('analysis over training: step %d of %s', step, chosen)
+    run(config, workdir, os.path.join(root, workdir_lib.STEPS_DIR, str(step)))
+  return report.write_over_training(root)
 
 
 def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ DPI = 110
 TOWER_COLORS = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b')
 
 
-def _new_fig(w: float, h: float, nrows: int = 1, ncols: int = 1):
+def new_fig(w: float, h: float, nrows: int = 1, ncols: int = 1):
   """A pyplot-free Agg figure (no global state, safe in any process)."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(w, h), dpi=DPI)
@@ -25,7 +25,7 @@ def _new_fig(w: float, h: float, nrows: int = 1, ncols: int = 1):
   return fig, axes
 
 
-def _save(fig, analysis_dir: str, name: str) -> str:
+def save(fig, analysis_dir: str, name: str) -> str:
   """Saves under figures/ and returns the path relative to analysis_dir."""
   rel = f'{workdir_lib.FIG_DIR}/{name}.png'
   fig.tight_layout()
@@ -44,7 +44,7 @@ def fig_histogram(d, est, ps, n_towers):
   counts = np.asarray(h.get('counts') or [], dtype=float)
   if edges.size < 2 or counts.size != edges.size - 1:
     return None
-  fig, ax = _new_fig(6, 3.4)
+  fig, ax = new_fig(6, 3.4)
   ax = ax[0, 0]
   ax.bar(edges[:-1], counts, width=np.diff(edges), align='edge', color=TOWER_COLORS[0],
          alpha=0.7, label=f'{est} (bimodality {num(ps.get("bimodality"))})')
@@ -60,7 +60,7 @@ def fig_histogram(d, est, ps, n_towers):
   ax.set_ylabel('items')
   ax.set_title(f'{est}: preference histogram vs control')
   ax.legend(fontsize=7)
-  return _save(fig, d, f'{est}_histogram')
+  return save(fig, d, f'{est}_histogram')
 
 
 def _class_masks(prefs, mask):
@@ -87,7 +87,7 @@ def fig_training(d, est, ps):
   curve = (ps.get('training') or {}).get('curve') or []
   if not curve:
     return None
-  fig, ax = _new_fig(5, 3)
+  fig, ax = new_fig(5, 3)
   ax = ax[0, 0]
   steps = [c['step'] for c in curve]
   for k in range(len(curve[0]['heldout'])):
@@ -102,7 +102,7 @@ def fig_training(d, est, ps):
   ax.set_ylabel('cross-entropy (nats)')
   ax.set_title(f'{est}: probe heads', fontsize=9)
   ax.legend(fontsize=7)
-  return _save(fig, d, f'{est}_training')
+  return save(fig, d, f'{est}_training')
 
 
 def fig_frequency(d, est, ps, prefs, scored):
@@ -112,7 +112,7 @@ def fig_frequency(d, est, ps, prefs, scored):
   ok = scored & np.isfinite(pref) & (prefs['count'] > 0)
   if not ok.any():
     return None
-  fig, ax = _new_fig(6, 3.6)
+  fig, ax = new_fig(6, 3.6)
   ax = ax[0, 0]
   closed, opn, other = _class_masks(prefs, ok)
   for m, c, lab in ((other, '#c7c7c7', 'unknown class'), (opn, '#2ca02c', 'open class'),
@@ -133,7 +133,7 @@ def fig_frequency(d, est, ps, prefs, scored):
   ax.set_xlabel('count (occurrences in the scored positions, log scale)')
   ax.set_ylabel('preference')
   ax.legend(fontsize=7)
-  return _save(fig, d, f'{est}_frequency')
+  return save(fig, d, f'{est}_frequency')
 
 
 def fig_classes(d, est, ps, prefs, scored):
@@ -145,7 +145,7 @@ def fig_classes(d, est, ps, prefs, scored):
   closed, opn, _ = _class_masks(prefs, ok)
   if not (closed.any() or opn.any()):
     return None
-  fig, ax = _new_fig(6, 3.4)
+  fig, ax = new_fig(6, 3.4)
   ax = ax[0, 0]
   vals = pref[closed | opn]
   edges = np.linspace(vals.min(), vals.max() + 1e-9, 26)
@@ -159,7 +159,7 @@ def fig_classes(d, est, ps, prefs, scored):
   ax.set_xlabel('preference')
   ax.set_ylabel('density')
   ax.legend(fontsize=7)
-  return _save(fig, d, f'{est}_classes')
+  return save(fig, d, f'{est}_classes')
 
 
 def fig_top(d, est, ps, n_towers=2):
@@ -168,7 +168,7 @@ def fig_top(d, est, ps, n_towers=2):
   if not keys:
     return None
   n = max(len(leaning_items(top, k, n_towers)) for k in keys)
-  fig, axes = _new_fig(3.2 * len(keys), 0.6 + 0.2 * n, 1, len(keys))
+  fig, axes = new_fig(3.2 * len(keys), 0.6 + 0.2 * n, 1, len(keys))
   for j, key in enumerate(keys):
     ax = axes[0, j]
     items = leaning_items(top, key, n_towers)
@@ -181,7 +181,7 @@ def fig_top(d, est, ps, n_towers=2):
     ax.axvline(0, color='grey', lw=0.8)
     ax.set_title(f"{est}: {key.replace('_', ' ')}", fontsize=9)
     ax.set_xlabel('preference', fontsize=8)
-  return _save(fig, d, f'{est}_top_items')
+  return save(fig, d, f'{est}_top_items')
 
 
 def fig_planted(d, est, ps, prefs, scored):
@@ -194,7 +194,7 @@ def fig_planted(d, est, ps, prefs, scored):
   labels = sorted({c for c in pc[ok] if c})
   if not labels:
     return None
-  fig, ax = _new_fig(6, 3.2)
+  fig, ax = new_fig(6, 3.2)
   ax = ax[0, 0]
   vals = pref[ok & (pc != '')]
   edges = np.linspace(vals.min(), vals.max() + 1e-9, 26)
@@ -209,7 +209,7 @@ def fig_planted(d, est, ps, prefs, scored):
   ax.set_xlabel('preference')
   ax.set_ylabel('items')
   ax.legend(fontsize=7)
-  return _save(fig, d, f'{est}_planted')
+  return save(fig, d, f'{est}_planted')
 
 
 def _agreement_of(agr, a, b):
@@ -222,7 +222,7 @@ def fig_agreement(d, ests, summary, prefs, scored):
   if len(cols) < 2:
     return None
   pairs = [(i, j) for i in range(len(cols)) for j in range(i + 1, len(cols))]
-  fig, axes = _new_fig(3.2 * len(pairs), 3.2, 1, len(pairs))
+  fig, axes = new_fig(3.2 * len(pairs), 3.2, 1, len(pairs))
   agr = summary.get('agreement') or {}
   for p, (i, j) in enumerate(pairs):
     (ea, a), (eb, b) = cols[i], cols[j]
@@ -237,14 +237,14 @@ def fig_agreement(d, ests, summary, prefs, scored):
                  fontsize=8)
     ax.set_xlabel(f'{ea} preference', fontsize=8)
     ax.set_ylabel(f'{eb} preference', fontsize=8)
-  return _save(fig, d, 'agreement')
+  return save(fig, d, 'agreement')
 
 
 def fig_structural(d, sp):
   uuas, dspr, layers = sp.get('uuas') or [], sp.get('dspr') or [], sp.get('layers') or []
   if not uuas or not layers:
     return None
-  fig, axes = _new_fig(8, 3.2, 1, 2)
+  fig, axes = new_fig(8, 3.2, 1, 2)
   x = np.arange(len(layers))
   for name, data, ax in (('UUAS', uuas, axes[0, 0]), ('DSpr', dspr, axes[0, 1])):
     for k, row in enumerate(data):
@@ -259,7 +259,7 @@ def fig_structural(d, sp):
     ax.set_title(f'structural probe: {name} per layer', fontsize=9)
     ax.set_ylabel(name)
     ax.legend(fontsize=7)
-  return _save(fig, d, 'structural_probe')
+  return save(fig, d, 'structural_probe')
 
 
 def make_figures(analysis_dir, summary, prefs, struct) -> dict[str, dict[str, str]]:
