@@ -159,6 +159,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.probe_patience = 4  # checks without improvement before stopping
   c.analysis.probe_min_delta = 0.002  # nats: an improvement smaller than this does not count
   c.analysis.conllu = ''  # CoNLL-U treebank for word classes ('' = built-in function-word list)
+  c.analysis.word_classes = ''  # or a word<TAB>closed|open list (corpora no treebank covers)
   c.analysis.token_view_passages = 4  # held-out passages in token_view.json
   c.analysis.step = 0  # checkpoint step to analyse (0 = latest)
   c.analysis.seed = 0  # probe init and batches, shuffled-label control, bootstrap

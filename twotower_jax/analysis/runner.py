@@ -155,8 +155,9 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
              results[name]['seconds'], results[name]['prepare_seconds'],
              results[name]['tokens_per_s'])
   pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-  classes = dict(wordclass.piece_classes(sp, a.conllu or None))
-  classes['source'] = 'treebank' if a.conllu else 'function_words'
+  classes = dict(wordclass.piece_classes(sp, a.conllu or None, a.word_classes or None))
+  classes['source'] = ('treebank' if a.conllu else 'word_list' if a.word_classes else
+                       'function_words')
   planted_V = planted_labels(config, sp)
   workdir_lib.write_preference_csv(os.path.join(out_dir, workdir_lib.PREFERENCE_CSV), pieces,
                                    classes, results, planted_V)

@@ -229,6 +229,7 @@ def _enrichment(est, ps, figs) -> list:
   if not ce:
     return out + [WHY('no class enrichment in summary.json (no word classes known)')]
   src = {'treebank': 'gold UPOS from a CoNLL-U treebank',
+         'word_list': 'the word-class list analysis.word_classes',
          'function_words': 'the built-in English function-word list'}.get(ce.get('source'),
                                                                           str(ce.get('source')))
   out.append(P(f'Word classes from {md_escape(src)}. The control column is the AUC of the '
