@@ -4,12 +4,12 @@ import csv
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _family
 from tests.conftest import run_module, tiny_config
 from twotower_jax.train import setup as setup_lib
 from twotower_jax import run as run_lib
@@ -23,22 +23,6 @@ from twotower_jax.data import planted
 from twotower_jax.train import loop as train_lib
 
 PLANTED_IDS = np.arange(5, 45)  # low SentencePiece ids: frequent pieces
-
-
-class PlantedGate(nn.Module):
-  """Latent mixture, fixed pi = 1/2: only tower 0 produces the planted items, only tower 1 the rest."""
-  cfg: object
-
-  @nn.compact
-  def __call__(self, h_NxBxLxH, decode, decode_towers, weights_BxL=None):
-    tower_logits = decode_towers(gates.tower_heads(self.cfg, h_NxBxLxH))
-    planted_V = jnp.zeros(self.cfg.vocab_size, bool).at[PLANTED_IDS].set(True)
-    tower_logits = tower_logits.at[0].add(jnp.where(planted_V, 0.0, -1e4))
-    tower_logits = tower_logits.at[1].add(jnp.where(planted_V, -1e4, 0.0))
-    log_pi = jnp.full(h_NxBxLxH.shape[:3], -jnp.log(2.0))
-    log_p = jax.nn.log_softmax(tower_logits.astype(jnp.float32), -1)
-    return {'logits_BxLxV': jax.nn.logsumexp(log_pi[..., None] + log_p, axis=0),
-            'tower_logits_NxBxLxV': tower_logits, 'gate_log_weights_NxBxL': log_pi}
 
 
 def analysis_config(text_dir, **overrides):
@@ -186,7 +170,7 @@ def test_cli_missing_workdir_is_one_line(tmp_path):
 @pytest.fixture
 def planted_gate():
   """Registers the test gate for one test only (other tests list the registered gates)."""
-  gates.register('planted_test', mixture=True)(PlantedGate)
+  gates.register('planted_test', mixture=True)(_family.split_gate(PLANTED_IDS.tolist()))
   yield
   gates.GATES.pop('planted_test')
 

@@ -4,11 +4,10 @@ classes, every estimator recovers the split from the text files alone."""
 
 import os
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import _family
 
 from twotower_jax import config as config_lib
 from twotower_jax import errors
@@ -46,27 +45,9 @@ def write_corpus(root, n_docs=60, seed=0):
   return classes
 
 
-class ClassSplitGate(nn.Module):
-  """Latent mixture, fixed pi = 1/2: only tower 0 produces function words, only tower 1 the
-  rest: a model whose towers split along the word classes by construction."""
-  cfg: object
-
-  @nn.compact
-  def __call__(self, h_NxBxLxH, decode, decode_towers, weights_BxL=None):
-    del decode, weights_BxL
-    tower_logits = decode_towers(gates.tower_heads(self.cfg, h_NxBxLxH))
-    function_V = jnp.zeros(self.cfg.vocab_size, bool).at[jnp.asarray(SPLIT_IDS)].set(True)
-    tower_logits = tower_logits.at[0].add(jnp.where(function_V, 0.0, -1e4))
-    tower_logits = tower_logits.at[1].add(jnp.where(function_V, -1e4, 0.0))
-    log_pi = jnp.full(h_NxBxLxH.shape[:3], -jnp.log(2.0))
-    log_p = jax.nn.log_softmax(tower_logits.astype(jnp.float32), -1)
-    return {'logits_BxLxV': jax.nn.logsumexp(log_pi[..., None] + log_p, axis=0),
-            'tower_logits_NxBxLxV': tower_logits, 'gate_log_weights_NxBxL': log_pi}
-
-
 @pytest.fixture
 def split_gate():
-  gates.register('class_split_test', mixture=True)(ClassSplitGate)
+  gates.register('class_split_test', mixture=True)(_family.split_gate(SPLIT_IDS))
   yield
   gates.GATES.pop('class_split_test')
   SPLIT_IDS.clear()
