@@ -16,9 +16,9 @@ from twotower_jax.analysis.estimators import base
 from twotower_jax.analysis.estimators.base import Context, Estimator
 
 
-
-def _mean_states(ctx: Context) -> jax.Array:
-  """mu_NxH: each tower's final state averaged over the scored positions."""
+def state_sums_fn(ctx: Context):
+  """Jitted (params, window_BxL1) -> (weighted sum of each tower's final states h_NxH,
+  summed weight) over one batch."""
   @jax.jit
   def sums(params, window_BxL1):
     ex = base.example(ctx.model, window_BxL1)
@@ -26,7 +26,12 @@ def _mean_states(ctx: Context) -> jax.Array:
         'tower_states_NxBxLxH'].astype(jnp.float32)
     w_BxL = ex['weights']
     return jnp.einsum('nblh,bl->nh', h, w_BxL), jnp.sum(w_BxL)
+  return sums
 
+
+def _mean_states(ctx: Context) -> jax.Array:
+  """mu_NxH: each tower's final state averaged over the scored positions."""
+  sums = state_sums_fn(ctx)
   total_h, total_w = None, 0.0
   for window in ctx.eval_batches:
     h, w = sums(ctx.params, window)

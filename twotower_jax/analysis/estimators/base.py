@@ -151,16 +151,11 @@ def finish(sums: dict[str, np.ndarray], z: float = 1.959964) -> dict[str, np.nda
   return out
 
 
-def score(ctx: Context, name: str) -> dict[str, Any]:
-  """Runs estimator `name` over the eval batches: per-item results, timing and its
-  prepared `state`."""
-  est = get(name)
-  t0 = time.perf_counter()
-  state = est.prepare(ctx)
-  t_prep = time.perf_counter() - t0
-  values_fn = est.values(ctx)
+def batch_sums_fn(ctx: Context, name: str) -> Callable:
+  """Estimator `name`'s jitted pass over one batch: (params, state, window_BxL1, key) ->
+  per-item sums (`item_sums`, plus `extra_*` of its extras)."""
+  values_fn = get(name).values(ctx)
   vocab = ctx.model.cfg.vocab_size
-  seed = int(ctx.config.analysis.seed)
 
   @jax.jit
   def batch_sums(params, state, window_BxL1, key):
@@ -174,6 +169,18 @@ def score(ctx: Context, name: str) -> dict[str, Any]:
       out['extra_' + k] = jax.ops.segment_sum(jnp.where(mask_P, x_BxL.reshape(-1), 0.0),
                                               targets_P, num_segments=vocab)
     return out
+  return batch_sums
+
+
+def score(ctx: Context, name: str) -> dict[str, Any]:
+  """Runs estimator `name` over the eval batches: per-item results, timing and its
+  prepared `state`."""
+  est = get(name)
+  t0 = time.perf_counter()
+  state = est.prepare(ctx)
+  t_prep = time.perf_counter() - t0
+  batch_sums = batch_sums_fn(ctx, name)
+  seed = int(ctx.config.analysis.seed)
 
   jax.block_until_ready(batch_sums(ctx.params, state, ctx.eval_batches[0],
                                    jax.random.PRNGKey(seed)))  # compile outside the timing
@@ -192,15 +199,21 @@ def score(ctx: Context, name: str) -> dict[str, Any]:
   return res
 
 
-def eval_loss(ctx: Context) -> dict[str, float]:
-  """The model's own CE on the scored positions, and the plain forward pass's speed."""
+def eval_loss_fn(ctx: Context) -> Callable:
+  """The model's jitted forward pass over one batch: (params, window_BxL1) -> (summed
+  negative log-likelihood of the scored targets, their weight)."""
   @jax.jit
   def sums(params, window_BxL1):
     ex = example(ctx.model, window_BxL1)
     out = ctx.model.apply({'params': params}, ex['inputs'], deterministic=True)
     ll_BxL = target_log_probs(out['logits_BxLxV'], ex['targets'])
     return -jnp.sum(ll_BxL * ex['weights']), jnp.sum(ex['weights'])
+  return sums
 
+
+def eval_loss(ctx: Context) -> dict[str, float]:
+  """The model's own CE on the scored positions, and the plain forward pass's speed."""
+  sums = eval_loss_fn(ctx)
   jax.block_until_ready(sums(ctx.params, ctx.eval_batches[0]))  # compile outside the timing
   t = time.perf_counter()
   total = [sums(ctx.params, w) for w in ctx.eval_batches]

@@ -76,14 +76,10 @@ def probe_path(analysis_dir: str, step: int) -> str:
   return os.path.join(analysis_dir, workdir_lib.PROBE_DIR, f'probe_step{step}.npz')
 
 
-def train_probes(ctx: Context) -> tuple[dict[str, jax.Array], list[float]]:
-  """Trains every tower's probe with the phase-1 objective; tower params are never updated."""
-  a, cfg = ctx.config.analysis, ctx.model.cfg
-  n = probe_towers(ctx)
-  key = jax.random.PRNGKey(int(a.seed))
-  p = probe_init(key, n, cfg.d_model, cfg.vocab_size)
-  tx = optax.adam(float(a.probe_lr))
-  opt = tx.init(p)
+def probe_step_fn(ctx: Context, tx: optax.GradientTransformation):
+  """One jitted Adam step of the probe heads on frozen tower states:
+  (heads, opt_state, params, window_BxL1, rng) -> (heads, opt_state, loss)."""
+  cfg = ctx.model.cfg
   make_example = towers.get(cfg.tower_type).make_example
 
   @jax.jit
@@ -100,7 +96,18 @@ def train_probes(ctx: Context) -> tuple[dict[str, jax.Array], list[float]]:
     loss, g = jax.value_and_grad(loss_fn)(p)
     updates, opt = tx.update(g, opt, p)
     return optax.apply_updates(p, updates), opt, loss
+  return step
 
+
+def train_probes(ctx: Context) -> tuple[dict[str, jax.Array], list[float]]:
+  """Trains every tower's probe with the phase-1 objective; tower params are never updated."""
+  a, cfg = ctx.config.analysis, ctx.model.cfg
+  n = probe_towers(ctx)
+  key = jax.random.PRNGKey(int(a.seed))
+  p = probe_init(key, n, cfg.d_model, cfg.vocab_size)
+  tx = optax.adam(float(a.probe_lr))
+  opt = tx.init(p)
+  step = probe_step_fn(ctx, tx)
   rng = np.random.default_rng(int(a.seed))
   windows = ctx.train_windows
   losses = []

@@ -1,0 +1,217 @@
+"""Every step lowered for TPU and for CUDA on this CPU-only machine (jax.export), on the 8
+fake devices' meshes: the train step (f32, bf16, accumulation, remat, FSDP, a tower axis
+of 2; causal, mlm and bilstm towers), the eval step and the analysis passes.
+
+A step that calls back to the host or uses an op with no lowering for the platform
+fails here (jax.export refuses both; `lowering.check` refuses host custom calls). Each
+case records the lowered module's matmul FLOPs beside flops.py's count of the same
+step (`record_property`; `pytest --junitxml` keeps them), and the train steps must agree
+with it within 5% (remat: above it, by at most one more forward pass).
+
+A new step is one entry in STEPS: a function of the platform that returns a `Case`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from conftest import tiny_config
+from twotower_jax.analysis import structural_probe
+from twotower_jax.analysis.estimators import ablation
+from twotower_jax.analysis.estimators import base
+from twotower_jax.analysis.estimators import probe
+from twotower_jax.model import attention
+from twotower_jax.model import lm as model_lib
+from twotower_jax.model import towers
+from twotower_jax.train import flops as flops_lib
+from twotower_jax.train import loop
+from twotower_jax.train import lowering
+from twotower_jax.train import optimizer as optimizer_lib
+from twotower_jax.train import sharding as sharding_lib
+from twotower_jax.train import state as state_lib
+
+PLATFORMS = ('tpu', 'cuda')
+VOCAB = 256
+# cuDNN's version as jax[cuda12] 0.10.2 installs it (>= 9.8); JAX reads it only to gate
+# features of the fused attention call it emits.
+CUDNN_VERSION = 90800
+CUDNN_FWD, CUDNN_BWD = lowering.KERNEL_CALLS['cuda']
+
+
+@pytest.fixture
+def cudnn_lowering(monkeypatch):
+  """Lets cuDNN attention be traced on a machine without the CUDA plugin: JAX asks the
+  plugin for cuDNN's version while tracing; nothing else of it is needed to lower."""
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src.cudnn import fused_attention_stablehlo as fused
+  if fused.cuda_versions is None:
+    monkeypatch.setattr(fused, 'cuda_versions',
+                        types.SimpleNamespace(cudnn_get_version=lambda: CUDNN_VERSION))
+
+
+@dataclasses.dataclass
+class Case:
+  """A jitted step, abstract arguments, and what its lowering must show."""
+  fn: Callable
+  args: tuple
+  devices: int
+  model: Any
+  analytic_flops: float | None = None  # flops.py's count of the same step
+  remat: bool = False
+
+
+def _config(tower_type='causal', **overrides):
+  c = tiny_config('unused', **{'mesh.tower': 1, 'train.batch_size': 16,
+                               'model.tower_type': tower_type,
+                               'model.embedding.mode': towers.get(tower_type).paper_embedding_mode,
+                               **overrides})
+  model_lib.check_config(c)
+  return c
+
+
+def _windows(config, sharding=None):
+  return jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len + 1), jnp.int32,
+                              sharding=sharding)
+
+
+def _sharded(config, platform):
+  model = model_lib.build(config, VOCAB, platform=platform)
+  mesh = sharding_lib.make_mesh(config)
+  rules = sharding_lib.rules(config)
+  tx = optimizer_lib.make(config)
+  return model, mesh, tx, state_lib.shardings(model, tx, mesh, rules), sharding_lib.batch_sharding(
+      mesh, rules)
+
+
+def train(tower_type='causal', **overrides):
+  """The loop's jitted train step (explicit shardings, donated state) on the config's mesh."""
+  def case(platform):
+    config = _config(tower_type, **overrides)
+    model, mesh, tx, state_sh, batch_sh = _sharded(config, platform)
+    fn = loop.jit_train_step(config, model, tx, mesh, state_sh, batch_sh)
+    args = (state_lib.abstract(model, tx, state_sh), _windows(config, batch_sh))
+    return Case(fn, args, mesh.size, model, flops_lib.train_flops_per_step(
+        model, config.train.batch_size, config.data.seq_len), config.model.remat)
+  return case
+
+
+def evaluate(**overrides):
+  """The loop's jitted eval step: one forward pass, a third of the train step's FLOPs."""
+  def case(platform):
+    config = _config(**overrides)
+    model, mesh, tx, state_sh, batch_sh = _sharded(config, platform)
+    fn = loop.jit_eval_step(config, model, mesh, state_sh.params, batch_sh)
+    args = (state_lib.abstract(model, tx, state_sh).params, _windows(config, batch_sh))
+    flops = flops_lib.train_flops_per_step(model, config.train.batch_size, config.data.seq_len)
+    return Case(fn, args, mesh.size, model, flops / 3)
+  return case
+
+
+def _context(platform):
+  """An analysis Context of a latent-gate bf16 run (every estimator applies), abstract."""
+  config = _config(**{'model.gate': 'latent', 'model.dtype': 'bfloat16'})
+  model = model_lib.build(config, VOCAB, platform=platform)
+  return base.Context(config, model, flops_lib.param_shapes(model), [], None, '', 0)
+
+
+def analysis(make_fn: Callable, *extra: Callable):
+  """An analysis pass, single device as the analysis runs: make_fn(ctx) is the jitted
+  pass; its arguments are the params, then extra(ctx) ..., then the window batch."""
+  def case(platform):
+    ctx = _context(platform)
+    args = (ctx.params, *(e(ctx) for e in extra), _windows(ctx.config))
+    return Case(make_fn(ctx), args, 1, ctx.model)
+  return case
+
+
+def _probe_heads(ctx):
+  n, cfg = probe.probe_towers(ctx), ctx.model.cfg
+  return jax.eval_shape(lambda: probe.probe_init(jax.random.PRNGKey(0), n, cfg.d_model,
+                                                 cfg.vocab_size))
+
+
+_KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)
+_MEAN_STATES = lambda ctx: jax.ShapeDtypeStruct((ctx.model.cfg.n_towers, ctx.model.cfg.d_model),
+                                                jnp.float32)
+
+
+def _scored(name, state):
+  """base.score's per-batch pass of estimator `name` (params, state, window, key)."""
+  def case(platform):
+    ctx = _context(platform)
+    return Case(base.batch_sums_fn(ctx, name), (ctx.params, state(ctx), _windows(ctx.config),
+                                                _KEY), 1, ctx.model)
+  return case
+
+
+def _probe_training(platform):
+  ctx = _context(platform)
+  tx = optax.adam(1e-3)
+  heads = _probe_heads(ctx)
+  return Case(probe.probe_step_fn(ctx, tx), (heads, jax.eval_shape(tx.init, heads), ctx.params,
+                                             _windows(ctx.config), _KEY), 1, ctx.model)
+
+
+def _layer_states(platform):
+  ctx = _context(platform)
+  fn = jax.jit(functools.partial(structural_probe.layer_states, ctx.model))
+  tokens = jax.ShapeDtypeStruct((ctx.config.train.batch_size, ctx.config.data.seq_len), jnp.int32)
+  return Case(fn, (ctx.params, tokens), 1, ctx.model)
+
+
+STEPS = {
+    'train_f32': train(),  # data parallel over 8 devices
+    'train_bf16': train(**{'model.dtype': 'bfloat16'}),
+    'train_accum': train(**{'train.grad_accum_steps': 2}),
+    'train_remat': train(**{'model.remat': True, 'model.dtype': 'bfloat16'}),
+    'train_fsdp': train(**{'mesh.fsdp': 4}),
+    'train_tower_axis': train(**{'mesh.tower': 2, 'mesh.fsdp': 2, 'model.dtype': 'bfloat16'}),
+    'train_mlm': train('mlm', **{'mesh.tower': 2}),
+    'train_bilstm': train('bilstm', **{'mesh.tower': 2}),
+    'eval': evaluate(**{'mesh.tower': 2, 'model.dtype': 'bfloat16'}),
+    'analysis_eval_loss': analysis(base.eval_loss_fn),
+    'analysis_probe': _scored('probe', _probe_heads),
+    'analysis_ablation': _scored('ablation', _MEAN_STATES),
+    'analysis_gate': _scored('gate', lambda ctx: None),
+    'analysis_mean_states': analysis(ablation.state_sums_fn),
+    'analysis_probe_training': _probe_training,
+    'analysis_layer_states': _layer_states,
+}
+
+
+def test_every_estimator_is_lowered():
+  assert {f'analysis_{name}' for name in ('probe', 'ablation', 'gate')} <= set(STEPS)
+  assert set(base.ESTIMATORS) >= {'probe', 'ablation', 'gate'}
+
+
+@pytest.mark.parametrize('platform', PLATFORMS)
+@pytest.mark.parametrize('name', list(STEPS))
+def test_step_lowers_for_the_accelerator(name, platform, cudnn_lowering, record_property):
+  case = STEPS[name](platform)
+  exported = lowering.export(case.fn, platform, *case.args)
+  assert exported.nr_devices == case.devices
+  text = exported.mlir_module()
+  calls = lowering.custom_calls(text)
+  uses_cudnn = (attention.implementation(case.model.cfg, platform) == 'cudnn' and
+                towers.get(case.model.cfg.tower_type).attention_layers(case.model.cfg) > 0)
+  assert (CUDNN_FWD in calls) == uses_cudnn, calls
+  if uses_cudnn and name.startswith('train'):
+    assert CUDNN_BWD in calls
+  flops = lowering.module_flops(text)
+  assert flops.total > 0 and not flops.uncounted
+  record_property('lowered_flops', flops.total)
+  record_property('flops_py', case.analytic_flops)
+  if case.analytic_flops is not None:
+    ratio = flops.total / case.analytic_flops
+    if case.remat:  # recomputation of the blocks' forward is not model FLOPs
+      assert 1.0 < ratio <= 4 / 3 + 0.01, ratio
+    else:
+      assert abs(ratio - 1.0) < 0.05, ratio
