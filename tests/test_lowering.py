@@ -215,3 +215,95 @@ def test_step_lowers_for_the_accelerator(name, platform, cudnn_lowering, record_
       assert 1.0 < ratio <= 4 / 3 + 0.01, ratio
     else:
       assert abs(ratio - 1.0) < 0.05, ratio
+
+
+def _score_dots(text: str, length: int) -> int:
+  """dot_generals whose output ends in length x length: XLA's attention scores."""
+  return sum(1 for line in text.splitlines()
+             if 'stablehlo.dot_general' in line and f'x{length}x{length}x' in line.split('->')[-1])
+
+
+@pytest.mark.parametrize('tower_type,dtype,choice,mask', [
+    ('causal', 'bfloat16', 'auto', 'CAUSAL'),
+    ('mlm', 'bfloat16', 'cudnn', 'NO_MASK'),
+    ('causal', 'bfloat16', 'xla', None),  # forced XLA
+    ('causal', 'float32', 'auto', None),  # cuDNN flash attention needs bf16
+])
+def test_gpu_train_step_calls_cudnn_flash_attention(tower_type, dtype, choice, mask,
+                                                   cudnn_lowering):
+  """bf16 on CUDA: the fused cuDNN flash-attention call forward and backward, no XLA score
+  matrix; forced XLA and f32 keep XLA's attention."""
+  length = 40  # no other array of the step is length x length
+  case = train(tower_type, **{'model.dtype': dtype, 'model.attention': choice,
+                              'data.seq_len': length, 'model.max_len': length})('cuda')
+  text = lowering.export(case.fn, 'cuda', *case.args).mlir_module()
+  calls = lowering.custom_calls(text)
+  if mask is None:
+    assert not set(calls) & {CUDNN_FWD, CUDNN_BWD}
+    assert _score_dots(text, length) > 0
+    return
+  assert calls[CUDNN_FWD] >= 1 and calls[CUDNN_BWD] >= 1, calls
+  config = text.replace('\\22', '"')
+  assert '"is_flash_attention": true' in config and f'"mask_type": "{mask}"' in config
+  assert _score_dots(text, length) == 0
+
+
+def test_tpu_splash_attention_is_a_pallas_kernel_run_per_shard():
+  """model.attention=splash on TPU: the Pallas kernel (tpu_custom_call) on each device's
+  block, i.e. a quarter of the batch (data 2 x fsdp 2) and one of the two towers."""
+  overrides = {'model.attention': 'splash', 'model.dtype': 'bfloat16', 'data.seq_len': 128,
+               'model.max_len': 128, 'mesh.tower': 2, 'mesh.fsdp': 2}
+  case = train(**overrides)('tpu')
+  text = lowering.export(case.fn, 'tpu', *case.args).mlir_module()
+  assert lowering.custom_calls(text)['tpu_custom_call'] >= 2  # forward and backward kernels
+  assert _score_dots(text, 128) == 0
+  per_device = 'tensor<4x2x128x16xbf16>'  # batch 16 / 4, 2 heads, 128 positions, head dim 16
+  kernel_lines = [l for l in text.splitlines() if 'custom_call @tpu_custom_call' in l]
+  assert all(per_device in l for l in kernel_lines)
+  assert lowering.module_flops(text).uncounted['tpu_custom_call'] > 0
+  cuda = train(**overrides)('cuda')  # off TPU, 'splash' is XLA's attention
+  assert 'tpu_custom_call' not in lowering.custom_calls(
+      lowering.export(cuda.fn, 'cuda', *cuda.args).mlir_module())
+
+
+def _callback(x):
+  jax.debug.callback(lambda v: None, x)
+  return x * 2
+
+
+@pytest.mark.parametrize('fn', [
+    _callback,
+    lambda x: jax.pure_callback(lambda v: v, jax.ShapeDtypeStruct(x.shape, x.dtype), x),
+    lambda x: jnp.linalg.eig(x)[0].real,  # LAPACK on CPU only (CUDA: a custom call
+                                          # without a compatibility guarantee)
+], ids=['debug_callback', 'pure_callback', 'cpu_only_eig'])
+@pytest.mark.parametrize('platform', PLATFORMS)
+def test_export_refuses_host_callbacks_and_cpu_only_ops(fn, platform):
+  with pytest.raises((ValueError, NotImplementedError)):
+    lowering.export(jax.jit(fn), platform, jax.ShapeDtypeStruct((4, 4), jnp.float32))
+
+
+def test_check_refuses_a_host_custom_call():
+  module = types.SimpleNamespace(platforms=('tpu',), mlir_module=lambda: (
+      '%0 = stablehlo.custom_call @xla_ffi_python_cpu_callback(%arg0)'))
+  with pytest.raises(lowering.LoweringError, match='calls host code'):
+    lowering.check(module, 'tpu')
+  with pytest.raises(lowering.LoweringError, match='not'):
+    lowering.check(module, 'cuda')
+
+
+def test_module_flops_counts_loops_by_trip_count():
+  def f(x_8x16, w_5x16x16):
+    return jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x_8x16, w_5x16x16)[0]
+  text = lowering.export(jax.jit(f), 'tpu', jax.ShapeDtypeStruct((8, 16), jnp.float32),
+                         jax.ShapeDtypeStruct((5, 16, 16), jnp.float32)).mlir_module()
+  assert lowering.module_flops(text).dots == 5 * 2 * 8 * 16 * 16
+  grad = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w)), argnums=(0, 1)))
+  text = lowering.export(grad, 'tpu', jax.ShapeDtypeStruct((8, 16), jnp.float32),
+                         jax.ShapeDtypeStruct((5, 16, 16), jnp.float32)).mlir_module()
+  assert lowering.module_flops(text).dots == 3 * 5 * 2 * 8 * 16 * 16  # forward, dx, dw
+  loop_fn = jax.jit(lambda x: jax.lax.while_loop(lambda c: jnp.sum(c) < 100.0,
+                                                 lambda c: c @ jnp.ones((4, 4)), x))
+  text = lowering.export(loop_fn, 'tpu', jax.ShapeDtypeStruct((4, 4), jnp.float32)).mlir_module()
+  with pytest.raises(ValueError, match='trip count'):
+    lowering.module_flops(text)
