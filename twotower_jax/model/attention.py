@@ -20,6 +20,9 @@ towers' vmap), so XLA never has to partition an opaque kernel call.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -77,13 +80,32 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f"{config.data.seq_len}); use 'auto' for short windows")
 
 
+_STAND_IN = contextvars.ContextVar('flash_stand_in', default=False)
+
+
+@contextlib.contextmanager
+def flash_stand_in():
+  """While a step is traced inside, a flash kernel (cuDNN, splash) becomes XLA attention
+  that keeps no score matrix for the backward pass (recomputed there, `jax.checkpoint`):
+  a program XLA:CPU compiles whose memory resembles the kernel's (the dry run's estimate).
+  """
+  token = _STAND_IN.set(True)
+  try:
+    yield
+  finally:
+    _STAND_IN.reset(token)
+
+
 def attend(q_BxLxNxD: jax.Array, k_BxLxNxD: jax.Array, v_BxLxNxD: jax.Array, *, causal: bool,
            cfg: layers.ModelConfig) -> jax.Array:
   """softmax(q k^T / sqrt(D)) v per head (causal: position t sees positions <= t)."""
   impl = implementation(cfg)
+  xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                     implementation='xla')
   if impl == 'xla':
-    return jax.nn.dot_product_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, is_causal=causal,
-                                        implementation='xla')
+    return xla(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD)
+  if _STAND_IN.get():
+    return jax.checkpoint(xla)(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD)
   kernel = _cudnn if impl == 'cudnn' else _splash
   return _per_shard(lambda q, k, v: kernel(q, k, v, causal))(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD)
 
