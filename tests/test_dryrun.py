@@ -10,7 +10,6 @@ import os
 import pytest
 
 from conftest import run_module, snapshot
-from test_lowering import cudnn_lowering  # noqa: F401  (fixture)
 from twotower_jax import errors
 from twotower_jax.model import lm as model_lib
 from twotower_jax.train import dryrun
@@ -49,7 +48,7 @@ def test_report_for_a_tpu_slice(tiny):
     assert piece in text, piece
 
 
-def test_gpu_report_counts_cudnn_and_estimates_flash_memory(tiny, cudnn_lowering):  # noqa: F811
+def test_gpu_report_counts_cudnn_and_estimates_flash_memory(tiny, cudnn_lowering):
   """bf16 on H100s: the lowering calls cuDNN (counted as attention FLOPs), and the CPU
   estimate keeps no score matrix, so it needs less than forcing XLA's attention."""
   base = {'model.dtype': 'bfloat16', 'data.seq_len': 64, 'model.max_len': 64,

@@ -40,21 +40,7 @@ from twotower_jax.train import state as state_lib
 
 PLATFORMS = ('tpu', 'cuda')
 VOCAB = 256
-# cuDNN's version as jax[cuda12] 0.10.2 installs it (>= 9.8); JAX reads it only to gate
-# features of the fused attention call it emits.
-CUDNN_VERSION = 90800
 CUDNN_FWD, CUDNN_BWD = lowering.KERNEL_CALLS['cuda']
-
-
-@pytest.fixture
-def cudnn_lowering(monkeypatch):
-  """Lets cuDNN attention be traced on a machine without the CUDA plugin: JAX asks the
-  plugin for cuDNN's version while tracing; nothing else of it is needed to lower."""
-  # pylint: disable-next=g-import-not-at-top
-  from jax._src.cudnn import fused_attention_stablehlo as fused
-  if fused.cuda_versions is None:
-    monkeypatch.setattr(fused, 'cuda_versions',
-                        types.SimpleNamespace(cudnn_get_version=lambda: CUDNN_VERSION))
 
 
 @dataclasses.dataclass
