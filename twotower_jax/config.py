@@ -127,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Scale-out (docs/SCALING.md): precision, rematerialisation, accumulation, pre-flight.
   c.model.dtype = 'float32'  # tower matmul compute dtype: 'float32' | 'bfloat16' (params f32)
   c.model.remat = False  # recompute each block's activations in the backward pass (saves memory)
+  # Attention kernel (model/attention.py): 'auto' = cuDNN flash attention on CUDA where the
+  # shapes allow, XLA elsewhere; 'xla' | 'cudnn' force one; 'splash' = Pallas kernel on TPU.
+  c.model.attention = 'auto'
   c.train.grad_accum_steps = 1  # micro-batches per step (scan in the jitted step); 1 = off
   c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = look up (TPU/GPU) or measure (CPU)
   # Structural probe of the analysis (docs/ANALYSIS_STATS.md).

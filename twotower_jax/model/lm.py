@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from twotower_jax import config as config_lib
+from twotower_jax.model import attention
 from twotower_jax.model import embeddings
 from twotower_jax.model import gates
 from twotower_jax.model import layers
@@ -56,7 +57,8 @@ class TwoTowerLM(nn.Module):
                       in_axes=0, out_axes=0, axis_size=cfg.n_towers,
                       variable_axes={'params': 0, 'intermediates': 0},
                       split_rngs={'params': True, 'dropout': True},
-                      metadata_params={nn.PARTITION_NAME: 'tower'})
+                      metadata_params={nn.PARTITION_NAME: 'tower'},
+                      spmd_axis_name=partitioning.mesh_axis('tower'))
     tower_stack = stacked(cfg, deterministic, name='towers')
 
     def forward(x_NxBxLxH):
@@ -80,8 +82,10 @@ class TwoTowerLM(nn.Module):
     return out
 
 
-def build(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTowerLM:
-  return TwoTowerLM(layers.model_config(config.model, vocab_size))
+def build(config: ml_collections.ConfigDict, vocab_size: int, platform: str = '') -> TwoTowerLM:
+  """The model of `config`; `platform` ('cpu', 'tpu', 'cuda'): the platform its steps are
+  lowered for, where that is not this process's backend (attention.py)."""
+  return TwoTowerLM(layers.model_config(config.model, vocab_size, platform=platform))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -95,6 +99,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         'into its own prediction (fed back through its neighbours); use 0')
   if m.gate not in gates.GATES:
     raise config_lib.unknown_name('model.gate', m.gate, gates.GATES)
+  attention.check_config(config)
   if m.embedding.mode not in embeddings.MODES:
     raise config_lib.ConfigError(f'model.embedding.mode={m.embedding.mode!r} is unknown; choose '
                                  f'one of {list(embeddings.MODES)}')

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from twotower_jax.data import tokenizer as tokenizer_lib
+from twotower_jax.model import attention
 from twotower_jax.model import layers
 from twotower_jax.model import towers
 
@@ -34,8 +35,8 @@ class TransformerBlock(nn.Module):
         kernel_init=layers.param_init(('embed', None, 'heads', 'kv')),
         bias_init=layers.zeros_init((None, 'heads', 'kv')), dtype=layers.compute_dtype(cfg))(h_BxLxH)
     q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    y_BxLxNxD = jax.nn.dot_product_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD,
-                                             is_causal=self.causal)
+    y_BxLxNxD = attention.attend(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, causal=self.causal,
+                                 cfg=cfg)
     y_BxLxH = nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), name='attn_out',
         kernel_init=layers.param_init(('heads', 'kv', 'embed'),

@@ -176,18 +176,12 @@ def finish(sums: dict[str, np.ndarray], z: float = 1.959964) -> dict[str, np.nda
   return out
 
 
-def score(ctx: Context, name: str) -> dict[str, Any]:
-  """Runs estimator `name` over the eval batches: per-item results, timing and its
-  prepared `state`."""
-  est = get(name)
-  t0 = time.perf_counter()
-  state = est.prepare(ctx)
-  t_prep = time.perf_counter() - t0
-  values_fn = est.values(ctx)
+def batch_sums_fn(ctx: Context, name: str) -> Callable:
+  """Estimator `name`'s jitted pass over one batch: (params, state, window_BxL1, h_NxBxLxH,
+  key) -> per-item sums (`item_sums`, plus `extra_*` of its extras)."""
+  values_fn = get(name).values(ctx)
   vocab = ctx.model.cfg.vocab_size
-  seed = int(ctx.config.analysis.seed)
   n_control = int(ctx.config.analysis.n_control)
-  states = ensure_states(ctx)
 
   @jax.jit
   def batch_sums(params, state, window_BxL1, h_NxBxLxH, key):
@@ -201,6 +195,19 @@ def score(ctx: Context, name: str) -> dict[str, Any]:
       out['extra_' + k] = jax.ops.segment_sum(jnp.where(mask_P, x_BxL.reshape(-1), 0.0),
                                               targets_P, num_segments=vocab)
     return out
+  return batch_sums
+
+
+def score(ctx: Context, name: str) -> dict[str, Any]:
+  """Runs estimator `name` over the eval batches: per-item results, timing and its
+  prepared `state`."""
+  est = get(name)
+  t0 = time.perf_counter()
+  state = est.prepare(ctx)
+  t_prep = time.perf_counter() - t0
+  seed = int(ctx.config.analysis.seed)
+  states = ensure_states(ctx)
+  batch_sums = batch_sums_fn(ctx, name)
 
   jax.block_until_ready(batch_sums(ctx.params, state, ctx.eval_batches[0], states[0],
                                    jax.random.PRNGKey(seed)))  # compile outside the timing
@@ -219,9 +226,9 @@ def score(ctx: Context, name: str) -> dict[str, Any]:
   return res
 
 
-def tower_pass(ctx: Context) -> dict[str, float]:
-  """Runs the model once over the scored windows: caches every batch's final tower states
-  in ctx.states and returns the model's own CE on the scored positions with the speed."""
+def tower_pass_fn(ctx: Context) -> Callable:
+  """The model's jitted forward pass over one batch: (params, window_BxL1) -> (final tower
+  states h_NxBxLxH, [summed negative log-likelihood of the scored targets, their weight])."""
   @jax.jit
   def forward(params, window_BxL1):
     ex = example(ctx.model, window_BxL1)
@@ -229,7 +236,13 @@ def tower_pass(ctx: Context) -> dict[str, float]:
     ll_BxL = target_log_probs(out['logits_BxLxV'], ex['targets'])
     return (out['tower_states_NxBxLxH'],
             jnp.stack([-jnp.sum(ll_BxL * ex['weights']), jnp.sum(ex['weights'])]))
+  return forward
 
+
+def tower_pass(ctx: Context) -> dict[str, float]:
+  """Runs the model once over the scored windows: caches every batch's final tower states
+  in ctx.states and returns the model's own CE on the scored positions with the speed."""
+  forward = tower_pass_fn(ctx)
   jax.block_until_ready(forward(ctx.params, ctx.eval_batches[0]))  # compile outside the timing
   t = time.perf_counter()
   outs = [forward(ctx.params, w) for w in ctx.eval_batches]

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -92,16 +92,11 @@ def _ce_sums(p, h_NxBxLxH, targets_BxL, weights_BxL):
   return jnp.einsum('nbl,bl->n', ce_NxBxL, weights_BxL), jnp.sum(weights_BxL)
 
 
-def cache_training_states(ctx: Context) -> dict[str, Any]:
-  """The frozen towers' states on the probe's training windows, split by window into
-  `train` and `heldout` (each h_NxWxLxH, targets_WxL, weights_WxL), and the model's own
-  mean CE on the held-out positions (same masks)."""
-  a, cfg = ctx.config.analysis, ctx.model.cfg
-  rng = np.random.default_rng(int(a.seed))
-  n_windows = min(int(a.probe_windows), len(ctx.train_windows))
-  rows = ctx.train_windows[np.sort(rng.choice(len(ctx.train_windows), n_windows, replace=False))]
+def training_states_fn(ctx: Context) -> Callable:
+  """The jitted pass caching the probe's training states: (params, window_BxL1, key) ->
+  (states h_NxBxLxH each probe reads, targets_BxL, weights_BxL, the model's CE per window)."""
+  cfg = ctx.model.cfg
   make_example = towers.get(cfg.tower_type).make_example
-  batch = int(ctx.config.train.batch_size)
 
   @jax.jit
   def forward(params, window_BxL1, key):
@@ -109,7 +104,33 @@ def cache_training_states(ctx: Context) -> dict[str, Any]:
     out = ctx.model.apply({'params': params}, ex['inputs'], deterministic=True)
     ce_B = -jnp.sum(base.target_log_probs(out['logits_BxLxV'], ex['targets']) * ex['weights'], 1)
     return split_units(ctx.config, out['tower_states_NxBxLxH']), ex['targets'], ex['weights'], ce_B
+  return forward
 
+
+def probe_step_fn(tx: optax.GradientTransformation) -> Callable:
+  """One jitted AdamW step of the heads on cached states: (heads, opt_state, h_NxWxLxH,
+  targets_WxL, weights_WxL, idx_B) -> (heads, opt_state, CE per head); idx picks the windows."""
+  @jax.jit
+  def step(p, opt, h_NxWxLxH, t_WxL, w_WxL, idx_B):
+    def loss_fn(p):
+      ce_N, w = _ce_sums(p, h_NxWxLxH[:, idx_B], t_WxL[idx_B], w_WxL[idx_B])
+      return jnp.sum(ce_N) / jnp.maximum(w, 1.0), ce_N / jnp.maximum(w, 1.0)
+    (_, ce_N), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
+    updates, opt = tx.update(g, opt, p)
+    return optax.apply_updates(p, updates), opt, ce_N
+  return step
+
+
+def cache_training_states(ctx: Context) -> dict[str, Any]:
+  """The frozen towers' states on the probe's training windows, split by window into
+  `train` and `heldout` (each h_NxWxLxH, targets_WxL, weights_WxL), and the model's own
+  mean CE on the held-out positions (same masks)."""
+  a = ctx.config.analysis
+  rng = np.random.default_rng(int(a.seed))
+  n_windows = min(int(a.probe_windows), len(ctx.train_windows))
+  rows = ctx.train_windows[np.sort(rng.choice(len(ctx.train_windows), n_windows, replace=False))]
+  batch = int(ctx.config.train.batch_size)
+  forward = training_states_fn(ctx)
   parts = [forward(ctx.params, jnp.asarray(rows[i:i + batch]),
                    jax.random.fold_in(jax.random.PRNGKey(int(a.seed)), i))
            for i in range(0, len(rows), batch)]
@@ -143,15 +164,7 @@ def train_probes(ctx: Context) -> tuple[dict[str, jax.Array], dict[str, Any]]:
   tx = optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=float(a.probe_weight_decay),
                    mask=_decay_mask)
   opt = tx.init(p)
-
-  @jax.jit
-  def step(p, opt, h_NxWxLxH, t_WxL, w_WxL, idx_B):
-    def loss_fn(p):
-      ce_N, w = _ce_sums(p, h_NxWxLxH[:, idx_B], t_WxL[idx_B], w_WxL[idx_B])
-      return jnp.sum(ce_N) / jnp.maximum(w, 1.0), ce_N / jnp.maximum(w, 1.0)
-    (_, ce_N), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
-    updates, opt = tx.update(g, opt, p)
-    return optax.apply_updates(p, updates), opt, ce_N
+  step = probe_step_fn(tx)
 
   @jax.jit
   def heldout_sums(p, h_NxWxLxH, t_WxL, w_WxL):
