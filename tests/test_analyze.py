@@ -228,7 +228,7 @@ def test_three_tower_run_scores_every_tower(tmp_path, small_corpus_dir):
   out = str(tmp_path / 'analysis')
   summary = analysis.analyze(run_lib.Run(setup, params, 0), str(tmp_path), out)
   assert summary['n_towers'] == 3
-  assert set(summary['per_estimator']) == {'probe', 'ablation', 'resample'}
+  assert set(summary['per_estimator']) == {'probe', 'ablation'}
   with open(os.path.join(out, 'preference.csv')) as f:
     rows = [r for r in csv.DictReader(f) if int(r['count']) > 0]
   assert rows

@@ -81,6 +81,7 @@ def test_constructed_language_split_is_recovered(tmp_path, split_gate):
   from twotower_jax.analysis import runner  # pylint: disable=g-import-not-at-top
   a = config_lib.base_config().analysis
   a.word_classes, a.min_count, a.n_boot, a.n_control = classes, 5, 100, 20
+  a.estimators = 'probe,ablation,resample,gate'
   a.probe_windows, a.probe_steps = 64, 300
   summary = runner.run(runner.load_config(workdir, a), workdir)
   assert set(summary['estimators']) == {'probe', 'ablation', 'resample', 'gate'}
