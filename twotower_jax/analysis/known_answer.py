@@ -30,12 +30,14 @@ import time
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from twotower_jax import config as config_lib
 from twotower_jax import errors
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.analysis import estimators as est_lib
 from twotower_jax.analysis import runner
+from twotower_jax.data import planted
 from twotower_jax.train import checkpoints
 from twotower_jax.train import loop
 
@@ -168,6 +170,23 @@ def planted_result(summary: dict, name: str) -> dict[str, Any] | None:
   return None if entry is None else entry.get('planted')
 
 
+def class_means(workdir: str, min_count: int) -> dict[str, dict[str, list[float]]]:
+  """Per estimator and planted class, each tower's value averaged over the class's items
+  (count >= min_count): where the AUC comes from (e.g. a tower whose removal hurts both
+  classes)."""
+  cols = workdir_lib.read_preferences(os.path.join(workdir_lib.analysis_dir(workdir),
+                                                   workdir_lib.PREFERENCE_CSV))
+  cls = np.array([int(c) if c.lstrip('-').isdigit() else -1
+                  for c in cols.get('planted_class', [''] * len(cols['count']))])
+  keep = cols['count'] >= min_count
+  out = {}
+  for est in cols['_estimators']:
+    values_IxN = workdir_lib.tower_values(cols, est)
+    out[est] = {name: np.nanmean(values_IxN[keep & (cls == c)], axis=0).tolist()
+                for c, name in enumerate(planted.CLASS_NAMES) if np.any(keep & (cls == c))}
+  return out
+
+
 def judge(model: str, est: str, planted: dict | None, min_auc: float,
           alpha: float) -> dict[str, Any]:
   """One check: known -> AUC >= min_auc; null -> no split against the control."""
@@ -214,8 +233,10 @@ def run(base: ml_collections.ConfigDict, workdir: str, gate_steps: int = 300,
         if k in previous.get('runs', {}).get(name, {}):
           runs[name][k] = previous['runs'][name][k]
     runs[name]['eval_loss_scored'] = summary.get('eval_loss')
+    means = class_means(os.path.join(workdir, name), int(analysis.min_count))
     for est in sorted(est_lib.ESTIMATORS):
-      checks.append(judge(name, est, planted_result(summary, est), min_auc, alpha))
+      check = judge(name, est, planted_result(summary, est), min_auc, alpha)
+      checks.append(dict(check, class_means=means.get(est, {})))
   failed = [c for c in checks if not c['passed']]
   result = {'workdir': workdir, 'passed': not failed, 'failed': [c['name'] for c in failed],
             'min_auc': min_auc, 'alpha': alpha, 'gate_steps': gate_steps,
@@ -250,6 +271,13 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f'| {c["model"]} | {c["estimator"]} | {_num(c["auc"])} [{_num(c["ci"][0])}, '
                  f'{_num(c["ci"][1])}] | {_num(c["control_mean"])} | {_num(c["p"])} | '
                  f'{c["n_syntax"]}/{c["n_topic"]} | {"pass" if c["passed"] else "FAIL"} |')
+  lines += ['', 'Mean value per tower (t0, t1) over the items of each class: the AUC ranks items '
+            'by t0 - t1.', '', '| model | estimator | syntax items: t0, t1 | topic items: t0, t1 |',
+            '|---|---|---|---|']
+  for c in result['checks']:
+    means = c.get('class_means') or {}
+    cells = [', '.join(_num(v) for v in means.get(k, [])) or 'n/a' for k in ('syntax', 'topic')]
+    lines.append(f'| {c["model"]} | {c["estimator"]} | {cells[0]} | {cells[1]} |')
   lines += ['', '| run | steps | eval loss (trained targets) | eval loss (all targets) | '
             'train wall / CPU s | analysis wall / CPU s |', '|---|---|---|---|---|---|']
   for name, r in result['runs'].items():
