@@ -80,9 +80,15 @@ def test_frozen_parameters_stay_bit_identical_and_get_no_decay():
   assert float(metrics['embed_grad_norm_input']) == 0.0  # the frozen table's gradient is zero
 
 
-def test_trainable_everything_equals_the_default_update():
+@pytest.fixture(scope='module')
+def plain_update():
+  """Params after the default steps (every parameter trains, no target weights)."""
+  return _steps(_opt_config(**{'optimizer.weight_decay': 0.01}))[1]
+
+
+def test_trainable_everything_equals_the_default_update(plain_update):
   """A pattern that selects every parameter changes nothing about the update."""
-  _, plain, _, _ = _steps(_opt_config(**{'optimizer.weight_decay': 0.01}))
+  plain = plain_update
   _, every, _, _ = _steps(_opt_config(**{'optimizer.weight_decay': 0.01,
                                          'train.trainable': '.'}))
   for p in plain:
@@ -183,9 +189,9 @@ def test_target_weights_zero_the_other_class_loss():
   assert set(plain) == {'loss_sum', 'weight_sum'}
 
 
-def test_all_ones_target_weights_leave_training_bit_identical():
+def test_all_ones_target_weights_leave_training_bit_identical(plain_update):
+  plain = plain_update
   c = _opt_config(**{'optimizer.weight_decay': 0.01})
-  _, plain, _, _ = _steps(c)
   _, ones, _, _ = _steps(c, target_weights_V=jnp.ones(_family.VOCAB, jnp.float32))
   for p in plain:
     np.testing.assert_array_equal(plain[p], ones[p], err_msg=p)
