@@ -20,7 +20,7 @@ LAYERS = (
     ('run', 'report'),
     ('analysis',),
     ('cli',),
-    ('main', 'analyze', 'planted_check'),
+    ('main', 'analyze', 'planted_check', 'validate'),
 )
 MAX_LINES = 520
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+import re
 from typing import Any
 
 import ml_collections
@@ -58,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.planted_agreement = 0.95  # P(marker agrees with its determiner), else random class
   c.data.planted_prepositions = 6  # prepositions (syntax words)
   c.data.planted_zipf = 1.0  # Zipf exponent of word frequencies within each word group
+  # source=planted: the training loss only on targets of this class ('syntax' | 'topic';
+  # '' = every target). Eval reports both (docs/ANALYSIS.md, "Known-answer validation").
+  c.data.planted_loss_class = ''
 
   c.model = ml_collections.ConfigDict()
   c.model.n_towers = 2
@@ -77,6 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embedding.input_grad_scale = 1.0  # s: scales only the table's input-lookup gradient
   c.model.latent = ml_collections.ConfigDict()
   c.model.latent.balance_weight = 0.0  # gate=latent: weight of KL(mean gate || uniform)
+  c.model.latent.uniform_init = False  # gate=latent: prior layer zero-initialised (uniform pi)
+  # A fresh run (not a resume) takes towers from other runs: a comma list with one entry per
+  # tower, DIR[:K] (tower K of the run in DIR, default 0) or '' (fresh). Every parameter
+  # stacked on the tower axis is copied (docs/ANALYSIS.md, "Known-answer validation").
+  c.model.init_towers = ''
   c.model.pondering = ml_collections.ConfigDict()
   c.model.pondering.steps = 0  # extra passes feeding back expected token embeddings
   c.model.pondering.temperature = 1.0  # softmax temperature of those passes
@@ -93,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Reliability: what a NaN/inf loss or gradient does. 'stop': exit non-zero naming the
   # step and quantity, the last good checkpoint kept; 'skip': drop that update, count it.
   c.train.on_nonfinite = 'stop'
+  # Regex over '/'-joined parameter paths (e.g. '^gate/|^embed/output_bias$') selecting the
+  # parameters that train; the others get no update and no weight decay. '' = all.
+  c.train.trainable = ''
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-3
@@ -210,6 +222,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f'{m.n_towers}; set mesh.tower to a divisor of n_towers')
   _validate_struct_probe(config.analysis)
   _validate_analysis(config.analysis)
+  _validate_transfer(config)
+
+
+def init_tower_entries(text: str) -> list[tuple[str, int] | None]:
+  """model.init_towers parsed: per tower (DIR, K) or None (fresh); [] when unset."""
+  if not str(text).strip():
+    return []
+  out = []
+  for entry in str(text).split(','):
+    entry = entry.strip()
+    if not entry:
+      out.append(None)
+      continue
+    head, sep, tail = entry.rpartition(':')
+    if sep and tail.isdigit() and head:
+      out.append((head, int(tail)))
+    else:
+      out.append((entry, 0))
+  return out
+
+
+def _validate_transfer(config: ml_collections.ConfigDict) -> None:
+  """model.init_towers (one entry per tower) and train.trainable (a regex)."""
+  entries = init_tower_entries(config.model.init_towers)
+  if entries and len(entries) != config.model.n_towers:
+    raise ConfigError(f'model.init_towers={config.model.init_towers!r} has {len(entries)} '
+                      f'entries for model.n_towers={config.model.n_towers}; give one per tower '
+                      "(DIR[:K] or '' for a fresh tower), separated by commas")
+  try:
+    re.compile(config.train.trainable)
+  except (re.error, TypeError) as e:
+    raise ConfigError(f'train.trainable={config.train.trainable!r} is not a regular expression '
+                      f'({e}); e.g. \'^gate/|^embed/output_bias$\'') from None
 
 
 def _validate_analysis(a: ml_collections.ConfigDict) -> None:

@@ -2,17 +2,20 @@
 
 A data source is a function `config.data -> Corpus` registered by name (`register`);
 `data.source` selects it. A source may also register a `check` of its own config
-fields, run with the rest of the config validation. The built-in sources are one
-module each (sotu.py, text.py, tfds.py, planted.py); a new one is one more file.
+fields, run with the rest of the config validation, and `target_weights`: a training
+loss weight per token id (e.g. the planted source's `data.planted_loss_class`). The
+built-in sources are one module each (sotu.py, text.py, tfds.py, planted.py); a new
+one is one more file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+from typing import Any, Callable
 
 import ml_collections
+import numpy as np
 
 from twotower_jax import config as config_lib
 from twotower_jax import errors
@@ -33,20 +36,46 @@ class Corpus:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """A registered data source: `load` builds the corpus, `check` validates its fields."""
+  """A registered data source: `load` builds the corpus, `check` validates its fields,
+  `target_weights(config.data, sp)` optionally gives a training-loss weight per token id
+  (float[V], or None for every target at 1)."""
   load: Callable[[ml_collections.ConfigDict], Corpus]
   check: Callable[[ml_collections.ConfigDict], None] | None = None
+  target_weights: Callable[[ml_collections.ConfigDict, Any], np.ndarray | None] | None = None
 
 
 SOURCES: dict[str, Source] = {}
 
 
-def register(name: str, check: Callable[[ml_collections.ConfigDict], None] | None = None):
+def register(name: str, check: Callable[[ml_collections.ConfigDict], None] | None = None,
+             target_weights: Callable[[ml_collections.ConfigDict, Any], np.ndarray | None]
+             | None = None):
   """Decorator: `@register('name')` on a function config.data -> Corpus."""
   def wrap(fn):
-    SOURCES[name] = Source(fn, check)
+    SOURCES[name] = Source(fn, check, target_weights)
     return fn
   return wrap
+
+
+def target_weights(data_config: ml_collections.ConfigDict, sp) -> np.ndarray | None:
+  """float32[V]: the source's training-loss weight per target id, or None (all 1).
+
+  The train step multiplies each target's loss weight by w_V[target]; PAD stays 0.
+  """
+  source = SOURCES.get(data_config.source)
+  if source is None or source.target_weights is None:
+    return None
+  w_V = source.target_weights(data_config, sp)
+  if w_V is None:
+    return None
+  w_V = np.asarray(w_V, np.float32)
+  if w_V.shape != (sp.get_piece_size(),) or not np.all(np.isfinite(w_V)) or np.any(w_V < 0):
+    raise CorpusError(f'data.source={data_config.source!r} gave target weights of shape '
+                      f'{w_V.shape}; need {sp.get_piece_size()} finite values >= 0')
+  if not w_V.any():
+    raise CorpusError(f'data.source={data_config.source!r}: no target carries loss (every '
+                      'target weight is 0); check the source\'s loss settings')
+  return w_V
 
 
 def check_config(data_config: ml_collections.ConfigDict) -> None:

@@ -197,6 +197,14 @@ def check(d: ml_collections.ConfigDict) -> None:
                                  '(0 = uniform)')
   if isinstance(d.planted_seed, bool) or not isinstance(d.planted_seed, int) or d.planted_seed < 0:
     raise config_lib.ConfigError(f'data.planted_seed={d.planted_seed!r} must be an integer >= 0')
+  if d.planted_loss_class not in ('',) + CLASS_NAMES:
+    raise config_lib.ConfigError(f'data.planted_loss_class={d.planted_loss_class!r} is unknown; '
+                                 f"use '' (every target), 'syntax' or 'topic'")
+  if d.planted_loss_class and (d.source != 'planted' or d.tokenizer_type != 'word'):
+    raise config_lib.ConfigError(
+        f'data.planted_loss_class={d.planted_loss_class!r} needs data.source=planted with '
+        f"data.tokenizer_type='word' (one piece per word, so each target has a class); this "
+        f'run has source={d.source!r}, tokenizer_type={d.tokenizer_type!r}')
   if d.source == 'planted' and d.tokenizer_type == 'word':
     need = required_vocab_size(d)
     if d.vocab_size != need:
@@ -205,7 +213,15 @@ def check(d: ml_collections.ConfigDict) -> None:
           f"tokenizer_type='word' (one piece per word); set data.vocab_size={need}")
 
 
-@corpus_lib.register('planted', check=check)
+def target_weights(d: ml_collections.ConfigDict, sp) -> np.ndarray | None:
+  """float32[V]: 1 on the pieces of class data.planted_loss_class, 0 elsewhere (specials
+  and EOS included); None when it is '' (every target trains)."""
+  if not d.planted_loss_class:
+    return None
+  return (piece_classes(d, sp) == CLASS_NAMES.index(d.planted_loss_class)).astype(np.float32)
+
+
+@corpus_lib.register('planted', check=check, target_weights=target_weights)
 def corpus(d: ml_collections.ConfigDict) -> corpus_lib.Corpus:
   """data.source=planted: generated documents, whole documents held out as for sotu."""
   _, docs = generate(d)
@@ -221,7 +237,12 @@ def token_classes(config: ml_collections.ConfigDict, sp) -> np.ndarray:
   marks every word start, the first included); special pieces, characters and word
   fragments (a bare 'tA1' may be the start of 'tA12' after '▁') are UNKNOWN.
   """
-  word_class = language(config.data).word_class
+  return piece_classes(config.data, sp)
+
+
+def piece_classes(d: ml_collections.ConfigDict, sp) -> np.ndarray:
+  """token_classes from the data section alone."""
+  word_class = language(d).word_class
   out = np.full(sp.get_piece_size(), UNKNOWN, np.int32)
   for i in range(sp.get_piece_size()):
     if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):

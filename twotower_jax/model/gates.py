@@ -111,7 +111,9 @@ class LatentGate(nn.Module):
   normalised log-distribution, so softmax cross-entropy of it is exactly the
   mixture's negative log-likelihood. `aux_loss` = balance_weight * KL(mean gate ||
   uniform), a regulariser against collapse onto one tower; the mean gate (and the
-  logged means and entropy) average over the positions that carry loss.
+  logged means and entropy) average over the positions that carry loss. With
+  `latent.uniform_init` the prior's Dense starts at zero (pi uniform), so a model whose
+  towers are identical stays exactly symmetric under swapping them.
   """
   cfg: layers.ModelConfig
 
@@ -123,7 +125,8 @@ class LatentGate(nn.Module):
     n = cfg.n_towers
     tower_logits_NxBxLxV = decode_towers(tower_heads(cfg, h_NxBxLxH))
     x_BxLxC = layers.layer_norm('gate_in', name='ln_in')(concat_towers(h_NxBxLxH))
-    gate_BxLxN = layers.dense(n, ('gate_in', None), name='gate')(x_BxLxC)
+    std = 0.0 if cfg.latent.uniform_init else layers.INIT_STD  # 0: pi uniform at init
+    gate_BxLxN = layers.dense(n, ('gate_in', None), name='gate', std=std)(x_BxLxC)
     log_pi_NxBxL = jnp.moveaxis(jax.nn.log_softmax(gate_BxLxN.astype(jnp.float32), -1), -1, 0)
     log_p_NxBxLxV = jax.nn.log_softmax(tower_logits_NxBxLxV.astype(jnp.float32), -1)
     logits_BxLxV = jax.nn.logsumexp(log_pi_NxBxL[..., None] + log_p_NxBxLxV, axis=0)

@@ -19,11 +19,13 @@ import numpy as np
 from twotower_jax import config as config_lib
 from twotower_jax import hostmem
 from twotower_jax import workdir as workdir_lib
+from twotower_jax.data import corpus as corpus_lib
 from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.data import windows as data_lib
 from twotower_jax.model import lm as model_lib
 from twotower_jax.model import partitioning
 from twotower_jax.train import checkpoints
+from twotower_jax.train import init_from
 from twotower_jax.train import metrics as metrics_lib
 from twotower_jax.train import nonfinite
 from twotower_jax.train import optimizer as optimizer_lib
@@ -60,13 +62,17 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def evaluate(eval_fn, params, batches: list[np.ndarray], batch_sh, batch_size: int) -> dict:
-  loss_sum, weight_sum = 0.0, 0.0
+  """Loss over the eval batches; with target weights also `loss_all` over every target."""
+  sums = {'loss_sum': 0.0, 'weight_sum': 0.0}
   for rows in batches:
     local = _local_rows(rows, batch_sh)
     out = eval_fn(params, sharding_lib.global_batch(local, batch_sh, batch_size))
-    loss_sum, weight_sum = loss_sum + out['loss_sum'], weight_sum + out['weight_sum']
-  loss = float(loss_sum) / max(float(weight_sum), 1.0)
-  return {'loss': loss, 'perplexity': float(np.exp(loss)), 'tokens': float(weight_sum)}
+    sums = {k: sums.get(k, 0.0) + v for k, v in out.items()}
+  loss = float(sums['loss_sum']) / max(float(sums['weight_sum']), 1.0)
+  result = {'loss': loss, 'perplexity': float(np.exp(loss)), 'tokens': float(sums['weight_sum'])}
+  if 'loss_sum_all' in sums:
+    result['loss_all'] = float(sums['loss_sum_all']) / max(float(sums['weight_sum_all']), 1.0)
+  return result
 
 
 def _local_rows(global_rows: np.ndarray, batch_sh) -> np.ndarray:
@@ -96,20 +102,28 @@ def _stop_if_nonfinite(pending: list[dict[str, jax.Array]], step: int, names: li
 
 
 def jit_train_step(config: ml_collections.ConfigDict, model, tx, mesh, state_sh,
-                   batch_sh) -> Any:
+                   batch_sh, target_weights_V: np.ndarray | None = None) -> Any:
   """The jitted train step with explicit shardings and the state donated (also for bench/)."""
   tc = config.train
   step = functools.partial(step_lib.train_step, model=model, tx=tx,
                            lr_schedule=optimizer_lib.schedule(config),
-                           grad_accum_steps=tc.grad_accum_steps, on_nonfinite=tc.on_nonfinite)
+                           grad_accum_steps=tc.grad_accum_steps, on_nonfinite=tc.on_nonfinite,
+                           target_weights_V=_constant(target_weights_V),
+                           trainable=tc.trainable)
   return jax.jit(partitioning.with_rules(step, mesh, sharding_lib.rules(config)),
                  in_shardings=(state_sh, batch_sh),
                  out_shardings=(state_sh, sharding_lib.replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(config: ml_collections.ConfigDict, model, mesh, params_sh, batch_sh) -> Any:
+def _constant(x_V: np.ndarray | None):
+  return None if x_V is None else jax.numpy.asarray(x_V)
+
+
+def jit_eval_step(config: ml_collections.ConfigDict, model, mesh, params_sh, batch_sh,
+                  target_weights_V: np.ndarray | None = None) -> Any:
   """The jitted eval step with explicit shardings (summed loss and weight, replicated)."""
-  step = functools.partial(step_lib.eval_step, model=model)
+  step = functools.partial(step_lib.eval_step, model=model,
+                           target_weights_V=_constant(target_weights_V))
   return jax.jit(partitioning.with_rules(step, mesh, sharding_lib.rules(config)),
                  in_shardings=(params_sh, batch_sh), out_shardings=sharding_lib.replicated(mesh))
 
@@ -138,6 +152,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, meta = checkpoints.restore(mngr, start, state_lib.abstract(model, tx, state_sh),
                                       train_iter)
     tokenizer_lib.check_digest(tokenizer_digest, meta.get('tokenizer_sha256'), workdir)
+  else:
+    state = state_lib.create_sharded(model, tx, tc.seed, state_sh)
+    if any(config_lib.init_tower_entries(config.model.init_towers)):  # before writing anything
+      state = init_from.apply(state, config, model, tokenizer_digest, mesh)
+  optimizer_lib.check_trainable(tc.trainable, state.params)
+  target_weights_V = corpus_lib.target_weights(config.data, setup.tokenizer)
   if is_main:
     workdir_lib.write_config(config, workdir)
   writer = metrics_lib.Writer(workdir, enabled=is_main)
@@ -146,13 +166,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log.info('resumed from %s at step %d', checkpoints.directory(workdir), start)
   else:
     writer.truncate_after(-1)  # lines of an earlier attempt that left no checkpoint
-    state = state_lib.create_sharded(model, tx, tc.seed, state_sh)
     start = 0
   n_params = model_lib.param_count(state.params)
   quantity_names = nonfinite.quantity_names(state.params)
 
-  train_fn = jit_train_step(config, model, tx, mesh, state_sh, batch_sh)
-  eval_fn = jit_eval_step(config, model, mesh, state_sh.params, batch_sh)
+  train_fn = jit_train_step(config, model, tx, mesh, state_sh, batch_sh, target_weights_V)
+  eval_fn = jit_eval_step(config, model, mesh, state_sh.params, batch_sh, target_weights_V)
   preflight = preflight_lib.run(train_fn, state, batch_sh, config, model)
   train_fn = preflight.compiled  # the loop runs the executable compiled ahead of time
   eval_rows = data_lib.eval_batches(splits.val_windows, tc.batch_size, tc.eval_batches)

@@ -18,8 +18,9 @@ import optax
 from jax import lax
 
 from twotower_jax.model import embeddings
-from twotower_jax.train import nonfinite
 from twotower_jax.model import towers
+from twotower_jax.train import nonfinite
+from twotower_jax.train import optimizer as optimizer_lib
 from twotower_jax.train.state import TrainState
 
 
@@ -111,22 +112,40 @@ def accumulated_grads(params: Any, model: nn.Module, example: dict[str, jax.Arra
   return jnp.sum(losses_K), aux, grads, lookup_part
 
 
+def weight_targets(example: dict[str, jax.Array],
+                   target_weights_V: jax.Array | None) -> dict[str, jax.Array]:
+  """The example with each target's loss weight multiplied by w_V[target] (None: as is)."""
+  if target_weights_V is None:
+    return example
+  return dict(example, weights=example['weights'] * target_weights_V[example['targets']])
+
+
 def train_step(state: TrainState, window_BxL1: jax.Array, *, model: nn.Module,
                tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-               grad_accum_steps: int = 1,
-               on_nonfinite: str = 'stop') -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_accum_steps: int = 1, on_nonfinite: str = 'stop',
+               target_weights_V: jax.Array | None = None,
+               trainable: str = '') -> tuple[TrainState, dict[str, jax.Array]]:
   """One AdamW update on one global batch of packed windows (optionally accumulated).
 
   metrics[nonfinite.FLAGS_KEY] flags the loss and each gradient leaf as finite; with
   on_nonfinite='skip' a non-finite step keeps the old params and optimizer state.
+  `target_weights_V` (the data source's, e.g. data.planted_loss_class) scales each
+  target's loss weight. With `trainable` (train.trainable) the frozen parameters'
+  gradients are zeros here already, so XLA drops their backward pass (and the metrics
+  count only the trained ones); the optimizer zeroes them as well.
   """
   dropout_rng, example_rng = step_rngs(state)
   example = towers.get(model.cfg.tower_type).make_example(window_BxL1, example_rng, model.cfg)
+  example = weight_targets(example, target_weights_V)
   if grad_accum_steps > 1:
     loss, aux, grads, lookup_part = accumulated_grads(state.params, model, example, dropout_rng,
                                                       grad_accum_steps)
   else:
     loss, aux, grads, lookup_part = grads_and_lookup(state.params, model, example, dropout_rng)
+  if trainable:
+    grads = optimizer_lib.zero_frozen(grads, trainable)
+    if not optimizer_lib.selects(trainable, 'embed/token'):
+      lookup_part = jnp.zeros_like(lookup_part)
   aux.update(embeddings.grad_norm_metrics(grads, lookup_part))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -142,12 +161,22 @@ def train_step(state: TrainState, window_BxL1: jax.Array, *, model: nn.Module,
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, window_BxL1: jax.Array, *, model: nn.Module) -> dict[str, jax.Array]:
-  """Summed loss and weight, dropout off; masks (if any) from a fixed key."""
+def eval_step(params: Any, window_BxL1: jax.Array, *, model: nn.Module,
+              target_weights_V: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Summed loss and weight, dropout off; masks (if any) from a fixed key.
+
+  With `target_weights_V` the loss is over the weighted targets (what the run trains on)
+  and `loss_sum_all`/`weight_sum_all` are over every target.
+  """
   example = towers.get(model.cfg.tower_type).make_example(
       window_BxL1, jax.random.PRNGKey(0), model.cfg)
-  out = model.apply({'params': params}, example['inputs'], weights_BxL=example['weights'],
+  weighted = weight_targets(example, target_weights_V)
+  out = model.apply({'params': params}, example['inputs'], weights_BxL=weighted['weights'],
                     deterministic=True)
   loss_sum, weight_sum = cross_entropy(out['logits_BxLxV'], example['targets'],
-                                       example['weights'])
-  return {'loss_sum': loss_sum, 'weight_sum': weight_sum}
+                                       weighted['weights'])
+  result = {'loss_sum': loss_sum, 'weight_sum': weight_sum}
+  if target_weights_V is not None:
+    result['loss_sum_all'], result['weight_sum_all'] = cross_entropy(
+        out['logits_BxLxV'], example['targets'], example['weights'])
+  return result
