@@ -36,8 +36,10 @@ def main(argv):
                          _PROCESS_ID.value)  # before any other JAX use
   from twotower_jax.train import loop as train  # pylint: disable=g-import-not-at-top
   result = train.train_and_evaluate(cli.load_config(_CONFIG), _WORKDIR.value)
-  if result.get('preempted'):
-    return  # stopped by a signal after saving; the train loop logged how to resume
+  if result.get('preempted'):  # stopped by a signal after saving; the loop logged how to resume
+    if result.get('signal') == 'SIGINT':
+      sys.exit(130)  # Ctrl-C: the shell's convention, so `main && analyze` stops here
+    return
   ev = result['eval']
   logging.getLogger('twotower_jax').info('done: step %d, val loss %.4f, perplexity %.2f; results in %s',
                result['step'], ev['loss'], ev['perplexity'], result['workdir'])
@@ -45,4 +47,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  sys.exit(cli.run(main))
+  sys.exit(cli.run(main, config_files=('config',)))

@@ -216,7 +216,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if stopped_by is not None:
     log.warning('stopped by %s at step %d; checkpoint saved, rerun the same command to resume',
                 stopped_by, step)
-    return {'step': step, 'eval': None, 'workdir': workdir, 'preempted': True}
+    return {'step': step, 'eval': None, 'workdir': workdir, 'preempted': True,
+            'signal': stopped_by}
   if final_eval is None:  # nothing left to train: report the checkpoint's eval
     final_eval = evaluate(eval_fn, state.params, eval_rows, batch_sh, tc.batch_size)
   return {'step': step, 'eval': final_eval, 'workdir': workdir}

@@ -82,6 +82,8 @@ def run(train_fn: Any, state: Any, batch_sharding: Any, config: ml_collections.C
   tc = config.train
   batch = jax.ShapeDtypeStruct((tc.batch_size, config.data.seq_len + 1), jnp.int32,
                                sharding=batch_sharding)
+  if jax.process_index() == 0:
+    log.info('preflight: compiling the train step')
   t0 = time.perf_counter()
   compiled = train_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
