@@ -42,6 +42,23 @@ def test_a_broken_config_file_is_one_line(tmp_path, source, override, match):
   assert not workdir.exists()
 
 
+def test_a_nan_learning_rate_is_refused_at_once(tmp_path):
+  proc = run_module('twotower_jax.main', '--config=configs/default.py',
+                    f'--workdir={tmp_path / "run"}', '--config.optimizer.lr=nan', timeout=120)
+  assert 'optimizer.lr=nan must be a finite number > 0' in one_error_line(proc)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_workdir_that_is_a_file_through_both_commands(tmp_path):
+  file = tmp_path / 'run'
+  file.write_text('x')
+  for module, args in (('twotower_jax.main', ['--config=configs/default.py']),
+                       ('twotower_jax.analyze', [])):
+    proc = run_module(module, *args, f'--workdir={file}', timeout=300)
+    assert 'is a file, not a directory' in one_error_line(proc), module
+  assert file.read_text() == 'x'
+
+
 def interrupt_at(config, workdir, marker):
   """Starts training, sends SIGINT once stderr shows `marker`; returns (rc, stderr after)."""
   env = dict(os.environ)
@@ -79,6 +96,4 @@ def test_ctrl_c_while_training_saves_then_exits_130(tiny, tmp_path):
   assert code == 130, rest[-3000:]
   assert 'stopped by SIGINT at step' in rest and 'Traceback' not in rest
   stopped = int(rest.split('stopped by SIGINT at step ')[1].split(';')[0])
-  mngr = checkpoints.manager(workdir, read_only=True)
-  assert mngr.latest_step() == stopped  # the step it finished was saved
-  mngr.close()
+  assert checkpoints.complete_steps(workdir)[-1] == stopped  # the step it finished was saved

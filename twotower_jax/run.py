@@ -49,7 +49,8 @@ def load_config(workdir: str, analysis: ml_collections.ConfigDict | None = None
   """The run's config.json, with `analysis` (command-line analysis.* fields) on top,
   validated against this version's schema and registries."""
   if not os.path.isdir(workdir):
-    raise RunError(f'workdir {workdir} does not exist; pass the --workdir of a training run')
+    what = 'is a file, not a directory' if os.path.exists(workdir) else 'does not exist'
+    raise RunError(f'workdir {workdir} {what}; pass the --workdir of a training run')
   config = workdir_lib.read_config(workdir)
   if analysis is not None:
     config.analysis = ml_collections.ConfigDict(analysis.to_dict())

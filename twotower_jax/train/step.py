@@ -117,8 +117,9 @@ def train_step(state: TrainState, window_BxL1: jax.Array, *, model: nn.Module,
                on_nonfinite: str = 'stop') -> tuple[TrainState, dict[str, jax.Array]]:
   """One AdamW update on one global batch of packed windows (optionally accumulated).
 
-  metrics[nonfinite.FLAGS_KEY] flags the loss and each gradient leaf as finite; with
-  on_nonfinite='skip' a non-finite step keeps the old params and optimizer state.
+  metrics[nonfinite.FLAGS_KEY] flags the loss, each gradient leaf, each updated parameter
+  leaf and the updated optimizer state as finite; with on_nonfinite='skip' a step with
+  any of them non-finite keeps the old params and optimizer state.
   """
   dropout_rng, example_rng = step_rngs(state)
   example = towers.get(model.cfg.tower_type).make_example(window_BxL1, example_rng, model.cfg)
@@ -130,7 +131,7 @@ def train_step(state: TrainState, window_BxL1: jax.Array, *, model: nn.Module,
   aux.update(embeddings.grad_norm_metrics(grads, lookup_part))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  finite, flags_Q = nonfinite.flags(loss, grads)
+  finite, flags_Q = nonfinite.flags(loss, grads, params, opt_state)
   skipped = jnp.zeros((), jnp.float32)
   if on_nonfinite == 'skip':
     params = nonfinite.keep_if_finite(finite, params, state.params)
