@@ -1,7 +1,7 @@
 """Analyse a run: python -m twotower_jax.analyze --workdir=DIR [--config.analysis.x=v].
 
-Writes DIR/analysis/ (preference.csv, summary.json, token_view.json, the report);
-`--compare DIR1 DIR2 ...` compares analysed runs instead. See docs/ANALYSIS.md.
+Writes DIR/analysis/ (preference.csv, summary.json, token_view.json, the report), or
+--out=PATH; `--compare DIR1 DIR2 ...` compares analysed runs instead. See docs/ANALYSIS.md.
 """
 
 import sys
@@ -17,11 +17,12 @@ from twotower_jax import workdir as workdir_lib
 _CONFIG = config_flags.DEFINE_config_dict('config', config_lib.base_config(),
                                           'Only --config.analysis.* overrides are used.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory to analyse (read only, except '
-                               'DIR/analysis/).')
+                               'DIR/analysis/ when --out is not given).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: analysis.step, 0 = latest).')
 _COMPARE = flags.DEFINE_multi_string('compare', None, 'Analysed run directories to compare '
                                      '(give it once per run, or DIR1 DIR2 ... after it).')
-_OUT = flags.DEFINE_string('out', None, '--compare output directory (default '
+_OUT = flags.DEFINE_string('out', None, 'Output directory: of the analysis (default '
+                           'DIR/analysis; e.g. for a read-only workdir) or of --compare (default '
                            'DIR1/analysis/compare).')
 
 
@@ -52,7 +53,7 @@ def main(argv):
     config.analysis.step = _STEP.value
   from twotower_jax.analysis import runner  # pylint: disable=g-import-not-at-top
   run_config = runner.load_config(_WORKDIR.value, config.analysis)
-  runner.run(run_config, _WORKDIR.value)
+  runner.run(run_config, _WORKDIR.value, _OUT.value)
 
 
 if __name__ == '__main__':

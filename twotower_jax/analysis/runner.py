@@ -3,11 +3,14 @@
 Restores a checkpoint through run.py, scores the requested estimators on the same
 held-out positions and writes DIR/analysis/ (file names and formats: workdir.py and
 docs/ANALYSIS.md): preference.csv, summary.json, token_view.json, the structural
-probe when a treebank is given, and the report.
+probe when a treebank is given, and the report. The outputs are written into a
+staging folder renamed into place at the end (workdir.staged_dir), so DIR/analysis
+holds one step's outputs or none; `out_dir` writes them elsewhere (a read-only DIR).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -70,13 +73,24 @@ def planted_labels(config: ml_collections.ConfigDict, sp) -> np.ndarray | None:
   return np.asarray(planted.token_classes(config, sp))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Restores the checkpoint analysis.step, scores the estimators, writes DIR/analysis/*."""
+def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = None
+        ) -> dict[str, Any]:
+  """Restores the checkpoint analysis.step, scores the estimators, writes out_dir/* (default
+  DIR/analysis) all at once: a kill at any moment leaves the outputs of one step or none."""
   workdir = os.path.abspath(workdir)
-  restored = run_lib.restore(config, workdir, int(config.analysis.step))
-  out_dir = workdir_lib.analysis_dir(workdir)
-  os.makedirs(out_dir, exist_ok=True)
-  return analyze(restored, workdir, out_dir)
+  out_dir = os.path.abspath(out_dir or workdir_lib.analysis_dir(workdir))
+  with contextlib.ExitStack() as stack:
+    try:  # first, so an unwritable place is reported before minutes of work
+      staging = stack.enter_context(
+          workdir_lib.staged_dir(out_dir, keep=(workdir_lib.PROBE_DIR,)))
+    except OSError as e:
+      raise AnalysisError(
+          f'cannot write the analysis to {out_dir} ({e.strerror}); pass --out=PATH to write '
+          'it elsewhere (e.g. for a read-only workdir)') from None
+    restored = run_lib.restore(config, workdir, int(config.analysis.step))
+    summary = analyze(restored, workdir, staging)
+  log.info('analysis: wrote %s', out_dir)
+  return summary
 
 
 def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]:
@@ -130,5 +144,4 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
   }
   workdir_lib.write_json(os.path.join(out_dir, workdir_lib.SUMMARY_JSON), summary)
   report.write_report(out_dir)
-  log.info('analysis: wrote %s', out_dir)
   return summary
