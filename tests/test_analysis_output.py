@@ -2,14 +2,19 @@
 workdirs), too few items give n/a and a sentence, and a checkpoint deleted by a training run
 while it is read is read again (docs/RELIABILITY.md, "The analysis")."""
 
+import glob
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import orbax.checkpoint as ocp
 import pytest
 
 from _faults import read_only
-from conftest import run_module, snapshot, tiny_config
+from conftest import REPO, run_module, snapshot, tiny_config
 from twotower_jax import run as run_lib
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.analysis import runner
@@ -100,6 +105,40 @@ def test_out_analyses_a_read_only_workdir(copy, tmp_path):
   assert snapshot(copy) == before
   assert summary['step'] == 6 and summary_of(out)['step'] == 6
   assert os.path.exists(os.path.join(out, workdir_lib.REPORT_MD))
+
+
+def test_out_never_replaces_a_run_directory(copy, tmp_path):
+  before = snapshot(copy)
+  for out in (copy, str(tmp_path)):  # the workdir itself, and a folder holding it
+    with pytest.raises(runner.AnalysisError, match='is a run directory or holds one'):
+      runner.run(analysis_config(copy), copy, out_dir=out)
+  assert snapshot(copy) == before
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_reanalysis_leaves_the_previous_outputs(copy):
+  """The process dies at once (no handler): DIR/analysis keeps the other step's outputs."""
+  out = workdir_lib.analysis_dir(copy)
+  runner.run(analysis_config(copy, **{'analysis.step': 3}), copy)
+  before = snapshot(out)
+  env = dict(os.environ)
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'twotower_jax.analyze', f'--workdir={copy}', '--step=6',
+       *[f'--config.{k}={v}' for k, v in FAST.items()]],
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  csv = workdir_lib.PREFERENCE_CSV
+
+  def step_6_written():  # its first output file, wherever the analysis writes it
+    return (glob.glob(os.path.join(copy, '.analysis.tmp-*', csv)) or
+            snapshot(out).get(csv) != before[csv])
+  while not step_6_written():
+    assert proc.poll() is None, 'the analysis ended before writing anything'
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=300)
+  assert proc.returncode == -signal.SIGTERM
+  assert snapshot(out) == before and summary_of(out)['step'] == 3
 
 
 def test_a_checkpoint_rotated_away_while_read_is_read_again(copy, monkeypatch):

@@ -59,6 +59,12 @@ def test_a_workdir_that_is_a_file_through_both_commands(tmp_path):
   assert file.read_text() == 'x'
 
 
+def test_an_empty_workdir_is_one_line(tmp_path):
+  proc = run_module('twotower_jax.main', '--config=configs/default.py', '--workdir=',
+                    timeout=120)
+  assert '--workdir=DIR is required' in one_error_line(proc)
+
+
 def interrupt_at(config, workdir, marker):
   """Starts training, sends SIGINT once stderr shows `marker`; returns (rc, stderr after)."""
   env = dict(os.environ)
@@ -84,8 +90,8 @@ def test_ctrl_c_during_the_preflight_compile_exits_130_in_one_line(tiny, tmp_pat
   assert code == 130, rest[-3000:]
   lines = [l for l in rest.splitlines() if l.strip()]
   errors_ = [l for l in lines if l.startswith('error: ')]
-  assert errors_ == ['error: interrupted (Ctrl-C); rerun the same command to resume from the '
-                     'last checkpoint'], rest[-3000:]
+  assert errors_ == ['error: interrupted (Ctrl-C); rerun the same command to continue '
+                     '(training resumes from its last checkpoint)'], rest[-3000:]
   assert 'Traceback' not in rest and 'Segmentation' not in rest and 'core dumped' not in rest
 
 

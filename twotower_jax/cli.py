@@ -169,7 +169,8 @@ def _leave(message: str, code: int) -> None:
 
 
 def _interrupted() -> None:
-  _leave('interrupted (Ctrl-C); rerun the same command to resume from the last checkpoint', 130)
+  _leave('interrupted (Ctrl-C); rerun the same command to continue (training resumes from its '
+         'last checkpoint)', 130)
 
 
 def run(main: Callable[[list[str]], None], config_files: Sequence[str] = ()) -> int:

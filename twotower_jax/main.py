@@ -31,6 +31,9 @@ def main(argv):
   if len(argv) > 1:
     raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}; every setting is a '
                            'flag, e.g. --config.train.steps=200')
+  if not _WORKDIR.value:  # '' would train into the current directory
+    raise errors.UserError('--workdir=DIR is required: a new directory, or an earlier run\'s to '
+                           'resume it')
   from twotower_jax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value)  # before any other JAX use

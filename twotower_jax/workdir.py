@@ -95,14 +95,33 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise WorkdirError(f'cannot read {file} ({e.strerror}); {fix}') from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise WorkdirError(f'{file} is damaged, not valid JSON ({e}); {fix}') from None
-  base = config_lib.base_config()
-  bad = (f'a JSON {type(raw).__name__}' if not isinstance(raw, dict) else
-         next((f'{k!r} as a {type(v).__name__}' for k, v in raw.items()
-               if k in base and isinstance(base[k], ml_collections.ConfigDict)
-               and not isinstance(v, dict)), None))
-  if bad:
-    raise WorkdirError(f'{file} holds {bad}, not a run config (an object of sections); {fix}')
-  return config_lib.from_dict(raw)
+  if not isinstance(raw, dict):
+    kind = 'null' if raw is None else type(raw).__name__
+    raise WorkdirError(f'{file} holds a JSON {kind}, not a run config (an object of sections); '
+                       f'{fix}')
+  try:
+    config = config_lib.from_dict(raw)
+    _check_types(config, config_lib.base_config(), '')
+  except (TypeError, ValueError, AttributeError) as e:
+    raise WorkdirError(f'{file} has a value of the wrong type ({str(e).splitlines()[0]}); '
+                       f'{fix}') from None
+  return config
+
+
+def _check_types(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict,
+                 prefix: str) -> None:
+  """TypeError for a field of config.json whose JSON type does not fit the schema's (a
+  section that is not an object, null for a number); ConfigDict itself refuses the rest."""
+  for key in base.keys():
+    if key not in config:
+      continue
+    want, got = base[key], config[key]
+    if isinstance(want, ml_collections.ConfigDict):
+      if not isinstance(got, ml_collections.ConfigDict):
+        raise TypeError(f'{prefix}{key} is a {type(got).__name__}, not an object')
+      _check_types(got, want, f'{prefix}{key}.')
+    elif want is not None and got is None:
+      raise TypeError(f'{prefix}{key} is null')
 
 
 # ---------------------------------------------------------------- train.lock

@@ -79,6 +79,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = N
   DIR/analysis) all at once: a kill at any moment leaves the outputs of one step or none."""
   workdir = os.path.abspath(workdir)
   out_dir = os.path.abspath(out_dir or workdir_lib.analysis_dir(workdir))
+  if (workdir + os.sep).startswith(out_dir + os.sep) or os.path.exists(
+      os.path.join(out_dir, workdir_lib.CONFIG_JSON)):
+    raise AnalysisError(f'--out={out_dir} is a run directory or holds one; the analysis replaces '
+                        'its output folder whole, so give a folder of its own')
   with contextlib.ExitStack() as stack:
     try:  # first, so an unwritable place is reported before minutes of work
       staging = stack.enter_context(
