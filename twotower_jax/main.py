@@ -42,16 +42,18 @@ def main(argv):
   if _DRY_RUN.value:
     dry_run(cli.load_config(_CONFIG), _DRY_RUN.value, _DRY_RUN_MFU.value)
     return
-  if not _WORKDIR.value:
-    raise errors.UserError('--workdir is required: the run directory (checkpoints, metrics, '
-                           'config), e.g. --workdir=runs/a')
+  if not _WORKDIR.value:  # '' would train into the current directory
+    raise errors.UserError('--workdir=DIR is required: a new directory, or an earlier run\'s to '
+                           'resume it')
   from twotower_jax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value)  # before any other JAX use
   from twotower_jax.train import loop as train  # pylint: disable=g-import-not-at-top
   result = train.train_and_evaluate(cli.load_config(_CONFIG), _WORKDIR.value)
-  if result.get('preempted'):
-    return  # stopped by a signal after saving; the train loop logged how to resume
+  if result.get('preempted'):  # stopped by a signal after saving; the loop logged how to resume
+    if result.get('signal') == 'SIGINT':
+      sys.exit(130)  # Ctrl-C: the shell's convention, so `main && analyze` stops here
+    return
   ev = result['eval']
   logging.getLogger('twotower_jax').info('done: step %d, val loss %.4f, perplexity %.2f; results in %s',
                result['step'], ev['loss'], ev['perplexity'], result['workdir'])
@@ -66,5 +68,5 @@ def dry_run(config, target_name: str, mfu: float) -> None:
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  sys.exit(cli.run(main))
+  flags.mark_flags_as_required(['config'])  # --workdir too, unless --dry_run (checked in main)
+  sys.exit(cli.run(main, config_files=('config',)))

@@ -3,12 +3,15 @@
 What every reader of a workdir after training needs (the analysis, planted_check,
 generation): `load_config` reads DIR/config.json, `restore` rebuilds the model and
 the held-out windows exactly as training did and restores one checkpoint's
-parameters onto this machine's devices. It reads the workdir and writes nothing.
+parameters onto this machine's devices. It reads the workdir and writes nothing; a
+workdir still being trained is read at its newest complete checkpoint (read again if
+the training run deletes that one while it is read).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -22,6 +25,11 @@ from twotower_jax.train import optimizer as optimizer_lib
 from twotower_jax.train import setup as setup_lib
 from twotower_jax.train import sharding as sharding_lib
 from twotower_jax.train import state as state_lib
+
+
+log = logging.getLogger('twotower_jax')
+# A training run rotating checkpoints can delete the one being read; read the newest again.
+_VANISHED_RETRIES = 3
 
 
 class RunError(errors.UserError):
@@ -49,7 +57,8 @@ def load_config(workdir: str, analysis: ml_collections.ConfigDict | None = None,
   """The run's config.json, with `analysis` (command-line analysis.* fields) on top and
   `imports` added to the run's, validated against this version's schema and registries."""
   if not os.path.isdir(workdir):
-    raise RunError(f'workdir {workdir} does not exist; pass the --workdir of a training run')
+    what = 'is a file, not a directory' if os.path.exists(workdir) else 'does not exist'
+    raise RunError(f'workdir {workdir} {what}; pass the --workdir of a training run')
   config = workdir_lib.read_config(workdir)
   if analysis is not None:
     config.analysis = ml_collections.ConfigDict(analysis.to_dict())
@@ -94,16 +103,27 @@ def restore(config: ml_collections.ConfigDict, workdir: str, step: int = 0) -> R
   setup = setup_lib.build(config, workdir, train_tokenizer=False, devices=fit_mesh(config))
   tx = optimizer_lib.make(config)
   state_sh = state_lib.shardings(setup.model, tx, setup.mesh, sharding_lib.rules(config))
-  mngr = checkpoints.manager(workdir, read_only=True)
-  try:
-    step = int(step) or checkpoints.latest_complete_step(mngr)
-    if step is None:
-      raise RunError(f'{checkpoints.directory(workdir)} holds no complete checkpoint; train '
-                     'the run (python -m twotower_jax.main) first')
-    if step not in mngr.all_steps():
-      raise RunError(f'no checkpoint for step {step} in {checkpoints.directory(workdir)}; '
-                     f'choose one of {sorted(mngr.all_steps())} or 0 for the latest')
-    state, _ = checkpoints.restore(mngr, step, state_lib.abstract(setup.model, tx, state_sh))
-  finally:
-    mngr.close()
-  return Run(setup, state.params, step)
+  abstract = state_lib.abstract(setup.model, tx, state_sh)
+  holder = workdir_lib.lock_holder(workdir)
+  if holder:
+    log.info('%s is being trained (%s): reading its newest complete checkpoint', workdir, holder)
+  for attempt in range(_VANISHED_RETRIES + 1):
+    mngr = checkpoints.manager(workdir, read_only=True)
+    try:
+      chosen = int(step) or checkpoints.latest_complete_step(mngr)
+      if chosen is None:
+        raise RunError(f'{checkpoints.directory(workdir)} holds no complete checkpoint; train '
+                       'the run (python -m twotower_jax.main) first')
+      if chosen not in mngr.all_steps():
+        raise RunError(f'no checkpoint for step {chosen} in {checkpoints.directory(workdir)}; '
+                       f'choose one of {sorted(mngr.all_steps())} or 0 for the latest')
+      state, _ = checkpoints.restore(mngr, chosen, abstract)
+      return Run(setup, state.params, chosen)
+    except checkpoints.CheckpointVanished:
+      if int(step) or attempt == _VANISHED_RETRIES:
+        raise  # a step asked for by number is not silently replaced by another
+      log.warning('checkpoint %d was removed by the training run while it was read; reading '
+                  'the newest one again', chosen)
+    finally:
+      mngr.close()
+  raise AssertionError('unreachable')

@@ -4,6 +4,7 @@ The one owner of the layout. Training, the analysis, the report and `--compare`
 find files through these names and read or write them through these functions:
 
   DIR/config.json                  the resolved config (`write_config`, `read_config`)
+  DIR/train.lock                   held (flock) by a training run's process 0 (`training_lock`)
   DIR/tokenizer.model              SentencePiece, trained on first use
   DIR/checkpoints/<step>/          Orbax: state, data, meta (train/checkpoints.py)
   DIR/metrics.jsonl                one JSON object per line with `kind` (`read_metrics`)
@@ -16,11 +17,17 @@ find files through these names and read or write them through these functions:
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
+import errno
+import fcntl
 import json
 import math
 import os
-from typing import Any, Sequence
+import shutil
+import socket
+from typing import Any, Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -29,6 +36,7 @@ from twotower_jax import config as config_lib
 from twotower_jax import errors
 
 CONFIG_JSON = 'config.json'
+LOCK = 'train.lock'
 TOKENIZER = 'tokenizer.model'
 CHECKPOINTS = 'checkpoints'
 METRICS = 'metrics.jsonl'
@@ -83,7 +91,199 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(file):
     raise WorkdirError(f'{file} is missing; --workdir must be a directory written by '
                        'python -m twotower_jax.main')
-  return config_lib.from_dict(read_json(file))
+  fix = 'put back the config.json of the run that wrote this workdir, or use a new --workdir'
+  try:
+    with open(file, encoding='utf-8') as f:
+      raw = json.load(f)
+  except OSError as e:
+    raise WorkdirError(f'cannot read {file} ({e.strerror}); {fix}') from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise WorkdirError(f'{file} is damaged, not valid JSON ({e}); {fix}') from None
+  if not isinstance(raw, dict):
+    kind = 'null' if raw is None else type(raw).__name__
+    raise WorkdirError(f'{file} holds a JSON {kind}, not a run config (an object of sections); '
+                       f'{fix}')
+  try:
+    config = config_lib.from_dict(raw)
+    _check_types(config, config_lib.base_config(), '')
+  except (TypeError, ValueError, AttributeError) as e:
+    raise WorkdirError(f'{file} has a value of the wrong type ({str(e).splitlines()[0]}); '
+                       f'{fix}') from None
+  return config
+
+
+def _check_types(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict,
+                 prefix: str) -> None:
+  """TypeError for a field of config.json whose JSON type does not fit the schema's (a
+  section that is not an object, null for a number); ConfigDict itself refuses the rest."""
+  for key in base.keys():
+    if key not in config:
+      continue
+    want, got = base[key], config[key]
+    if isinstance(want, ml_collections.ConfigDict):
+      if not isinstance(got, ml_collections.ConfigDict):
+        raise TypeError(f'{prefix}{key} is a {type(got).__name__}, not an object')
+      _check_types(got, want, f'{prefix}{key}.')
+    elif want is not None and got is None:
+      raise TypeError(f'{prefix}{key} is null')
+
+
+# ---------------------------------------------------------------- train.lock
+
+
+class WorkdirBusy(WorkdirError):
+  """Another training run holds the workdir."""
+
+
+def lock_holder(workdir: str) -> str | None:
+  """Who holds DIR/train.lock ('pid N on HOST since T'), or None when no run holds it.
+
+  Reads only: a reader never creates the lock file.
+  """
+  file = path(workdir, LOCK)
+  try:
+    fd = os.open(file, os.O_RDONLY)
+  except OSError:
+    return None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return None  # nobody holds it: a leftover of a killed run
+  except OSError:
+    return _holder_text(fd)
+  finally:
+    os.close(fd)
+
+
+def _holder_text(fd: int) -> str:
+  try:
+    text = os.pread(fd, 200, 0).decode('utf-8', 'replace').strip()
+  except OSError:
+    text = ''
+  return text or 'holder unknown'
+
+
+@contextlib.contextmanager
+def training_lock(workdir: str) -> Iterator[None]:
+  """Holds an exclusive flock on DIR/train.lock for the life of a training run.
+
+  The OS releases it when the process ends in any way (kill -9 included), so a lock
+  is never stale; a second run is refused at once, naming the holder written in the
+  file. The file is removed on exit, and a workdir this call created is removed again
+  when nothing else was written to it (bad input leaves no trace).
+  """
+  workdir = os.path.abspath(workdir)
+  created = not os.path.exists(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd = _locked_fd(path(workdir, LOCK))
+  except WorkdirBusy:
+    raise
+  except OSError as e:
+    raise _unwritable(workdir, e) from None
+  try:
+    stamp = datetime.datetime.now().isoformat(timespec='seconds')
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()} since {stamp}\n'.encode(), 0)
+    yield
+  finally:
+    with contextlib.suppress(OSError):
+      os.unlink(path(workdir, LOCK))  # before unlocking: no one can lock this file after us
+    os.close(fd)
+    if created:
+      with contextlib.suppress(OSError):
+        os.rmdir(workdir)  # only when empty
+
+
+def _locked_fd(file: str) -> int:
+  """An fd of `file` holding its exclusive lock; WorkdirBusy when another process has it."""
+  while True:
+    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _holder_text(fd)
+      os.close(fd)
+      raise WorkdirBusy(f'{os.path.dirname(file)} is being trained by another run ({holder}); '
+                        'wait for it to finish or stop it, or use another --workdir') from None
+    try:
+      if os.stat(file).st_ino == os.fstat(fd).st_ino:
+        return fd
+    except FileNotFoundError:
+      pass
+    os.close(fd)  # the holder removed the file between our open and lock: take the new one
+
+
+def _unwritable(target: str, e: OSError) -> WorkdirError:
+  """One line for a directory this process cannot write (read-only, no permission, full)."""
+  if e.errno in (errno.ENOTDIR, errno.EEXIST) and os.path.exists(target) and not os.path.isdir(
+      target):
+    return WorkdirError(f'{target} is a file, not a directory; pass a directory (a new one, or '
+                        'the workdir of an earlier run) as --workdir')
+  return WorkdirError(f'cannot write to {target} ({e.strerror}); pass a writable --workdir')
+
+
+# ---------------------------------------------------------------- staged output folders
+
+
+@contextlib.contextmanager
+def staged_dir(final: str, keep: Sequence[str] = ()) -> Iterator[str]:
+  """A new folder beside `final`, renamed into its place when the block completes.
+
+  `final` then holds what the block wrote, plus the `keep` entries it held before
+  (caches such as probe/, carried over as hard links). A failure leaves `final` as it
+  was; a kill leaves it as it was or, between the two renames, absent: never the files
+  of two runs side by side. Leftover staging folders of dead processes are removed.
+  Raises OSError when the folder cannot be written.
+  """
+  final = os.path.abspath(final)
+  parent, name = os.path.split(final)
+  if os.path.exists(final) and not os.path.isdir(final):
+    raise OSError(errno.ENOTDIR, f'{final} is a file, not a directory')
+  os.makedirs(parent, exist_ok=True)
+  _remove_dead_stagings(parent, name)
+  staging = os.path.join(parent, f'.{name}.tmp-{os.getpid()}')
+  os.mkdir(staging)
+  try:
+    for entry in keep:
+      src = os.path.join(final, entry)
+      if os.path.isdir(src):
+        shutil.copytree(src, os.path.join(staging, entry), copy_function=_link_or_copy)
+    yield staging
+    old = os.path.join(parent, f'.{name}.old-{os.getpid()}')
+    if os.path.exists(final):
+      os.rename(final, old)
+    os.rename(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+  try:
+    os.link(src, dst)
+  except OSError:
+    shutil.copy2(src, dst)
+
+
+def _remove_dead_stagings(parent: str, name: str) -> None:
+  """Deletes `.NAME.tmp-PID` / `.NAME.old-PID` folders whose process no longer runs."""
+  for entry in os.listdir(parent):
+    for kind in ('tmp', 'old'):
+      prefix = f'.{name}.{kind}-'
+      pid = entry[len(prefix):]
+      if entry.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 # ---------------------------------------------------------------- metrics.jsonl
@@ -133,6 +333,7 @@ def rewrite_metrics(workdir: str, lines: Sequence[dict[str, Any]]) -> None:
   with open(tmp, 'w') as f:
     for line in lines:
       f.write(json.dumps(line) + '\n')
+    _sync(f)
   os.replace(tmp, file)
 
 
@@ -162,7 +363,14 @@ def write_json(file: str, obj: Any, indent: int = 1, sort_keys: bool = False) ->
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(clean(obj), f, indent=indent, sort_keys=sort_keys)
     f.write('\n')
+    _sync(f)
   os.replace(tmp, file)
+
+
+def _sync(f) -> None:
+  """Data on disk before the rename, so a crash leaves the old file or the new, never empty."""
+  f.flush()
+  os.fsync(f.fileno())
 
 
 def read_json(file: str) -> Any:

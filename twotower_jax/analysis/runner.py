@@ -3,11 +3,14 @@
 Restores a checkpoint through run.py, scores the requested estimators on the same
 held-out positions and writes DIR/analysis/ (file names and formats: workdir.py and
 docs/ANALYSIS.md): preference.csv, summary.json, token_view.json, the structural
-probe when a treebank is given, and the report.
+probe when a treebank is given, and the report. The outputs are written into a
+staging folder renamed into place at the end (workdir.staged_dir), so DIR/analysis
+holds one step's outputs or none; `out_dir` writes them elsewhere (a read-only DIR).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -84,13 +87,26 @@ def _estimator_entry(name, res, pieces, classes, config, planted_V) -> dict[str,
 
 def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = None
         ) -> dict[str, Any]:
-  """Restores the checkpoint analysis.step, scores the estimators and writes the analysis
-  files into `out_dir` (default DIR/analysis/)."""
+  """Restores the checkpoint analysis.step, scores the estimators, writes out_dir/* (default
+  DIR/analysis) all at once: a kill at any moment leaves the outputs of one step or none."""
   workdir = os.path.abspath(workdir)
-  restored = run_lib.restore(config, workdir, int(config.analysis.step))
-  out_dir = out_dir or workdir_lib.analysis_dir(workdir)
-  os.makedirs(out_dir, exist_ok=True)
-  return analyze(restored, workdir, out_dir)
+  out_dir = os.path.abspath(out_dir or workdir_lib.analysis_dir(workdir))
+  if (workdir + os.sep).startswith(out_dir + os.sep) or os.path.exists(
+      os.path.join(out_dir, workdir_lib.CONFIG_JSON)):
+    raise AnalysisError(f'--out={out_dir} is a run directory or holds one; the analysis replaces '
+                        'its output folder whole, so give a folder of its own')
+  with contextlib.ExitStack() as stack:
+    try:  # first, so an unwritable place is reported before minutes of work
+      staging = stack.enter_context(
+          workdir_lib.staged_dir(out_dir, keep=(workdir_lib.PROBE_DIR,)))
+    except OSError as e:
+      raise AnalysisError(
+          f'cannot write the analysis to {out_dir} ({e.strerror}); pass --out=PATH to write '
+          'it elsewhere (e.g. for a read-only workdir)') from None
+    restored = run_lib.restore(config, workdir, int(config.analysis.step))
+    summary = analyze(restored, workdir, staging)
+  log.info('analysis: wrote %s', out_dir)
+  return summary
 
 
 def kept_steps(workdir: str) -> list[int]:
@@ -108,10 +124,11 @@ def kept_steps(workdir: str) -> list[int]:
   return steps
 
 
-def run_over_training(config: ml_collections.ConfigDict, workdir: str, steps: str
-                      ) -> dict[str, Any]:
-  """Analyses each checkpoint in `steps` ('all' or a comma list) into DIR/analysis/steps/<s>/
-  and draws the headline statistics against the training step (report/trajectory.py)."""
+def run_over_training(config: ml_collections.ConfigDict, workdir: str, steps: str,
+                      out_dir: str | None = None) -> dict[str, Any]:
+  """Analyses each checkpoint in `steps` ('all' or a comma list) into OUT/steps/<s>/ (OUT:
+  `out_dir` or DIR/analysis) and draws the headline statistics against the training step
+  (report/trajectory.py)."""
   workdir = os.path.abspath(workdir)
   kept = kept_steps(workdir)
   if steps.strip() == 'all':
@@ -125,7 +142,8 @@ def run_over_training(config: ml_collections.ConfigDict, workdir: str, steps: st
   missing = [s for s in chosen if s not in kept]
   if missing or not chosen:
     raise AnalysisError(f'--steps: no checkpoint for step(s) {missing}; kept: {kept}')
-  root = workdir_lib.analysis_dir(workdir)
+  root = os.path.abspath(out_dir or workdir_lib.analysis_dir(workdir))
+  os.makedirs(root, exist_ok=True)
   for step in chosen:
     config.analysis.step = step
     log.info('analysis over training: step %d of %s', step, chosen)
@@ -184,5 +202,4 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
   }
   workdir_lib.write_json(os.path.join(out_dir, workdir_lib.SUMMARY_JSON), summary)
   report.write_report(out_dir)
-  log.info('analysis: wrote %s', out_dir)
   return summary

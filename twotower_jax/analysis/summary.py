@@ -18,6 +18,7 @@ from twotower_jax.analysis import wordclass
 from twotower_jax.data import planted
 
 N_FREQ_BINS = 4
+MIN_ITEMS = 4  # fewer items than this: bimodality and most statistics are undefined
 
 
 def _nan(x) -> float | None:
@@ -26,9 +27,13 @@ def _nan(x) -> float | None:
 
 
 def frequency_stats(pref, count, closed, opened, n_boot, seed) -> dict[str, Any]:
-  """Spearman of preference with log count (CI) and results within count quantile bins."""
+  """Spearman of preference with log count (CI) and results within count quantile bins.
+
+  No items (none reached min_count): every number NaN ('n/a') and no bins.
+  """
   if count.size == 0:
-    return {'spearman_logfreq': float('nan'), 'ci': [float('nan')] * 2, 'bins': []}
+    nan = float('nan')
+    return {'spearman_logfreq': nan, 'ci': [nan, nan], 'bins': []}
   logc = np.log(count)
   rho = stats.spearman(pref, logc)
   ci = stats.bootstrap_ci(stats.spearman, (pref, logc), n_boot=n_boot, seed=seed)
@@ -103,6 +108,10 @@ def estimator_summary(res, pieces, classes, n_towers, config, planted_V=None) ->
       'seconds': float(res['seconds'] + res['prepare_seconds']),
       'tokens_per_s': float(res['tokens_per_s']),
   }
+  if out['n_items'] < MIN_ITEMS:
+    out['note'] = (f'only {out["n_items"]} item(s) reach `min_count` = {a.min_count}, too few '
+                   'for these statistics (n/a); lower `analysis.min_count` or score more held-out '
+                   'windows (`analysis.eval_windows`)')
   if planted_V is not None:  # how well the preference separates the planted classes
     out['planted'] = class_separation(res['pref'], planted_V, res['count'], a.min_count,
                                       a.n_boot, a.seed, res['control_pref_KxV'])

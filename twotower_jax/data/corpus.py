@@ -131,10 +131,15 @@ def split(names: list[str], docs: list[str], fraction: float) -> Corpus:
 
 
 def read_text_file(path: str) -> str:
-  """UTF-8 text; a file with bad bytes is an error that names it."""
+  """UTF-8 text; a binary file (NUL bytes) or one with bad bytes is an error that names it."""
   try:
     with open(path, encoding='utf-8') as f:
-      return f.read()
+      text = f.read()
+    nul = text.find('\0')
+    if nul >= 0:
+      raise CorpusError(f'{path}: a binary file, not text (NUL byte at character {nul}); '
+                        'remove it from the glob')
+    return text
   except UnicodeDecodeError as e:
     raise CorpusError(f'{path}: not UTF-8 text (byte {e.start}); convert it with '
                       '`iconv -t utf-8` or remove it from the glob') from None

@@ -7,7 +7,9 @@ EOS=3 (ends each document), MASK=4 (the masked-LM corruption symbol).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import tempfile
 from typing import Iterable, Sequence
 
@@ -16,6 +18,8 @@ import sentencepiece as spm
 
 from twotower_jax import errors
 from twotower_jax import workdir as workdir_lib
+
+log = logging.getLogger('twotower_jax')
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
 MASK_PIECE = '[MASK]'
@@ -51,11 +55,37 @@ def train(docs: Sequence[str], path: str, vocab_size: int, model_type: str = 'un
           minloglevel=2)
     except RuntimeError as e:
       msg = str(e).splitlines()[-1] if str(e) else type(e).__name__
-      if 'Vocabulary size' in msg or 'vocab_size' in msg:
-        raise TokenizerError(f'data.vocab_size={vocab_size} is larger than this corpus supports '
-                             f'({msg.strip()}); lower data.vocab_size') from None
-      raise TokenizerError(f'SentencePiece training failed: {msg.strip()}') from None
+      raise TokenizerError(_training_error(msg.strip(), vocab_size)) from None
     os.replace(prefix + '.model', path)
+
+
+# SentencePiece's two vocabulary-size failures: fewer pieces than the corpus's characters
+# ("... smaller than required_chars. 16 vs 78 ..."), or more than the corpus can fill
+# ("Vocabulary size too high (256). Please set it to a value <= 6.").
+_TOO_SMALL_RE = re.compile(r'smaller than required_chars\D*(\d+) vs (\d+)')
+_TOO_HIGH_RE = re.compile(r'too high.*<= ?(\d+)')
+_MIN_VOCAB = 16  # config.validate's lower bound
+
+
+def _training_error(msg: str, vocab_size: int) -> str:
+  """The one-line error for a failed SentencePiece training, with the fix pointing the right
+  way (a too-small vocabulary must be raised, a too-large one lowered)."""
+  detail = re.sub(r'^.*?\] ', '', msg)  # drop SentencePiece's source location and check
+  small, high = _TOO_SMALL_RE.search(msg), _TOO_HIGH_RE.search(msg)
+  if small:
+    need = int(small.group(2))
+    return (f'data.vocab_size={vocab_size} is too small for this corpus: SentencePiece needs at '
+            f'least {need} pieces for its characters and special symbols; raise '
+            f'data.vocab_size to {need} or more')
+  if high:
+    most = int(high.group(1))
+    if most < _MIN_VOCAB:
+      return (f'the corpus is too small for a tokenizer: SentencePiece can fill at most {most} '
+              f'pieces ({detail}); give it more text')
+    return (f'data.vocab_size={vocab_size} is larger than this corpus supports (at most '
+            f'{most} pieces); lower data.vocab_size to {most} or less, or give it more text')
+  return f'SentencePiece training failed: {detail}'
+
 
 
 def load(path: str) -> spm.SentencePieceProcessor:
@@ -77,6 +107,8 @@ def train_or_load(docs: Sequence[str], workdir: str, vocab_size: int,
   """Reuses DIR/tokenizer.model when present, so a resumed run keeps its ids."""
   path = workdir_lib.path(workdir, workdir_lib.TOKENIZER)
   if not os.path.exists(path):
+    log.info('training the tokenizer: %d %s pieces on %d documents', vocab_size, model_type,
+             len(docs))
     train(docs, path, vocab_size, model_type)
   sp = load(path)
   if sp.get_piece_size() != vocab_size:

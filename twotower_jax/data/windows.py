@@ -66,12 +66,14 @@ def train_dataset(windows: np.ndarray, batch_size: int, seed: int, process_index
   return ds.to_iter_dataset()
 
 
-def eval_batches(windows: np.ndarray, batch_size: int, n_batches: int) -> list[np.ndarray]:
-  """A fixed, unshuffled slice of the held-out windows, the same at every eval.
+def eval_batches(windows: np.ndarray, batch_size: int, n_windows: int) -> list[np.ndarray]:
+  """The first n_windows held-out windows, unshuffled, the same at every eval, cut into
+  batches of batch_size.
 
-  Short splits are padded with all-PAD rows (weight zero) to whole batches.
+  The windows do not depend on batch_size (a run resumed with another batch size
+  scores the same ones); the last batch is padded with all-PAD rows (weight zero).
   """
-  n = min(len(windows), batch_size * n_batches)
+  n = min(len(windows), n_windows)
   rows = windows[:n]
   short = (-n) % batch_size
   if short:

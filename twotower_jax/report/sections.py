@@ -219,7 +219,8 @@ def _frequency(est, ps, figs) -> list:
                      [[count(b.get('lo')), count(b.get('hi')), count(b.get('n')),
                        num(b.get('mean_pref')), num(b.get('auc_closed'))] for b in bins]))
   else:
-    out.append(WHY('no frequency bins in summary.json'))
+    out.append(WHY('no frequency bins: no item reached min_count' if not ps.get('n_items')
+                   else 'no frequency bins in summary.json'))
   return out
 
 
@@ -327,6 +328,8 @@ def _estimator_section(est, ps, prefs, n_towers, figs) -> list:
          P(f"Per-tower value: {ps.get('description') or 'see docs/ANALYSIS.md'}. "
            f"Items with count >= min_count: {count(ps.get('n_items'))}. "
            f"Time {num(ps.get('seconds'), 1)} s, {num(ps.get('tokens_per_s'), 0)} tokens/s.")]
+  if ps.get('note'):  # e.g. too few items for the statistics: say so once, then n/a below
+    out.append(P(ps['note'][0].upper() + ps['note'][1:] + '.'))
   out += _training(est, ps, figs)
   out += _distribution(est, ps, figs)
   out += _frequency(est, ps, figs)

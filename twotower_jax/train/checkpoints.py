@@ -6,15 +6,22 @@ is written, so an interrupted save is never restored (leftover tmp dirs are remo
 when a manager opens the directory for writing). On top of that every checkpoint
 carries a fingerprint of each state leaf, checked on restore, because Orbax itself
 restores a bit-flipped data file without complaint.
+
+`Saver` is how the train loop saves: it refuses state that is not finite (so rotation
+never replaces a good checkpoint by a NaN one) and turns a failed write, which Orbax
+reports only at the next save or wait, into one CheckpointError naming the step
+directory and the cause (free space when the disk is full).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+import time
 from typing import Any
 
 import grain
@@ -31,11 +38,20 @@ _COMMITTED_MARKERS = ('_CHECKPOINT_METADATA',)
 _TMP_MARKER = '.orbax-checkpoint-tmp'  # in the name of a save Orbax has not finalized
 # TensorStore status codes and messages that mean unreadable bytes, not a model mismatch.
 _DAMAGE_RE = re.compile(r'OUT_OF_RANGE|DATA_LOSS|Error reading|Error opening|NOT_FOUND|'
-                        r'Unterminated|Expecting')
+                        r'Unterminated|Expecting|was not found in the checkpoint|'
+                        r'error while reading')
+# Where TensorStore appends a repr of its spec or a bound method to a message.
+_REPR_RE = re.compile(r'\s*(See full TensorStore details|<bound method|<[\w.]+ object at 0x).*',
+                      re.S)
+_OS_ERROR_RE = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
 
 
 class CheckpointError(errors.UserError):
-  """A checkpoint that is missing, damaged or does not fit the model."""
+  """A checkpoint that is missing, damaged or does not fit the model, or a failed save."""
+
+
+class CheckpointVanished(CheckpointError):
+  """The step directory was removed while it was read (rotation by a training run)."""
 
 
 def directory(workdir: str) -> str:
@@ -78,6 +94,15 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
                        'meta': ocp.JsonCheckpointHandler()})
   finally:
     absl_logger.setLevel(level)
+
+
+def complete_steps(workdir: str) -> list[int]:
+  """The committed steps in DIR/checkpoints, read from the directory (no manager needed)."""
+  root = directory(workdir)
+  if not os.path.isdir(root):
+    return []
+  return sorted(int(n) for n in os.listdir(root)
+                if n.isdigit() and is_complete(os.path.join(root, n)))
 
 
 def is_complete(step_dir: str) -> bool:
@@ -129,13 +154,35 @@ def fingerprints(tree: Any) -> list[int]:
   return [int(v) for v in jax.device_get(_fingerprints(tree))]
 
 
+@jax.jit
+def _finite_flags(tree: Any) -> list[jax.Array]:
+  return [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.ones((), bool)
+          for x in jax.tree.leaves(tree)]
+
+
+def first_nonfinite_leaf(tree: Any) -> str | None:
+  """The path of the first leaf holding NaN or inf, or None when every leaf is finite."""
+  for path, ok in zip(leaf_paths(tree), jax.device_get(_finite_flags(tree))):
+    if not ok:
+      return path
+  return None
+
+
 def leaf_paths(tree: Any) -> list[str]:
   return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
          meta: dict[str, Any]) -> None:
-  """Starts an asynchronous save (returns before the files are written)."""
+  """Starts an asynchronous save (returns before the files are written).
+
+  State with a NaN or inf leaf is never written: a CheckpointError names the leaf.
+  """
+  bad = first_nonfinite_leaf(state)
+  if bad is not None:
+    raise CheckpointError(
+        f'step {step}: state{bad} is not finite (NaN or inf); refusing to save it over the '
+        'last good checkpoint; lower optimizer.lr or resume from that checkpoint')
   meta = dict(meta, fingerprints=fingerprints(state))
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
@@ -143,8 +190,88 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
       meta=ocp.args.JsonSave(meta)), force=True)
 
 
+def _os_error(e: BaseException) -> tuple[int | None, str]:
+  """(errno, description) of a failed write, looking through Orbax's and TensorStore's
+  wrapping (`os_error_code='28'` in a ValueError, or an OSError in the cause chain)."""
+  seen = e
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno:
+      return seen.errno, os.strerror(seen.errno)
+    match = _OS_ERROR_RE.search(str(seen))
+    if match:
+      code = int(match.group(1) or match.group(2))
+      return code, os.strerror(code)
+    seen = seen.__cause__ or seen.__context__
+  return None, f'{type(e).__name__}: {_first_line(e)}'
+
+
+class Saver:
+  """The train loop's saves: each started asynchronously; a failure, whenever Orbax reports
+  it (the save call, the next save, or the final wait), stops the run with one line."""
+
+  def __init__(self, mngr: ocp.CheckpointManager, workdir: str, state_bytes: int = 0):
+    self.mngr = mngr
+    self.workdir = workdir
+    self.state_bytes = state_bytes  # for the message on a full disk
+    self.in_flight: int | None = None  # the step whose save is not yet known to be done
+
+  def save(self, step: int, state: Any, data_iter: Any, meta: dict[str, Any]) -> None:
+    self.wait()  # the previous save's failure surfaces here, named, not inside Orbax
+    try:
+      save(self.mngr, step, state, data_iter, meta)
+    except CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # Orbax / TensorStore / OS
+      raise self._failed(step, e) from None
+    self.in_flight = step
+
+  def wait(self) -> None:
+    """Blocks until the save in flight is written; raises CheckpointError if it failed."""
+    step, self.in_flight = self.in_flight, None
+    try:
+      self.mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(step, e) from None
+
+  def latest(self) -> int | None:
+    steps = complete_steps(self.workdir)
+    return steps[-1] if steps else None
+
+  def close(self) -> None:
+    self.wait()
+    self.mngr.close()
+
+  def abandon(self) -> None:
+    """Closes the manager after a failure, keeping the first error (Orbax repeats it)."""
+    try:
+      self.mngr.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+  def _failed(self, step: int | None, e: BaseException) -> CheckpointError:
+    where = os.path.join(directory(self.workdir), str(step)) if step is not None else (
+        directory(self.workdir))
+    code, what = _os_error(e)
+    self.abandon()  # the partial save's tmp dir is removed when the run is resumed
+    last = self.latest()
+    detail = what
+    if code in (errno.ENOSPC, errno.EDQUOT):
+      free = shutil.disk_usage(directory(self.workdir)).free
+      detail += f'; {free / 2**20:.1f} MiB free there'
+      if self.state_bytes:
+        detail += f', a checkpoint takes about {self.state_bytes / 2**20:.1f} MiB'
+      fix = 'free space (or lower train.keep_checkpoints)'
+    else:
+      fix = 'fix the cause'
+    return CheckpointError(
+        f'saving checkpoint {where} failed ({detail}); training stopped, earlier checkpoints '
+        f'are intact: {fix} and rerun the same command to resume from '
+        f'{"the start" if last is None else f"step {last}"}')
+
+
 def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
+  """The message's first line without TensorStore's spec repr, at most 300 characters."""
+  text = _REPR_RE.sub('', str(e)).strip()
   return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
@@ -177,15 +304,37 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
   items = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
   if data_iter is not None:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+  was_complete = is_complete(where)
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
-  except (ValueError, KeyError, TypeError) as e:
-    if not isinstance(e, json.JSONDecodeError) and not _DAMAGE_RE.search(str(e)):
-      raise CheckpointError(
-          f'checkpoint {where} does not restore onto this model ({_first_line(e)}); use the '
-          'config it was written with or a new workdir') from None
-    raise _damaged(where, e) from None
-  except Exception as e:  # pylint: disable=broad-except  # tensorstore read errors
-    raise _damaged(where, e) from None
+  except Exception as e:  # pylint: disable=broad-except
+    if was_complete and _being_deleted(where):
+      raise CheckpointVanished(
+          f'checkpoint {where} was deleted while it was read (a training run on this workdir '
+          'keeps only its newest train.keep_checkpoints); read it again, or pick a step that '
+          'is kept') from None
+    raise _restore_error(where, e) from None
   _check_fingerprints(restored['state'], restored['meta'], where)
   return restored['state'], restored['meta']
+
+
+def _being_deleted(step_dir: str, wait_s: float = 1.0) -> bool:
+  """True once a step directory that was complete is gone or no longer complete (a training
+  run's rotation deletes it file by file); a damaged one stays, so this waits a little."""
+  deadline = time.monotonic() + wait_s
+  while True:
+    if not is_complete(step_dir):
+      return True
+    if time.monotonic() > deadline:
+      return False
+    time.sleep(0.1)
+
+
+def _restore_error(where: str, e: BaseException) -> CheckpointError:
+  """A model mismatch (shape, tree) or damage (anything TensorStore or JSON cannot read)."""
+  if isinstance(e, (ValueError, KeyError, TypeError)):
+    if not isinstance(e, json.JSONDecodeError) and not _DAMAGE_RE.search(str(e)):
+      return CheckpointError(
+          f'checkpoint {where} does not restore onto this model ({_first_line(e)}); use the '
+          'config it was written with or a new workdir')
+  return _damaged(where, e)

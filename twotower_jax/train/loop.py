@@ -43,12 +43,20 @@ _FROZEN_SECTIONS = ('model', 'data')
 _LOG_KEYS = ('loss', 'lr', 'grad_norm', 'tokens_per_s', 'mfu')
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses a workdir whose earlier run had a different model or data config."""
+def check_workdir(config: ml_collections.ConfigDict, workdir: str
+                  ) -> ml_collections.ConfigDict | None:
+  """Refuses a workdir whose earlier run had a different model or data config, or whose
+  checkpoints lost a file they need; returns that run's config (None: a new workdir)."""
+  steps = checkpoints.complete_steps(workdir)
   if not os.path.exists(workdir_lib.path(workdir, workdir_lib.CONFIG_JSON)):
-    return
-  old = config_lib.to_dict(workdir_lib.read_config(workdir))
-  new = config_lib.to_dict(config)
+    if steps:
+      raise workdir_lib.WorkdirError(
+          f'{workdir} has checkpoints (up to step {steps[-1]}) but no config.json, so this run '
+          'cannot be checked against them; put back the config.json of the run that wrote '
+          'them, or use a new --workdir')
+    return None
+  old_config = workdir_lib.read_config(workdir)
+  old, new = config_lib.to_dict(old_config), config_lib.to_dict(config)
   diffs = []
   for section in _FROZEN_SECTIONS:
     for key in sorted(set(old.get(section, {})) | set(new.get(section, {}))):
@@ -59,6 +67,23 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise config_lib.ConfigError(
         f'{workdir} holds a run with a different config ({"; ".join(diffs[:4])}); '
         'use a new --workdir for a new run, or the original values to resume')
+  tokenizer = workdir_lib.path(workdir, workdir_lib.TOKENIZER)
+  if steps and not os.path.exists(tokenizer):
+    raise tokenizer_lib.TokenizerError(
+        f'{tokenizer} is missing but the checkpoints in {workdir} were trained with it; put '
+        'the file back (a newly trained one would not match them), or use a new --workdir')
+  return old_config
+
+
+def eval_windows(config: ml_collections.ConfigDict, meta: dict[str, Any] | None,
+                 old_config: ml_collections.ConfigDict | None) -> int:
+  """How many held-out windows the run evaluates: eval_batches x batch_size when it started,
+  kept by a resumed run whatever its batch size (saved with each checkpoint), so eval
+  losses before and after a resume are comparable."""
+  if meta is not None and 'eval_windows' in meta:
+    return int(meta['eval_windows'])
+  tc = (old_config if meta is not None and old_config is not None else config).train
+  return tc.batch_size * tc.eval_batches
 
 
 def evaluate(eval_fn, params, batches: list[np.ndarray], batch_sh, batch_size: int) -> dict:
@@ -81,24 +106,41 @@ def _local_rows(global_rows: np.ndarray, batch_sh) -> np.ndarray:
   return global_rows[start:stop]
 
 
-def _stop_if_nonfinite(pending: list[dict[str, jax.Array]], step: int, names: list[str],
-                       mngr, writer: metrics_lib.Writer) -> None:
-  """Raises NonFiniteError naming the first bad step and quantity among `pending`."""
-  flags = jax.device_get([m[nonfinite.FLAGS_KEY] for m in pending])
-  for i, flags_Q in enumerate(flags):
-    name = nonfinite.first_offender(flags_Q, names)
-    if name is None:
-      continue
-    bad_step = step - len(pending) + i + 1
-    mngr.wait_until_finished()  # the good checkpoints already started are kept
-    last = mngr.latest_step()
-    mngr.close()
-    writer.write('nonfinite', {'quantity': name}, bad_step)
-    writer.close()
-    raise nonfinite.NonFiniteError(
-        f'step {bad_step}: {name} is not finite (NaN or inf); stopped without saving, last '
-        f'good checkpoint is step {"none" if last is None else last}; lower optimizer.lr or set '
-        '--config.train.on_nonfinite=skip')
+def _check_nonfinite(new: list[dict[str, jax.Array]], step: int, streak: int, names: list[str],
+                     tc: ml_collections.ConfigDict, saver: checkpoints.Saver,
+                     writer: metrics_lib.Writer) -> int:
+  """Stops the run at a non-finite step ('stop') or at train.max_consecutive_skips skipped
+  updates in a row ('skip'); returns the run of skipped steps so far.
+
+  `new` are the metrics of the steps up to `step` not checked before; the stop names
+  the first bad step and quantity and the last good checkpoint, and saves nothing.
+  """
+  flags = jax.device_get([m[nonfinite.FLAGS_KEY] for m in new])
+  first = step - len(new) + 1
+  bad_S = [not np.all(f) for f in flags]
+  if tc.on_nonfinite == 'skip':
+    streak, at = nonfinite.skip_streak(bad_S, streak, tc.max_consecutive_skips)
+    if at is None:
+      return streak
+    name = nonfinite.first_offender(flags[at], names)
+    what = (f'{tc.max_consecutive_skips} updates in a row were skipped as non-finite (the last: '
+            f'{name})')
+    fix = 'lower optimizer.lr, or raise train.max_consecutive_skips'
+  else:
+    if not any(bad_S):
+      return 0
+    at = bad_S.index(True)
+    name = nonfinite.first_offender(flags[at], names)
+    what = f'{name} is not finite (NaN or inf)'
+    fix = 'lower optimizer.lr or set --config.train.on_nonfinite=skip'
+  saver.wait()  # the good checkpoints already started are kept
+  last = saver.latest()
+  saver.close()
+  writer.write('nonfinite', {'quantity': name}, first + at)
+  writer.close()
+  raise nonfinite.NonFiniteError(
+      f'step {first + at}: {what}; stopped without saving, last good checkpoint is step '
+      f'{"none" if last is None else last}; {fix}')
 
 
 def jit_train_step(config: ml_collections.ConfigDict, model, tx, mesh, state_sh,
@@ -129,17 +171,29 @@ def jit_eval_step(config: ml_collections.ConfigDict, model, mesh, params_sh, bat
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains to config.train.steps (resuming if DIR has checkpoints); returns final eval."""
+  """Trains to config.train.steps (resuming if DIR has checkpoints); returns final eval.
+
+  Process 0 holds DIR/train.lock for the whole run: a second run on DIR is refused.
+  """
   setup_lib.check_config(config)
   workdir = os.path.abspath(workdir)
+  if jax.process_index() != 0:
+    return _train(config, workdir)
+  with workdir_lib.training_lock(workdir):
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   is_main = jax.process_index() == 0
-  check_workdir(config, workdir)
+  old_config = check_workdir(config, workdir)
   setup = setup_lib.build(config, workdir)
   mesh, model, splits, tc = setup.mesh, setup.model, setup.splits, config.train
   axis_rules = sharding_lib.rules(config)
 
   tx = optimizer_lib.make(config)
   state_sh = state_lib.shardings(model, tx, mesh, axis_rules)
+  abstract_state = state_lib.abstract(model, tx, state_sh)
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
   batch_sh = sharding_lib.batch_sharding(mesh, axis_rules)
 
   train_iter = iter(data_lib.train_dataset(splits.train_windows, tc.batch_size, tc.seed,
@@ -148,9 +202,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tokenizer_digest = tokenizer_lib.file_digest(workdir_lib.path(workdir, workdir_lib.TOKENIZER))
   mngr = checkpoints.manager(workdir, tc.keep_checkpoints)
   start = checkpoints.latest_complete_step(mngr, remove_incomplete=True)
+  meta = None
   if start is not None:  # restore (and fail on a bad checkpoint) before writing anything
-    state, meta = checkpoints.restore(mngr, start, state_lib.abstract(model, tx, state_sh),
-                                      train_iter)
+    state, meta = checkpoints.restore(mngr, start, abstract_state, train_iter)
     tokenizer_lib.check_digest(tokenizer_digest, meta.get('tokenizer_sha256'), workdir)
   else:
     state = state_lib.create_sharded(model, tx, tc.seed, state_sh)
@@ -158,12 +212,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state = init_from.apply(state, config, model, tokenizer_digest, mesh)
   optimizer_lib.check_trainable(tc.trainable, state.params)
   target_weights_V = corpus_lib.target_weights(config.data, setup.tokenizer)
+  n_eval = eval_windows(config, meta, old_config)
   if is_main:
     workdir_lib.write_config(config, workdir)
+  saver = checkpoints.Saver(mngr, workdir, state_bytes)
   writer = metrics_lib.Writer(workdir, enabled=is_main)
   if start is not None:
     writer.truncate_after(start)
     log.info('resumed from %s at step %d', checkpoints.directory(workdir), start)
+    if n_eval != tc.batch_size * tc.eval_batches:
+      note = (f'the eval set stays the run\'s first {n_eval} held-out windows (train.batch_size x '
+              f'train.eval_batches now gives {tc.batch_size * tc.eval_batches}), so eval losses '
+              'stay comparable; use a new --workdir for another eval set')
+      log.warning('%s', note)
+      writer.write('eval_set', {'windows': n_eval,
+                                'configured': tc.batch_size * tc.eval_batches, 'note': note}, start)
   else:
     writer.truncate_after(-1)  # lines of an earlier attempt that left no checkpoint
     start = 0
@@ -174,20 +237,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_fn = jit_eval_step(config, model, mesh, state_sh.params, batch_sh, target_weights_V)
   preflight = preflight_lib.run(train_fn, state, batch_sh, config, model)
   train_fn = preflight.compiled  # the loop runs the executable compiled ahead of time
-  eval_rows = data_lib.eval_batches(splits.val_windows, tc.batch_size, tc.eval_batches)
+  if is_main:
+    preflight_lib.check_disk(checkpoints.directory(workdir), state_bytes, tc.keep_checkpoints + 1)
+  eval_rows = data_lib.eval_batches(splits.val_windows, tc.batch_size, n_eval)
   if start == 0:
     unigram = data_lib.unigram_cross_entropy(splits.train_token_counts, eval_rows)
     writer.write('run', {'params': n_params, 'devices': jax.device_count(),
                          'mesh': dict(mesh.shape), 'train_windows': len(splits.train_windows),
                          'val_windows': len(splits.val_windows),
+                         'eval_windows': min(n_eval, len(splits.val_windows)),
                          'host_huge_pages': hostmem.active(), **preflight.summary()})
     writer.write('baseline', {'unigram_loss': unigram, 'unigram_perplexity': np.exp(unigram)})
   log.info('model: %s params, %d towers, mesh %s', f'{n_params:,}', config.model.n_towers,
            dict(mesh.shape))
 
   tokens_per_step = tc.batch_size * config.data.seq_len
-  meta = {'n_params': n_params, 'tokenizer_sha256': tokenizer_digest}
+  meta = {'n_params': n_params, 'tokenizer_sha256': tokenizer_digest, 'eval_windows': n_eval}
   pending: list[dict[str, jax.Array]] = []
+  checked, streak = 0, 0  # steps of `pending` checked for non-finite values; skips in a row
   t_last, step_last, t_first = time.perf_counter(), start, None
   final_eval = None
   step = start
@@ -203,8 +270,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       at_log = step % tc.log_every == 0 or step == tc.steps or stop
       at_eval = (step % tc.eval_every == 0 or step == tc.steps) and not stop
       at_save = step % tc.checkpoint_every == 0 or step == tc.steps or stop
-      if tc.on_nonfinite == 'stop' and (at_log or at_eval or at_save):
-        _stop_if_nonfinite(pending, step, quantity_names, mngr, writer)
+      if at_log or at_eval or at_save:
+        streak = _check_nonfinite(pending[checked:], step, streak, quantity_names, tc, saver,
+                                  writer)
+        checked = len(pending)
       if at_log:
         fetched = jax.device_get(pending)  # the only host sync between logs
         now = time.perf_counter()
@@ -221,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           log.info(metrics_lib.log_line(step, tc.steps, mean, eta, keys=_LOG_KEYS))
           if mean['skipped']:
             log.warning('skipped %d non-finite update(s) up to step %d', mean['skipped'], step)
-        pending, t_last, step_last = [], now, step
+        pending, checked, t_last, step_last = [], 0, now, step
       if at_eval:
         final_eval = evaluate(eval_fn, state.params, eval_rows, batch_sh, tc.batch_size)
         writer.write('eval', final_eval, step)
@@ -229,17 +298,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           log.info('eval step %d | loss %.4f | perplexity %.2f', step, final_eval['loss'],
                    final_eval['perplexity'])
       if at_save:
-        checkpoints.save(mngr, step, state, train_iter, dict(meta, step=step))
+        saver.save(step, state, train_iter, dict(meta, step=step))
       if stop:
         stopped_by = watcher.signal_name
         break
-    mngr.wait_until_finished()  # still under the handlers: a signal now cannot cut the save
-  mngr.close()
+    saver.wait()  # still under the handlers: a signal now cannot cut the save
+  saver.close()
   writer.close()
   if stopped_by is not None:
     log.warning('stopped by %s at step %d; checkpoint saved, rerun the same command to resume',
                 stopped_by, step)
-    return {'step': step, 'eval': None, 'workdir': workdir, 'preempted': True}
+    return {'step': step, 'eval': None, 'workdir': workdir, 'preempted': True,
+            'signal': stopped_by}
   if final_eval is None:  # nothing left to train: report the checkpoint's eval
     final_eval = evaluate(eval_fn, state.params, eval_rows, batch_sh, tc.batch_size)
   return {'step': step, 'eval': final_eval, 'workdir': workdir}

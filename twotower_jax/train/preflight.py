@@ -3,13 +3,16 @@
 Compiling ahead of time (jit(...).lower(...).compile()) surfaces shape, sharding and
 out-of-memory errors before any data is read, and gives the compile time, XLA's
 memory analysis and the analytic FLOPs per step (flops.py) that the periodic log
-turns into FLOP/s and MFU.
+turns into FLOP/s and MFU. It also warns when the workdir's disk has less free space
+than the checkpoints the run will keep.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
 import time
 from typing import Any
 
@@ -82,6 +85,8 @@ def run(train_fn: Any, state: Any, batch_sharding: Any, config: ml_collections.C
   tc = config.train
   batch = jax.ShapeDtypeStruct((tc.batch_size, config.data.seq_len + 1), jnp.int32,
                                sharding=batch_sharding)
+  if jax.process_index() == 0:
+    log.info('preflight: compiling the train step')
   t0 = time.perf_counter()
   compiled = train_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -101,3 +106,21 @@ def run(train_fn: Any, state: Any, batch_sharding: Any, config: ml_collections.C
              mib.get('output_size_in_bytes', 0), mib.get('temp_size_in_bytes', 0),
              mib.get('generated_code_size_in_bytes', 0))
   return pf
+
+
+def check_disk(ckpt_dir: str, checkpoint_bytes: int, n_checkpoints: int) -> str | None:
+  """Logs (and returns) a warning when the disk holding `ckpt_dir` has room for fewer than
+  `n_checkpoints` checkpoints of about `checkpoint_bytes` each (kept ones plus the one being
+  written); a save that then fails stops the run with an error, nothing lost."""
+  target = ckpt_dir
+  while not os.path.exists(target):
+    target = os.path.dirname(target)
+  free = shutil.disk_usage(target).free
+  need = checkpoint_bytes * n_checkpoints
+  if free >= need:
+    return None
+  message = (f'preflight: only {free / 2**20:.1f} MiB free for {ckpt_dir}, less than '
+             f'{n_checkpoints} checkpoints of about {checkpoint_bytes / 2**20:.1f} MiB each; '
+             'free space or lower train.keep_checkpoints (a save that fails stops the run)')
+  log.warning('%s', message)
+  return message

@@ -127,8 +127,9 @@ def train_step(state: TrainState, window_BxL1: jax.Array, *, model: nn.Module,
                trainable: str = '') -> tuple[TrainState, dict[str, jax.Array]]:
   """One AdamW update on one global batch of packed windows (optionally accumulated).
 
-  metrics[nonfinite.FLAGS_KEY] flags the loss and each gradient leaf as finite; with
-  on_nonfinite='skip' a non-finite step keeps the old params and optimizer state.
+  metrics[nonfinite.FLAGS_KEY] flags the loss, each gradient leaf, each updated parameter
+  leaf and the updated optimizer state as finite; with on_nonfinite='skip' a step with
+  any of them non-finite keeps the old params and optimizer state.
   `target_weights_V` (the data source's, e.g. data.planted_loss_class) scales each
   target's loss weight. With `trainable` (train.trainable) the frozen parameters'
   gradients are zeros here already, so XLA drops their backward pass (and the metrics
@@ -149,7 +150,7 @@ def train_step(state: TrainState, window_BxL1: jax.Array, *, model: nn.Module,
   aux.update(embeddings.grad_norm_metrics(grads, lookup_part))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  finite, flags_Q = nonfinite.flags(loss, grads)
+  finite, flags_Q = nonfinite.flags(loss, grads, params, opt_state)
   skipped = jnp.zeros((), jnp.float32)
   if on_nonfinite == 'skip':
     params = nonfinite.keep_if_finite(finite, params, state.params)

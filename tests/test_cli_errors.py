@@ -1,0 +1,105 @@
+"""Entry points answer every broken config file, bad optimizer value and Ctrl-C with one line
+and the right exit status: 2 for bad input, 130 for Ctrl-C (docs/RELIABILITY.md)."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_module
+from test_train import cli_overrides
+from twotower_jax.train import checkpoints
+
+
+def one_error_line(proc, code=2) -> str:
+  assert proc.returncode == code, proc.stderr[-3000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-3000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize('source, override, match', [
+    (None, True, 'nope.py: the file does not exist; pass a config file'),
+    ('def get_config(:\n', False, 'syntax error at line 1'),
+    ('def get_config(:\n', True, 'syntax error at line 1'),
+    ('x = undefined_name\n', True, "NameError: name 'undefined_name' is not defined at line 1"),
+    ('def config():\n  pass\n', False, 'it has no get_config(); define get_config()'),
+    ('def get_config():\n  raise RuntimeError("boom")\n', True, 'raised RuntimeError: boom'),
+    ('def get_config():\n  return None\n', False, 'returned NoneType, not a ConfigDict'),
+])
+def test_a_broken_config_file_is_one_line(tmp_path, source, override, match):
+  path = tmp_path / 'nope.py'
+  if source is not None:
+    path.write_text(source)
+  workdir = tmp_path / 'run'
+  args = ['--config.train.steps=3'] if override else []
+  proc = run_module('twotower_jax.main', f'--config={path}', f'--workdir={workdir}', *args,
+                    timeout=120)
+  line = one_error_line(proc)
+  assert line.startswith(f'error: cannot load config --config={path}: ') and match in line, line
+  assert not workdir.exists()
+
+
+def test_a_nan_learning_rate_is_refused_at_once(tmp_path):
+  proc = run_module('twotower_jax.main', '--config=configs/default.py',
+                    f'--workdir={tmp_path / "run"}', '--config.optimizer.lr=nan', timeout=120)
+  assert 'optimizer.lr=nan must be a finite number > 0' in one_error_line(proc)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_workdir_that_is_a_file_through_both_commands(tmp_path):
+  file = tmp_path / 'run'
+  file.write_text('x')
+  for module, args in (('twotower_jax.main', ['--config=configs/default.py']),
+                       ('twotower_jax.analyze', [])):
+    proc = run_module(module, *args, f'--workdir={file}', timeout=300)
+    assert 'is a file, not a directory' in one_error_line(proc), module
+  assert file.read_text() == 'x'
+
+
+def test_an_empty_workdir_is_one_line(tmp_path):
+  proc = run_module('twotower_jax.main', '--config=configs/default.py', '--workdir=',
+                    timeout=120)
+  assert '--workdir=DIR is required' in one_error_line(proc)
+
+
+def interrupt_at(config, workdir, marker):
+  """Starts training, sends SIGINT once stderr shows `marker`; returns (rc, stderr after)."""
+  env = dict(os.environ)
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'twotower_jax.main', '--config=configs/default.py',
+       f'--workdir={workdir}', *cli_overrides(config)],
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  seen = []
+  for line in proc.stderr:
+    seen.append(line)
+    if marker in line:
+      break
+  assert marker in ''.join(seen), ''.join(seen)[-3000:]
+  proc.send_signal(signal.SIGINT)
+  rest = proc.stderr.read()
+  proc.wait(timeout=300)
+  return proc.returncode, rest
+
+
+def test_ctrl_c_during_the_preflight_compile_exits_130_in_one_line(tiny, tmp_path):
+  code, rest = interrupt_at(tiny(), str(tmp_path / 'run'), 'preflight: compiling the train step')
+  assert code == 130, rest[-3000:]
+  lines = [l for l in rest.splitlines() if l.strip()]
+  errors_ = [l for l in lines if l.startswith('error: ')]
+  assert errors_ == ['error: interrupted (Ctrl-C); rerun the same command to continue '
+                     '(training resumes from its last checkpoint)'], rest[-3000:]
+  assert 'Traceback' not in rest and 'Segmentation' not in rest and 'core dumped' not in rest
+
+
+def test_ctrl_c_while_training_saves_then_exits_130(tiny, tmp_path):
+  workdir = str(tmp_path / 'run')
+  code, rest = interrupt_at(tiny(**{'train.steps': 200, 'train.checkpoint_every': 100}),
+                            workdir, 'step 2/200')
+  assert code == 130, rest[-3000:]
+  assert 'stopped by SIGINT at step' in rest and 'Traceback' not in rest
+  stopped = int(rest.split('stopped by SIGINT at step ')[1].split(';')[0])
+  assert checkpoints.complete_steps(workdir)[-1] == stopped  # the step it finished was saved
