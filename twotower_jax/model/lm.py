@@ -29,24 +29,40 @@ class TwoTowerLM(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, *, weights_BxL: jax.Array | None = None,
                deterministic: bool = True,
-               states_fn: Callable[[jax.Array], jax.Array] | None = None):
+               states_fn: Callable[[jax.Array], jax.Array] | None = None,
+               cache: dict[str, jax.Array] | None = None,
+               positions_BxL: jax.Array | None = None):
     """`weights_BxL`: the loss weights, for the gate's averages (None: every position).
-    `states_fn` (analysis hook) edits the tower states h_NxBxLxH before the gate."""
+    `states_fn` (analysis hook) edits the tower states h_NxBxLxH before the gate.
+    Decoding (model/decode.py): with a `cache` (decode.init_cache: one tower cache per
+    pondering pass, PxN leading axes) the tokens sit at `positions_BxL` of each row and
+    the result also holds the updated `cache`."""
     cfg = self.cfg
     embedder = embeddings.Embedder(cfg, name='embed')
-    x_NxBxLxH = embedder.encode(tokens_BxL)
+    if positions_BxL is None:
+      x_NxBxLxH = embedder.encode(tokens_BxL)
+    else:
+      x_NxBxLxH = embedder.encode(tokens_BxL, positions_BxL)
     # Activations split by batch, not by the (FSDP-sharded) width of the token table.
     x_NxBxLxH = partitioning.constrain(x_NxBxLxH, ('tower', 'batch', 'length', None))
-    stacked = nn.vmap(towers.get(cfg.tower_type).module,
-                      in_axes=0, out_axes=0, axis_size=cfg.n_towers,
+    tower_type = towers.get(cfg.tower_type)
+    stacked = nn.vmap(tower_type.module,
+                      in_axes=0 if cache is None else (0, 0, None), out_axes=0,
+                      axis_size=cfg.n_towers,
                       variable_axes={'params': 0, 'intermediates': 0},
                       split_rngs={'params': True, 'dropout': True},
                       metadata_params={nn.PARTITION_NAME: 'tower'})
     tower_stack = stacked(cfg, deterministic, name='towers')
     gate = gates.get(cfg.gate).module(cfg, name='gate')
+    new_caches = []
 
     def forward(x_NxBxLxH):
-      h_NxBxLxH = tower_stack(x_NxBxLxH)
+      if cache is None:
+        h_NxBxLxH = tower_stack(x_NxBxLxH)
+      else:  # pass p reads and extends its own cache: its keys depend on pass p-1's output
+        pass_cache = jax.tree.map(lambda c: c[len(new_caches)], cache)
+        h_NxBxLxH, pass_cache = tower_stack(x_NxBxLxH, pass_cache, positions_BxL)
+        new_caches.append(pass_cache)
       if states_fn is not None:
         h_NxBxLxH = states_fn(h_NxBxLxH)
       out = dict(gate(h_NxBxLxH, embedder.decode, embedder.decode_towers, weights_BxL))
@@ -61,9 +77,37 @@ class TwoTowerLM(nn.Module):
                                    cfg.pondering.temperature, axis=-1)
       x_NxBxLxH = x_NxBxLxH + embedder.soft_embed(probs_BxLxV)
       out = forward(x_NxBxLxH)
+    if cache is not None:
+      out['cache'] = constrain_cache(cfg, jax.tree.map(lambda *c: jnp.stack(c), *new_caches))
     out.setdefault('aux_loss', jnp.zeros((), jnp.float32))
     out.setdefault('metrics', {})
     return out
+
+
+def cache_spec(cfg: layers.ModelConfig, batch: int) -> dict[str, tuple]:
+  """{name: (shape, logical names)} of the decoding cache: the tower type's cache of one
+  tower with leading axes (pondering pass, tower); {} when the type has none."""
+  per_tower = towers.get(cfg.tower_type).decode_cache
+  if per_tower is None:
+    return {}
+  lead = (cfg.pondering.steps + 1, cfg.n_towers)
+  return {name: (lead + tuple(shape), (None, 'tower') + tuple(names))
+          for name, (shape, names) in per_tower(cfg, batch).items()}
+
+
+def constrain_cache(cfg: layers.ModelConfig, cache: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The cache pinned to the sharding its logical names give (inside `with_rules` only)."""
+  names = {name: axes for name, (_, axes) in cache_spec(cfg, 1).items()}
+  return {name: partitioning.constrain(c, names[name]) for name, c in cache.items()}
+
+
+def apply_gate(model: TwoTowerLM, params, h_NxBxLxH: jax.Array) -> dict[str, jax.Array]:
+  """The gate alone on given tower states, with the model's own parameters: what the full
+  model's last pass returns for these states (for per-token ablations while decoding)."""
+  cfg = model.cfg
+  embedder = embeddings.Embedder(cfg).bind({'params': params['embed']})
+  gate = gates.get(cfg.gate).module(cfg).bind({'params': params['gate']})
+  return dict(gate(h_NxBxLxH, embedder.decode, embedder.decode_towers))
 
 
 def build(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTowerLM:

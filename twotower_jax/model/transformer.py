@@ -26,7 +26,11 @@ class TransformerBlock(nn.Module):
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x_BxLxH: jax.Array, _=None):
+  def __call__(self, x_BxLxH: jax.Array, cache: dict[str, jax.Array] | None = None,
+               positions_BxL: jax.Array | None = None):
+    """Returns (x_BxLxH, cache). With a decoding `cache` ({'k', 'v'}: BxTxNxD, T = max_len),
+    the L inputs sit at `positions_BxL` of each row: their keys and values are written
+    there and each query attends to the cached keys at positions <= its own."""
     cfg = self.cfg
     h_BxLxH = layers.layer_norm(name='ln_attn')(x_BxLxH)
     qkv = nn.DenseGeneral(
@@ -34,8 +38,18 @@ class TransformerBlock(nn.Module):
         kernel_init=layers.param_init(('embed', None, 'heads', 'kv')),
         bias_init=layers.zeros_init((None, 'heads', 'kv')), dtype=layers.compute_dtype(cfg))(h_BxLxH)
     q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    y_BxLxNxD = jax.nn.dot_product_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD,
-                                             is_causal=self.causal)
+    if cache is None:
+      y_BxLxNxD = jax.nn.dot_product_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD,
+                                               is_causal=self.causal)
+    else:
+      rows_Bx1 = jnp.arange(x_BxLxH.shape[0])[:, None]
+      k_BxTxNxD = cache['k'].at[rows_Bx1, positions_BxL].set(k_BxLxNxD, mode='drop')
+      v_BxTxNxD = cache['v'].at[rows_Bx1, positions_BxL].set(v_BxLxNxD, mode='drop')
+      cache = {'k': k_BxTxNxD, 'v': v_BxTxNxD}
+      seen_Bx1xLxT = (jnp.arange(k_BxTxNxD.shape[1])[None, None, None, :]
+                      <= positions_BxL[:, None, :, None])
+      y_BxLxNxD = jax.nn.dot_product_attention(q_BxLxNxD, k_BxTxNxD, v_BxTxNxD,
+                                               mask=seen_Bx1xLxT)
     y_BxLxH = nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), name='attn_out',
         kernel_init=layers.param_init(('heads', 'kv', 'embed'),
@@ -51,7 +65,7 @@ class TransformerBlock(nn.Module):
                            dtype=layers.compute_dtype(cfg))(h_BxLxF)
     x_BxLxH = x_BxLxH + nn.Dropout(cfg.dropout)(h_BxLxH, deterministic=self.deterministic)
     self.sow('intermediates', 'block_out', x_BxLxH)  # analysis: per-layer states
-    return x_BxLxH, None
+    return x_BxLxH, cache
 
 
 class Transformer(nn.Module):
@@ -61,23 +75,40 @@ class Transformer(nn.Module):
   causal: bool = True
 
   @nn.compact
-  def __call__(self, x_BxLxH: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxH: jax.Array, cache: dict[str, jax.Array] | None = None,
+               positions_BxL: jax.Array | None = None):
+    """h_BxLxH; with a decoding `cache` (`decode_cache`: {'k', 'v'}: YxBxTxNxD, Y layers)
+    the inputs sit at `positions_BxL` and the result is (h_BxLxH, updated cache)."""
     cfg = self.cfg
     x_BxLxH = nn.Dropout(cfg.dropout)(x_BxLxH, deterministic=self.deterministic)
     self.sow('intermediates', 'tower_in', x_BxLxH)  # analysis: the layer-0 states
     block_cls = TransformerBlock
     if cfg.remat:  # recompute the block's activations in the backward pass
       block_cls = nn.remat(TransformerBlock, prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
+    if cfg.scan_layers:  # the cache is scanned along its layer axis, the positions broadcast
       blocks = nn.scan(block_cls, variable_axes={'params': 0, 'intermediates': 0},
                        split_rngs={'params': True, 'dropout': True}, length=cfg.n_layers,
-                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BxLxH, _ = blocks(cfg, self.causal, self.deterministic, name='blocks')(x_BxLxH)
+                       in_axes=(0, nn.broadcast), metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BxLxH, new_cache = blocks(cfg, self.causal, self.deterministic, name='blocks')(
+          x_BxLxH, cache, positions_BxL)
     else:
+      per_layer = []
       for i in range(cfg.n_layers):
-        x_BxLxH, _ = block_cls(cfg, self.causal, self.deterministic,
-                          name=f'block_{i}')(x_BxLxH)
-    return layers.layer_norm(name='ln_final')(x_BxLxH)
+        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+        x_BxLxH, layer_cache = block_cls(cfg, self.causal, self.deterministic,
+                                         name=f'block_{i}')(x_BxLxH, layer_cache, positions_BxL)
+        per_layer.append(layer_cache)
+      new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *per_layer)
+    h_BxLxH = layers.layer_norm(name='ln_final')(x_BxLxH)
+    return h_BxLxH if cache is None else (h_BxLxH, new_cache)
+
+
+def causal_cache(cfg: layers.ModelConfig, batch: int) -> dict[str, tuple]:
+  """One causal tower's decoding cache: keys and values of every layer at all max_len
+  positions, YxBxTxNxD (Y layers, N heads)."""
+  shape = (cfg.n_layers, batch, cfg.max_len, cfg.n_heads, layers.head_dim(cfg))
+  names = ('layers', 'batch', 'length', 'heads', 'kv')
+  return {'k': (shape, names), 'v': (shape, names)}
 
 
 def block_states(inter: dict) -> dict[str, jax.Array]:
@@ -102,7 +133,8 @@ def causal_example(window_BxL1: jax.Array, rng: jax.Array, cfg: layers.ModelConf
 
 
 towers.register('causal', Transformer, causal_example, layer_states=block_states,
-                attention_layers=lambda cfg: cfg.n_layers, left_to_right=True)
+                attention_layers=lambda cfg: cfg.n_layers, left_to_right=True,
+                decode_cache=causal_cache)
 
 
 class BidirectionalTransformer(Transformer):
