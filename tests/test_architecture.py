@@ -18,9 +18,9 @@ LAYERS = (
     ('model',),
     ('train',),
     ('run', 'report'),
-    ('analysis',),
+    ('analysis', 'generation'),
     ('cli',),
-    ('main', 'analyze', 'planted_check'),
+    ('main', 'analyze', 'planted_check', 'generate'),
 )
 MAX_LINES = 520
 
