@@ -97,7 +97,7 @@ def test_bf16_cached_decode_tracks_the_full_forward():
   model = _model(gate='latent', dtype='bfloat16', **{'pondering.steps': 1})
   params = _family.init(model)
   tokens_BxT = _family.tokens((3, MAX_LEN), seed=3)
-  assert decode.init_cache(model.cfg, 3)['k'].dtype == jnp.bfloat16
+  assert decode.init_cache(model.cfg, 3)['pass_1']['k_0'].dtype == jnp.bfloat16
   full = _apply(model, params, tokens_BxT)['logits_BxLxV']
   got = _cached_outputs(model, params, tokens_BxT)['logits_BxLxV']
   np.testing.assert_allclose(got, np.asarray(full, np.float32), atol=0.05)

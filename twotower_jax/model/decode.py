@@ -1,10 +1,10 @@
 """Decoding a left-to-right model: the cache, one pure decode step, sampling and Co-LLM.
 
-The cache holds, per pondering pass and tower (leading axes PxN, stacked like the
-towers' parameters), what the tower type's `decode_cache` declares; for causal
-transformers the keys and values k_PxNxYxBxTxKxD of every layer (Y layers, T =
-model.max_len positions, K heads). Pass p has its own keys because its inputs carry
-pass p-1's prediction. `step` runs the model on S new positions of each row against
+The cache holds, per pondering pass (`pass_p`), what the tower type's `decode_cache`
+declares, stacked along a leading tower axis like the towers' parameters; for causal
+transformers each layer's keys and values at all T = model.max_len positions
+(k_NxBxKxDxT, v_NxBxKxTxD per layer; K heads). Pass p has its own keys because its
+inputs carry pass p-1's prediction. `step` runs the model on S new positions of each row against
 the cache (S = the prompt for the prefill, 1 per generated token); `generate` is the
 whole loop as one pure function: prefill once, then a `lax.while_loop` over new
 tokens that stops when every row is done. Rows may have prompts of different
@@ -102,9 +102,10 @@ def uses_cache(cfg: layers.ModelConfig, sampling: Sampling) -> bool:
 
 def init_cache(cfg: layers.ModelConfig, batch: int) -> dict[str, jax.Array]:
   """The empty cache for `batch` rows, in the towers' compute dtype (lm.cache_spec)."""
+  dtype = layers.compute_dtype(cfg)
   return lm_lib.constrain_cache(cfg, {
-      name: jnp.zeros(shape, layers.compute_dtype(cfg))
-      for name, (shape, _) in lm_lib.cache_spec(cfg, batch).items()})
+      p: {name: jnp.zeros(shape, dtype) for name, (shape, _) in arrays.items()}
+      for p, arrays in lm_lib.cache_spec(cfg, batch).items()})
 
 
 def step(model: lm_lib.TwoTowerLM, params: Any, cache: dict[str, jax.Array],
@@ -214,6 +215,8 @@ def generate(params: Any, prompt_BxP: jax.Array, lengths_B: jax.Array, keys_B: j
   """
   cfg = model.cfg
   b, p = prompt_BxP.shape
+  if p > cfg.max_len:
+    raise ValueError(f'prompts of {p} tokens do not fit model.max_len={cfg.max_len}')
   rows_B = jnp.arange(b)
   lengths_B = lengths_B.astype(jnp.int32)
   room_B = cfg.max_len + 1 - lengths_B  # tokens that still fit: positions up to max_len

@@ -34,9 +34,9 @@ class TwoTowerLM(nn.Module):
                positions_BxL: jax.Array | None = None):
     """`weights_BxL`: the loss weights, for the gate's averages (None: every position).
     `states_fn` (analysis hook) edits the tower states h_NxBxLxH before the gate.
-    Decoding (model/decode.py): with a `cache` (decode.init_cache: one tower cache per
-    pondering pass, PxN leading axes) the tokens sit at `positions_BxL` of each row and
-    the result also holds the updated `cache`."""
+    Decoding (model/decode.py): with a `cache` (decode.init_cache: per pondering pass
+    `pass_p`, the tower type's cache stacked along the tower axis) the tokens sit at
+    `positions_BxL` of each row and the result also holds the updated `cache`."""
     cfg = self.cfg
     embedder = embeddings.Embedder(cfg, name='embed')
     if positions_BxL is None:
@@ -60,8 +60,8 @@ class TwoTowerLM(nn.Module):
       if cache is None:
         h_NxBxLxH = tower_stack(x_NxBxLxH)
       else:  # pass p reads and extends its own cache: its keys depend on pass p-1's output
-        pass_cache = jax.tree.map(lambda c: c[len(new_caches)], cache)
-        h_NxBxLxH, pass_cache = tower_stack(x_NxBxLxH, pass_cache, positions_BxL)
+        h_NxBxLxH, pass_cache = tower_stack(x_NxBxLxH, cache[f'pass_{len(new_caches)}'],
+                                            positions_BxL)
         new_caches.append(pass_cache)
       if states_fn is not None:
         h_NxBxLxH = states_fn(h_NxBxLxH)
@@ -78,27 +78,28 @@ class TwoTowerLM(nn.Module):
       x_NxBxLxH = x_NxBxLxH + embedder.soft_embed(probs_BxLxV)
       out = forward(x_NxBxLxH)
     if cache is not None:
-      out['cache'] = constrain_cache(cfg, jax.tree.map(lambda *c: jnp.stack(c), *new_caches))
+      out['cache'] = constrain_cache(cfg, {f'pass_{p}': c for p, c in enumerate(new_caches)})
     out.setdefault('aux_loss', jnp.zeros((), jnp.float32))
     out.setdefault('metrics', {})
     return out
 
 
-def cache_spec(cfg: layers.ModelConfig, batch: int) -> dict[str, tuple]:
-  """{name: (shape, logical names)} of the decoding cache: the tower type's cache of one
-  tower with leading axes (pondering pass, tower); {} when the type has none."""
+def cache_spec(cfg: layers.ModelConfig, batch: int) -> dict[str, dict[str, tuple]]:
+  """{'pass_p': {name: (shape, logical names)}} of the decoding cache: per pondering pass,
+  the tower type's cache with a leading tower axis; {} when the type has none."""
   per_tower = towers.get(cfg.tower_type).decode_cache
   if per_tower is None:
     return {}
-  lead = (cfg.pondering.steps + 1, cfg.n_towers)
-  return {name: (lead + tuple(shape), (None, 'tower') + tuple(names))
-          for name, (shape, names) in per_tower(cfg, batch).items()}
+  one = {name: ((cfg.n_towers,) + tuple(shape), ('tower',) + tuple(names))
+         for name, (shape, names) in per_tower(cfg, batch).items()}
+  return {f'pass_{p}': dict(one) for p in range(cfg.pondering.steps + 1)}
 
 
-def constrain_cache(cfg: layers.ModelConfig, cache: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def constrain_cache(cfg: layers.ModelConfig, cache: dict) -> dict:
   """The cache pinned to the sharding its logical names give (inside `with_rules` only)."""
-  names = {name: axes for name, (_, axes) in cache_spec(cfg, 1).items()}
-  return {name: partitioning.constrain(c, names[name]) for name, c in cache.items()}
+  spec = cache_spec(cfg, 1)
+  return {p: {name: partitioning.constrain(c, spec[p][name][1]) for name, c in arrays.items()}
+          for p, arrays in cache.items()}
 
 
 def apply_gate(model: TwoTowerLM, params, h_NxBxLxH: jax.Array) -> dict[str, jax.Array]:

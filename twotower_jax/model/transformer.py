@@ -19,6 +19,25 @@ from twotower_jax.model import layers
 from twotower_jax.model import towers
 
 
+def cached_attention(q_BxLxNxD: jax.Array, k_BxNxDxT: jax.Array, v_BxNxTxD: jax.Array,
+                     positions_BxL: jax.Array) -> jax.Array:
+  """Each query at positions_BxL attends to the cached keys at positions <= its own.
+
+  The arithmetic of jax.nn.dot_product_attention's XLA path (logits in at least f32,
+  softmax in f32) on the cache's layout: heads first, keys stored transposed (DxT), so
+  both matmuls read the cache as it lies instead of transposing it for every token.
+  """
+  logits_dtype = jnp.promote_types(q_BxLxNxD.dtype, jnp.float32)
+  logits_BxNxLxT = jnp.einsum('blnd,bndt->bnlt', q_BxLxNxD, k_BxNxDxT,
+                              preferred_element_type=logits_dtype)
+  logits_BxNxLxT = logits_BxNxLxT * jnp.asarray(q_BxLxNxD.shape[-1] ** -0.5, logits_dtype)
+  seen_Bx1xLxT = (jnp.arange(k_BxNxDxT.shape[3])[None, None, None, :]
+                  <= positions_BxL[:, None, :, None])
+  logits_BxNxLxT = jnp.where(seen_Bx1xLxT, logits_BxNxLxT, 0.7 * jnp.finfo(logits_dtype).min)
+  probs_BxNxLxT = jax.nn.softmax(logits_BxNxLxT.astype(jnp.float32), axis=-1)
+  return jnp.einsum('bnlt,bntd->blnd', probs_BxNxLxT.astype(v_BxNxTxD.dtype), v_BxNxTxD)
+
+
 class TransformerBlock(nn.Module):
   """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x))."""
   cfg: layers.ModelConfig
@@ -28,9 +47,10 @@ class TransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxH: jax.Array, cache: dict[str, jax.Array] | None = None,
                positions_BxL: jax.Array | None = None):
-    """Returns (x_BxLxH, cache). With a decoding `cache` ({'k', 'v'}: BxTxNxD, T = max_len),
-    the L inputs sit at `positions_BxL` of each row: their keys and values are written
-    there and each query attends to the cached keys at positions <= its own."""
+    """Returns (x_BxLxH, cache). With a decoding `cache` (k_BxNxDxT, v_BxNxTxD; T = max_len)
+    the L inputs sit at `positions_BxL` of each row (in [0, T): the caller keeps them
+    there): their keys and values are written there and each query attends to the
+    cached keys at positions <= its own."""
     cfg = self.cfg
     h_BxLxH = layers.layer_norm(name='ln_attn')(x_BxLxH)
     qkv = nn.DenseGeneral(
@@ -42,14 +62,13 @@ class TransformerBlock(nn.Module):
       y_BxLxNxD = jax.nn.dot_product_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD,
                                                is_causal=self.causal)
     else:
+      # In-bounds writes let XLA update the loop-carried cache in place (no select, no copy).
       rows_Bx1 = jnp.arange(x_BxLxH.shape[0])[:, None]
-      k_BxTxNxD = cache['k'].at[rows_Bx1, positions_BxL].set(k_BxLxNxD, mode='drop')
-      v_BxTxNxD = cache['v'].at[rows_Bx1, positions_BxL].set(v_BxLxNxD, mode='drop')
-      cache = {'k': k_BxTxNxD, 'v': v_BxTxNxD}
-      seen_Bx1xLxT = (jnp.arange(k_BxTxNxD.shape[1])[None, None, None, :]
-                      <= positions_BxL[:, None, :, None])
-      y_BxLxNxD = jax.nn.dot_product_attention(q_BxLxNxD, k_BxTxNxD, v_BxTxNxD,
-                                               mask=seen_Bx1xLxT)
+      cache = {'k': cache['k'].at[rows_Bx1, :, :, positions_BxL].set(
+                   k_BxLxNxD, mode='promise_in_bounds'),
+               'v': cache['v'].at[rows_Bx1, :, positions_BxL].set(
+                   v_BxLxNxD, mode='promise_in_bounds')}
+      y_BxLxNxD = cached_attention(q_BxLxNxD, cache['k'], cache['v'], positions_BxL)
     y_BxLxH = nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), name='attn_out',
         kernel_init=layers.param_init(('heads', 'kv', 'embed'),
@@ -77,8 +96,8 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxH: jax.Array, cache: dict[str, jax.Array] | None = None,
                positions_BxL: jax.Array | None = None):
-    """h_BxLxH; with a decoding `cache` (`decode_cache`: {'k', 'v'}: YxBxTxNxD, Y layers)
-    the inputs sit at `positions_BxL` and the result is (h_BxLxH, updated cache)."""
+    """h_BxLxH; with a decoding `cache` (`causal_cache`) the inputs sit at `positions_BxL`
+    and the result is (h_BxLxH, updated cache)."""
     cfg = self.cfg
     x_BxLxH = nn.Dropout(cfg.dropout)(x_BxLxH, deterministic=self.deterministic)
     self.sow('intermediates', 'tower_in', x_BxLxH)  # analysis: the layer-0 states
@@ -92,23 +111,29 @@ class Transformer(nn.Module):
       x_BxLxH, new_cache = blocks(cfg, self.causal, self.deterministic, name='blocks')(
           x_BxLxH, cache, positions_BxL)
     else:
-      per_layer = []
+      new_cache = None if cache is None else {}
       for i in range(cfg.n_layers):
-        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+        layer_cache = None if cache is None else {'k': cache[f'k_{i}'], 'v': cache[f'v_{i}']}
         x_BxLxH, layer_cache = block_cls(cfg, self.causal, self.deterministic,
                                          name=f'block_{i}')(x_BxLxH, layer_cache, positions_BxL)
-        per_layer.append(layer_cache)
-      new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *per_layer)
+        if cache is not None:
+          new_cache.update({f'k_{i}': layer_cache['k'], f'v_{i}': layer_cache['v']})
     h_BxLxH = layers.layer_norm(name='ln_final')(x_BxLxH)
     return h_BxLxH if cache is None else (h_BxLxH, new_cache)
 
 
 def causal_cache(cfg: layers.ModelConfig, batch: int) -> dict[str, tuple]:
-  """One causal tower's decoding cache: keys and values of every layer at all max_len
-  positions, YxBxTxNxD (Y layers, N heads)."""
-  shape = (cfg.n_layers, batch, cfg.max_len, cfg.n_heads, layers.head_dim(cfg))
-  names = ('layers', 'batch', 'length', 'heads', 'kv')
-  return {'k': (shape, names), 'v': (shape, names)}
+  """One causal tower's decoding cache: each layer's keys (BxNxDxT, stored transposed for
+  the query-key matmul) and values (BxNxTxD) at all T = max_len positions, laid out like
+  the parameters: one array per layer (k_0, v_0, ...) when layers are unrolled, stacked
+  on a leading layer axis (k, v) when they are scanned."""
+  n, d, t = cfg.n_heads, layers.head_dim(cfg), cfg.max_len
+  k = ((batch, n, d, t), ('batch', 'heads', 'kv', 'length'))
+  v = ((batch, n, t, d), ('batch', 'heads', 'length', 'kv'))
+  if cfg.scan_layers:
+    return {name: ((cfg.n_layers,) + shape, ('layers',) + axes)
+            for name, (shape, axes) in (('k', k), ('v', v))}
+  return {f'{name}_{i}': spec for i in range(cfg.n_layers) for name, spec in (('k', k), ('v', v))}
 
 
 def block_states(inter: dict) -> dict[str, jax.Array]:
