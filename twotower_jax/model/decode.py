@@ -3,8 +3,8 @@
 The cache holds, per pondering pass (`pass_p`), what the tower type's `decode_cache`
 declares, stacked along a leading tower axis like the towers' parameters; for causal
 transformers each layer's keys and values at all T = model.max_len positions
-(k_NxBxKxDxT, v_NxBxKxTxD per layer; K heads). Pass p has its own keys because its
-inputs carry pass p-1's prediction. `step` runs the model on S new positions of each row against
+(k_NxMxDxT, v_NxMxTxD per layer; M = B*K rows, one per batch row and head). Pass p
+has its own keys because its inputs carry pass p-1's prediction. `step` runs the model on S new positions of each row against
 the cache (S = the prompt for the prefill, 1 per generated token); `generate` is the
 whole loop as one pure function: prefill once, then a `lax.while_loop` over new
 tokens that stops when every row is done. Rows may have prompts of different

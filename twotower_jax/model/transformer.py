@@ -19,23 +19,31 @@ from twotower_jax.model import layers
 from twotower_jax.model import towers
 
 
-def cached_attention(q_BxLxNxD: jax.Array, k_BxNxDxT: jax.Array, v_BxNxTxD: jax.Array,
+def _rows(x_BxLxNxD: jax.Array) -> jax.Array:
+  """x_MxLxD: one row per (batch row, head), M = B*N: the cache's leading axis."""
+  b, l, n, d = x_BxLxNxD.shape
+  return jnp.transpose(x_BxLxNxD, (0, 2, 1, 3)).reshape(b * n, l, d)
+
+
+def cached_attention(q_BxLxNxD: jax.Array, k_MxDxT: jax.Array, v_MxTxD: jax.Array,
                      positions_BxL: jax.Array) -> jax.Array:
   """Each query at positions_BxL attends to the cached keys at positions <= its own.
 
   The arithmetic of jax.nn.dot_product_attention's XLA path (logits in at least f32,
-  softmax in f32) on the cache's layout: heads first, keys stored transposed (DxT), so
-  both matmuls read the cache as it lies instead of transposing it for every token.
+  softmax in f32) on the cache's layout: one row per (batch row, head), M = B*N, keys
+  stored transposed (DxT), so both matmuls read the cache as it lies.
   """
+  b, l, n, d = q_BxLxNxD.shape
   logits_dtype = jnp.promote_types(q_BxLxNxD.dtype, jnp.float32)
-  logits_BxNxLxT = jnp.einsum('blnd,bndt->bnlt', q_BxLxNxD, k_BxNxDxT,
-                              preferred_element_type=logits_dtype)
-  logits_BxNxLxT = logits_BxNxLxT * jnp.asarray(q_BxLxNxD.shape[-1] ** -0.5, logits_dtype)
-  seen_Bx1xLxT = (jnp.arange(k_BxNxDxT.shape[3])[None, None, None, :]
-                  <= positions_BxL[:, None, :, None])
-  logits_BxNxLxT = jnp.where(seen_Bx1xLxT, logits_BxNxLxT, 0.7 * jnp.finfo(logits_dtype).min)
-  probs_BxNxLxT = jax.nn.softmax(logits_BxNxLxT.astype(jnp.float32), axis=-1)
-  return jnp.einsum('bnlt,bntd->blnd', probs_BxNxLxT.astype(v_BxNxTxD.dtype), v_BxNxTxD)
+  logits_MxLxT = jnp.einsum('mld,mdt->mlt', _rows(q_BxLxNxD), k_MxDxT,
+                            preferred_element_type=logits_dtype)
+  logits_MxLxT = logits_MxLxT * jnp.asarray(d ** -0.5, logits_dtype)
+  positions_MxL = jnp.repeat(positions_BxL, n, axis=0)
+  seen_MxLxT = jnp.arange(k_MxDxT.shape[2])[None, None, :] <= positions_MxL[:, :, None]
+  logits_MxLxT = jnp.where(seen_MxLxT, logits_MxLxT, 0.7 * jnp.finfo(logits_dtype).min)
+  probs_MxLxT = jax.nn.softmax(logits_MxLxT.astype(jnp.float32), axis=-1)
+  y_MxLxD = jnp.einsum('mlt,mtd->mld', probs_MxLxT.astype(v_MxTxD.dtype), v_MxTxD)
+  return jnp.transpose(y_MxLxD.reshape(b, n, l, d), (0, 2, 1, 3))
 
 
 class TransformerBlock(nn.Module):
@@ -47,10 +55,10 @@ class TransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxH: jax.Array, cache: dict[str, jax.Array] | None = None,
                positions_BxL: jax.Array | None = None):
-    """Returns (x_BxLxH, cache). With a decoding `cache` (k_BxNxDxT, v_BxNxTxD; T = max_len)
-    the L inputs sit at `positions_BxL` of each row (in [0, T): the caller keeps them
-    there): their keys and values are written there and each query attends to the
-    cached keys at positions <= its own."""
+    """Returns (x_BxLxH, cache). With a decoding `cache` (k_MxDxT, v_MxTxD: M = B*N rows,
+    one per batch row and head; T = max_len) the L inputs sit at `positions_BxL` of each
+    row (in [0, T): the caller keeps them there): their keys and values are written
+    there and each query attends to the cached keys at positions <= its own."""
     cfg = self.cfg
     h_BxLxH = layers.layer_norm(name='ln_attn')(x_BxLxH)
     qkv = nn.DenseGeneral(
@@ -63,11 +71,12 @@ class TransformerBlock(nn.Module):
                                                is_causal=self.causal)
     else:
       # In-bounds writes let XLA update the loop-carried cache in place (no select, no copy).
-      rows_Bx1 = jnp.arange(x_BxLxH.shape[0])[:, None]
-      cache = {'k': cache['k'].at[rows_Bx1, :, :, positions_BxL].set(
-                   k_BxLxNxD, mode='promise_in_bounds'),
-               'v': cache['v'].at[rows_Bx1, :, positions_BxL].set(
-                   v_BxLxNxD, mode='promise_in_bounds')}
+      rows_Mx1 = jnp.arange(cache['k'].shape[0])[:, None]
+      positions_MxL = jnp.repeat(positions_BxL, cfg.n_heads, axis=0)
+      cache = {'k': cache['k'].at[rows_Mx1, :, positions_MxL].set(
+                   _rows(k_BxLxNxD), mode='promise_in_bounds'),
+               'v': cache['v'].at[rows_Mx1, positions_MxL].set(
+                   _rows(v_BxLxNxD), mode='promise_in_bounds')}
       y_BxLxNxD = cached_attention(q_BxLxNxD, cache['k'], cache['v'], positions_BxL)
     y_BxLxH = nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), name='attn_out',
@@ -123,13 +132,15 @@ class Transformer(nn.Module):
 
 
 def causal_cache(cfg: layers.ModelConfig, batch: int) -> dict[str, tuple]:
-  """One causal tower's decoding cache: each layer's keys (BxNxDxT, stored transposed for
-  the query-key matmul) and values (BxNxTxD) at all T = max_len positions, laid out like
-  the parameters: one array per layer (k_0, v_0, ...) when layers are unrolled, stacked
-  on a leading layer axis (k, v) when they are scanned."""
-  n, d, t = cfg.n_heads, layers.head_dim(cfg), cfg.max_len
-  k = ((batch, n, d, t), ('batch', 'heads', 'kv', 'length'))
-  v = ((batch, n, t, d), ('batch', 'heads', 'length', 'kv'))
+  """One causal tower's decoding cache: each layer's keys (MxDxT, stored transposed for the
+  query-key matmul) and values (MxTxD) at all T = max_len positions, one row per batch row
+  and head (M = batch * n_heads, batch-major: a one-row batch has no size-1 axis, which
+  made XLA:CPU copy the cache every token). Laid out like the parameters: one array per
+  layer (k_0, v_0, ...) when layers are unrolled, stacked on a layer axis (k, v) when
+  scanned."""
+  m, d, t = batch * cfg.n_heads, layers.head_dim(cfg), cfg.max_len
+  k = ((m, d, t), ('batch', 'kv', 'length'))
+  v = ((m, t, d), ('batch', 'length', 'kv'))
   if cfg.scan_layers:
     return {name: ((cfg.n_layers,) + shape, ('layers',) + axes)
             for name, (shape, axes) in (('k', k), ('v', v))}
