@@ -100,7 +100,7 @@ def uses_cache(cfg: layers.ModelConfig, sampling: Sampling) -> bool:
   return sampling.cached and bool(lm_lib.cache_spec(cfg, 1))
 
 
-def init_cache(cfg: layers.ModelConfig, batch: int) -> dict[str, jax.Array]:
+def init_cache(cfg: layers.ModelConfig, batch: int) -> dict[str, dict[str, jax.Array]]:
   """The empty cache for `batch` rows, in the towers' compute dtype (lm.cache_spec)."""
   dtype = layers.compute_dtype(cfg)
   return lm_lib.constrain_cache(cfg, {
@@ -108,7 +108,7 @@ def init_cache(cfg: layers.ModelConfig, batch: int) -> dict[str, jax.Array]:
       for p, arrays in lm_lib.cache_spec(cfg, batch).items()})
 
 
-def step(model: lm_lib.TwoTowerLM, params: Any, cache: dict[str, jax.Array],
+def step(model: lm_lib.TwoTowerLM, params: Any, cache: dict[str, dict[str, jax.Array]],
          tokens_BxS: jax.Array, positions_BxS: jax.Array) -> dict[str, jax.Array]:
   """The decode step: the model's outputs at S new positions of each row (logits_BxSxV,
   tower_states_NxBxSxH, the gate's extras) and the updated `cache`. Pure; jit it."""

@@ -30,7 +30,7 @@ class TwoTowerLM(nn.Module):
   def __call__(self, tokens_BxL: jax.Array, *, weights_BxL: jax.Array | None = None,
                deterministic: bool = True,
                states_fn: Callable[[jax.Array], jax.Array] | None = None,
-               cache: dict[str, jax.Array] | None = None,
+               cache: dict[str, dict[str, jax.Array]] | None = None,
                positions_BxL: jax.Array | None = None):
     """`weights_BxL`: the loss weights, for the gate's averages (None: every position).
     `states_fn` (analysis hook) edits the tower states h_NxBxLxH before the gate.
