@@ -1,8 +1,10 @@
-"""Analysis throughput: tokens/s scored per estimator vs the eval forward pass, same positions.
+"""Analysis speed on the default model: the tower pass, each estimator on cached states, and
+a probe step (towers re-run inside the step, as before the cache, vs on cached states).
 
-python bench/analysis.py [--workdir=DIR] [--steps=30] [--eval_windows=64]
-Without --workdir it trains a tiny latent-gate model (so all three estimators run)
-in a temporary directory first. Prints a table and appends to bench/results/analysis.jsonl.
+python bench/analysis.py [--workdir=DIR] [--windows=64] [--repeats=3]
+Without --workdir: configs/default.py's model, randomly initialised (speed does not depend on
+the weights), on random token windows. Prints a table and appends to
+bench/results/analysis.jsonl. Run it after `source launch/env.sh` (host tuning).
 """
 
 from __future__ import annotations
@@ -15,76 +17,126 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+import optax  # pylint: disable=wrong-import-position
+
 import harness  # pylint: disable=wrong-import-position
 from twotower_jax import config as config_lib  # pylint: disable=wrong-import-position
 from twotower_jax import run as run_lib  # pylint: disable=wrong-import-position
-from twotower_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
 from twotower_jax.analysis import estimators as est_lib  # pylint: disable=wrong-import-position
 from twotower_jax.analysis import runner  # pylint: disable=wrong-import-position
-from twotower_jax.train import loop as train_lib  # pylint: disable=wrong-import-position
+from twotower_jax.analysis.estimators import probe  # pylint: disable=wrong-import-position
+from twotower_jax.model import lm  # pylint: disable=wrong-import-position
+from twotower_jax.model import towers  # pylint: disable=wrong-import-position
+from twotower_jax.train import state as state_lib  # pylint: disable=wrong-import-position
+from twotower_jax.train import optimizer as optimizer_lib  # pylint: disable=wrong-import-position
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'analysis.jsonl')
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
 
-def tiny_run(workdir: str, steps: int) -> None:
-  """A small latent-gate model on a few State of the Union speeches."""
-  c = config_lib.base_config()
-  c.data.vocab_size = 512
-  c.data.seq_len = 64
-  c.model.gate = 'latent'
-  c.model.n_layers, c.model.d_model, c.model.n_heads, c.model.d_mlp = 2, 64, 2, 128
-  c.model.max_len = 64
-  c.train.steps = steps
-  c.train.batch_size = 8
-  c.train.eval_every = c.train.checkpoint_every = steps
-  c.train.log_every = max(steps // 3, 1)
-  c.mesh.data, c.mesh.tower = -1, 1
-  train_lib.train_and_evaluate(c, workdir)
+def default_context(n_windows: int, out_dir: str) -> est_lib.Context:
+  """configs/default.py's model, random weights, random held-out and training windows."""
+  sys.path.insert(0, CONFIGS)
+  import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  vocab = config.data.vocab_size
+  model = lm.build(config, vocab)
+  params = state_lib.init(model, optimizer_lib.make(config), 0).params
+  rng = np.random.default_rng(0)
+  windows = rng.integers(5, vocab, size=(max(n_windows, 2 * config.analysis.probe_windows),
+                                         config.data.seq_len + 1)).astype(np.int32)
+  return est_lib.Context(config=config, model=model, params=params,
+                         eval_batches=est_lib.base.eval_batches(windows, n_windows,
+                                                                config.train.batch_size),
+                         train_windows=windows, analysis_dir=out_dir, step=0)
+
+
+def workdir_context(workdir: str, n_windows: int, out_dir: str) -> est_lib.Context:
+  config = runner.load_config(workdir, config_lib.base_config().analysis)
+  restored = run_lib.restore(config, workdir)
+  return est_lib.Context(config=config, model=restored.model, params=restored.params,
+                         eval_batches=est_lib.base.eval_batches(
+                             restored.setup.splits.val_windows, n_windows,
+                             config.train.batch_size),
+                         train_windows=restored.setup.splits.train_windows, analysis_dir=out_dir,
+                         step=restored.step)
+
+
+def probe_steps(ctx: est_lib.Context, batch_windows: int, repeats: int) -> list[dict]:
+  """Seconds per probe step at `batch_windows` windows: towers re-run in the step vs cached."""
+  cfg = ctx.model.cfg
+  p = probe.probe_init(jax.random.PRNGKey(0), probe.probe_towers(ctx.config), cfg.d_model,
+                       cfg.vocab_size)
+  tx = optax.adamw(1e-3)
+  opt = tx.init(p)
+  make_example = towers.get(cfg.tower_type).make_example
+  windows = jnp.asarray(ctx.train_windows[:batch_windows])
+
+  def update(p, opt, h, ex):
+    def loss_fn(p):
+      ce_N, w = probe._ce_sums(p, h, ex['targets'], ex['weights'])  # pylint: disable=protected-access
+      return jnp.sum(ce_N) / jnp.maximum(w, 1.0)
+    g = jax.grad(loss_fn)(p)
+    u, opt = tx.update(g, opt, p)
+    return optax.apply_updates(p, u), opt
+
+  @jax.jit
+  def rerun_step(p, opt, params, window_BxL1, key):
+    ex = make_example(window_BxL1, key, cfg)
+    h = ctx.model.apply({'params': params}, ex['inputs'], deterministic=True)[
+        'tower_states_NxBxLxH']
+    return update(p, opt, probe.split_units(ctx.config, jax.lax.stop_gradient(h)), ex)
+
+  ex = make_example(windows, jax.random.PRNGKey(0), cfg)
+  h = probe.split_units(ctx.config, ctx.model.apply({'params': ctx.params}, ex['inputs'],
+                                                    deterministic=True)['tower_states_NxBxLxH'])
+  cached_step = jax.jit(update)
+  rows = []
+  for what, fn in (('probe step, towers re-run', lambda: rerun_step(
+      p, opt, ctx.params, windows, jax.random.PRNGKey(1))),
+                   ('probe step, cached states', lambda: cached_step(p, opt, h, ex))):
+    jax.block_until_ready(fn())
+    seconds = min(harness.timed(fn, repeats))
+    positions = int(np.asarray(ex['weights']).sum())
+    rows.append({'what': what, 'batch_windows': batch_windows, 'seconds': seconds,
+                 'tokens_per_s': positions / seconds})
+  return rows
 
 
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument('--workdir', default='')
-  ap.add_argument('--steps', type=int, default=30)
-  ap.add_argument('--eval_windows', type=int, default=64)
-  ap.add_argument('--probe_steps', type=int, default=50)
+  ap.add_argument('--windows', type=int, default=64, help='held-out windows scored')
   ap.add_argument('--repeats', type=int, default=3)
   args = ap.parse_args()
-  workdir = args.workdir or tempfile.mkdtemp(prefix='bench_analysis_')
-  if not args.workdir:
-    tiny_run(workdir, args.steps)
-  config = workdir_lib.read_config(workdir)
-  config.analysis.eval_windows = args.eval_windows
-  config.analysis.probe_steps = args.probe_steps
-  config = runner.load_config(workdir, config.analysis)
-  restored = run_lib.restore(config, workdir)
-  setup = restored.setup
-  out_dir = tempfile.mkdtemp(prefix='bench_analysis_out_')
-  ctx = est_lib.Context(config=config, model=setup.model, params=restored.params,
-                        eval_batches=est_lib.base.eval_batches(setup.splits.val_windows,
-                                                               args.eval_windows,
-                                                               config.train.batch_size),
-                        train_windows=setup.splits.train_windows, analysis_dir=out_dir,
-                        step=restored.step)
-  # Best of `repeats` passes (the machine may be shared); the first probe pass trains heads.
-  evs = [est_lib.base.eval_loss(ctx) for _ in range(args.repeats)]
-  ev = max(evs, key=lambda r: r['tokens_per_s'])
-  rows = [{'what': 'eval_forward', 'tokens_per_s': ev['tokens_per_s'], 'seconds': ev['seconds'],
-           'prepare_seconds': 0.0}]
-  for name in runner.estimator_names(config)[0]:
+  out_dir = tempfile.mkdtemp(prefix='bench_analysis_')
+  ctx = (workdir_context(args.workdir, args.windows, out_dir) if args.workdir else
+         default_context(args.windows, out_dir))
+  rows = []
+  passes = [est_lib.base.tower_pass(ctx) for _ in range(args.repeats)]
+  best = max(passes, key=lambda r: r['tokens_per_s'])
+  rows.append({'what': 'tower pass (model forward, states cached)', 'seconds': best['seconds'],
+               'tokens_per_s': best['tokens_per_s']})
+  ctx.config.analysis.probe_steps = 1  # prepare: the cache and one step; the bench times steps
+  for name in runner.estimator_names(ctx.config)[0]:
     runs = [est_lib.base.score(ctx, name) for _ in range(args.repeats)]
     res = max(runs, key=lambda r: r['tokens_per_s'])
-    rows.append({'what': name, 'tokens_per_s': res['tokens_per_s'], 'seconds': res['seconds'],
-                 'prepare_seconds': runs[0]['prepare_seconds']})
-  env = {**harness.machine(),
-         'model': {k: config.model[k] for k in ('n_towers', 'gate', 'n_layers', 'd_model')},
-         'vocab': setup.model.cfg.vocab_size, 'seq_len': config.data.seq_len,
-         'positions': ev['n_positions'], 'time': time.strftime('%Y-%m-%dT%H:%M:%S')}
-  print(f"{'what':<14}{'tokens/s':>12}{'vs forward':>12}{'score s':>10}{'prepare s':>11}")
-  for r in rows:
-    r['vs_forward'] = r['tokens_per_s'] / rows[0]['tokens_per_s']
-    print(f"{r['what']:<14}{r['tokens_per_s']:>12.0f}{r['vs_forward']:>12.2f}"
-          f"{r['seconds']:>10.2f}{r['prepare_seconds']:>11.2f}")
+    rows.append({'what': f'{name} (on cached states)', 'seconds': res['seconds'],
+                 'tokens_per_s': res['tokens_per_s']})
+  batch = int(ctx.config.analysis.probe_batch_size)
+  rows += probe_steps(ctx, 16, args.repeats)  # 16 windows: the batch before the cache
+  if batch != 16:
+    rows += probe_steps(ctx, batch, args.repeats)
+  cfg = ctx.model.cfg
+  env = {**harness.machine(), 'model': {k: cfg[k] for k in ('n_towers', 'gate', 'n_layers',
+                                                              'd_model')},
+         'vocab': cfg.vocab_size, 'seq_len': ctx.config.data.seq_len,
+         'positions': best['n_positions'], 'workdir': args.workdir or 'random init',
+         'time': time.strftime('%Y-%m-%dT%H:%M:%S')}
+  harness.print_table(rows, ('what', 'batch_windows', 'seconds', 'tokens_per_s'))
   harness.write_jsonl(RESULTS, [dict(env, **r) for r in rows])
 
 

@@ -79,6 +79,16 @@ def peak_memory_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """get_config(ARG) of a config file named PATH or PATH:ARG (as --config= takes it)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('bench_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
 def config_with(base: ml_collections.ConfigDict | None = None, **overrides) -> ml_collections.ConfigDict:
   """A config from dotted overrides, e.g. config_with(**{'model.n_towers': 1})."""
   c = base.copy_and_resolve_references() if base is not None else config_lib.base_config()

@@ -5,6 +5,7 @@
   python bench/train_step.py --set model.n_layers=24 --set model.d_model=1024 --dtype=bfloat16
   python bench/train_step.py --xla_flags= --xla_flags=--xla_cpu_use_xnnpack=false --rounds=3
   python bench/train_step.py --huge_pages=on --huge_pages=off --rounds=3
+  python bench/train_step.py --config=configs/gpu.py --sweep=attention   # a preset; cuDNN vs XLA
 
 Each point runs in its own process, so compile time and peak memory are its own.
 MFU = analytic model FLOP/s / device peak; on CPU the peak is a large f32 matmul
@@ -37,21 +38,26 @@ SWEEPS = {
             for n in (64, 128, 256, 512)],
     'vocab': [{'data.vocab_size': v} for v in (2000, 8000, 32000)],
     'towers': [{'model.n_towers': n} for n in (1, 2, 4)],
+    'attention': [{'model.attention': a} for a in ('auto', 'xla')],  # cuDNN on GPU vs XLA
 }
 
-COLUMNS = ('label', 'tokens_per_s', 'ms_per_step', 'gflop_per_token', 'achieved_gflops',
-           'peak_gflops', 'mfu', 'mfu_median_peak', 'compile_s', 'peak_mem_mb')
+COLUMNS = ('label', 'attention', 'tokens_per_s', 'ms_per_step', 'gflop_per_token',
+           'achieved_gflops', 'peak_gflops', 'mfu', 'mfu_median_peak', 'compile_s',
+           'peak_mem_mb')
 
 
-def measure(overrides: dict, steps: int, repeats: int) -> dict:
+def measure(overrides: dict, steps: int, repeats: int, preset: str = '') -> dict:
   """Runs in the child process: one config, one row.
 
   On CPU the matmul peak is measured before every timed repeat, interleaved with the
   steps, so a slow patch of a shared machine moves both. MFU is against the best
-  peak seen (conservative); `mfu_median_peak` is against the median peak.
+  peak seen (conservative); `mfu_median_peak` is against the median peak. `preset`:
+  a config file (PATH or PATH:ARG) the overrides apply to, else base_config().
   """
   import harness  # pylint: disable=g-import-not-at-top
-  config = harness.config_with(**{'mesh.data': -1, 'mesh.tower': 1, **overrides})
+  from twotower_jax.model import attention  # pylint: disable=g-import-not-at-top
+  base = harness.load_config(preset) if preset else None
+  config = harness.config_with(base, **{'mesh.data': -1, 'mesh.tower': 1, **overrides})
   dtype = overrides.get('model.dtype', 'float32')
   bench = harness.StepBench(config, config.data.vocab_size)
   bench.run(2)  # warm-up: first executions allocate
@@ -62,7 +68,8 @@ def measure(overrides: dict, steps: int, repeats: int) -> dict:
     times.append(bench.run(steps) / steps)
   t = harness.summarize(times)['median_s']
   achieved = bench.flops_per_step / t
-  return {**harness.machine(), 'overrides': overrides, 'steps': steps, 'repeats': repeats,
+  return {**harness.machine(), 'preset': preset, 'overrides': overrides, 'steps': steps,
+          'repeats': repeats, 'attention': attention.implementation(bench.model.cfg),
           'tokens_per_s': bench.tokens_per_step / t, 'ms_per_step': 1e3 * t,
           'step_times_s': times, 'flops_per_step': bench.flops_per_step,
           'gflop_per_token': bench.flops_per_step / bench.tokens_per_step / 1e9,
@@ -86,9 +93,9 @@ def point_env(xla_flags: str | None, huge_pages: str | None) -> dict:
 
 
 def run_point(overrides: dict, steps: int, repeats: int, xla_flags: str | None = None,
-              huge_pages: str | None = None) -> dict:
+              huge_pages: str | None = None, preset: str = '') -> dict:
   out = subprocess.run([sys.executable, __file__, '--point', json.dumps(overrides),
-                        f'--steps={steps}', f'--repeats={repeats}'],
+                        f'--steps={steps}', f'--repeats={repeats}', f'--config={preset}'],
                        capture_output=True, text=True, check=False,
                        env=point_env(xla_flags, huge_pages))
   if out.returncode:
@@ -109,6 +116,8 @@ def parse_set(items: list[str]) -> dict:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--config', default='', help='start from this config file (PATH or '
+                 'PATH:ARG, e.g. configs/gpu.py) instead of the CPU target')
   p.add_argument('--sweep', default='', help='comma list of: ' + ', '.join(SWEEPS))
   p.add_argument('--set', action='append', default=[], help='KEY=VALUE config override')
   p.add_argument('--dtype', default='', help='model compute dtype, e.g. bfloat16')
@@ -130,12 +139,15 @@ def main() -> None:
             'run without it')
   if args.point is not None:
     sys.path.insert(0, HERE)
-    print(json.dumps(measure(json.loads(args.point), args.steps, args.repeats)))
+    print(json.dumps(measure(json.loads(args.point), args.steps, args.repeats, args.config)))
     return
-  base = {**TARGET, **parse_set(args.set)}
+  if args.config:  # the point processes get an absolute path
+    path, sep, arg = args.config.partition(':')
+    args.config = os.path.abspath(path) + sep + arg
+  base = {**({} if args.config else TARGET), **parse_set(args.set)}
   if args.dtype:
     base['model.dtype'] = args.dtype
-  points = [('target', base)]
+  points = [(os.path.basename(args.config) or 'target', base)]
   for name in filter(None, args.sweep.split(',')):
     if name not in SWEEPS:
       raise SystemExit(f'unknown sweep {name!r}; choose from {sorted(SWEEPS)}')
@@ -154,7 +166,7 @@ def main() -> None:
     for label, overrides in points:
       for flags, pages in arms:  # alternated, so a slow patch hits every arm
         row = {'label': label, 'bench': 'train_step',
-               **run_point(overrides, args.steps, args.repeats, flags, pages)}
+               **run_point(overrides, args.steps, args.repeats, flags, pages, args.config)}
         if flags is not None:
           row['xla_flags'] = flags
         rows.append(row)

@@ -13,4 +13,7 @@ def get_config():
   # 4 layers: unrolled is ~10% faster per step on CPU than the scanned layer body
   # (docs/PERFORMANCE.md); deep presets keep scan_layers for fast compiles.
   c.model.scan_layers = False
+  # Six checkpoints (steps 40..240) for `analyze --steps=all`: preference over training.
+  c.train.checkpoint_every = 40
+  c.train.keep_checkpoints = 6
   return c

@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Train on one local GPU (debugging and single-GPU runs) with configs/gpu.py.
 #   bash launch/gpu.sh [WORKDIR] [--config.KEY=VALUE ...]
+#   bash launch/gpu.sh --dry-run [--config.KEY=VALUE ...]
+# --dry-run: pre-flight on this machine's CPU, no GPU needed and nothing written: lowers
+# the train step for GPU_TARGET and prints its memory estimate, FLOPs per step and
+# expected step time at DRY_RUN_MFU (python -m twotower_jax.main --dry_run; docs/SCALING.md).
 # Environment (defaults in brackets):
 #   CONFIG                        config file [configs/gpu.py]
+#   GPU_TARGET                    --dry-run target: H100, H100x8, H200, A100 [H100]
+#   DRY_RUN_MFU                   MFU of the dry run's expected step time [0.45]
 #   CUDA_VISIBLE_DEVICES          which GPU(s) JAX may use [all]
 #   XLA_PYTHON_CLIENT_PREALLOCATE false: allocate on demand, so nvidia-smi shows the real
 #                                 use and other processes fit beside [false]
@@ -12,9 +18,14 @@
 #   INSTALL_CUDA                  1 = pip install jax[cuda12] (same jax version) when the
 #                                 venv has no GPU backend [0]
 source "$(dirname "$0")/env.sh"
+CONFIG="${CONFIG:-configs/gpu.py}"
+if [[ "${1:-}" == "--dry-run" ]]; then
+  shift
+  JAX_PLATFORMS=cpu exec python -m twotower_jax.main --config="$CONFIG" \
+      --dry_run="${GPU_TARGET:-H100}" --dry_run_mfu="${DRY_RUN_MFU:-0.45}" "$@"
+fi
 WORKDIR="${1:-runs/gpu}"
 [[ $# -gt 0 ]] && shift
-CONFIG="${CONFIG:-configs/gpu.py}"
 
 export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-.90}"

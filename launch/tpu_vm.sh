@@ -4,8 +4,12 @@
 #
 #   bash launch/tpu_vm.sh [--dry-run] create | setup | train [--config.KEY=V ...] |
 #                                     analyze [ARGS ...] | ssh [COMMAND ...] | status | delete
+#   bash launch/tpu_vm.sh preflight [--config.KEY=V ...]
 #
-# --dry-run prints the exact gcloud commands instead of running them.
+# --dry-run prints the exact gcloud commands instead of running them; with train it then
+# runs the pre-flight. preflight: on this machine's CPU, no TPU needed and nothing
+# written, lower CONFIG's train step for ACCELERATOR_TYPE and print its per-device memory
+# estimate, FLOPs per step and expected step time at DRY_RUN_MFU (main --dry_run).
 # Environment (defaults in brackets):
 #   TPU_NAME         TPU VM name [twotower]
 #   ZONE             zone [us-central2-b]
@@ -22,6 +26,8 @@
 #   BACKGROUND       1 = train detached with nohup, log in ~/twotower_train.log [0]
 #   WORKER           worker for ssh [0]
 #   ANALYZE_PLATFORMS JAX platform of the (single-process) analysis on worker 0 [cpu]
+#   DRY_RUN_MFU      MFU of the pre-flight's expected step time [0.45]
+#   PREFLIGHT        0 = --dry-run train prints the gcloud commands only [1]
 set -euo pipefail
 
 DRY_RUN=0
@@ -44,7 +50,7 @@ BACKGROUND="${BACKGROUND:-0}"
 WORKER="${WORKER:-0}"
 ANALYZE_PLATFORMS="${ANALYZE_PLATFORMS:-cpu}"
 
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 
 shq() {  # one argument, single-quoted when it needs quoting (readable, copy-pastable)
   if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"
@@ -81,6 +87,12 @@ remote() {  # remote WORKERS SCRIPT: runs SCRIPT on the workers over gcloud ssh
 
 q() { [[ $# -gt 0 ]] && printf '%q ' "$@"; return 0; }  # quotes user arguments for the remote shell
 
+preflight() {  # the CPU dry run of CONFIG for ACCELERATOR_TYPE, here (local venv)
+  (source "$(dirname "$0")/env.sh" &&
+   JAX_PLATFORMS=cpu python -m twotower_jax.main --config="$CONFIG" \
+       --dry_run="$ACCELERATOR_TYPE" --dry_run_mfu="${DRY_RUN_MFU:-0.45}" "$@")
+}
+
 case "$CMD" in
   create)
     args=(gcloud compute tpus tpu-vm create "$TPU_NAME" "${common[@]}"
@@ -114,6 +126,13 @@ case "$CMD" in
     script="cd $REMOTE_DIR && source launch/env.sh"
     [[ -n "$MOUNT" ]] && script="$MOUNT && $script"
     remote all "$script && $train"
+    if [[ "$DRY_RUN" == 1 && "${PREFLIGHT:-1}" == 1 ]]; then
+      echo "# pre-flight of $CONFIG on $ACCELERATOR_TYPE (this machine's CPU):"
+      preflight "$@"
+    fi
+    ;;
+  preflight)
+    preflight "$@"
     ;;
   analyze)
     script="cd $REMOTE_DIR && source launch/env.sh && JAX_PLATFORMS=$ANALYZE_PLATFORMS python -m twotower_jax.analyze --workdir=$RUN_DIR $(q "$@")"
@@ -135,7 +154,8 @@ case "$CMD" in
     usage
     ;;
   *)
-    echo "error: unknown command '$CMD'; use create, setup, train, analyze, ssh, status or delete" >&2
+    echo "error: unknown command '$CMD'; use create, setup, train, preflight, analyze, ssh," \
+         "status or delete" >&2
     exit 2
     ;;
 esac

@@ -69,3 +69,27 @@ def sharded_steps(config, n_steps=1, seed=0):
     state, metrics = step(state, jax.device_put(window, batch_sh))
     out.append(jax.device_get(metrics))
   return out
+
+
+def split_gate(ids):
+  """A latent-mixture gate class with fixed pi = 1/2 in which only tower 0 can produce the
+  pieces `ids` (a list, read when the model runs) and only tower 1 the rest: a model whose
+  towers split the vocabulary by construction (the known answer for the estimators)."""
+  from twotower_jax.model import gates  # pylint: disable=g-import-not-at-top
+
+  class SplitGate(nn.Module):
+    cfg: object
+
+    @nn.compact
+    def __call__(self, h_NxBxLxH, decode, decode_towers, weights_BxL=None):
+      del decode, weights_BxL
+      tower_logits = decode_towers(gates.tower_heads(self.cfg, h_NxBxLxH))
+      mine_V = jnp.zeros(self.cfg.vocab_size, bool).at[jnp.asarray(ids)].set(True)
+      tower_logits = tower_logits.at[0].add(jnp.where(mine_V, 0.0, -1e4))
+      tower_logits = tower_logits.at[1].add(jnp.where(mine_V, -1e4, 0.0))
+      log_pi = jnp.full(h_NxBxLxH.shape[:3], -jnp.log(2.0))
+      log_p = jax.nn.log_softmax(tower_logits.astype(jnp.float32), -1)
+      return {'logits_BxLxV': jax.nn.logsumexp(log_pi[..., None] + log_p, axis=0),
+              'tower_logits_NxBxLxV': tower_logits, 'gate_log_weights_NxBxL': log_pi}
+
+  return SplitGate

@@ -11,6 +11,7 @@ import importlib.util
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -58,6 +59,22 @@ def tiny_config(text_dir: str, **overrides):
   c.mesh.tower = 2
   config_lib.set_fields(c, overrides)
   return c
+
+
+# A cuDNN 9 version number (9.8) for lowering on CPU; JAX reads it only to gate features
+# (compute capability 10.3, multi-head latent attention) this model does not use.
+CUDNN_VERSION = 90800
+
+
+@pytest.fixture
+def cudnn_lowering(monkeypatch):
+  """Lets cuDNN attention be traced (and so lowered for cuda) on a machine without the
+  CUDA plugin: JAX asks the plugin for cuDNN's version while tracing; nothing else."""
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src.cudnn import fused_attention_stablehlo as fused
+  if fused.cuda_versions is None:
+    monkeypatch.setattr(fused, 'cuda_versions',
+                        types.SimpleNamespace(cudnn_get_version=lambda: CUDNN_VERSION))
 
 
 @pytest.fixture

@@ -4,12 +4,12 @@ import csv
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _family
 from tests.conftest import run_module, tiny_config
 from twotower_jax.train import setup as setup_lib
 from twotower_jax import run as run_lib
@@ -23,22 +23,6 @@ from twotower_jax.data import planted
 from twotower_jax.train import loop as train_lib
 
 PLANTED_IDS = np.arange(5, 45)  # low SentencePiece ids: frequent pieces
-
-
-class PlantedGate(nn.Module):
-  """Latent mixture, fixed pi = 1/2: only tower 0 produces the planted items, only tower 1 the rest."""
-  cfg: object
-
-  @nn.compact
-  def __call__(self, h_NxBxLxH, decode, decode_towers, weights_BxL=None):
-    tower_logits = decode_towers(gates.tower_heads(self.cfg, h_NxBxLxH))
-    planted_V = jnp.zeros(self.cfg.vocab_size, bool).at[PLANTED_IDS].set(True)
-    tower_logits = tower_logits.at[0].add(jnp.where(planted_V, 0.0, -1e4))
-    tower_logits = tower_logits.at[1].add(jnp.where(planted_V, -1e4, 0.0))
-    log_pi = jnp.full(h_NxBxLxH.shape[:3], -jnp.log(2.0))
-    log_p = jax.nn.log_softmax(tower_logits.astype(jnp.float32), -1)
-    return {'logits_BxLxV': jax.nn.logsumexp(log_pi[..., None] + log_p, axis=0),
-            'tower_logits_NxBxLxV': tower_logits, 'gate_log_weights_NxBxL': log_pi}
 
 
 def analysis_config(text_dir, **overrides):
@@ -101,7 +85,7 @@ def test_segment_sums_match_numpy():
   np.testing.assert_allclose(got['sum_NxV'], sums, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got['cross_VxNxN'], cross, rtol=1e-5, atol=1e-4)
   # the control permutes towers per position: per-item totals over towers are unchanged
-  np.testing.assert_allclose(got['perm_sum_NxV'].sum(0), sums.sum(0), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got['perm_sum_KxNxV'][0].sum(0), sums.sum(0), rtol=1e-5, atol=1e-4)
   res = est_lib.base.finish({k: np.asarray(x, np.float64) for k, x in got.items()})
   item = int(np.argmax(count))
   occ = vals[:, mask & (targets == item)]
@@ -186,7 +170,7 @@ def test_cli_missing_workdir_is_one_line(tmp_path):
 @pytest.fixture
 def planted_gate():
   """Registers the test gate for one test only (other tests list the registered gates)."""
-  gates.register('planted_test', mixture=True)(PlantedGate)
+  gates.register('planted_test', mixture=True)(_family.split_gate(PLANTED_IDS.tolist()))
   yield
   gates.GATES.pop('planted_test')
 
@@ -243,7 +227,8 @@ def test_three_tower_run_scores_every_tower(tmp_path, small_corpus_dir):
   params = state_lib.init(setup.model, optimizer_lib.make(config), 0).params
   out = str(tmp_path / 'analysis')
   summary = analysis.analyze(run_lib.Run(setup, params, 0), str(tmp_path), out)
-  assert summary['n_towers'] == 3 and set(summary['per_estimator']) == {'probe', 'ablation'}
+  assert summary['n_towers'] == 3
+  assert set(summary['per_estimator']) == {'probe', 'ablation'}
   with open(os.path.join(out, 'preference.csv')) as f:
     rows = [r for r in csv.DictReader(f) if int(r['count']) > 0]
   assert rows
@@ -265,8 +250,9 @@ def test_summary_statistics_on_synthetic_items(small_corpus_dir):
   v = 200
   wc = np.array(['closed'] * 60 + ['open'] * 100 + [''] * 40)
   pref = np.where(wc == 'closed', 1.0, -1.0) + 0.1 * rng.normal(size=v)
+  control = 0.1 * rng.normal(size=(20, v))
   res = {'count': rng.integers(1, 500, size=v).astype(float), 'pref': pref,
-         'control_pref': 0.1 * rng.normal(size=v), 'best': (pref < 0).astype(int),
+         'control_pref': control[0], 'control_pref_KxV': control, 'best': (pref < 0).astype(int),
          'seconds': 1.0, 'prepare_seconds': 0.0, 'tokens_per_s': 1.0}
   classes = {'word_class': wc, 'upos': np.full(v, ''), 'source': 'function_words'}
   pieces = [f'p{i}' for i in range(v)]
@@ -276,6 +262,8 @@ def test_summary_statistics_on_synthetic_items(small_corpus_dir):
   assert s['n_items'] == keep.sum()
   ce = s['class_enrichment']
   assert ce['auc'] == 1.0 and ce['ci'][0] == 1.0 and ce['mean_pref_closed'] > 0.8
+  assert ce['null']['p'] == 1 / 21 and ce['null']['effect'] > 5  # beyond every control draw
+  assert abs(ce['null']['null_mean'] - 0.5) < 0.1
   assert s['planted']['auc'] == 1.0 and s['planted']['n_syntax'] == (keep & (wc == 'closed')).sum()
   assert s['bimodality'] > 0.8 > s['control']['bimodality']
   assert sum(b['n'] for b in s['frequency']['bins']) == s['n_items']
@@ -295,3 +283,26 @@ def test_cli_compare(cli_analysis, tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   out = json.load(open(tmp_path / 'compare.json'))
   assert out['pairs']
+
+
+@pytest.mark.slow
+def test_analysis_over_training_steps(tmp_path, small_corpus_dir):
+  """--steps=all analyses every kept checkpoint and tabulates the statistics by step."""
+  workdir = str(tmp_path / 'run')
+  config = analysis_config(small_corpus_dir, **{'train.steps': 4, 'train.checkpoint_every': 2,
+                                                'train.eval_every': 2})
+  train_lib.train_and_evaluate(config, workdir)
+  flags = ['--config.analysis.estimators=ablation', '--config.analysis.min_count=2',
+           '--config.analysis.n_boot=10', '--config.analysis.n_control=5']
+  r = run_module('twotower_jax.analyze', f'--workdir={workdir}', '--steps=all', *flags)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = os.path.join(workdir, 'analysis')
+  assert sorted(os.listdir(os.path.join(out, 'steps'))) == ['2', '4']
+  rows = json.load(open(os.path.join(out, 'over_training.json')))['steps']
+  assert [row['step'] for row in rows] == [2, 4]
+  assert all(row['per_estimator']['ablation']['n_items'] > 0 for row in rows)
+  md = open(os.path.join(out, 'over_training.md')).read()
+  assert '![over_training](figures/over_training.png)' in md and '| 4 |' in md
+  assert os.path.getsize(os.path.join(out, 'figures', 'over_training.png')) > 1000
+  bad = run_module('twotower_jax.analyze', f'--workdir={workdir}', '--steps=3', *flags)
+  assert bad.returncode == 2 and 'no checkpoint for step(s) [3]; kept: [2, 4]' in bad.stderr

@@ -42,3 +42,18 @@ def test_throughput_reports_mfu_only_with_a_peak():
   assert pf.summary()['memory_temp_size_in_bytes'] == 5
   pf.peak_flops = None
   assert 'mfu' not in pf.throughput(steps=2, seconds=1.0)
+
+
+@pytest.mark.parametrize('mode,tied', [('projected', True), ('shared', False)])
+def test_projections_and_untied_output_are_matmuls(tiny, mode, tied):
+  """`projected` tables reach the towers through in_proj and the output through out_proj;
+  an untied output layer is `output`, and then the token table is only looked up."""
+  config = tiny(**{'model.embedding.mode': mode, 'model.embedding.tied': tied})
+  params = flops.param_shapes(model_lib.build(config, 256))
+  n, h, v = 2, 32, 256
+  towers_and_gate = flops.matmul_params({'towers': params['towers'], 'gate': params['gate']})
+  if mode == 'projected':  # table V x NH, in_proj N x NH x H, out_proj H x NH
+    embed = v * n * h + n * (n * h) * h + h * n * h
+  else:  # output V x H (the V x H token table is looked up only)
+    embed = v * h
+  assert flops.matmul_params(params) == towers_and_gate + embed

@@ -1,8 +1,10 @@
 """Launch scripts: valid bash; the TPU VM dry run prints the expected gcloud commands."""
 
 import glob
+import hashlib
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -20,7 +22,7 @@ def test_scripts_parse(script):
 
 def _dry(*args, **env):
   full = {k: v for k, v in os.environ.items() if not k.startswith(('TPU_', 'ZONE', 'PROJECT'))}
-  full.update(env)
+  full.update({'PREFLIGHT': '0', **env})
   r = subprocess.run(['bash', os.path.join(REPO, 'launch', 'tpu_vm.sh'), '--dry-run', *args],
                      capture_output=True, text=True, env=full, cwd=REPO)
   assert r.returncode == 0, r.stderr
@@ -53,6 +55,43 @@ def test_tpu_dry_run_prints_the_gcloud_commands():
   # Single host, local workdir, defaults: no project flag, no gcsfuse.
   out = _dry('train', TPU_NAME='one', CONFIG='configs/default.py')
   assert '--workdir=runs/one' in out and 'gcsfuse' not in out and '--project' not in out
+
+
+def _pinned_venv_env() -> dict:
+  """The environment to run a launcher's local python step with this test's venv, which
+  launch/env.sh accepts only as the pinned one (else it would install one)."""
+  with open(os.path.join(REPO, 'requirements.lock'), 'rb') as a, open(
+      os.path.join(REPO, 'setup.py'), 'rb') as b:
+    stamp = hashlib.sha256(a.read() + b.read()).hexdigest()
+  try:
+    with open(os.path.join(sys.prefix, '.installed')) as f:
+      pinned = f.read().strip() == stamp
+  except OSError:
+    pinned = False
+  if not pinned:
+    pytest.skip("this test's venv is not launch/env.sh's pinned venv")
+  return {'TWOTOWER_VENV': sys.prefix, 'TWOTOWER_HUGE_PAGES': '0'}
+
+
+def test_tpu_dry_run_train_runs_the_cpu_preflight():
+  out = _dry('train', '--config.model.n_layers=1', PREFLIGHT='1', TPU_NAME='tt',
+             ACCELERATOR_TYPE='v5litepod-8', CONFIG='configs/tiny.py', DRY_RUN_MFU='0.3',
+             **_pinned_venv_env())
+  assert out.startswith('gcloud compute tpus tpu-vm ssh tt')
+  for piece in ('# pre-flight of configs/tiny.py on v5litepod-8',
+                'dry run for v5litepod-8 (8 tpu devices)', '2 x causal towers, 1 layers',
+                'lowered for tpu (jax.export): ok', 'expected step time at MFU 0.30'):
+    assert piece in out, (piece, out)
+
+
+def test_gpu_script_dry_run_needs_no_gpu():
+  env = {**os.environ, **_pinned_venv_env(), 'CONFIG': 'configs/tiny.py', 'GPU_TARGET': 'H100'}
+  r = subprocess.run(['bash', os.path.join(REPO, 'launch', 'gpu.sh'), '--dry-run',
+                      '--config.model.dtype=bfloat16'], capture_output=True, text=True, env=env,
+                     cwd=REPO)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert 'dry run for H100 (1 cuda device)' in r.stdout and 'of 80 GiB' in r.stdout
+  assert 'attention: cudnn' in r.stdout
 
 
 def test_tpu_script_rejects_unknown_commands():

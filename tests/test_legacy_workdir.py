@@ -29,7 +29,9 @@ def test_old_workdir_analyses_to_the_same_values(tmp_path):
   np.testing.assert_array_equal(cols['count'], EXPECTED['count'])
   for name in ('ablation_t0', 'ablation_t1', 'gate_t0', 'gate_t1'):
     want = np.array([np.nan if v is None else v for v in EXPECTED[name]])
-    np.testing.assert_array_equal(cols[name], want, err_msg=name)
+    # The estimators now read cached tower states (a different jitted graph): float32
+    # rounding moves the 6-digit CSV values by at most a few 1e-7.
+    np.testing.assert_allclose(cols[name], want, rtol=0, atol=2e-6, err_msg=name)
 
 
 def test_old_workdir_resumes_training(tmp_path):

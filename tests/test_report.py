@@ -84,7 +84,10 @@ def make_analysis(root, n_towers=2, estimators=('probe', 'ablation'), struct=Tru
                                 'auc_closed': float('nan')}]},
         'class_enrichment': {'source': 'function_words', 'auc': auc, 'ci': interval,
                              'n_closed': 18, 'n_open': 17, 'mean_pref_closed': 0.2,
-                             'mean_pref_open': -0.1},
+                             'mean_pref_open': -0.1,
+                             'null': {'null_mean': 0.5, 'null_sd': 0.03, 'n_null': 100,
+                                      'p': 0.0099 if abs(auc - 0.5) > 0.1 else 0.52,
+                                      'effect': (auc - 0.5) / 0.03}},
         'top_items': top[est], 'seconds': 1.5, 'tokens_per_s': 1234.0,
         'description': f'what {est} measures',
     }
@@ -143,7 +146,8 @@ def test_markdown_two_towers_headline_and_tables(two_towers):
   out, summary, res = two_towers
   md = _md(out)
   assert res['report_md'] == os.path.join(out, 'report.md')
-  assert md.index('How to read this report') < md.index('Headline')
+  assert md.index('Headline') < md.index('How to read this report')  # the answer first
+  assert '34 vocabulary items seen at least 2 times, among 4000 scored positions in 8' in md
   for est in summary['estimators']:
     ce = summary['per_estimator'][est]['class_enrichment']
     stat = f"AUC {ce['auc']:.2f} [{ce['ci'][0]:.2f}, {ce['ci'][1]:.2f}]"
@@ -152,7 +156,9 @@ def test_markdown_two_towers_headline_and_tables(two_towers):
   probe_line = _headline(md, 'probe')
   assert 'tower 0 prefers closed-class items' in probe_line
   abl_line = _headline(md, 'ablation')
-  assert 'interval includes 0.5' in abl_line and 'prefers closed' not in abl_line
+  assert 'within what the control shows' in abl_line and 'prefers closed' not in abl_line
+  assert '(control 0.50 \u00b1 0.03, p \u2264 0.010, 7.0 SD)' in probe_line
+  assert '| 0.710 | [0.660, 0.760] | 0.500 \u00b1 0.030 | 0.010 | 18 | 17 |' in md
   # The odd piece is escaped in tables: its pipe never splits a cell.
   assert '\\<b\\>\\|' in md
   for line in md.splitlines():
@@ -192,7 +198,7 @@ def test_three_towers_and_gate(tmp_path):
   assert 'open-class items have sharper tower preferences' in gate_line
   assert 'AUC 0.27 [0.20, 0.33]' in gate_line
   assert '**tower 2**' in md
-  assert 'Planted classes' in md and '| 0.930 | [0.880, 0.970] | 13 | 13 |' in md
+  assert 'Planted classes' in md and '| 0.930 | [0.880, 0.970] | n/a | n/a | 13 | 13 |' in md
   assert 'did not run' not in md
   assert list(summary['agreement']) == ['probe~gate'] and '| probe~gate |' in md
 
@@ -285,6 +291,7 @@ def test_one_tower_split_control_model(tmp_path):
   summary['n_towers'] = 1
   summary['per_estimator']['ablation']['control']['kind'] = 'split_single_tower'
   summary['per_estimator']['ablation']['class_enrichment']['ci'] = [None, None]
+  summary['per_estimator']['ablation']['class_enrichment']['null'] = {}  # written before tests
   with open(os.path.join(out, 'summary.json'), 'w') as f:
     json.dump(summary, f)
   report.write_report(out)
@@ -317,3 +324,25 @@ def test_degenerate_estimator_does_not_fail(tmp_path):
               'no class enrichment in summary.json', 'no top items in summary.json'):
     assert f'Not shown: {why}' in md
   assert os.path.getsize(res['report_html']) > 1000
+
+
+def test_probe_training_and_cautions(tmp_path):
+  """A probe that hit its step cap and an estimator that agrees with no other are flagged in
+  the headline; the probe's curve gets a table line and a figure."""
+  out, summary = make_analysis(tmp_path, estimators=('probe', 'ablation'))
+  summary['per_estimator']['probe']['training'] = {
+      'steps': 3000, 'converged': False, 'heldout_loss': [6.2, 6.3], 'model_heldout_loss': 5.8,
+      'n_train_positions': 1000, 'n_heldout_positions': 100,
+      'curve': [{'step': 25, 'train': [7.0, 7.1], 'heldout': [6.9, 7.0]},
+                {'step': 50, 'train': [6.4, 6.5], 'heldout': [6.2, 6.3]}]}
+  summary['agreement']['probe~ablation']['spearman'] = 0.1
+  with open(os.path.join(out, 'summary.json'), 'w') as f:
+    json.dump(summary, f)
+  res = report.write_report(out)
+  md = _md(out)
+  caution = md[md.index('**Caution.**'):md.index('## How to read')]
+  assert '`probe` did not converge' in caution and '(3000 steps)' in caution
+  assert '`ablation` agrees weakly with the other estimators (best Spearman 0.10' in caution
+  assert '**did not converge** (step cap reached) after 3000 steps' in md
+  assert 'tower 0 6.200, tower 1 6.300; the model itself 5.800' in md
+  assert res['figures']['probe']['training'] == 'figures/probe_training.png'

@@ -20,6 +20,9 @@ _CONFIG = config_flags.DEFINE_config_dict('config', config_lib.base_config(),
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory to analyse (read only, except '
                                'DIR/analysis/).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: analysis.step, 0 = latest).')
+_STEPS = flags.DEFINE_string('steps', None, "'all' or a comma list of checkpoint steps: analyse "
+                             'each into DIR/analysis/steps/<step>/ and draw the statistics '
+                             'against the training step (DIR/analysis/over_training.md).')
 _COMPARE = flags.DEFINE_multi_string('compare', None, 'Analysed run directories to compare '
                                      '(give it once per run, or DIR1 DIR2 ... after it).')
 _OUT = flags.DEFINE_string('out', None, '--compare output directory (default '
@@ -54,7 +57,10 @@ def main(argv):
     config.analysis.step = _STEP.value
   from twotower_jax.analysis import runner  # pylint: disable=g-import-not-at-top
   run_config = runner.load_config(_WORKDIR.value, config.analysis, config.imports)
-  runner.run(run_config, _WORKDIR.value)
+  if _STEPS.value:
+    runner.run_over_training(run_config, _WORKDIR.value, _STEPS.value)
+  else:
+    runner.run(run_config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

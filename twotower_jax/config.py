@@ -127,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Scale-out (docs/SCALING.md): precision, rematerialisation, accumulation, pre-flight.
   c.model.dtype = 'float32'  # tower matmul compute dtype: 'float32' | 'bfloat16' (params f32)
   c.model.remat = False  # recompute each block's activations in the backward pass (saves memory)
+  # Attention kernel (model/attention.py): 'auto' = cuDNN flash attention on CUDA where the
+  # shapes allow, XLA elsewhere; 'xla' | 'cudnn' force one; 'splash' = Pallas kernel on TPU.
+  c.model.attention = 'auto'
   c.train.grad_accum_steps = 1  # micro-batches per step (scan in the jitted step); 1 = off
   c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = look up (TPU/GPU) or measure (CPU)
   # Structural probe of the analysis (docs/ANALYSIS_STATS.md).
@@ -141,14 +144,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.struct_word_repr = 'mean'  # word state: 'mean' or 'first' of its pieces
   c.analysis.struct_seed = 0  # sentence split and probe init
   # Tower preference analysis (python -m twotower_jax.analyze; docs/ANALYSIS.md).
-  c.analysis.estimators = 'probe,ablation,gate'  # comma list; gate runs only for model.gate=latent
-  c.analysis.eval_windows = 64  # held-out windows scored (all estimators: the same positions)
+  c.analysis.estimators = 'probe,ablation,gate'  # comma list (also: resample); gate: mixture gates
+  c.analysis.eval_windows = 0  # held-out windows scored, every estimator on the same positions; 0 = all
   c.analysis.min_count = 20  # items with fewer scored occurrences are left out of the statistics
   c.analysis.n_boot = 1000  # bootstrap resamples for confidence intervals
-  c.analysis.probe_steps = 300  # Adam steps of the probe heads (towers frozen)
-  c.analysis.probe_lr = 1e-3
-  c.analysis.probe_batch_size = 16  # training windows per probe step
+  c.analysis.n_control = 100  # shuffled-label control draws: each statistic's null distribution
+  c.analysis.ablation_draws = 2  # resample: replacement draws averaged per position
+  # Probe heads (phases 2-3) train on cached states of probe_windows training windows.
+  c.analysis.probe_windows = 256  # training windows whose frozen states the probes read
+  c.analysis.probe_heldout = 0.1  # share of those windows held out for the stopping rule
+  c.analysis.probe_batch_size = 4  # windows per AdamW step
+  c.analysis.probe_lr = 1e-3  # after a linear warm-up of probe_warmup steps
+  c.analysis.probe_warmup = 50
+  c.analysis.probe_weight_decay = 0.01  # on the heads' matrices
+  c.analysis.probe_steps = 3000  # cap; training stops earlier on a held-out plateau
+  c.analysis.probe_eval_every = 25  # steps between held-out checks
+  c.analysis.probe_patience = 4  # checks without improvement before stopping
+  c.analysis.probe_min_delta = 0.002  # nats: an improvement smaller than this does not count
   c.analysis.conllu = ''  # CoNLL-U treebank for word classes ('' = built-in function-word list)
+  c.analysis.word_classes = ''  # or a word<TAB>closed|open list (corpora no treebank covers)
   c.analysis.token_view_passages = 4  # held-out passages in token_view.json
   c.analysis.step = 0  # checkpoint step to analyse (0 = latest)
   c.analysis.seed = 0  # probe init and batches, shuffled-label control, bootstrap
@@ -200,12 +214,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def _validate_analysis(a: ml_collections.ConfigDict) -> None:
   """The preference analysis's numeric fields (estimator names: analysis.check_config)."""
-  for name in ('eval_windows', 'probe_steps', 'probe_batch_size', 'n_boot'):
+  for name in ('probe_steps', 'probe_batch_size', 'n_boot', 'n_control', 'ablation_draws',
+               'probe_windows', 'probe_eval_every', 'probe_patience'):
     if a[name] < 1:
       raise ConfigError(f'analysis.{name}={a[name]} must be >= 1')
-  if a.min_count < 1 or a.token_view_passages < 0 or a.step < 0 or a.probe_lr <= 0:
-    raise ConfigError('analysis.min_count must be >= 1, analysis.token_view_passages and '
-                      'analysis.step >= 0, analysis.probe_lr > 0')
+  for name in ('eval_windows', 'token_view_passages', 'step', 'probe_warmup',
+               'probe_weight_decay', 'probe_min_delta'):
+    if a[name] < 0:
+      raise ConfigError(f'analysis.{name}={a[name]} must be >= 0')
+  if a.min_count < 1 or not 0 < a.probe_lr < 1 or not 0 < a.probe_heldout < 1:
+    raise ConfigError('analysis.min_count must be >= 1, analysis.probe_lr and '
+                      'analysis.probe_heldout in (0, 1)')
 
 
 def _validate_struct_probe(a: ml_collections.ConfigDict) -> None:

@@ -3,6 +3,9 @@
 Rerunning with the same DIR resumes. Bad input exits with one line on stderr.
 Several processes: add --coordinator_address/--num_processes/--process_id (automatic
 on Cloud TPU VMs); see docs/SCALING.md.
+Pre-flight without the hardware: --dry_run=TARGET (v5e-8, v4-32, H100, ...) lowers the
+train step for the target on this machine's CPU and prints its memory estimate, FLOPs
+and expected step time (train/dryrun.py); it needs no --workdir and writes nothing.
 """
 
 import logging
@@ -25,12 +28,23 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0,
                                       'Processes in the run (or env JAX_NUM_PROCESSES).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1,
                                    'This process, 0..num_processes-1 (or env JAX_PROCESS_ID).')
+_DRY_RUN = flags.DEFINE_string('dry_run', '', 'Pre-flight on CPU for a target (v5e-8, v4-32, '
+                               'v5p-8, v6e-8, H100, H100x8, H200, A100): memory estimate, '
+                               'FLOPs and step time of the train step; trains nothing.')
+_DRY_RUN_MFU = flags.DEFINE_float('dry_run_mfu', 0.45, 'MFU the dry run assumes for the '
+                                  'expected step time.')
 
 
 def main(argv):
   if len(argv) > 1:
     raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}; every setting is a '
                            'flag, e.g. --config.train.steps=200')
+  if _DRY_RUN.value:
+    dry_run(cli.load_config(_CONFIG), _DRY_RUN.value, _DRY_RUN_MFU.value)
+    return
+  if not _WORKDIR.value:
+    raise errors.UserError('--workdir is required: the run directory (checkpoints, metrics, '
+                           'config), e.g. --workdir=runs/a')
   from twotower_jax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value)  # before any other JAX use
@@ -43,6 +57,14 @@ def main(argv):
                result['step'], ev['loss'], ev['perplexity'], result['workdir'])
 
 
+def dry_run(config, target_name: str, mfu: float) -> None:
+  """Prints the pre-flight report of `config` on target `target_name` (no JAX use before)."""
+  from twotower_jax.train import dryrun  # pylint: disable=g-import-not-at-top
+  target = dryrun.target(target_name)
+  dryrun.use_cpu_devices(target.devices)  # before JAX starts its backend
+  print(dryrun.format_report(dryrun.run(config, target, mfu), config), flush=True)
+
+
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
+  flags.mark_flags_as_required(['config'])
   sys.exit(cli.run(main))

@@ -62,10 +62,15 @@ def load_config(workdir: str, analysis: ml_collections.ConfigDict | None = None,
 def fit_mesh(config: ml_collections.ConfigDict) -> list[jax.Device]:
   """The devices to read the run on, setting config.mesh to fit them.
 
-  The training mesh where it fits this machine; else data parallel over all devices;
-  else over the most devices that divide the batch (reading needs no particular mesh).
+  On CPU one device: the host's devices share its cores, so splitting a read gains
+  nothing, and XLA:CPU's in-process collectives can deadlock when many sharded
+  executables are in flight. Elsewhere the training mesh where it fits this machine;
+  else data parallel over all devices; else over the most devices that divide the batch.
   """
   devices = jax.devices()
+  if jax.default_backend() == 'cpu':
+    config.mesh.data, config.mesh.fsdp, config.mesh.tower = -1, 1, 1
+    return devices[:1]
   try:
     sharding_lib.make_mesh(config, devices)
     return devices

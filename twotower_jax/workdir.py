@@ -10,7 +10,8 @@ find files through these names and read or write them through these functions:
   DIR/tensorboard/                 the same scalars as event files
   DIR/analysis/                    preference.csv, summary.json, token_view.json,
                                    structural_probe.json, probe/, report.md,
-                                   report.html, figures/, compare/
+                                   report.html, figures/, compare/, steps/<step>/,
+                                   over_training.json, over_training.md
   DIR/generate/                    generations.jsonl (one sample per line, `write_jsonl`),
                                    generations.html (python -m twotower_jax.generate)
 """
@@ -45,6 +46,9 @@ FIG_DIR = 'figures'
 REPORT_MD = 'report.md'
 REPORT_HTML = 'report.html'
 COMPARE_DIR = 'compare'
+STEPS_DIR = 'steps'  # analysis/steps/<step>/: one full analysis per checkpoint (--steps)
+OVER_TRAINING_JSON = 'over_training.json'
+OVER_TRAINING_MD = 'over_training.md'
 COMPARE_JSON = 'compare.json'
 COMPARE_MD = 'compare.md'
 GENERATE = 'generate'
@@ -145,14 +149,14 @@ def rewrite_metrics(workdir: str, lines: Sequence[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------- JSON outputs
 
 
-def _clean(x):
+def clean(x):
   """Plain Python numbers; NaN stays NaN (json writes NaN, json.load reads it back; n/a)."""
   if isinstance(x, dict):
-    return {k: _clean(v) for k, v in x.items()}
+    return {k: clean(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_clean(v) for v in x]
+    return [clean(v) for v in x]
   if isinstance(x, np.ndarray):
-    return _clean(x.tolist())
+    return clean(x.tolist())
   if isinstance(x, (float, np.floating)):
     return float(x)
   if isinstance(x, (bool, np.bool_)):
@@ -166,7 +170,7 @@ def write_json(file: str, obj: Any, indent: int = 1, sort_keys: bool = False) ->
   """Atomic: written beside the target and renamed over it."""
   tmp = file + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(_clean(obj), f, indent=indent, sort_keys=sort_keys)
+    json.dump(clean(obj), f, indent=indent, sort_keys=sort_keys)
     f.write('\n')
   os.replace(tmp, file)
 

@@ -8,10 +8,11 @@ from twotower_jax.analysis.estimators import base
 def _values(ctx):
   n = ctx.model.cfg.n_towers
 
-  def fn(params, _, ex):
+  def fn(params, _, ex, h_NxBxLxH, key):
+    del key
     def ll(k):
       zero = None if k is None else (lambda h: h.at[k].set(0.0))
-      out = ctx.model.apply({'params': params}, ex['inputs'], deterministic=True, states_fn=zero)
+      out = base.gate_outputs(ctx.model, params, ex, h_NxBxLxH, zero)
       return base.target_log_probs(out['logits_BxLxV'], ex['targets'])
     full = ll(None)
     return jnp.stack([full - ll(k) for k in range(n)]), {}

@@ -71,13 +71,66 @@ def planted_labels(config: ml_collections.ConfigDict, sp) -> np.ndarray | None:
   return np.asarray(planted.token_classes(config, sp))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Restores the checkpoint analysis.step, scores the estimators, writes DIR/analysis/*."""
+def _estimator_entry(name, res, pieces, classes, config, planted_V) -> dict[str, Any]:
+  """summary.json's block for one estimator: its statistics, meaning and own record."""
+  est = est_lib.get(name)
+  out = summary_lib.estimator_summary(res, pieces, classes, config.model.n_towers, config,
+                                      planted_V)
+  out['description'] = est.description
+  if est.summary is not None:
+    out.update(est.summary(res['state']))
+  return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = None
+        ) -> dict[str, Any]:
+  """Restores the checkpoint analysis.step, scores the estimators and writes the analysis
+  files into `out_dir` (default DIR/analysis/)."""
   workdir = os.path.abspath(workdir)
   restored = run_lib.restore(config, workdir, int(config.analysis.step))
-  out_dir = workdir_lib.analysis_dir(workdir)
+  out_dir = out_dir or workdir_lib.analysis_dir(workdir)
   os.makedirs(out_dir, exist_ok=True)
   return analyze(restored, workdir, out_dir)
+
+
+def kept_steps(workdir: str) -> list[int]:
+  """The complete checkpoints of a run, oldest first."""
+  from twotower_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  mngr = checkpoints.manager(workdir, read_only=True)
+  try:
+    steps = [s for s in sorted(mngr.all_steps())
+             if checkpoints.is_complete(os.path.join(str(mngr.directory), str(s)))]
+  finally:
+    mngr.close()
+  if not steps:
+    raise AnalysisError(f'{checkpoints.directory(workdir)} holds no complete checkpoint; train '
+                        'the run first')
+  return steps
+
+
+def run_over_training(config: ml_collections.ConfigDict, workdir: str, steps: str
+                      ) -> dict[str, Any]:
+  """Analyses each checkpoint in `steps` ('all' or a comma list) into DIR/analysis/steps/<s>/
+  and draws the headline statistics against the training step (report/trajectory.py)."""
+  workdir = os.path.abspath(workdir)
+  kept = kept_steps(workdir)
+  if steps.strip() == 'all':
+    chosen = kept
+  else:
+    try:
+      chosen = sorted({int(s) for s in steps.split(',') if s.strip()})
+    except ValueError:
+      raise AnalysisError(f"--steps={steps!r}: give 'all' or a comma list of checkpoint steps, "
+                          f'e.g. --steps={",".join(map(str, kept[:3]))}') from None
+  missing = [s for s in chosen if s not in kept]
+  if missing or not chosen:
+    raise AnalysisError(f'--steps: no checkpoint for step(s) {missing}; kept: {kept}')
+  root = workdir_lib.analysis_dir(workdir)
+  for step in chosen:
+    config.analysis.step = step
+    log.info('analysis over training: step %d of %s', step, chosen)
+    run(config, workdir, os.path.join(root, workdir_lib.STEPS_DIR, str(step)))
+  return report.write_over_training(root)
 
 
 def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]:
@@ -92,7 +145,7 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
                                                                config.train.batch_size),
                         train_windows=setup.splits.train_windows, analysis_dir=out_dir, step=step)
   names, skipped = estimator_names(config)
-  ev = est_lib.base.eval_loss(ctx)
+  ev = est_lib.base.tower_pass(ctx)
   log.info('analysis: step %d, %d scored positions, eval loss %.4f (%.0f tokens/s forward)',
            step, ev['n_positions'], ev['loss'], ev['tokens_per_s'])
   results = {}
@@ -102,8 +155,9 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
              results[name]['seconds'], results[name]['prepare_seconds'],
              results[name]['tokens_per_s'])
   pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-  classes = dict(wordclass.piece_classes(sp, a.conllu or None))
-  classes['source'] = 'treebank' if a.conllu else 'function_words'
+  classes = dict(wordclass.piece_classes(sp, a.conllu or None, a.word_classes or None))
+  classes['source'] = ('treebank' if a.conllu else 'word_list' if a.word_classes else
+                       'function_words')
   planted_V = planted_labels(config, sp)
   workdir_lib.write_preference_csv(os.path.join(out_dir, workdir_lib.PREFERENCE_CSV), pieces,
                                    classes, results, planted_V)
@@ -117,14 +171,13 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
   summary = {
       'workdir': workdir, 'step': int(step), 'n_towers': n_towers,
       'tower_type': config.model.tower_type, 'gate': config.model.gate,
-      'n_positions': ev['n_positions'], 'n_eval_windows': int(min(a.eval_windows,
-                                                                  len(setup.splits.val_windows))),
+      'n_positions': ev['n_positions'],
+      'n_eval_windows': int(min(a.eval_windows or len(setup.splits.val_windows),
+                                len(setup.splits.val_windows))),
       'min_count': int(a.min_count), 'estimators': names, 'estimators_skipped': skipped,
       'eval_loss': ev['loss'],
       'eval_tokens_per_s': ev['tokens_per_s'],
-      'per_estimator': {name: dict(summary_lib.estimator_summary(res, pieces, classes, n_towers,
-                                                                 config, planted_V),
-                                   description=est_lib.get(name).description)
+      'per_estimator': {name: _estimator_entry(name, res, pieces, classes, config, planted_V)
                         for name, res in results.items()},
       'agreement': summary_lib.agreement(results, a.min_count, a.n_boot, a.seed),
       'structural_probe': struct, 'token_view_estimator': view['estimator'],

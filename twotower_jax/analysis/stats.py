@@ -128,3 +128,22 @@ def permutation_test(statistic: Callable[[np.ndarray, np.ndarray], float], x: np
   lo, hi = np.percentile(null, [2.5, 97.5])
   return {'observed': observed, 'null_mean': float(centre), 'null_lo': float(lo),
           'null_hi': float(hi), 'p': float((extreme + 1) / (null.size + 1))}
+
+
+def null_test(observed: float, null_K: np.ndarray) -> dict[str, float]:
+  """The observed statistic against its distribution under a control (K draws).
+
+  p: two-sided, the share of draws at least as far from the null's mean as the observed
+  value, with the +1 correction (never 0; the smallest is 1/(K+1)). effect: the distance
+  from the null's mean in null standard deviations. NaN where either is undefined.
+  """
+  null_K = np.asarray(null_K, np.float64)
+  null_K = null_K[np.isfinite(null_K)]
+  nan = float('nan')
+  if null_K.size < 2 or not np.isfinite(observed):
+    return {'null_mean': nan, 'null_sd': nan, 'p': nan, 'effect': nan, 'n_null': int(null_K.size)}
+  centre, sd = float(null_K.mean()), float(null_K.std(ddof=1))
+  extreme = np.sum(np.abs(null_K - centre) >= abs(observed - centre))
+  return {'null_mean': centre, 'null_sd': sd, 'p': float((extreme + 1) / (null_K.size + 1)),
+          'effect': float((observed - centre) / sd) if sd > 0 else nan,
+          'n_null': int(null_K.size)}

@@ -27,6 +27,8 @@ def _nan(x) -> float | None:
 
 def frequency_stats(pref, count, closed, opened, n_boot, seed) -> dict[str, Any]:
   """Spearman of preference with log count (CI) and results within count quantile bins."""
+  if count.size == 0:
+    return {'spearman_logfreq': float('nan'), 'ci': [float('nan')] * 2, 'bins': []}
   logc = np.log(count)
   rho = stats.spearman(pref, logc)
   ci = stats.bootstrap_ci(stats.spearman, (pref, logc), n_boot=n_boot, seed=seed)
@@ -42,12 +44,15 @@ def frequency_stats(pref, count, closed, opened, n_boot, seed) -> dict[str, Any]
   return {'spearman_logfreq': rho, 'ci': list(ci), 'bins': bins}
 
 
-def class_stats(pref, closed, opened, source, n_boot, seed) -> dict[str, Any]:
-  """AUC of closed-class words ranking toward tower 0 (pref > 0), with a bootstrap CI."""
+def class_stats(pref, ctrl_KxI, closed, opened, source, n_boot, seed) -> dict[str, Any]:
+  """AUC of closed-class words ranking toward tower 0 (pref > 0), with a bootstrap CI and
+  its test against the control's AUCs (`null`)."""
   known = closed | opened
   s, lab = pref[known], closed[known]
-  return {'source': source, 'auc': stats.auc(s, lab),
+  auc = stats.auc(s, lab)
+  return {'source': source, 'auc': auc,
           'ci': list(stats.bootstrap_ci(stats.auc, (s, lab), n_boot=n_boot, seed=seed)),
+          'null': stats.null_test(auc, [stats.auc(c[known], lab) for c in ctrl_KxI]),
           'n_closed': int(closed.sum()), 'n_open': int(opened.sum()),
           'mean_pref_closed': _nan(np.mean(pref[closed])) if closed.any() else float('nan'),
           'mean_pref_open': _nan(np.mean(pref[opened])) if opened.any() else float('nan')}
@@ -75,27 +80,32 @@ def estimator_summary(res, pieces, classes, n_towers, config, planted_V=None) ->
   pref, count = res['pref'][keep], res['count'][keep]
   closed, opened = wordclass.class_masks(classes['word_class'])
   closed, opened = closed[keep], opened[keep]
-  ctrl = res['control_pref'][keep]
+  ctrl_KxI = res['control_pref_KxV'][:, keep]
+  ctrl = ctrl_KxI[0]
   finite = np.concatenate([pref, ctrl])
   finite = finite[np.isfinite(finite)]
   edges = (np.linspace(finite.min(), finite.max(), 31) if finite.size and finite.min() < finite.max()
            else np.linspace(-1, 1, 31))
   kind = 'split_single_tower' if n_towers == 1 else 'shuffled_labels'
+  bimodality = stats.bimodality(pref)
   out = {
       'n_items': int(keep.sum()),
-      'bimodality': stats.bimodality(pref),
-      'control': {'kind': kind, 'bimodality': stats.bimodality(ctrl)},
+      'n_positions': int(res['count'].sum()),
+      'bimodality': bimodality,
+      'control': {'kind': kind, 'bimodality': stats.bimodality(ctrl),
+                  'null': stats.null_test(bimodality, [stats.bimodality(c) for c in ctrl_KxI])},
       'histogram': {'edges': edges.tolist(), 'counts': np.histogram(pref, edges)[0].tolist(),
                     'control_counts': np.histogram(ctrl[np.isfinite(ctrl)], edges)[0].tolist()},
       'frequency': frequency_stats(pref, count, closed, opened, a.n_boot, a.seed),
-      'class_enrichment': class_stats(pref, closed, opened, classes['source'], a.n_boot, a.seed),
+      'class_enrichment': class_stats(pref, ctrl_KxI, closed, opened, classes['source'],
+                                      a.n_boot, a.seed),
       'top_items': top_items(res, pieces, keep, n_towers),
       'seconds': float(res['seconds'] + res['prepare_seconds']),
       'tokens_per_s': float(res['tokens_per_s']),
   }
   if planted_V is not None:  # how well the preference separates the planted classes
     out['planted'] = class_separation(res['pref'], planted_V, res['count'], a.min_count,
-                                      a.n_boot, a.seed)
+                                      a.n_boot, a.seed, res['control_pref_KxV'])
   return out
 
 
@@ -115,8 +125,10 @@ def agreement(results, min_count, n_boot, seed) -> dict[str, Any]:
 
 
 def class_separation(pref_V: np.ndarray, classes_V: np.ndarray, counts_V: np.ndarray,
-                     min_count: int = 1, n_boot: int = 1000, seed: int = 0) -> dict:
-  """AUC of the preference for telling syntax (positive) from topic items, with a 95% CI.
+                     min_count: int = 1, n_boot: int = 1000, seed: int = 0,
+                     control_KxV: np.ndarray | None = None) -> dict:
+  """AUC of the preference for telling syntax (positive) from topic items, with a 95% CI
+  and, given the control's preferences, its test against the control's AUCs (`null`).
 
   Items: classified pieces with count >= min_count and a finite preference. AUC > 0.5
   means syntax words lean to tower 0 (positive preference), < 0.5 to tower 1; towers
@@ -127,5 +139,8 @@ def class_separation(pref_V: np.ndarray, classes_V: np.ndarray, counts_V: np.nda
   scores, labels = pref_V[keep], classes_V[keep] == planted.SYNTAX
   auc = stats.auc(scores, labels)
   lo, hi = stats.bootstrap_ci(stats.auc, (scores, labels), n_boot=n_boot, seed=seed)
-  return {'auc': auc, 'ci': [lo, hi], 'n_syntax': int(labels.sum()),
-          'n_topic': int((~labels).sum())}
+  out = {'auc': auc, 'ci': [lo, hi], 'n_syntax': int(labels.sum()),
+         'n_topic': int((~labels).sum())}
+  if control_KxV is not None:
+    out['null'] = stats.null_test(auc, [stats.auc(c[keep], labels) for c in control_KxV])
+  return out

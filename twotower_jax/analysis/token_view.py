@@ -35,11 +35,15 @@ def token_view(ctx: base.Context, results: dict[str, Any], pieces, states: dict[
     keep = (res['count'] >= ctx.config.analysis.min_count) & np.isfinite(res['pref'])
     scale = max(float(np.max(np.abs(res['pref'][keep]))) if keep.any() else 1.0, 1e-12)
   passages = []
-  for window in np.concatenate(ctx.eval_batches)[:n_pass]:
+  batch = ctx.eval_batches[0].shape[0]
+  cached = base.ensure_states(ctx)
+  for j, window in enumerate(np.concatenate(ctx.eval_batches)[:n_pass]):
     ex = base.example(ctx.model, window[None])
     targets = np.asarray(ex['targets'][0])
     if per_token:
-      v_NxBxL, _ = values_fn(ctx.params, states.get(est), ex)
+      h_NxBxLxH = cached[j // batch][:, j % batch:j % batch + 1]
+      v_NxBxL, _ = values_fn(ctx.params, states.get(est), ex, h_NxBxLxH,
+                             jax.random.PRNGKey(int(ctx.config.analysis.seed)))
       v_NxL = np.asarray(v_NxBxL)[:, 0]
       lean = np.where(np.asarray(ex['weights'][0]) > 0, v_NxL[0] - v_NxL[1], np.nan)
     else:

@@ -192,7 +192,29 @@ def _is_punct(s: str) -> bool:
   return bool(s) and all(not c.isalnum() and not c.isspace() for c in s)
 
 
-def piece_classes(sp, conllu_path: str | None) -> dict[str, np.ndarray]:
+def read_word_classes(path: str) -> dict[str, str]:
+  """A word-class list: one `word<TAB>closed|open` per line ('#' comments, blank lines ok)."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = f.read().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConllError(f'cannot read the word-class list {path} ({e}); give a UTF-8 file of '
+                     'word<TAB>closed|open lines') from None
+  out = {}
+  for lineno, line in enumerate(lines, start=1):
+    if not line.strip() or line.startswith('#'):
+      continue
+    cols = line.split('\t')
+    if len(cols) != 2 or cols[1].strip() not in ('closed', 'open') or not cols[0].strip():
+      raise ConllError(f'{path}:{lineno}: expected word<TAB>closed|open, got {line[:60]!r}')
+    out[cols[0].strip()] = cols[1].strip()
+  if not out:
+    raise ConllError(f'{path} lists no words; give word<TAB>closed|open lines')
+  return out
+
+
+def piece_classes(sp, conllu_path: str | None,
+                  word_classes_path: str | None = None) -> dict[str, np.ndarray]:
   """Per vocabulary item: 'upos' ([V] str, '' unknown) and 'word_class' ('closed'|'open'|'').
 
   With a treebank (`conllu_path`: file, directory or glob): every treebank
@@ -201,10 +223,12 @@ def piece_classes(sp, conllu_path: str | None) -> dict[str, np.ndarray]:
   piece's UPOS is the majority over its occurrences (ties: alphabetical), and
   its class follows from that UPOS (NUM, INTJ, SYM, X: ''). Also returns
   'upos_count' (occurrences seen) and 'upos_share' (majority fraction).
-  Without one: pieces that are a whole function word (word-initial mark + a word
-  of FUNCTION_WORDS) are closed, punctuation-only pieces closed (UPOS PUNCT),
-  other word-initial alphabetic pieces open; the rest (word-internal fragments,
-  digits, special symbols) unknown.
+  With a word-class list instead (`word_classes_path`, read_word_classes): a piece
+  that is a whole listed word (word-initial mark + the word) takes its class, for
+  corpora no treebank covers (e.g. a constructed language). Without either: pieces
+  that are a whole function word (word-initial mark + a word of FUNCTION_WORDS) are
+  closed, punctuation-only pieces closed (UPOS PUNCT), other word-initial alphabetic
+  pieces open; the rest (word-internal fragments, digits, special symbols) unknown.
   """
   vocab = sp.get_piece_size()
   upos_V = np.full(vocab, '', dtype=object)
@@ -225,6 +249,12 @@ def piece_classes(sp, conllu_path: str | None) -> dict[str, np.ndarray]:
         upos_V[i], class_V[i] = tag, upos_class(tag)
         count_V[i] = sum(c.values())
         share_V[i] = n / count_V[i]
+  elif word_classes_path:
+    listed = read_word_classes(word_classes_path)
+    for i in range(vocab):
+      piece = sp.id_to_piece(i)
+      if not special[i] and piece.startswith(SPIECE_SPACE) and piece[1:] in listed:
+        class_V[i] = listed[piece[1:]]
   else:
     for i in range(vocab):
       if special[i]:

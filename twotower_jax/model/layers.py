@@ -24,8 +24,10 @@ ModelConfig = ml_collections.FrozenConfigDict  # config.model + vocab_size, hash
 
 
 def model_config(model: ml_collections.ConfigDict | dict[str, Any] | None = None,
-                 vocab_size: int | None = None, **overrides: Any) -> ModelConfig:
-  """The model's hyper-parameters: a frozen copy of `config.model` plus `vocab_size`.
+                 vocab_size: int | None = None, platform: str = '',
+                 **overrides: Any) -> ModelConfig:
+  """The model's hyper-parameters: a frozen copy of `config.model` plus `vocab_size` and
+  `platform` (the one its steps are lowered for; '' = this process's backend).
 
   `config.base_config()` is the one schema of these fields; `overrides` are dotted
   fields set on top (`model_config(vocab_size=40, n_layers=1, **{'embedding.mode':
@@ -37,6 +39,7 @@ def model_config(model: ml_collections.ConfigDict | dict[str, Any] | None = None
   config_lib.set_fields(section, overrides)
   if vocab_size is not None:
     section.vocab_size = vocab_size
+  section.platform = platform
   if 'vocab_size' not in section:
     raise ValueError('model_config needs vocab_size')
   return ml_collections.FrozenConfigDict(section)

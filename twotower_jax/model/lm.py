@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from twotower_jax import config as config_lib
+from twotower_jax.model import attention
 from twotower_jax.model import embeddings
 from twotower_jax.model import gates
 from twotower_jax.model import layers
@@ -30,15 +31,30 @@ class TwoTowerLM(nn.Module):
   def __call__(self, tokens_BxL: jax.Array, *, weights_BxL: jax.Array | None = None,
                deterministic: bool = True,
                states_fn: Callable[[jax.Array], jax.Array] | None = None,
+               tower_states: jax.Array | None = None,
                cache: dict[str, dict[str, jax.Array]] | None = None,
                positions_BxL: jax.Array | None = None):
     """`weights_BxL`: the loss weights, for the gate's averages (None: every position).
     `states_fn` (analysis hook) edits the tower states h_NxBxLxH before the gate.
+    `tower_states` (analysis): h_NxBxLxH computed before from these tokens; the towers
+    are skipped and only the gate runs on them (no pondering: its passes need the towers).
     Decoding (model/decode.py): with a `cache` (decode.init_cache: per pondering pass
     `pass_p`, the tower type's cache stacked along the tower axis) the tokens sit at
-    `positions_BxL` of each row and the result also holds the updated `cache`."""
+    `positions_BxL` of each row and the result also holds the updated `cache`.
+    """
     cfg = self.cfg
     embedder = embeddings.Embedder(cfg, name='embed')
+    gate = gates.get(cfg.gate).module(cfg, name='gate')
+    if tower_states is not None:
+      if cfg.pondering.steps:
+        raise ValueError('tower_states needs model.pondering.steps=0 (each pass reruns the '
+                         'towers)')
+      h_NxBxLxH = tower_states if states_fn is None else states_fn(tower_states)
+      out = dict(gate(h_NxBxLxH, embedder.decode, embedder.decode_towers, weights_BxL))
+      out['tower_states_NxBxLxH'] = h_NxBxLxH
+      out.setdefault('aux_loss', jnp.zeros((), jnp.float32))
+      out.setdefault('metrics', {})
+      return out
     if positions_BxL is None:
       x_NxBxLxH = embedder.encode(tokens_BxL)
     else:
@@ -51,9 +67,9 @@ class TwoTowerLM(nn.Module):
                       axis_size=cfg.n_towers,
                       variable_axes={'params': 0, 'intermediates': 0},
                       split_rngs={'params': True, 'dropout': True},
-                      metadata_params={nn.PARTITION_NAME: 'tower'})
+                      metadata_params={nn.PARTITION_NAME: 'tower'},
+                      spmd_axis_name=partitioning.mesh_axis('tower'))
     tower_stack = stacked(cfg, deterministic, name='towers')
-    gate = gates.get(cfg.gate).module(cfg, name='gate')
     new_caches = []
 
     def forward(x_NxBxLxH):
@@ -104,15 +120,18 @@ def constrain_cache(cfg: layers.ModelConfig, cache: dict) -> dict:
 
 def apply_gate(model: TwoTowerLM, params, h_NxBxLxH: jax.Array) -> dict[str, jax.Array]:
   """The gate alone on given tower states, with the model's own parameters: what the full
-  model's last pass returns for these states (for per-token ablations while decoding)."""
+  model's last pass returns for these states (per-token ablations while decoding; unlike
+  `tower_states=`, also for pondering runs, whose last pass is what this reproduces)."""
   cfg = model.cfg
   embedder = embeddings.Embedder(cfg).bind({'params': params['embed']})
   gate = gates.get(cfg.gate).module(cfg).bind({'params': params['gate']})
   return dict(gate(h_NxBxLxH, embedder.decode, embedder.decode_towers))
 
 
-def build(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTowerLM:
-  return TwoTowerLM(layers.model_config(config.model, vocab_size))
+def build(config: ml_collections.ConfigDict, vocab_size: int, platform: str = '') -> TwoTowerLM:
+  """The model of `config`; `platform` ('cpu', 'tpu', 'cuda'): the platform its steps are
+  lowered for, where that is not this process's backend (attention.py)."""
+  return TwoTowerLM(layers.model_config(config.model, vocab_size, platform=platform))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -126,6 +145,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         'into its own prediction (fed back through its neighbours); use 0')
   if m.gate not in gates.GATES:
     raise config_lib.unknown_name('model.gate', m.gate, gates.GATES)
+  attention.check_config(config)
   if m.embedding.mode not in embeddings.MODES:
     raise config_lib.ConfigError(f'model.embedding.mode={m.embedding.mode!r} is unknown; choose '
                                  f'one of {list(embeddings.MODES)}')

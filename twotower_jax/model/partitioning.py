@@ -35,9 +35,24 @@ def with_rules(fn: Callable, mesh: Mesh, axis_rules) -> Callable:
   return wrapped
 
 
-def constrain(x: jax.Array, logical_names: tuple[str | None, ...]) -> jax.Array:
-  """Pins an activation's sharding by logical axis names (inside `with_rules` only)."""
+def logical_spec(logical_names: tuple[str | None, ...]) -> jax.sharding.PartitionSpec | None:
+  """The mesh PartitionSpec of logical axis names inside `with_rules` (else None)."""
   axis_rules = _ACTIVATION_RULES.get()
   if axis_rules is None or jax.sharding.get_abstract_mesh().empty:
+    return None
+  return nn.logical_to_mesh_axes(logical_names, axis_rules)
+
+
+def mesh_axis(logical_name: str):
+  """The mesh axis (or axes) a logical axis lives on inside `with_rules`; None outside or
+  when the rules replicate it (e.g. the towers' vmap axis, for kernels run per shard)."""
+  spec = logical_spec((logical_name,))
+  return None if spec is None or not len(spec) else spec[0]
+
+
+def constrain(x: jax.Array, logical_names: tuple[str | None, ...]) -> jax.Array:
+  """Pins an activation's sharding by logical axis names (inside `with_rules` only)."""
+  spec = logical_spec(logical_names)
+  if spec is None:
     return x
-  return jax.lax.with_sharding_constraint(x, nn.logical_to_mesh_axes(logical_names, axis_rules))
+  return jax.lax.with_sharding_constraint(x, spec)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from twotower_jax.data import tokenizer as tokenizer_lib
+from twotower_jax.model import attention
 from twotower_jax.model import layers
 from twotower_jax.model import towers
 
@@ -67,8 +68,8 @@ class TransformerBlock(nn.Module):
         bias_init=layers.zeros_init((None, 'heads', 'kv')), dtype=layers.compute_dtype(cfg))(h_BxLxH)
     q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if cache is None:
-      y_BxLxNxD = jax.nn.dot_product_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD,
-                                               is_causal=self.causal)
+      y_BxLxNxD = attention.attend(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, causal=self.causal,
+                                   cfg=cfg)
     else:
       # In-bounds writes let XLA update the loop-carried cache in place (no select, no copy).
       rows_Mx1 = jnp.arange(cache['k'].shape[0])[:, None]

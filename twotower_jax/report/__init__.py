@@ -17,6 +17,7 @@ from twotower_jax import workdir as workdir_lib
 from twotower_jax.report import figures
 from twotower_jax.report import render
 from twotower_jax.report import sections
+from twotower_jax.report.trajectory import write_over_training  # noqa: F401  (analyze --steps)
 
 
 class ReportError(errors.UserError):

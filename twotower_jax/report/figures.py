@@ -17,7 +17,7 @@ DPI = 110
 TOWER_COLORS = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b')
 
 
-def _new_fig(w: float, h: float, nrows: int = 1, ncols: int = 1):
+def new_fig(w: float, h: float, nrows: int = 1, ncols: int = 1):
   """A pyplot-free Agg figure (no global state, safe in any process)."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(w, h), dpi=DPI)
@@ -25,7 +25,7 @@ def _new_fig(w: float, h: float, nrows: int = 1, ncols: int = 1):
   return fig, axes
 
 
-def _save(fig, analysis_dir: str, name: str) -> str:
+def save(fig, analysis_dir: str, name: str) -> str:
   """Saves under figures/ and returns the path relative to analysis_dir."""
   rel = f'{workdir_lib.FIG_DIR}/{name}.png'
   fig.tight_layout()
@@ -44,7 +44,7 @@ def fig_histogram(d, est, ps, n_towers):
   counts = np.asarray(h.get('counts') or [], dtype=float)
   if edges.size < 2 or counts.size != edges.size - 1:
     return None
-  fig, ax = _new_fig(6, 3.4)
+  fig, ax = new_fig(6, 3.4)
   ax = ax[0, 0]
   ax.bar(edges[:-1], counts, width=np.diff(edges), align='edge', color=TOWER_COLORS[0],
          alpha=0.7, label=f'{est} (bimodality {num(ps.get("bimodality"))})')
@@ -60,12 +60,49 @@ def fig_histogram(d, est, ps, n_towers):
   ax.set_ylabel('items')
   ax.set_title(f'{est}: preference histogram vs control')
   ax.legend(fontsize=7)
-  return _save(fig, d, f'{est}_histogram')
+  return save(fig, d, f'{est}_histogram')
 
 
 def _class_masks(prefs, mask):
   wc = np.array(prefs.get('word_class') or [''] * len(mask))
   return mask & (wc == 'closed'), mask & (wc == 'open'), mask & (wc != 'closed') & (wc != 'open')
+
+
+N_LABELLED = 4  # the most extreme items per side get their piece written next to them
+
+
+def _label_extremes(ax, x, y, names, ok):
+  """Writes the pieces of the N_LABELLED highest and lowest y among `ok` next to them."""
+  idx = np.flatnonzero(ok)
+  if not idx.size:
+    return
+  order = idx[np.argsort(y[idx], kind='stable')]
+  for i in list(order[:N_LABELLED]) + list(order[-N_LABELLED:]):
+    ax.annotate(_plain(show_piece(names[i])), (x[i], y[i]), fontsize=6, alpha=0.85,
+                xytext=(3, 2), textcoords='offset points')
+
+
+def fig_training(d, est, ps):
+  """Held-out loss of each probe head against its training step."""
+  curve = (ps.get('training') or {}).get('curve') or []
+  if not curve:
+    return None
+  fig, ax = new_fig(5, 3)
+  ax = ax[0, 0]
+  steps = [c['step'] for c in curve]
+  for k in range(len(curve[0]['heldout'])):
+    ax.plot(steps, [c['heldout'][k] for c in curve], '-o', ms=3,
+            color=TOWER_COLORS[k % len(TOWER_COLORS)], label=f'tower {k} held out')
+    ax.plot(steps, [c['train'][k] for c in curve], ':', color=TOWER_COLORS[k % len(TOWER_COLORS)],
+            label=f'tower {k} training')
+  model = (ps.get('training') or {}).get('model_heldout_loss')
+  if _finite(model):
+    ax.axhline(model, color='black', lw=0.8, ls='--', label='the model')
+  ax.set_xlabel('probe step')
+  ax.set_ylabel('cross-entropy (nats)')
+  ax.set_title(f'{est}: probe heads', fontsize=9)
+  ax.legend(fontsize=7)
+  return save(fig, d, f'{est}_training')
 
 
 def fig_frequency(d, est, ps, prefs, scored):
@@ -75,7 +112,7 @@ def fig_frequency(d, est, ps, prefs, scored):
   ok = scored & np.isfinite(pref) & (prefs['count'] > 0)
   if not ok.any():
     return None
-  fig, ax = _new_fig(6, 3.6)
+  fig, ax = new_fig(6, 3.6)
   ax = ax[0, 0]
   closed, opn, other = _class_masks(prefs, ok)
   for m, c, lab in ((other, '#c7c7c7', 'unknown class'), (opn, '#2ca02c', 'open class'),
@@ -87,6 +124,7 @@ def fig_frequency(d, est, ps, prefs, scored):
   if bins:
     x = [math.sqrt(max(b['lo'], 1) * max(b['hi'], 1)) for b in bins]
     ax.plot(x, [b['mean_pref'] for b in bins], 'k-o', ms=4, label='bin mean')
+  _label_extremes(ax, prefs['count'], pref, prefs['piece'], ok)
   ax.set_xscale('log')
   ax.axhline(0, color='grey', lw=0.8, ls=':')
   fr = ps.get('frequency') or {}
@@ -95,7 +133,7 @@ def fig_frequency(d, est, ps, prefs, scored):
   ax.set_xlabel('count (occurrences in the scored positions, log scale)')
   ax.set_ylabel('preference')
   ax.legend(fontsize=7)
-  return _save(fig, d, f'{est}_frequency')
+  return save(fig, d, f'{est}_frequency')
 
 
 def fig_classes(d, est, ps, prefs, scored):
@@ -107,7 +145,7 @@ def fig_classes(d, est, ps, prefs, scored):
   closed, opn, _ = _class_masks(prefs, ok)
   if not (closed.any() or opn.any()):
     return None
-  fig, ax = _new_fig(6, 3.4)
+  fig, ax = new_fig(6, 3.4)
   ax = ax[0, 0]
   vals = pref[closed | opn]
   edges = np.linspace(vals.min(), vals.max() + 1e-9, 26)
@@ -121,7 +159,7 @@ def fig_classes(d, est, ps, prefs, scored):
   ax.set_xlabel('preference')
   ax.set_ylabel('density')
   ax.legend(fontsize=7)
-  return _save(fig, d, f'{est}_classes')
+  return save(fig, d, f'{est}_classes')
 
 
 def fig_top(d, est, ps, n_towers=2):
@@ -130,7 +168,7 @@ def fig_top(d, est, ps, n_towers=2):
   if not keys:
     return None
   n = max(len(leaning_items(top, k, n_towers)) for k in keys)
-  fig, axes = _new_fig(3.2 * len(keys), 0.6 + 0.2 * n, 1, len(keys))
+  fig, axes = new_fig(3.2 * len(keys), 0.6 + 0.2 * n, 1, len(keys))
   for j, key in enumerate(keys):
     ax = axes[0, j]
     items = leaning_items(top, key, n_towers)
@@ -143,7 +181,7 @@ def fig_top(d, est, ps, n_towers=2):
     ax.axvline(0, color='grey', lw=0.8)
     ax.set_title(f"{est}: {key.replace('_', ' ')}", fontsize=9)
     ax.set_xlabel('preference', fontsize=8)
-  return _save(fig, d, f'{est}_top_items')
+  return save(fig, d, f'{est}_top_items')
 
 
 def fig_planted(d, est, ps, prefs, scored):
@@ -156,7 +194,7 @@ def fig_planted(d, est, ps, prefs, scored):
   labels = sorted({c for c in pc[ok] if c})
   if not labels:
     return None
-  fig, ax = _new_fig(6, 3.2)
+  fig, ax = new_fig(6, 3.2)
   ax = ax[0, 0]
   vals = pref[ok & (pc != '')]
   edges = np.linspace(vals.min(), vals.max() + 1e-9, 26)
@@ -171,7 +209,7 @@ def fig_planted(d, est, ps, prefs, scored):
   ax.set_xlabel('preference')
   ax.set_ylabel('items')
   ax.legend(fontsize=7)
-  return _save(fig, d, f'{est}_planted')
+  return save(fig, d, f'{est}_planted')
 
 
 def _agreement_of(agr, a, b):
@@ -184,13 +222,14 @@ def fig_agreement(d, ests, summary, prefs, scored):
   if len(cols) < 2:
     return None
   pairs = [(i, j) for i in range(len(cols)) for j in range(i + 1, len(cols))]
-  fig, axes = _new_fig(3.2 * len(pairs), 3.2, 1, len(pairs))
+  fig, axes = new_fig(3.2 * len(pairs), 3.2, 1, len(pairs))
   agr = summary.get('agreement') or {}
   for p, (i, j) in enumerate(pairs):
     (ea, a), (eb, b) = cols[i], cols[j]
     ok = scored & np.isfinite(a) & np.isfinite(b)
     ax = axes[0, p]
     ax.scatter(a[ok], b[ok], s=6, alpha=0.6, lw=0, color='#555555')
+    _label_extremes(ax, a, b, prefs['piece'], ok)
     ag = _agreement_of(agr, ea, eb)
     ax.axhline(0, color='grey', lw=0.6, ls=':')
     ax.axvline(0, color='grey', lw=0.6, ls=':')
@@ -198,14 +237,14 @@ def fig_agreement(d, ests, summary, prefs, scored):
                  fontsize=8)
     ax.set_xlabel(f'{ea} preference', fontsize=8)
     ax.set_ylabel(f'{eb} preference', fontsize=8)
-  return _save(fig, d, 'agreement')
+  return save(fig, d, 'agreement')
 
 
 def fig_structural(d, sp):
   uuas, dspr, layers = sp.get('uuas') or [], sp.get('dspr') or [], sp.get('layers') or []
   if not uuas or not layers:
     return None
-  fig, axes = _new_fig(8, 3.2, 1, 2)
+  fig, axes = new_fig(8, 3.2, 1, 2)
   x = np.arange(len(layers))
   for name, data, ax in (('UUAS', uuas, axes[0, 0]), ('DSpr', dspr, axes[0, 1])):
     for k, row in enumerate(data):
@@ -220,7 +259,7 @@ def fig_structural(d, sp):
     ax.set_title(f'structural probe: {name} per layer', fontsize=9)
     ax.set_ylabel(name)
     ax.legend(fontsize=7)
-  return _save(fig, d, 'structural_probe')
+  return save(fig, d, 'structural_probe')
 
 
 def make_figures(analysis_dir, summary, prefs, struct) -> dict[str, dict[str, str]]:
@@ -236,7 +275,8 @@ def make_figures(analysis_dir, summary, prefs, struct) -> dict[str, dict[str, st
             'freq': fig_frequency(analysis_dir, est, ps, prefs, scored),
             'class': fig_classes(analysis_dir, est, ps, prefs, scored),
             'top': fig_top(analysis_dir, est, ps, int(summary.get('n_towers') or 2)),
-            'planted': fig_planted(analysis_dir, est, ps, prefs, scored)}
+            'planted': fig_planted(analysis_dir, est, ps, prefs, scored),
+            'training': fig_training(analysis_dir, est, ps)}
     figs[est] = {k: v for k, v in made.items() if v}
   made = {'agreement': fig_agreement(analysis_dir, ests, summary, prefs, scored),
           'struct': fig_structural(analysis_dir, struct) if struct else None}

@@ -47,8 +47,11 @@ def _how_to_read(n_towers: int, meanings: dict[str, str]) -> list:
         'closed-class item has a higher preference than a random open-class item. **AUC 0.5 '
         'means no enrichment**; above 0.5 closed-class items lean to tower 0 '
         '(or, with more than two towers, have sharper preferences), below 0.5 to tower 1. '
-        'The bracket is a 95% bootstrap confidence interval; if it contains 0.5 the data do '
-        'not show a split.'),
+        'The bracket is a 95% bootstrap confidence interval over items. A split is claimed '
+        'only when the AUC is further from the control\'s than the control\'s own draws '
+        '(the same estimator with the towers shuffled at each occurrence) would put it: p '
+        'below 0.05. The control is not always at 0.5, so "the interval excludes 0.5" alone '
+        'is not the test.'),
       P('**Token view.** At the end, held-out text with each piece marked by the tower it leans '
         'to; report.html shows it in colour (blue = tower 0, orange = tower 1). '
         'docs/REPORT.md explains every figure.'),
@@ -58,42 +61,111 @@ def _how_to_read(n_towers: int, meanings: dict[str, str]) -> list:
   ]
 
 
+ALPHA = 0.05  # a split is reported when its test against the control gives p below this
+LOW_AGREEMENT = 0.3  # an estimator whose best Spearman with the others is below this is flagged
+
+
+def _null(test: Any) -> str:
+  """'control 0.50 ± 0.02, p = 0.010 (4.1 SD)' from a stats.null_test result, or ''."""
+  if not isinstance(test, dict) or not _finite(test.get('null_mean')):
+    return ''
+  effect = f", {num(test.get('effect'), 1)} SD" if _finite(test.get('effect')) else ''
+  return (f"control {num(test['null_mean'], 2)} \u00b1 {num(test.get('null_sd'), 2)}, "
+          f"{p_value(test)}{effect}")
+
+
+def p_value(test: Any) -> str:
+  """'p = 0.031', or 'p <= 0.010' when no control draw was as extreme (the smallest p)."""
+  if not isinstance(test, dict) or not _finite(test.get('p')):
+    return 'p = n/a'
+  p, n = float(test['p']), test.get('n_null')
+  if _finite(n) and p * (float(n) + 1) <= 1.0 + 1e-9:
+    return f'p \u2264 {num(p, 3)}'
+  return f'p = {num(p, 3)}'
+
+
+def _significant(ce: dict[str, Any]) -> bool | None:
+  """Whether the class AUC differs from the control's (p < ALPHA); None when untested."""
+  test = ce.get('null')
+  if isinstance(test, dict) and _finite(test.get('p')):
+    return float(test['p']) < ALPHA
+  return None
+
+
+def _direction(ce: dict[str, Any]) -> float | None:
+  """AUC minus its reference (the control's mean, else 0.5)."""
+  auc, test = ce.get('auc'), ce.get('null') or {}
+  ref = test.get('null_mean') if _finite(test.get('null_mean')) else 0.5
+  return float(auc) - float(ref) if _finite(auc) else None
+
+
 def headline(est: str, ps: dict[str, Any], n_towers: int) -> str:
-  """One sentence per estimator stating the class split with its AUC and interval."""
+  """One sentence per estimator: the class split, its AUC and interval, tested against the
+  estimator's own control distribution (shuffled towers), and the bimodality."""
   ce = ps.get('class_enrichment') or {}
   auc, interval = ce.get('auc'), ce.get('ci')
   control = ps.get('control') or {}
-  stat = (f'AUC {num(auc, 2)} {ci(interval, 2)}; bimodality {num(ps.get("bimodality"), 2)} '
-          f'vs {num(control.get("bimodality"), 2)} in the control')
+  bimod = (f'bimodality {num(ps.get("bimodality"), 2)} vs {num(control.get("bimodality"), 2)} '
+           'in the control')
+  if _null(control.get('null')):
+    bimod += f" ({p_value(control['null'])})"
   if not _finite(auc):
     return (f'`{est}`: no class split measurable (AUC n/a: too few closed- or open-class '
-            f'items); bimodality {num(ps.get("bimodality"), 2)} vs '
-            f'{num(control.get("bimodality"), 2)} in the control.')
-  lo, hi = (interval if isinstance(interval, (list, tuple)) and len(interval) == 2
-            else (float('nan'), float('nan')))
-  known = _finite(lo) and _finite(hi)
+            f'items); {bimod}.')
+  stat = f'AUC {num(auc, 2)} {ci(interval, 2)}'
+  if _null(ce.get('null')):
+    stat += f' ({_null(ce.get("null"))})'
+  stat += f'; {bimod}'
+  significant = _significant(ce)
+  if significant is None:  # no control test: fall back to the interval
+    lo, hi = (interval if isinstance(interval, (list, tuple)) and len(interval) == 2
+              else (float('nan'), float('nan')))
+    if not (_finite(lo) and _finite(hi)):
+      return f'`{est}`: no confidence interval, so no claim either way: {stat}.'
+    significant = lo > 0.5 or hi < 0.5
+  up = _direction(ce) > 0
   if n_towers > 2:
-    if known and lo > 0.5:
-      what = 'closed-class items have sharper tower preferences than open-class items'
-    elif known and hi < 0.5:
-      what = 'open-class items have sharper tower preferences than closed-class items'
-    elif known:
-      what = ('no clear difference between closed- and open-class items '
-              '(the interval includes 0.5)')
+    if significant:
+      what = ('closed-class items have sharper tower preferences than open-class items' if up
+              else 'open-class items have sharper tower preferences than closed-class items')
     else:
-      what = 'no confidence interval, so no claim either way'
+      what = 'no clear difference between closed- and open-class items'
     return f'`{est}`: {what}: {stat}.'
-  if known and lo > 0.5:
-    what = 'tower 0 prefers closed-class items (tower 1 open-class)'
-  elif known and hi < 0.5:
-    what = 'tower 1 prefers closed-class items (tower 0 open-class)'
-  elif known:
-    lean = 'tower 0' if auc > 0.5 else 'tower 1'
-    what = (f'no clear split between closed- and open-class items (at most a weak lean of '
-            f'closed-class items to {lean}; the interval includes 0.5)')
+  if significant:
+    what = ('tower 0 prefers closed-class items (tower 1 open-class)' if up else
+            'tower 1 prefers closed-class items (tower 0 open-class)')
   else:
-    what = 'no confidence interval, so no claim either way'
+    what = (f'no clear split between closed- and open-class items (at most a weak lean of '
+            f'closed-class items to {"tower 0" if up else "tower 1"}, within what the control '
+            'shows)')
   return f'`{est}`: {what}: {stat}.'
+
+
+def warnings_for(est: str, ps: dict[str, Any], agreement: dict[str, Any]) -> list[str]:
+  """Reasons to distrust one estimator: a probe that did not converge, weak agreement."""
+  out = []
+  training = ps.get('training') or {}
+  if training and not training.get('converged', True):
+    out.append(f'`{est}` did not converge: its heads stopped at the step cap '
+               f"({count(training.get('steps'))} steps) before the held-out loss levelled off; "
+               'raise analysis.probe_steps')
+  rhos = [v.get('spearman') for k, v in (agreement or {}).items()
+          if est in k.split('~') and _finite(v.get('spearman'))]
+  if rhos and max(rhos) < LOW_AGREEMENT:
+    out.append(f'`{est}` agrees weakly with the other estimators (best Spearman '
+               f'{num(max(rhos), 2)} < {LOW_AGREEMENT}): its split may be an artefact of how it '
+               'measures preference')
+  return out
+
+
+def _coverage(summary: dict[str, Any], per_est: dict[str, Any], ests: list[str]) -> str:
+  """What the statistics rest on: items, positions, windows."""
+  items = per_est[ests[0]].get('n_items')
+  return (f"{count(items)} vocabulary items seen at least {count(summary.get('min_count'))} "
+          f"times, among {count(summary.get('n_positions'))} scored positions in "
+          f"{count(summary.get('n_eval_windows'))} held-out windows (checkpoint step "
+          f"{count(summary.get('step'))}). Each split is tested against the same estimator on "
+          'shuffled towers (p: the share of control draws at least as extreme).')
 
 
 def _overview(summary: dict[str, Any]) -> list:
@@ -157,17 +229,46 @@ def _enrichment(est, ps, figs) -> list:
   if not ce:
     return out + [WHY('no class enrichment in summary.json (no word classes known)')]
   src = {'treebank': 'gold UPOS from a CoNLL-U treebank',
+         'word_list': 'the word-class list analysis.word_classes',
          'function_words': 'the built-in English function-word list'}.get(ce.get('source'),
                                                                           str(ce.get('source')))
-  out.append(P(f'Word classes from {md_escape(src)}.'))
-  out.append(TABLE(['AUC', '95% CI', 'closed items', 'open items', 'mean pref closed',
-                    'mean pref open'],
-                   [[num(ce.get('auc')), ci(ce.get('ci')), count(ce.get('n_closed')),
+  out.append(P(f'Word classes from {md_escape(src)}. The control column is the AUC of the '
+               'same estimator with the towers shuffled at each occurrence (mean ± sd over the '
+               'control draws); p is the share of draws at least as far from its mean.'))
+  out.append(TABLE(['AUC', '95% CI', 'control', 'p', 'closed items', 'open items',
+                    'mean pref closed', 'mean pref open'],
+                   [[num(ce.get('auc')), ci(ce.get('ci')), _control_cell(ce.get('null')),
+                     num((ce.get('null') or {}).get('p')), count(ce.get('n_closed')),
                      count(ce.get('n_open')), num(ce.get('mean_pref_closed')),
                      num(ce.get('mean_pref_open'))]]))
   if 'class' in figs:
     out.append(FIG(figs['class'], f'`{est}` preference of closed-class vs open-class items. '
                    'Separated distributions = a syntax/semantics split between towers.'))
+  return out
+
+
+def _control_cell(test: Any) -> str:
+  if not isinstance(test, dict) or not _finite(test.get('null_mean')):
+    return 'n/a'
+  return f"{num(test['null_mean'])} \u00b1 {num(test.get('null_sd'))}"
+
+
+def _training(est, ps, figs) -> list:
+  """The probe heads' training: the held-out curve and where it stopped."""
+  tr = ps.get('training')
+  if not tr:
+    return []
+  heads = tr.get('heldout_loss') or []
+  out = [H(3, 'Probe training'),
+         P(f"Trained on {count(tr.get('n_train_positions'))} positions of training windows, "
+           f"stopped on {count(tr.get('n_heldout_positions'))} held-out ones: "
+           f"{'converged' if tr.get('converged') else '**did not converge** (step cap reached)'}"
+           f" after {count(tr.get('steps'))} steps. Held-out loss per head: "
+           f"{', '.join(f'tower {k} {num(v)}' for k, v in enumerate(heads)) or 'n/a'}; the "
+           f"model itself {num(tr.get('model_heldout_loss'))} on the same positions (a head "
+           'reads one tower only, so it is expected to be worse).')]
+  if 'training' in figs:
+    out.append(FIG(figs['training'], f'`{est}` heads: held-out loss during training.'))
   return out
 
 
@@ -212,8 +313,9 @@ def _planted(est, ps, figs) -> list:
   out = [H(3, 'Planted classes')]
   out.append(P('The corpus was built with planted "syntax" and "topic" items; a model that '
                'splits them gives an AUC far from 0.5.'))
-  out.append(TABLE(['AUC', '95% CI', 'syntax items', 'topic items'],
-                   [[num(pl.get('auc')), ci(pl.get('ci')), count(pl.get('n_syntax')),
+  out.append(TABLE(['AUC', '95% CI', 'control', 'p', 'syntax items', 'topic items'],
+                   [[num(pl.get('auc')), ci(pl.get('ci')), _control_cell(pl.get('null')),
+                     num((pl.get('null') or {}).get('p')), count(pl.get('n_syntax')),
                      count(pl.get('n_topic'))]]))
   if 'planted' in figs:
     out.append(FIG(figs['planted'], f'`{est}` preference by planted class.'))
@@ -225,6 +327,7 @@ def _estimator_section(est, ps, prefs, n_towers, figs) -> list:
          P(f"Per-tower value: {ps.get('description') or 'see docs/ANALYSIS.md'}. "
            f"Items with count >= min_count: {count(ps.get('n_items'))}. "
            f"Time {num(ps.get('seconds'), 1)} s, {num(ps.get('tokens_per_s'), 0)} tokens/s.")]
+  out += _training(est, ps, figs)
   out += _distribution(est, ps, figs)
   out += _frequency(est, ps, figs)
   out += _enrichment(est, ps, figs)
@@ -306,15 +409,19 @@ def build_blocks(summary, prefs, token_view, struct, figs) -> list:
   per_est = summary.get('per_estimator') or {}
   ests = [e for e in (summary.get('estimators') or list(per_est)) if e in per_est]
   blocks = [H(1, 'Tower preference report')]
-  blocks += _how_to_read(n_towers, {e: per_est[e].get('description') or 'see docs/ANALYSIS.md'
-                                    for e in ests})
   blocks.append(H(2, 'Headline'))
   if ests:
+    blocks.append(P(_coverage(summary, per_est, ests)))
     blocks.append(UL([headline(e, per_est[e], n_towers) for e in ests]))
+    flags = [w for e in ests for w in warnings_for(e, per_est[e], summary.get('agreement'))]
+    if flags:
+      blocks.append(P('**Caution.** ' + ' '.join(f'{w}.' for w in flags)))
   else:
     blocks.append(WHY('no estimator ran, so there is no preference to report'))
   for e, why in (summary.get('estimators_skipped') or {}).items():
     blocks.append(WHY(f'estimator {md_escape(e)} did not run: {md_escape(str(why))}'))
+  blocks += _how_to_read(n_towers, {e: per_est[e].get('description') or 'see docs/ANALYSIS.md'
+                                    for e in ests})
   blocks += _overview(summary)
   for e in ests:
     blocks += _estimator_section(e, per_est[e], prefs, n_towers, figs.get(e, {}))

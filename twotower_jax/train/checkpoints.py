@@ -59,16 +59,25 @@ def remove_interrupted_saves(workdir: str) -> list[str]:
 
 
 def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  """A writing manager (keeps `keep` steps, async saves) or a reading one."""
   if not read_only:
     remove_interrupted_saves(workdir)
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, enable_async_checkpointing=not read_only, create=not read_only,
-      read_only=read_only, cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(
-      directory(workdir), options=options,
-      item_handlers={'state': ocp.StandardCheckpointHandler(),
-                     'data': grain.checkpoint.CheckpointHandler(),
-                     'meta': ocp.JsonCheckpointHandler()})
+      max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+      enable_async_checkpointing=not read_only, create=not read_only, read_only=read_only,
+      cleanup_tmp_directories=not read_only)
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  if read_only:  # Orbax warns that a reading manager reads; nothing a user can act on
+    absl_logger.setLevel(logging.ERROR)
+  try:
+    return ocp.CheckpointManager(
+        directory(workdir), options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': grain.checkpoint.CheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
+  finally:
+    absl_logger.setLevel(level)
 
 
 def is_complete(step_dir: str) -> bool:

@@ -4,9 +4,10 @@ Model FLOPs per token (the 6N + attention convention of the PaLM paper, appendix
   forward  = 2 * N_matmul + 4 * L * H * A
   training = 3 * forward            (backward = 2x forward; remat is not counted)
 where N_matmul counts the parameters that multiply every token once: every Dense
-`kernel` (tower blocks, gate, projections) plus the token table, which is the tied
-output layer (the input lookup is a gather, not a matmul); position tables, biases
-and LayerNorms are left out. A is the number of attention layers applied per
+`kernel` (tower blocks, LSTM cells, gate), the embedding's projections (`in_proj`,
+`out_proj` of the `projected` tables) and the output layer: the token table where it
+is tied (the input lookup is a gather, not a matmul), else `output`; position tables,
+biases and LayerNorms are left out. A is the number of attention layers applied per
 token (n_towers times the tower type's registered `attention_layers`), L the
 sequence length and H the attention width: 2*L*H for Q K^T plus 2*L*H for the
 weighted sum of V, over the full L x L matrix (masked entries are computed too).
@@ -54,12 +55,19 @@ def param_shapes(model) -> Any:
                       is_leaf=lambda x: hasattr(x, 'value'))
 
 
+# Embedding parameters that multiply every token once (the rest of `embed` is looked up).
+_EMBED_MATMULS = ('token', 'output', 'in_proj', 'out_proj')
+
+
 def matmul_params(params: Any) -> int:
-  """Parameters that multiply every token once: Dense kernels and the token table(s)."""
+  """Parameters that multiply every token once: Dense kernels, the embedding's projections
+  and the output layer (the tied token table or `output`)."""
+  untied = 'output' in params.get('embed', {})  # then the token table is only looked up
   total = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     names = _path_names(path)
-    if names[-1] == 'kernel' or (names[0] == 'embed' and names[-1].startswith('token')):
+    if names[-1] == 'kernel' or (names[0] == 'embed' and names[-1] in _EMBED_MATMULS and
+                                 not (untied and names[-1] == 'token')):
       total += int(np.prod(leaf.shape))
   return total
 

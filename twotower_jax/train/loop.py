@@ -107,6 +107,13 @@ def jit_train_step(config: ml_collections.ConfigDict, model, tx, mesh, state_sh,
                  out_shardings=(state_sh, sharding_lib.replicated(mesh)), donate_argnums=0)
 
 
+def jit_eval_step(config: ml_collections.ConfigDict, model, mesh, params_sh, batch_sh) -> Any:
+  """The jitted eval step with explicit shardings (summed loss and weight, replicated)."""
+  step = functools.partial(step_lib.eval_step, model=model)
+  return jax.jit(partitioning.with_rules(step, mesh, sharding_lib.rules(config)),
+                 in_shardings=(params_sh, batch_sh), out_shardings=sharding_lib.replicated(mesh))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains to config.train.steps (resuming if DIR has checkpoints); returns final eval."""
   setup_lib.check_config(config)
@@ -120,7 +127,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx = optimizer_lib.make(config)
   state_sh = state_lib.shardings(model, tx, mesh, axis_rules)
   batch_sh = sharding_lib.batch_sharding(mesh, axis_rules)
-  replicated = sharding_lib.replicated(mesh)
 
   train_iter = iter(data_lib.train_dataset(splits.train_windows, tc.batch_size, tc.seed,
                                            jax.process_index(), jax.process_count(),
@@ -146,9 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   quantity_names = nonfinite.quantity_names(state.params)
 
   train_fn = jit_train_step(config, model, tx, mesh, state_sh, batch_sh)
-  eval_fn = jax.jit(partitioning.with_rules(functools.partial(step_lib.eval_step, model=model),
-                                            mesh, axis_rules),
-                    in_shardings=(state_sh.params, batch_sh), out_shardings=replicated)
+  eval_fn = jit_eval_step(config, model, mesh, state_sh.params, batch_sh)
   preflight = preflight_lib.run(train_fn, state, batch_sh, config, model)
   train_fn = preflight.compiled  # the loop runs the executable compiled ahead of time
   eval_rows = data_lib.eval_batches(splits.val_windows, tc.batch_size, tc.eval_batches)

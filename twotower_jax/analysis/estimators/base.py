@@ -3,9 +3,11 @@
 Each estimator gives, at every scored position, one value per tower (probe.py: the
 tower probe's log-likelihood of the target; ablation.py: the drop in the model's
 log-likelihood when that tower's states are replaced; gate.py: the latent gate's
-posterior responsibility). Per vocabulary item these are summed on device (segment
-sums over target ids), never in a Python loop over tokens. A new estimator is one
-module that calls `register`; the analysis looks it up by `analysis.estimators`.
+posterior responsibility). The frozen towers run once over the scored windows
+(`tower_pass`); every estimator reads their cached final states. Per vocabulary item
+the values are summed on device (segment sums over target ids), never in a Python
+loop over tokens. A new estimator is one module that calls `register`; the analysis
+looks it up by `analysis.estimators`.
 """
 
 from __future__ import annotations
@@ -36,16 +38,20 @@ class Context:
   train_windows: np.ndarray
   analysis_dir: str
   step: int
+  states: list[jax.Array] | None = None  # h_NxBxLxH per eval batch (tower_pass)
 
 
 @dataclasses.dataclass(frozen=True)
 class Estimator:
-  """prepare(ctx) -> state; values(ctx) -> fn(params, state, example) -> (v_NxBxL, extras).
+  """prepare(ctx) -> state; values(ctx) -> fn(params, state, example, h_NxBxLxH, key) ->
+  (v_NxBxL, extras), where h is the batch's cached final tower states and key the
+  batch's own random key (for estimators that draw).
 
   `extras` maps a name to per-position values x_BxL whose per-item mean becomes the
   preference.csv column EST_<name>. `skip_reason(config)` says why the estimator does
   not apply to a run (None: it does). `description` (what one tower's value means)
-  goes into summary.json, so the report needs no model code. `token_lean`: the
+  goes into summary.json, so the report needs no model code; so does `summary(state)`
+  (e.g. the probe's training record). `token_lean`: the
   per-position values are responsibilities, so v_0 - v_1 at each token is that
   token's lean in [-1, 1] (the token view then shows tokens, not item means).
   """
@@ -54,6 +60,7 @@ class Estimator:
   description: str
   skip_reason: Callable[[ml_collections.ConfigDict], str | None] = lambda config: None
   token_lean: bool = False
+  summary: Callable[[Any], dict[str, Any]] | None = None  # prepared state -> summary.json fields
 
 
 ESTIMATORS: dict[str, Estimator] = {}
@@ -71,8 +78,9 @@ def get(name: str) -> Estimator:
 
 
 def eval_batches(windows: np.ndarray, n_windows: int, batch_size: int) -> list[np.ndarray]:
-  """The first n_windows held-out windows in fixed batches; PAD rows (weight 0) fill the last."""
-  rows = windows[:n_windows]
+  """The first n_windows (0: all) held-out windows in fixed batches; PAD rows (weight 0)
+  fill the last."""
+  rows = windows[:n_windows] if n_windows else windows
   short = (-len(rows)) % batch_size
   if short:
     rows = np.concatenate([rows, np.full((short, windows.shape[1]), tokenizer_lib.PAD_ID,
@@ -92,26 +100,43 @@ def target_log_probs(logits_XxV: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
 
 
+def gate_outputs(model, params, ex: dict[str, jax.Array], h_NxBxLxH: jax.Array,
+                 states_fn: Callable | None = None) -> dict[str, jax.Array]:
+  """The model's outputs from cached tower states, optionally edited by `states_fn`.
+
+  With pondering each pass reruns the towers, so those models run in full (the edit
+  then applies to every pass, as the model's `states_fn` hook does).
+  """
+  if model.cfg.pondering.steps:
+    return model.apply({'params': params}, ex['inputs'], deterministic=True, states_fn=states_fn)
+  return model.apply({'params': params}, ex['inputs'], deterministic=True, states_fn=states_fn,
+                     tower_states=h_NxBxLxH)
+
+
 # ---------------------------------------------------------------- aggregation
 
 
 def item_sums(v_NxP: jax.Array, targets_P: jax.Array, mask_P: jax.Array, vocab: int,
-              key: jax.Array) -> dict[str, jax.Array]:
+              key: jax.Array, n_control: int = 1) -> dict[str, jax.Array]:
   """Per item: count, sum and cross-product sums of the tower values, and the control.
 
-  `perm_sum_NxV` sums the values after a random per-position permutation of the
-  towers (the shuffled-label control: towers exchangeable at each occurrence).
+  `perm_sum_KxNxV` sums the values after K independent random per-position
+  permutations of the towers (the shuffled-label control: towers exchangeable at each
+  occurrence); the K draws give each statistic's distribution under that null.
   """
   n = v_NxP.shape[0]
   w_P = mask_P.astype(jnp.float32)
   seg = lambda x: jax.ops.segment_sum(x, targets_P, num_segments=vocab)
   v_NxP = jnp.where(mask_P[None], v_NxP.astype(jnp.float32), 0.0)
-  perm_NxP = jnp.argsort(jax.random.uniform(key, v_NxP.shape), axis=0)
-  vp_NxP = jnp.take_along_axis(v_NxP, perm_NxP, axis=0)
+
+  def shuffled(k):
+    perm_NxP = jnp.argsort(jax.random.uniform(k, v_NxP.shape), axis=0)
+    return jax.vmap(seg)(jnp.take_along_axis(v_NxP, perm_NxP, axis=0))
+
   cross_PxNxN = v_NxP.T[:, :, None] * v_NxP.T[:, None, :]
   return {'count_V': seg(w_P), 'sum_NxV': jax.vmap(seg)(v_NxP),
           'cross_VxNxN': seg(cross_PxNxN.reshape(-1, n, n)),
-          'perm_sum_NxV': jax.vmap(seg)(vp_NxP)}
+          'perm_sum_KxNxV': jax.lax.map(shuffled, jax.random.split(key, n_control))}
 
 
 def preference(mean_NxV: np.ndarray):
@@ -138,17 +163,39 @@ def finish(sums: dict[str, np.ndarray], z: float = 1.959964) -> dict[str, np.nda
     cov = second - mean.T[:, :, None] * mean.T[:, None, :]
     var = np.einsum('vn,vnm,vm->v', w, cov, w) * count / (count - 1)
     se = np.sqrt(np.maximum(var, 0.0) / count)
-    ctrl, _, _ = preference(sums['perm_sum_NxV'] / count)
+    ctrl_KxV = np.stack([preference(perm_NxV / count)[0] for perm_NxV in sums['perm_sum_KxNxV']])
   few = count < 2
   lo, hi = pref - z * se, pref + z * se
   lo[few], hi[few] = np.nan, np.nan
   out = {'count': count, 'mean_NxV': mean, 'pref': pref, 'best': best, 'pref_lo': lo,
-         'pref_hi': hi, 'control_pref': ctrl, 'extras': {}}
+         'pref_hi': hi, 'control_pref': ctrl_KxV[0], 'control_pref_KxV': ctrl_KxV, 'extras': {}}
   for k, s in sums.items():
     if k.startswith('extra_'):
       with np.errstate(invalid='ignore', divide='ignore'):
         out['extras'][k[6:]] = s / count
   return out
+
+
+def batch_sums_fn(ctx: Context, name: str) -> Callable:
+  """Estimator `name`'s jitted pass over one batch: (params, state, window_BxL1, h_NxBxLxH,
+  key) -> per-item sums (`item_sums`, plus `extra_*` of its extras)."""
+  values_fn = get(name).values(ctx)
+  vocab = ctx.model.cfg.vocab_size
+  n_control = int(ctx.config.analysis.n_control)
+
+  @jax.jit
+  def batch_sums(params, state, window_BxL1, h_NxBxLxH, key):
+    ex = example(ctx.model, window_BxL1)
+    v_NxBxL, extras = values_fn(params, state, ex, h_NxBxLxH, jax.random.fold_in(key, 1))
+    n = v_NxBxL.shape[0]
+    targets_P = ex['targets'].reshape(-1)
+    mask_P = ex['weights'].reshape(-1) > 0
+    out = item_sums(v_NxBxL.reshape(n, -1), targets_P, mask_P, vocab, key, n_control)
+    for k, x_BxL in extras.items():
+      out['extra_' + k] = jax.ops.segment_sum(jnp.where(mask_P, x_BxL.reshape(-1), 0.0),
+                                              targets_P, num_segments=vocab)
+    return out
+  return batch_sums
 
 
 def score(ctx: Context, name: str) -> dict[str, Any]:
@@ -158,30 +205,17 @@ def score(ctx: Context, name: str) -> dict[str, Any]:
   t0 = time.perf_counter()
   state = est.prepare(ctx)
   t_prep = time.perf_counter() - t0
-  values_fn = est.values(ctx)
-  vocab = ctx.model.cfg.vocab_size
   seed = int(ctx.config.analysis.seed)
+  states = ensure_states(ctx)
+  batch_sums = batch_sums_fn(ctx, name)
 
-  @jax.jit
-  def batch_sums(params, state, window_BxL1, key):
-    ex = example(ctx.model, window_BxL1)
-    v_NxBxL, extras = values_fn(params, state, ex)
-    n = v_NxBxL.shape[0]
-    targets_P = ex['targets'].reshape(-1)
-    mask_P = ex['weights'].reshape(-1) > 0
-    out = item_sums(v_NxBxL.reshape(n, -1), targets_P, mask_P, vocab, key)
-    for k, x_BxL in extras.items():
-      out['extra_' + k] = jax.ops.segment_sum(jnp.where(mask_P, x_BxL.reshape(-1), 0.0),
-                                              targets_P, num_segments=vocab)
-    return out
-
-  jax.block_until_ready(batch_sums(ctx.params, state, ctx.eval_batches[0],
+  jax.block_until_ready(batch_sums(ctx.params, state, ctx.eval_batches[0], states[0],
                                    jax.random.PRNGKey(seed)))  # compile outside the timing
   t1 = time.perf_counter()
   total = None
   for i, window in enumerate(ctx.eval_batches):
     key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-    out = batch_sums(ctx.params, state, window, key)
+    out = batch_sums(ctx.params, state, window, states[i], key)
     total = out if total is None else jax.tree.map(jnp.add, total, out)
   sums = {k: np.asarray(v, np.float64) for k, v in jax.device_get(total).items()}
   seconds = time.perf_counter() - t1
@@ -192,19 +226,35 @@ def score(ctx: Context, name: str) -> dict[str, Any]:
   return res
 
 
-def eval_loss(ctx: Context) -> dict[str, float]:
-  """The model's own CE on the scored positions, and the plain forward pass's speed."""
+def tower_pass_fn(ctx: Context) -> Callable:
+  """The model's jitted forward pass over one batch: (params, window_BxL1) -> (final tower
+  states h_NxBxLxH, [summed negative log-likelihood of the scored targets, their weight])."""
   @jax.jit
-  def sums(params, window_BxL1):
+  def forward(params, window_BxL1):
     ex = example(ctx.model, window_BxL1)
     out = ctx.model.apply({'params': params}, ex['inputs'], deterministic=True)
     ll_BxL = target_log_probs(out['logits_BxLxV'], ex['targets'])
-    return -jnp.sum(ll_BxL * ex['weights']), jnp.sum(ex['weights'])
+    return (out['tower_states_NxBxLxH'],
+            jnp.stack([-jnp.sum(ll_BxL * ex['weights']), jnp.sum(ex['weights'])]))
+  return forward
 
-  jax.block_until_ready(sums(ctx.params, ctx.eval_batches[0]))  # compile outside the timing
+
+def tower_pass(ctx: Context) -> dict[str, float]:
+  """Runs the model once over the scored windows: caches every batch's final tower states
+  in ctx.states and returns the model's own CE on the scored positions with the speed."""
+  forward = tower_pass_fn(ctx)
+  jax.block_until_ready(forward(ctx.params, ctx.eval_batches[0]))  # compile outside the timing
   t = time.perf_counter()
-  total = [sums(ctx.params, w) for w in ctx.eval_batches]
-  loss, n = np.sum(np.asarray(jax.device_get(total), np.float64), axis=0)
+  outs = [forward(ctx.params, w) for w in ctx.eval_batches]
+  ctx.states = [h for h, _ in outs]
+  loss, n = np.sum(np.asarray(jax.device_get([s for _, s in outs]), np.float64), axis=0)
   seconds = time.perf_counter() - t
   return {'loss': float(loss / max(n, 1)), 'n_positions': int(n), 'seconds': seconds,
           'tokens_per_s': float(n / max(seconds, 1e-9))}
+
+
+def ensure_states(ctx: Context) -> list[jax.Array]:
+  """ctx.states, computed by `tower_pass` on first use."""
+  if ctx.states is None:
+    tower_pass(ctx)
+  return ctx.states

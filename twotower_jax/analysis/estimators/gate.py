@@ -12,10 +12,10 @@ from twotower_jax.analysis.estimators.base import Context, Estimator
 from twotower_jax.model import gates
 
 
-
 def _gate_values(ctx: Context):
-  def fn(params, _, ex):
-    out = ctx.model.apply({'params': params}, ex['inputs'], deterministic=True)
+  def fn(params, _, ex, h_NxBxLxH, key):
+    del key
+    out = base.gate_outputs(ctx.model, params, ex, h_NxBxLxH)
     r_NxBxL = gates.latent_posteriors(out['tower_logits_NxBxLxV'], out['gate_log_weights_NxBxL'],
                                       ex['targets'])
     return r_NxBxL, {}

@@ -3,8 +3,16 @@
 Each tower k gets its own untied head (Dense -> GELU -> LN -> own output matrix and
 bias) trained with the phase-1 objective on tower k's final states alone; per
 position the value is log p_k(target) under that head. A one-tower run gets two
-probes on two random halves of its units (the split-single-tower control). Heads
-are saved under DIR/analysis/probe/ and reused for the same checkpoint and settings.
+probes on two random halves of its units (the split-single-tower control).
+
+Training reads cached states: the frozen towers run once over `analysis.probe_windows`
+training windows (masks fixed per window for mlm), a `probe_heldout` share of them is
+held out, and the heads train with AdamW (linear warm-up, weight decay on matrices)
+until the held-out loss stops improving by `probe_min_delta` nats for `probe_patience`
+checks (`probe_steps` is the cap); the best held-out heads are kept. The curve, the
+final held-out loss per head and the model's own loss on the same positions go into
+summary.json. Heads are saved under DIR/analysis/probe/ and reused for the same
+checkpoint and settings.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,104 +55,193 @@ def probe_logits(p: dict[str, jax.Array], h_NxBxLxH: jax.Array) -> jax.Array:
   return jnp.einsum('nblh,nvh->nblv', z, p['out_NxVxH']) + p['out_b_NxV'][:, None, None]
 
 
-def probe_towers(ctx: Context) -> int:
+def probe_towers(config) -> int:
   """Probe heads: one per tower, or two (random halves of the units) for a one-tower run."""
-  return max(ctx.model.cfg.n_towers, 2)
+  return max(config.model.n_towers, 2)
 
 
-def probe_states(ctx: Context, params, inputs_BxL) -> jax.Array:
-  """Frozen final tower states; a one-tower run is split into two random halves of units."""
-  h = ctx.model.apply({'params': params}, inputs_BxL, deterministic=True)['tower_states_NxBxLxH']
-  h = jax.lax.stop_gradient(h)
-  if ctx.model.cfg.n_towers == 1:
-    d = h.shape[-1]
-    perm = np.random.default_rng(int(ctx.config.analysis.seed)).permutation(d)
-    half = np.zeros(d, np.float32)
-    half[perm[:d // 2]] = 1.0
-    h = jnp.stack([h[0] * half, h[0] * (1.0 - half)])
-  return h
+def split_units(config, h_NxBxLxH: jax.Array) -> jax.Array:
+  """The states each probe reads: a one-tower run's units split into two random halves."""
+  if config.model.n_towers != 1:
+    return h_NxBxLxH
+  d = h_NxBxLxH.shape[-1]
+  perm = np.random.default_rng(int(config.analysis.seed)).permutation(d)
+  half = np.zeros(d, np.float32)
+  half[perm[:d // 2]] = 1.0
+  return jnp.stack([h_NxBxLxH[0] * half, h_NxBxLxH[0] * (1.0 - half)])
 
 
 def _probe_meta(ctx: Context) -> dict[str, Any]:
   a = ctx.config.analysis
-  return {'checkpoint_step': int(ctx.step), 'probe_steps': int(a.probe_steps),
-          'probe_lr': float(a.probe_lr), 'probe_batch_size': int(a.probe_batch_size),
-          'seed': int(a.seed), 'n_probes': probe_towers(ctx)}
+  fields = ('probe_steps', 'probe_lr', 'probe_batch_size', 'probe_windows', 'probe_heldout',
+            'probe_warmup', 'probe_weight_decay', 'probe_eval_every', 'probe_patience',
+            'probe_min_delta', 'seed')
+  return {'checkpoint_step': int(ctx.step), 'n_probes': probe_towers(ctx.config),
+          **{f: a[f] for f in fields}}
 
 
 def probe_path(analysis_dir: str, step: int) -> str:
   return os.path.join(analysis_dir, workdir_lib.PROBE_DIR, f'probe_step{step}.npz')
 
 
-def train_probes(ctx: Context) -> tuple[dict[str, jax.Array], list[float]]:
-  """Trains every tower's probe with the phase-1 objective; tower params are never updated."""
-  a, cfg = ctx.config.analysis, ctx.model.cfg
-  n = probe_towers(ctx)
-  key = jax.random.PRNGKey(int(a.seed))
-  p = probe_init(key, n, cfg.d_model, cfg.vocab_size)
-  tx = optax.adam(float(a.probe_lr))
-  opt = tx.init(p)
+def _ce_sums(p, h_NxBxLxH, targets_BxL, weights_BxL):
+  """(summed CE per head N, summed weight) of the heads on cached states."""
+  logits = probe_logits(p, h_NxBxLxH)
+  ce_NxBxL = optax.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.broadcast_to(targets_BxL, logits.shape[:-1]))
+  return jnp.einsum('nbl,bl->n', ce_NxBxL, weights_BxL), jnp.sum(weights_BxL)
+
+
+def training_states_fn(ctx: Context) -> Callable:
+  """The jitted pass caching the probe's training states: (params, window_BxL1, key) ->
+  (states h_NxBxLxH each probe reads, targets_BxL, weights_BxL, the model's CE per window)."""
+  cfg = ctx.model.cfg
   make_example = towers.get(cfg.tower_type).make_example
 
   @jax.jit
-  def step(p, opt, params, window_BxL1, rng):
-    ex = make_example(window_BxL1, rng, cfg)
-    h = probe_states(ctx, params, ex['inputs'])
+  def forward(params, window_BxL1, key):
+    ex = make_example(window_BxL1, key, cfg)  # mlm masks drawn once per window, then fixed
+    out = ctx.model.apply({'params': params}, ex['inputs'], deterministic=True)
+    ce_B = -jnp.sum(base.target_log_probs(out['logits_BxLxV'], ex['targets']) * ex['weights'], 1)
+    return split_units(ctx.config, out['tower_states_NxBxLxH']), ex['targets'], ex['weights'], ce_B
+  return forward
 
+
+def probe_step_fn(tx: optax.GradientTransformation) -> Callable:
+  """One jitted AdamW step of the heads on cached states: (heads, opt_state, h_NxWxLxH,
+  targets_WxL, weights_WxL, idx_B) -> (heads, opt_state, CE per head); idx picks the windows."""
+  @jax.jit
+  def step(p, opt, h_NxWxLxH, t_WxL, w_WxL, idx_B):
     def loss_fn(p):
-      logits = probe_logits(p, h)
-      ce_NxBxL = optax.softmax_cross_entropy_with_integer_labels(
-          logits, jnp.broadcast_to(ex['targets'], logits.shape[:-1]))
-      w = ex['weights']
-      return jnp.sum(ce_NxBxL * w) / jnp.maximum(jnp.sum(w), 1.0)  # sum over towers: independent
-    loss, g = jax.value_and_grad(loss_fn)(p)
+      ce_N, w = _ce_sums(p, h_NxWxLxH[:, idx_B], t_WxL[idx_B], w_WxL[idx_B])
+      return jnp.sum(ce_N) / jnp.maximum(w, 1.0), ce_N / jnp.maximum(w, 1.0)
+    (_, ce_N), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
     updates, opt = tx.update(g, opt, p)
-    return optax.apply_updates(p, updates), opt, loss
+    return optax.apply_updates(p, updates), opt, ce_N
+  return step
 
+
+def cache_training_states(ctx: Context) -> dict[str, Any]:
+  """The frozen towers' states on the probe's training windows, split by window into
+  `train` and `heldout` (each h_NxWxLxH, targets_WxL, weights_WxL), and the model's own
+  mean CE on the held-out positions (same masks)."""
+  a = ctx.config.analysis
   rng = np.random.default_rng(int(a.seed))
-  windows = ctx.train_windows
-  losses = []
-  for i in range(int(a.probe_steps)):
-    idx = rng.integers(0, len(windows), size=int(a.probe_batch_size))
-    p, opt, loss = step(p, opt, ctx.params, jnp.asarray(windows[idx]),
-                        jax.random.fold_in(key, i + 1))
-    if i % 50 == 0 or i == int(a.probe_steps) - 1:
-      losses.append(float(loss) / n)
-  return p, losses
+  n_windows = min(int(a.probe_windows), len(ctx.train_windows))
+  rows = ctx.train_windows[np.sort(rng.choice(len(ctx.train_windows), n_windows, replace=False))]
+  batch = int(ctx.config.train.batch_size)
+  forward = training_states_fn(ctx)
+  parts = [forward(ctx.params, jnp.asarray(rows[i:i + batch]),
+                   jax.random.fold_in(jax.random.PRNGKey(int(a.seed)), i))
+           for i in range(0, len(rows), batch)]
+  h, targets, weights, ce_W = (jnp.concatenate([q[j] for q in parts], axis=1 if j == 0 else 0)
+                               for j in range(4))
+  n_held = min(max(1, int(round(len(rows) * float(a.probe_heldout)))), len(rows) - 1)
+  model_loss = float(jnp.sum(ce_W[-n_held:]) / jnp.maximum(jnp.sum(weights[-n_held:]), 1.0))
+  return {'train': (h[:, :-n_held], targets[:-n_held], weights[:-n_held]),
+          'heldout': (h[:, -n_held:], targets[-n_held:], weights[-n_held:]),
+          'model_heldout_loss': model_loss}
 
 
-def _probe_prepare(ctx: Context) -> dict[str, jax.Array]:
+def _decay_mask(p):
+  return {k: k in ('dense_NxHxH', 'out_NxVxH') for k in p}
+
+
+def train_probes(ctx: Context) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+  """Trains every tower's head on cached states until its held-out loss plateaus.
+
+  Returns the best heads (lowest mean held-out loss) and the training record: the curve,
+  the final held-out loss per head next to the model's own, and whether it converged.
+  """
+  a, cfg = ctx.config.analysis, ctx.model.cfg
+  n = probe_towers(ctx.config)
+  cache = cache_training_states(ctx)
+  h_train, t_train, w_train = cache['train']
+  h_held, t_held, w_held = cache['heldout']
+  key = jax.random.PRNGKey(int(a.seed))
+  p = probe_init(key, n, h_train.shape[-1], cfg.vocab_size)
+  schedule = optax.linear_schedule(0.0, float(a.probe_lr), max(int(a.probe_warmup), 1))
+  tx = optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=float(a.probe_weight_decay),
+                   mask=_decay_mask)
+  opt = tx.init(p)
+  step = probe_step_fn(tx)
+
+  @jax.jit
+  def heldout_sums(p, h_NxWxLxH, t_WxL, w_WxL):
+    return _ce_sums(p, h_NxWxLxH, t_WxL, w_WxL)
+
+  def heldout_loss(p):
+    sums = [heldout_sums(p, h_held[:, i:i + 16], t_held[i:i + 16], w_held[i:i + 16])
+            for i in range(0, h_held.shape[1], 16)]
+    return sum(c for c, _ in sums) / jnp.maximum(sum(w for _, w in sums), 1.0)
+
+  rng = np.random.default_rng(int(a.seed) + 1)
+  every, patience = int(a.probe_eval_every), int(a.probe_patience)
+  best, best_p, since, curve, converged = np.inf, p, 0, [], False
+  train_losses = []
+  for i in range(1, int(a.probe_steps) + 1):
+    idx = jnp.asarray(rng.integers(0, h_train.shape[1], size=int(a.probe_batch_size)))
+    p, opt, ce_N = step(p, opt, h_train, t_train, w_train, idx)
+    train_losses.append(ce_N)
+    if i % every and i != int(a.probe_steps):
+      continue
+    held_N = np.asarray(heldout_loss(p), np.float64)
+    curve.append({'step': i, 'train': np.mean(jax.device_get(train_losses), axis=0).tolist(),
+                  'heldout': held_N.tolist()})
+    train_losses = []
+    if held_N.mean() < best - float(a.probe_min_delta):
+      best, best_p, since = float(held_N.mean()), p, 0
+    else:
+      since += 1
+      if since >= patience:
+        converged = True
+        break
+  final = curve[-1]['heldout'] if curve else []
+  best_held = min(curve, key=lambda c: np.mean(c['heldout']))['heldout'] if curve else []
+  record = {'steps': curve[-1]['step'] if curve else 0, 'converged': converged,
+            'heldout_loss': best_held, 'last_heldout_loss': final,
+            'model_heldout_loss': cache['model_heldout_loss'],
+            'n_train_positions': int(jnp.sum(w_train)), 'n_heldout_positions': int(jnp.sum(w_held)),
+            'curve': curve}
+  return best_p, record
+
+
+def _probe_prepare(ctx: Context) -> dict[str, Any]:
   """Loads the probe heads saved for this checkpoint and settings, or trains and saves them."""
   path = probe_path(ctx.analysis_dir, ctx.step)
   meta = _probe_meta(ctx)
   if os.path.exists(path):
     with np.load(path) as f:
-      saved_meta = json.loads(str(f['meta']))
-      if saved_meta == meta:
+      saved = json.loads(str(f['meta']))
+      if saved.get('settings') == meta:
         log.info('probe: reusing heads from %s', path)
-        return {k: jnp.asarray(f[k]) for k in f.files if k != 'meta'}
+        return {'params': {k: jnp.asarray(f[k]) for k in f.files if k != 'meta'},
+                'record': saved['record']}
     log.info('probe: %s was trained with other settings; retraining', path)
   t = time.perf_counter()
-  p, losses = train_probes(ctx)
-  log.info('probe: trained %d heads for %d steps in %.1fs (loss per head %s)',
-           meta['n_probes'], meta['probe_steps'], time.perf_counter() - t,
-           ' -> '.join(f'{x:.3f}' for x in losses[:1] + losses[-1:]))
+  p, record = train_probes(ctx)
+  record['seconds'] = time.perf_counter() - t
+  log.info('probe: trained %d heads for %d steps in %.1fs (%s); held-out loss per head %s, '
+           'the model %.3f', meta['n_probes'], record['steps'], record['seconds'],
+           'converged' if record['converged'] else 'NOT converged: hit analysis.probe_steps',
+           ' '.join(f'{x:.3f}' for x in record['heldout_loss']), record['model_heldout_loss'])
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + '.tmp.npz'
-  np.savez(tmp, meta=json.dumps(meta),
+  np.savez(tmp, meta=json.dumps(workdir_lib.clean({'settings': meta, 'record': record})),
            **{k: np.asarray(v) for k, v in p.items()})
   os.replace(tmp, path)
-  return p
+  return {'params': p, 'record': record}
 
 
 def _probe_values(ctx: Context):
-  def fn(params, probe_params, ex):
-    h = probe_states(ctx, params, ex['inputs'])
-    logits = probe_logits(probe_params, h)
+  def fn(params, prepared, ex, h_NxBxLxH, key):
+    del params, key
+    logits = probe_logits(prepared['params'], split_units(ctx.config, h_NxBxLxH))
     return base.target_log_probs(logits, jnp.broadcast_to(ex['targets'], logits.shape[:-1])), {}
   return fn
 
 
 base.register('probe', Estimator(
     prepare=_probe_prepare, values=_probe_values,
-    description='mean log-likelihood of the item under a probe head trained on one tower alone'))
+    description='mean log-likelihood of the item under a probe head trained on one tower alone',
+    summary=lambda prepared: {'training': {k: v for k, v in prepared['record'].items()}}))
