@@ -308,3 +308,37 @@ def test_a_tower_type_without_a_cache_generates_by_recomputation(toy_tower_and_g
   for r, length in enumerate(LENGTHS):
     np.testing.assert_array_equal(out['token_BxM'][r, 0], np.argmax(full[r, length - 1]))
   assert out['drop_BxMxN'].shape == (3, 5, 2)
+
+
+def test_on_a_mesh_with_a_tower_axis_the_cache_is_sharded_and_the_samples_unchanged():
+  """Under the training rules (4 data x 2 tower devices) the cache lives split by tower and
+  batch row, and generation writes what it writes on one device."""
+  from twotower_jax.model import partitioning  # pylint: disable=g-import-not-at-top
+  from twotower_jax.train import optimizer, sharding, state  # pylint: disable=g-import-not-at-top
+  config = _family.step_config(gate='latent', **{'pondering.steps': 1})
+  model = lm_lib.build(config, _family.VOCAB)
+  mesh, rules = sharding.make_mesh(config), sharding.rules(config)
+  assert dict(mesh.shape) == {'data': 4, 'fsdp': 1, 'tower': 2}
+  tx = optimizer.make(config)
+  params = state.create_sharded(model, tx, 0, state.shardings(model, tx, mesh, rules)).params
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  prompt_BxP = jax.device_put(np.asarray(_family.tokens((4, 3), seed=4)), batch_sh)
+  lengths_B = jax.device_put(np.array([3, 1, 2, 3], np.int32), batch_sh)
+  positions_BxP = jax.device_put(np.tile(np.arange(3, dtype=np.int32), (4, 1)), batch_sh)
+  prefill = jax.jit(partitioning.with_rules(
+      lambda p, t, pos: decode.step(model, p, decode.init_cache(model.cfg, 4), t, pos)['cache'],
+      mesh, rules))
+  cache = prefill(params, prompt_BxP, positions_BxP)
+  k_sharding = cache['pass_1']['k_0'].sharding  # k_NxMxDxT
+  shape = cache['pass_1']['k_0'].shape
+  assert shape[:2] == (2, 8)  # 2 towers, 4 rows x 2 heads
+  assert k_sharding.shard_shape(shape) == (1, 2) + shape[2:]  # split by tower and batch row
+  s = decode.Sampling(max_new_tokens=5, temperature=1.0, top_k=10)
+  keys_B = jax.device_put(np.asarray(jax.vmap(jax.random.PRNGKey)(jnp.arange(4))), batch_sh)
+  sharded = jax.jit(partitioning.with_rules(
+      functools.partial(decode.generate, model=model, sampling=s), mesh, rules))(
+          params, prompt_BxP, lengths_B, keys_B)
+  plain = _jit_generate(jax.device_get(params), np.asarray(prompt_BxP), np.asarray(lengths_B),
+                        np.asarray(keys_B), model=model, sampling=s)
+  np.testing.assert_array_equal(sharded['token_BxM'], plain['token_BxM'])
+  np.testing.assert_allclose(sharded['posterior_BxMxN'], plain['posterior_BxMxN'], atol=1e-5)

@@ -45,6 +45,9 @@ _CACHED = flags.DEFINE_bool('cached', True, 'Use the KV cache (--nocached re-run
 _COLOR = flags.DEFINE_enum('color', 'auto', ['auto', 'always', 'never'],
                            'Colour the pieces by tower on stdout (auto: when it is a terminal).')
 _OUT = flags.DEFINE_string('out', None, 'Output directory (default DIR/generate).')
+_MEAN_WINDOWS = flags.DEFINE_integer('mean_windows', 64, 'Held-out windows whose tower states '
+                                     'are averaged for the ablation attribution (0 = all, as '
+                                     'the analysis scores them).')
 
 
 def main(argv):
@@ -54,8 +57,9 @@ def main(argv):
   if not _WORKDIR.value:
     raise errors.UserError('--workdir=DIR is required (a directory written by '
                            'python -m twotower_jax.main)')
-  if _NUM_SAMPLES.value < 1:
-    raise errors.UserError(f'--num_samples={_NUM_SAMPLES.value} must be >= 1')
+  if _NUM_SAMPLES.value < 1 or _MEAN_WINDOWS.value < 0:
+    raise errors.UserError(f'--num_samples={_NUM_SAMPLES.value} must be >= 1 and '
+                           f'--mean_windows={_MEAN_WINDOWS.value} >= 0')
   # Imported here so --help and flag errors answer without loading JAX.
   from twotower_jax import generation  # pylint: disable=g-import-not-at-top
   from twotower_jax import run as run_lib  # pylint: disable=g-import-not-at-top
@@ -77,7 +81,8 @@ def main(argv):
   prompt_ids = generation.encode_prompts(sp, prompts, config.model.max_len)
   logging.getLogger('absl').setLevel(logging.ERROR)  # Orbax's notices on read-only restores
   restored = run_lib.restore(config, workdir, _STEP.value)
-  result = generation.generate(restored, prompt_ids, sampling, _SEED.value, _NUM_SAMPLES.value)
+  result = generation.generate(restored, prompt_ids, sampling, _SEED.value, _NUM_SAMPLES.value,
+                               _MEAN_WINDOWS.value)
   recs = generation.records(result, prompts, prompt_ids, sp, sampling, config.model.n_towers,
                             restored.step, _SEED.value)
   color = _COLOR.value == 'always' or (_COLOR.value == 'auto' and sys.stdout.isatty())

@@ -11,8 +11,8 @@ generated token, its log-probability and attribution:
 - latent gate (a mixture): the prior pi_t over towers before the token and the
   posterior after it; with Co-LLM decoding also the tower that wrote it;
 - other gates: `drop`, the log-likelihood lost when tower k's state at that position
-  is replaced by its mean state, the mean of the analysis's ablation estimator
-  (over the first analysis.eval_windows held-out windows, as `analyze` scores them).
+  is replaced by its mean state, computed as the analysis's ablation estimator does,
+  over the first `mean_windows` held-out windows (0: all, as `analyze` scores them).
 
 `lean` in [-1, 1] (+1 = tower 0; two towers) colours the views: Co-LLM: +-1 by the
 tower that wrote the token; latent: posterior r_0 - r_1; otherwise (drop_0 - drop_1)
@@ -91,8 +91,12 @@ def encode_prompts(sp, prompts: Sequence[str], max_len: int) -> list[np.ndarray]
   return out
 
 
-def ablation_means(restored: run_lib.Run):
-  """mu_NxH of the analysis's ablation estimator, or None where it does not apply."""
+MEAN_WINDOWS = 64  # held-out windows averaged for the ablation mean (0: all)
+
+
+def ablation_means(restored: run_lib.Run, mean_windows: int = MEAN_WINDOWS):
+  """mu_NxH: the analysis's ablation estimator's mean tower states over the first
+  `mean_windows` held-out windows (0: all), or None where the estimator does not apply."""
   config, setup = restored.config, restored.setup
   if gates.get(config.model.gate).mixture or config.model.n_towers < 2:
     return None
@@ -101,8 +105,7 @@ def ablation_means(restored: run_lib.Run):
     return None
   ctx = est_lib.Context(
       config=config, model=setup.model, params=restored.params,
-      eval_batches=est_lib.base.eval_batches(setup.splits.val_windows,
-                                             int(config.analysis.eval_windows),
+      eval_batches=est_lib.base.eval_batches(setup.splits.val_windows, int(mean_windows),
                                              config.train.batch_size),
       train_windows=setup.splits.train_windows, analysis_dir='', step=restored.step)
   return est_lib.get('ablation').prepare(ctx)
@@ -118,7 +121,7 @@ class Result:
 
 
 def generate(restored: run_lib.Run, prompt_ids: Sequence[np.ndarray], sampling: decode.Sampling,
-             seed: int = 0, num_samples: int = 1) -> Result:
+             seed: int = 0, num_samples: int = 1, mean_windows: int = MEAN_WINDOWS) -> Result:
   """Samples `num_samples` continuations of each prompt on the run's mesh."""
   model, mesh, config = restored.model, restored.setup.mesh, restored.config
   decode.check(model.cfg, sampling)
@@ -138,7 +141,7 @@ def generate(restored: run_lib.Run, prompt_ids: Sequence[np.ndarray], sampling: 
   rules = sharding_lib.rules(config)
   batch_sh = sharding_lib.batch_sharding(mesh, rules)
   args = [restored.params] + [jax.device_put(x, batch_sh) for x in (prompt_BxP, lengths_B, keys_B)]
-  args.append(ablation_means(restored))
+  args.append(ablation_means(restored, mean_windows))
   fn = functools.partial(decode.generate, model=model, sampling=sampling)
   t0 = time.perf_counter()
   compiled = jax.jit(partitioning.with_rules(fn, mesh, rules)).lower(*args).compile()

@@ -180,7 +180,7 @@ def write_jsonl(file: str, rows: Sequence[Any]) -> None:
   tmp = file + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
     for row in rows:
-      f.write(json.dumps(_clean(row), ensure_ascii=False) + '\n')
+      f.write(json.dumps(clean(row), ensure_ascii=False) + '\n')
   os.replace(tmp, file)
 
 
