@@ -342,3 +342,18 @@ def test_on_a_mesh_with_a_tower_axis_the_cache_is_sharded_and_the_samples_unchan
                         np.asarray(keys_B), model=model, sampling=s)
   np.testing.assert_array_equal(sharded['token_BxM'], plain['token_BxM'])
   np.testing.assert_allclose(sharded['posterior_BxMxN'], plain['posterior_BxMxN'], atol=1e-5)
+
+
+@pytest.mark.parametrize('platform', ['tpu', 'cuda'])
+def test_the_whole_generation_loop_lowers_for_accelerators_without_host_calls(platform):
+  """decode.generate (prefill, while_loop, sampling, Co-LLM, attribution) exports for the
+  platform; jax.export and lowering.check refuse host callbacks and CPU-only ops."""
+  from twotower_jax.train import lowering  # pylint: disable=g-import-not-at-top
+  model = _model(gate='latent', dtype='bfloat16', **{'pondering.steps': 1})
+  params = jax.eval_shape(lambda: _family.init(model))
+  s = decode.Sampling(max_new_tokens=4, top_k=5, top_p=0.9, co_llm='threshold')
+  fn = jax.jit(functools.partial(decode.generate, model=model, sampling=s))
+  b = jax.ShapeDtypeStruct((3,), jnp.int32)
+  exported = lowering.export(fn, platform, params, jax.ShapeDtypeStruct((3, 5), jnp.int32), b,
+                             jax.ShapeDtypeStruct((3, 2), jnp.uint32))
+  assert 'stablehlo.while' in exported.mlir_module()
