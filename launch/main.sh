@@ -24,5 +24,10 @@ if [[ -n "$TREEBANK" ]]; then
   analysis_flags+=(--config.analysis.conllu="$TREEBANK" --config.analysis.struct_conllu="$TREEBANK")
 fi
 python -m twotower_jax.analyze --workdir="$WORKDIR" "${analysis_flags[@]}"
+# One short sample from the final checkpoint, each piece coloured by the tower it leans to
+# (docs/GENERATION.md).
+python -m twotower_jax.generate --workdir="$WORKDIR" --max_new_tokens=40 --temperature=0.8 \
+    --top_p=0.95 --seed=0 --prompt="Fellow citizens of the Senate and House of Representatives"
 echo "results: $WORKDIR (config.json, metrics.jsonl, checkpoints/, tensorboard/)"
 echo "report:  $WORKDIR/analysis/report.md and report.html (figures in analysis/figures/)"
+echo "sample:  $WORKDIR/generate/generations.jsonl and generations.html"

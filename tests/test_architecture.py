@@ -18,9 +18,9 @@ LAYERS = (
     ('model',),
     ('train',),
     ('run', 'report'),
-    ('analysis',),
+    ('analysis', 'generation'),
     ('cli',),
-    ('main', 'analyze', 'planted_check', 'validate'),
+    ('main', 'analyze', 'planted_check', 'validate', 'generate'),
 )
 MAX_LINES = 520
 

@@ -70,3 +70,15 @@ def test_huge_pages_on_is_refused_where_it_cannot_apply(monkeypatch, capsys):
     train_step.main()
   assert exit_info.value.code == 2
   assert "does not apply on this machine: kernel THP mode is 'never'" in capsys.readouterr().err
+
+
+def test_generate_bench_times_both_arms_on_the_same_tokens():
+  """bench/generate.py's point: cached and full recomputation write the same greedy tokens."""
+  import generate as generate_bench  # pylint: disable=g-import-not-at-top
+  config = generate_bench.default_config()
+  config.data.vocab_size = 64
+  config.model.n_layers, config.model.d_model, config.model.d_mlp = 1, 32, 64
+  config.model.max_len = 16
+  row = generate_bench.point(config, n_prompts=2, prompt_len=4, full_tokens=5, repeats=1)
+  assert row['same_tokens'] and row['new_tokens'] == 12 and row['full_tokens'] == 5
+  assert row['cached_tok_s'] > 0 and row['full_tok_s'] > 0

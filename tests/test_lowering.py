@@ -1,6 +1,7 @@
 """Every step lowered for TPU and for CUDA on this CPU-only machine (jax.export), on the 8
 fake devices' meshes: the train step (f32, bf16, accumulation, remat, FSDP, a tower axis
-of 2; causal, mlm and bilstm towers), the eval step and the analysis passes.
+of 2; causal, mlm and bilstm towers), the eval step, the analysis passes and the KV-cached
+decode step.
 
 A step that calls back to the host or uses an op with no lowering for the platform
 fails here (jax.export refuses both; `lowering.check` refuses host custom calls). Each
@@ -28,7 +29,9 @@ from twotower_jax.analysis import structural_probe
 from twotower_jax.analysis.estimators import base
 from twotower_jax.analysis.estimators import probe
 from twotower_jax.model import attention
+from twotower_jax.model import decode
 from twotower_jax.model import lm as model_lib
+from twotower_jax.model import partitioning
 from twotower_jax.model import towers
 from twotower_jax.train import flops as flops_lib
 from twotower_jax.train import loop
@@ -177,6 +180,27 @@ def _layer_states(platform):
   return Case(fn, (ctx.params, tokens), 1, ctx.model)
 
 
+def decoding(**overrides):
+  """The KV-cached decode step (decode.step: one new token per row against the full cache),
+  latent gate, bf16, pondering, on a tower axis of 2 under the training rules. Its
+  attention is the cached path's XLA arithmetic on every platform (no kernel call)."""
+  def case(platform):
+    config = _config(**{'model.gate': 'latent', 'model.dtype': 'bfloat16', 'mesh.tower': 2,
+                        'model.pondering.steps': 1, **overrides})
+    model, mesh, tx, state_sh, batch_sh = _sharded(config, platform)
+    rules = sharding_lib.rules(config)
+    b = config.train.batch_size
+    dtype = jnp.dtype(config.model.dtype)
+    cache = {p: {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_lib.logical_shardings(
+        jax.sharding.PartitionSpec(*axes), mesh, rules)) for name, (shape, axes) in spec.items()}
+             for p, spec in model_lib.cache_spec(model.cfg, b).items()}
+    column = jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=batch_sh)
+    fn = jax.jit(partitioning.with_rules(functools.partial(decode.step, model), mesh, rules))
+    return Case(fn, (state_lib.abstract(model, tx, state_sh).params, cache, column, column),
+                mesh.size, model, runs_towers=False)
+  return case
+
+
 STEPS = {
     'train_f32': train(),  # data parallel over 8 devices
     'train_bf16': train(**{'model.dtype': 'bfloat16'}),
@@ -195,6 +219,7 @@ STEPS = {
     'analysis_probe_states': _probe_states,
     'analysis_probe_training': _probe_training,
     'analysis_layer_states': _layer_states,
+    'decode_step': decoding(),
 }
 
 

@@ -13,6 +13,8 @@ find files through these names and read or write them through these functions:
                                    structural_probe.json, probe/, report.md,
                                    report.html, figures/, compare/, steps/<step>/,
                                    over_training.json, over_training.md
+  DIR/generate/                    generations.jsonl (one sample per line, `write_jsonl`),
+                                   generations.html (python -m twotower_jax.generate)
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ OVER_TRAINING_JSON = 'over_training.json'
 OVER_TRAINING_MD = 'over_training.md'
 COMPARE_JSON = 'compare.json'
 COMPARE_MD = 'compare.md'
+GENERATE = 'generate'
+# Inside DIR/generate/.
+GENERATIONS_JSONL = 'generations.jsonl'
+GENERATIONS_HTML = 'generations.html'
 TOP_K = 20  # items per tower in summary.json's top_items (and the report's tables)
 # preference.csv: the leading columns, then per estimator EST_t0..EST_t{N-1}, EST_pref,
 # EST_pref_lo, EST_pref_hi (EST_best for N > 2), EST_<extra> per extra value, and
@@ -75,6 +81,10 @@ def path(workdir: str, *names: str) -> str:
 
 def analysis_dir(workdir: str) -> str:
   return path(workdir, ANALYSIS)
+
+
+def generate_dir(workdir: str) -> str:
+  return path(workdir, GENERATE)
 
 
 # ---------------------------------------------------------------- config.json
@@ -371,6 +381,28 @@ def _sync(f) -> None:
   """Data on disk before the rename, so a crash leaves the old file or the new, never empty."""
   f.flush()
   os.fsync(f.fileno())
+
+
+def write_jsonl(file: str, rows: Sequence[Any]) -> None:
+  """One JSON object per line, atomic like write_json."""
+  tmp = file + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    for row in rows:
+      f.write(json.dumps(clean(row), ensure_ascii=False) + '\n')
+    _sync(f)
+  os.replace(tmp, file)
+
+
+def read_jsonl(file: str) -> list[Any]:
+  """The objects of a JSON-lines file written by write_jsonl."""
+  try:
+    with open(file, encoding='utf-8') as f:
+      return [json.loads(line) for line in f if line.strip()]
+  except OSError as e:
+    raise WorkdirError(f'cannot read {file} ({e.strerror})') from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise WorkdirError(f'{file} is not valid JSON lines ({e}); rewrite it (rerun the command '
+                       'that wrote it)') from None
 
 
 def read_json(file: str) -> Any:

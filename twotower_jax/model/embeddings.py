@@ -68,18 +68,25 @@ class Embedder(nn.Module):
       self.output_VxH = self.param('output', layers.param_init(('vocab', 'embed')), (v, h))
     self.output_bias_V = self.param('output_bias', layers.zeros_init(('vocab',)), (v,))
 
-  def encode(self, tokens_BxL: jax.Array) -> jax.Array:
-    """x_NxBxLxH: each tower's embedded input."""
+  def encode(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None) -> jax.Array:
+    """x_NxBxLxH: each tower's embedded input. `positions_BxL` (decoding: each row's own
+    positions, in [0, max_len)) defaults to 0..L-1 for every row."""
     cfg = self.cfg
     length = tokens_BxL.shape[1]
     if cfg.embedding.mode == 'per_tower':
       e_NxBxLxH = jnp.take(self.token, tokens_BxL, axis=1)
       e_NxBxLxH = self.perturb('lookup', e_NxBxLxH)
       e_NxBxLxH = scale_input_grad(e_NxBxLxH, cfg.embedding.input_grad_scale)
-      return e_NxBxLxH + self.position[:, None, :length]
+      if positions_BxL is None:
+        return e_NxBxLxH + self.position[:, None, :length]
+      return e_NxBxLxH + jnp.take(self.position, positions_BxL, axis=1)
     e_BxLxW = jnp.take(self.token, tokens_BxL, axis=0)
     e_BxLxW = self.perturb('lookup', e_BxLxW)
-    e_BxLxW = scale_input_grad(e_BxLxW, cfg.embedding.input_grad_scale) + self.position[:length]
+    e_BxLxW = scale_input_grad(e_BxLxW, cfg.embedding.input_grad_scale)
+    if positions_BxL is None:
+      e_BxLxW = e_BxLxW + self.position[:length]
+    else:
+      e_BxLxW = e_BxLxW + jnp.take(self.position, positions_BxL, axis=0)
     return self._to_towers(e_BxLxW)
 
   def soft_embed(self, probs_BxLxV: jax.Array) -> jax.Array:

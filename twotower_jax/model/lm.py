@@ -31,11 +31,16 @@ class TwoTowerLM(nn.Module):
   def __call__(self, tokens_BxL: jax.Array, *, weights_BxL: jax.Array | None = None,
                deterministic: bool = True,
                states_fn: Callable[[jax.Array], jax.Array] | None = None,
-               tower_states: jax.Array | None = None):
+               tower_states: jax.Array | None = None,
+               cache: dict[str, dict[str, jax.Array]] | None = None,
+               positions_BxL: jax.Array | None = None):
     """`weights_BxL`: the loss weights, for the gate's averages (None: every position).
     `states_fn` (analysis hook) edits the tower states h_NxBxLxH before the gate.
     `tower_states` (analysis): h_NxBxLxH computed before from these tokens; the towers
     are skipped and only the gate runs on them (no pondering: its passes need the towers).
+    Decoding (model/decode.py): with a `cache` (decode.init_cache: per pondering pass
+    `pass_p`, the tower type's cache stacked along the tower axis) the tokens sit at
+    `positions_BxL` of each row and the result also holds the updated `cache`.
     """
     cfg = self.cfg
     embedder = embeddings.Embedder(cfg, name='embed')
@@ -50,19 +55,30 @@ class TwoTowerLM(nn.Module):
       out.setdefault('aux_loss', jnp.zeros((), jnp.float32))
       out.setdefault('metrics', {})
       return out
-    x_NxBxLxH = embedder.encode(tokens_BxL)
+    if positions_BxL is None:
+      x_NxBxLxH = embedder.encode(tokens_BxL)
+    else:
+      x_NxBxLxH = embedder.encode(tokens_BxL, positions_BxL)
     # Activations split by batch, not by the (FSDP-sharded) width of the token table.
     x_NxBxLxH = partitioning.constrain(x_NxBxLxH, ('tower', 'batch', 'length', None))
-    stacked = nn.vmap(towers.get(cfg.tower_type).module,
-                      in_axes=0, out_axes=0, axis_size=cfg.n_towers,
+    tower_type = towers.get(cfg.tower_type)
+    stacked = nn.vmap(tower_type.module,
+                      in_axes=0 if cache is None else (0, 0, None), out_axes=0,
+                      axis_size=cfg.n_towers,
                       variable_axes={'params': 0, 'intermediates': 0},
                       split_rngs={'params': True, 'dropout': True},
                       metadata_params={nn.PARTITION_NAME: 'tower'},
                       spmd_axis_name=partitioning.mesh_axis('tower'))
     tower_stack = stacked(cfg, deterministic, name='towers')
+    new_caches = []
 
     def forward(x_NxBxLxH):
-      h_NxBxLxH = tower_stack(x_NxBxLxH)
+      if cache is None:
+        h_NxBxLxH = tower_stack(x_NxBxLxH)
+      else:  # pass p reads and extends its own cache: its keys depend on pass p-1's output
+        h_NxBxLxH, pass_cache = tower_stack(x_NxBxLxH, cache[f'pass_{len(new_caches)}'],
+                                            positions_BxL)
+        new_caches.append(pass_cache)
       if states_fn is not None:
         h_NxBxLxH = states_fn(h_NxBxLxH)
       out = dict(gate(h_NxBxLxH, embedder.decode, embedder.decode_towers, weights_BxL))
@@ -77,9 +93,39 @@ class TwoTowerLM(nn.Module):
                                    cfg.pondering.temperature, axis=-1)
       x_NxBxLxH = x_NxBxLxH + embedder.soft_embed(probs_BxLxV)
       out = forward(x_NxBxLxH)
+    if cache is not None:
+      out['cache'] = constrain_cache(cfg, {f'pass_{p}': c for p, c in enumerate(new_caches)})
     out.setdefault('aux_loss', jnp.zeros((), jnp.float32))
     out.setdefault('metrics', {})
     return out
+
+
+def cache_spec(cfg: layers.ModelConfig, batch: int) -> dict[str, dict[str, tuple]]:
+  """{'pass_p': {name: (shape, logical names)}} of the decoding cache: per pondering pass,
+  the tower type's cache with a leading tower axis; {} when the type has none."""
+  per_tower = towers.get(cfg.tower_type).decode_cache
+  if per_tower is None:
+    return {}
+  one = {name: ((cfg.n_towers,) + tuple(shape), ('tower',) + tuple(names))
+         for name, (shape, names) in per_tower(cfg, batch).items()}
+  return {f'pass_{p}': dict(one) for p in range(cfg.pondering.steps + 1)}
+
+
+def constrain_cache(cfg: layers.ModelConfig, cache: dict) -> dict:
+  """The cache pinned to the sharding its logical names give (inside `with_rules` only)."""
+  spec = cache_spec(cfg, 1)
+  return {p: {name: partitioning.constrain(c, spec[p][name][1]) for name, c in arrays.items()}
+          for p, arrays in cache.items()}
+
+
+def apply_gate(model: TwoTowerLM, params, h_NxBxLxH: jax.Array) -> dict[str, jax.Array]:
+  """The gate alone on given tower states, with the model's own parameters: what the full
+  model's last pass returns for these states (per-token ablations while decoding; unlike
+  `tower_states=`, also for pondering runs, whose last pass is what this reproduces)."""
+  cfg = model.cfg
+  embedder = embeddings.Embedder(cfg).bind({'params': params['embed']})
+  gate = gates.get(cfg.gate).module(cfg).bind({'params': params['gate']})
+  return dict(gate(h_NxBxLxH, embedder.decode, embedder.decode_towers))
 
 
 def build(config: ml_collections.ConfigDict, vocab_size: int, platform: str = '') -> TwoTowerLM:

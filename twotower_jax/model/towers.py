@@ -13,7 +13,13 @@ and the structural probe read these fields and never name a type):
 - `layer_states`: the per-layer states the tower sowed ('intermediates'), by name
   ('input', 'block_1', ...), for the structural probe;
 - `attention_layers`: attention layers applied per token (FLOPs);
-- `left_to_right`: whether it generates text token by token (causal).
+- `left_to_right`: whether it generates text token by token (causal);
+- `decode_cache`: for a left-to-right type that decodes incrementally, the shape and
+  logical axis names of each array of one tower's cache for a batch
+  (`(cfg, batch) -> {name: (shape, names)}`); its module then also accepts
+  `(x_BxSxH, cache, positions_BxS)` and returns `(h_BxSxH, cache)`: the S new
+  positions of each row, which read what earlier calls left in the cache (model/decode.py).
+  None: generation re-runs the whole window for every new token.
 
 Built-in types: `causal` and `mlm` (transformer.py), `bilstm` (bilstm.py).
 """
@@ -49,6 +55,7 @@ class TowerType:
   layer_states: Callable[[dict[str, Any]], dict[str, jax.Array]] = sown_layers
   attention_layers: Callable[[layers.ModelConfig], int] = lambda cfg: 0
   left_to_right: bool = False
+  decode_cache: Callable[[layers.ModelConfig, int], dict[str, tuple]] | None = None
 
 
 TOWER_TYPES: dict[str, TowerType] = {}

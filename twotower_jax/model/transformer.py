@@ -20,6 +20,33 @@ from twotower_jax.model import layers
 from twotower_jax.model import towers
 
 
+def _rows(x_BxLxNxD: jax.Array) -> jax.Array:
+  """x_MxLxD: one row per (batch row, head), M = B*N: the cache's leading axis."""
+  b, l, n, d = x_BxLxNxD.shape
+  return jnp.transpose(x_BxLxNxD, (0, 2, 1, 3)).reshape(b * n, l, d)
+
+
+def cached_attention(q_BxLxNxD: jax.Array, k_MxDxT: jax.Array, v_MxTxD: jax.Array,
+                     positions_BxL: jax.Array) -> jax.Array:
+  """Each query at positions_BxL attends to the cached keys at positions <= its own.
+
+  The arithmetic of jax.nn.dot_product_attention's XLA path (logits in at least f32,
+  softmax in f32) on the cache's layout: one row per (batch row, head), M = B*N, keys
+  stored transposed (DxT), so both matmuls read the cache as it lies.
+  """
+  b, l, n, d = q_BxLxNxD.shape
+  logits_dtype = jnp.promote_types(q_BxLxNxD.dtype, jnp.float32)
+  logits_MxLxT = jnp.einsum('mld,mdt->mlt', _rows(q_BxLxNxD), k_MxDxT,
+                            preferred_element_type=logits_dtype)
+  logits_MxLxT = logits_MxLxT * jnp.asarray(d ** -0.5, logits_dtype)
+  positions_MxL = jnp.repeat(positions_BxL, n, axis=0)
+  seen_MxLxT = jnp.arange(k_MxDxT.shape[2])[None, None, :] <= positions_MxL[:, :, None]
+  logits_MxLxT = jnp.where(seen_MxLxT, logits_MxLxT, 0.7 * jnp.finfo(logits_dtype).min)
+  probs_MxLxT = jax.nn.softmax(logits_MxLxT.astype(jnp.float32), axis=-1)
+  y_MxLxD = jnp.einsum('mlt,mtd->mld', probs_MxLxT.astype(v_MxTxD.dtype), v_MxTxD)
+  return jnp.transpose(y_MxLxD.reshape(b, n, l, d), (0, 2, 1, 3))
+
+
 class TransformerBlock(nn.Module):
   """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x))."""
   cfg: layers.ModelConfig
@@ -27,7 +54,12 @@ class TransformerBlock(nn.Module):
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x_BxLxH: jax.Array, _=None):
+  def __call__(self, x_BxLxH: jax.Array, cache: dict[str, jax.Array] | None = None,
+               positions_BxL: jax.Array | None = None):
+    """Returns (x_BxLxH, cache). With a decoding `cache` (k_MxDxT, v_MxTxD: M = B*N rows,
+    one per batch row and head; T = max_len) the L inputs sit at `positions_BxL` of each
+    row (in [0, T): the caller keeps them there): their keys and values are written
+    there and each query attends to the cached keys at positions <= its own."""
     cfg = self.cfg
     h_BxLxH = layers.layer_norm(name='ln_attn')(x_BxLxH)
     qkv = nn.DenseGeneral(
@@ -35,8 +67,18 @@ class TransformerBlock(nn.Module):
         kernel_init=layers.param_init(('embed', None, 'heads', 'kv')),
         bias_init=layers.zeros_init((None, 'heads', 'kv')), dtype=layers.compute_dtype(cfg))(h_BxLxH)
     q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    y_BxLxNxD = attention.attend(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, causal=self.causal,
-                                 cfg=cfg)
+    if cache is None:
+      y_BxLxNxD = attention.attend(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, causal=self.causal,
+                                   cfg=cfg)
+    else:
+      # In-bounds writes let XLA update the loop-carried cache in place (no select, no copy).
+      rows_Mx1 = jnp.arange(cache['k'].shape[0])[:, None]
+      positions_MxL = jnp.repeat(positions_BxL, cfg.n_heads, axis=0)
+      cache = {'k': cache['k'].at[rows_Mx1, :, positions_MxL].set(
+                   _rows(k_BxLxNxD), mode='promise_in_bounds'),
+               'v': cache['v'].at[rows_Mx1, positions_MxL].set(
+                   _rows(v_BxLxNxD), mode='promise_in_bounds')}
+      y_BxLxNxD = cached_attention(q_BxLxNxD, cache['k'], cache['v'], positions_BxL)
     y_BxLxH = nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), name='attn_out',
         kernel_init=layers.param_init(('heads', 'kv', 'embed'),
@@ -52,7 +94,7 @@ class TransformerBlock(nn.Module):
                            dtype=layers.compute_dtype(cfg))(h_BxLxF)
     x_BxLxH = x_BxLxH + nn.Dropout(cfg.dropout)(h_BxLxH, deterministic=self.deterministic)
     self.sow('intermediates', 'block_out', x_BxLxH)  # analysis: per-layer states
-    return x_BxLxH, None
+    return x_BxLxH, cache
 
 
 class Transformer(nn.Module):
@@ -62,23 +104,48 @@ class Transformer(nn.Module):
   causal: bool = True
 
   @nn.compact
-  def __call__(self, x_BxLxH: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxH: jax.Array, cache: dict[str, jax.Array] | None = None,
+               positions_BxL: jax.Array | None = None):
+    """h_BxLxH; with a decoding `cache` (`causal_cache`) the inputs sit at `positions_BxL`
+    and the result is (h_BxLxH, updated cache)."""
     cfg = self.cfg
     x_BxLxH = nn.Dropout(cfg.dropout)(x_BxLxH, deterministic=self.deterministic)
     self.sow('intermediates', 'tower_in', x_BxLxH)  # analysis: the layer-0 states
     block_cls = TransformerBlock
     if cfg.remat:  # recompute the block's activations in the backward pass
       block_cls = nn.remat(TransformerBlock, prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
+    if cfg.scan_layers:  # the cache is scanned along its layer axis, the positions broadcast
       blocks = nn.scan(block_cls, variable_axes={'params': 0, 'intermediates': 0},
                        split_rngs={'params': True, 'dropout': True}, length=cfg.n_layers,
-                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BxLxH, _ = blocks(cfg, self.causal, self.deterministic, name='blocks')(x_BxLxH)
+                       in_axes=(0, nn.broadcast), metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BxLxH, new_cache = blocks(cfg, self.causal, self.deterministic, name='blocks')(
+          x_BxLxH, cache, positions_BxL)
     else:
+      new_cache = None if cache is None else {}
       for i in range(cfg.n_layers):
-        x_BxLxH, _ = block_cls(cfg, self.causal, self.deterministic,
-                          name=f'block_{i}')(x_BxLxH)
-    return layers.layer_norm(name='ln_final')(x_BxLxH)
+        layer_cache = None if cache is None else {'k': cache[f'k_{i}'], 'v': cache[f'v_{i}']}
+        x_BxLxH, layer_cache = block_cls(cfg, self.causal, self.deterministic,
+                                         name=f'block_{i}')(x_BxLxH, layer_cache, positions_BxL)
+        if cache is not None:
+          new_cache.update({f'k_{i}': layer_cache['k'], f'v_{i}': layer_cache['v']})
+    h_BxLxH = layers.layer_norm(name='ln_final')(x_BxLxH)
+    return h_BxLxH if cache is None else (h_BxLxH, new_cache)
+
+
+def causal_cache(cfg: layers.ModelConfig, batch: int) -> dict[str, tuple]:
+  """One causal tower's decoding cache: each layer's keys (MxDxT, stored transposed for the
+  query-key matmul) and values (MxTxD) at all T = max_len positions, one row per batch row
+  and head (M = batch * n_heads, batch-major: a one-row batch has no size-1 axis, which
+  made XLA:CPU copy the cache every token). Laid out like the parameters: one array per
+  layer (k_0, v_0, ...) when layers are unrolled, stacked on a layer axis (k, v) when
+  scanned."""
+  m, d, t = batch * cfg.n_heads, layers.head_dim(cfg), cfg.max_len
+  k = ((m, d, t), ('batch', 'kv', 'length'))
+  v = ((m, t, d), ('batch', 'length', 'kv'))
+  if cfg.scan_layers:
+    return {name: ((cfg.n_layers,) + shape, ('layers',) + axes)
+            for name, (shape, axes) in (('k', k), ('v', v))}
+  return {f'{name}_{i}': spec for i in range(cfg.n_layers) for name, spec in (('k', k), ('v', v))}
 
 
 def block_states(inter: dict) -> dict[str, jax.Array]:
@@ -103,7 +170,8 @@ def causal_example(window_BxL1: jax.Array, rng: jax.Array, cfg: layers.ModelConf
 
 
 towers.register('causal', Transformer, causal_example, layer_states=block_states,
-                attention_layers=lambda cfg: cfg.n_layers, left_to_right=True)
+                attention_layers=lambda cfg: cfg.n_layers, left_to_right=True,
+                decode_cache=causal_cache)
 
 
 class BidirectionalTransformer(Transformer):

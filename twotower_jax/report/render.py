@@ -133,7 +133,8 @@ def tokens_html(passages: Sequence[dict[str, Any]]) -> str:
   return '\n'.join(out)
 
 
-def to_html(blocks: Sequence[tuple], analysis_dir: str) -> str:
+def to_html(blocks: Sequence[tuple], analysis_dir: str,
+            title: str = 'Tower preference report') -> str:
   """Renders the blocks as one self-contained HTML page (figures as base64 data URIs)."""
   body = []
   for b in blocks:
@@ -158,5 +159,5 @@ def to_html(blocks: Sequence[tuple], analysis_dir: str) -> str:
     elif kind == 'tokens':
       body.append(tokens_html(b[1]))
   return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-          '<title>Tower preference report</title>'
+          f'<title>{html.escape(title)}</title>'
           f'<style>{CSS}</style></head><body>\n' + '\n'.join(body) + '\n</body></html>\n')
