@@ -134,8 +134,8 @@ def cli_analysis(run, results):
   workdir = run[0]
   return workdir, run_module(
       'twotower_jax.analyze', f'--workdir={workdir}', '--config.analysis.eval_windows=16',
-      '--config.analysis.probe_steps=40', '--config.analysis.probe_lr=0.003',
-      '--config.analysis.probe_batch_size=8', '--config.analysis.n_boot=50',
+      '--config.analysis.probe_steps=40', '--config.analysis.probe_warmup=10',
+      '--config.analysis.probe_lr=0.003', '--config.analysis.probe_batch_size=8', '--config.analysis.n_boot=50',
       '--config.analysis.min_count=5')
 
 
@@ -149,15 +149,15 @@ def test_cli_writes_files_and_reuses_probe(cli_analysis):
     rows = list(csv.DictReader(f))
   assert len(rows) == 256
   assert list(rows[0])[:5] == ['token_id', 'piece', 'count', 'word_class', 'upos']
-  for col in ('probe_t0', 'probe_t1', 'probe_pref', 'probe_pref_lo', 'ablation_pref_hi',
-              'ablation_shapley_t0', 'ablation_shapley_t1'):
+  for col in ('probe_t0', 'probe_t1', 'probe_pref', 'probe_pref_lo', 'resample_pref_hi',
+              'resample_shapley_t0', 'resample_shapley_t1'):
     assert col in rows[0]
   summary = json.load(open(os.path.join(out, 'summary.json')))
-  assert summary['estimators'] == ['probe', 'ablation']  # gate skipped: concat model
+  assert summary['estimators'] == ['probe', 'resample']  # the default; gate skipped: concat
   assert summary['n_positions'] == sum(int(r['count']) for r in rows)
-  pe = summary['per_estimator']['ablation']
+  pe = summary['per_estimator']['resample']
   assert pe['n_items'] > 0 and len(pe['top_items']['tower_0']) > 0
-  assert 'probe~ablation' in summary['agreement']
+  assert 'probe~resample' in summary['agreement']
   view = json.load(open(os.path.join(out, 'token_view.json')))
   assert view['passages'] and len(view['passages'][0]['pieces']) == 32
 
@@ -232,11 +232,11 @@ def test_three_tower_run_scores_every_tower(tmp_path, small_corpus_dir):
   out = str(tmp_path / 'analysis')
   summary = analysis.analyze(run_lib.Run(setup, params, 0), str(tmp_path), out)
   assert summary['n_towers'] == 3
-  assert set(summary['per_estimator']) == {'probe', 'ablation'}
+  assert set(summary['per_estimator']) == {'probe', 'resample'}
   with open(os.path.join(out, 'preference.csv')) as f:
     rows = [r for r in csv.DictReader(f) if int(r['count']) > 0]
   assert rows
-  for name in ('probe', 'ablation'):
+  for name in ('probe', 'resample'):
     for r in rows:
       v = np.array([float(r[f'{name}_t{k}']) for k in range(3)])
       best = int(r[f'{name}_best'])

@@ -160,7 +160,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.struct_word_repr = 'mean'  # word state: 'mean' or 'first' of its pieces
   c.analysis.struct_seed = 0  # sentence split and probe init
   # Tower preference analysis (python -m twotower_jax.analyze; docs/ANALYSIS.md).
-  c.analysis.estimators = 'probe,ablation,gate'  # comma list (also: resample); gate: mixture gates
+  c.analysis.estimators = 'probe,resample,gate'  # comma list (also: ablation); gate: mixture gates
   c.analysis.eval_windows = 0  # held-out windows scored, every estimator on the same positions; 0 = all
   c.analysis.min_count = 20  # items with fewer scored occurrences are left out of the statistics
   c.analysis.n_boot = 1000  # bootstrap resamples for confidence intervals
