@@ -104,6 +104,24 @@ def test_perfect_distances_give_uuas_one_and_dspr_one():
   assert sprobe.dspr([1.0, 0.5, 0.0], [5, 5, 60]) == pytest.approx(0.75)  # length 60 ignored
 
 
+def test_sentence_spearman_is_the_mean_of_scipy_spearmans_over_words():
+  """The vectorised per-word Spearman equals scipy's, row by row (ties, a constant row)."""
+  from scipy import stats as sp_stats  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  upos = np.array(['NOUN', 'PUNCT', 'VERB', 'NOUN', 'DET', 'ADJ', 'NOUN'], dtype=object)
+  words = np.nonzero(upos != 'PUNCT')[0]
+  pred = rng.integers(0, 4, (7, 7)).astype(float)  # ties
+  gold = rng.random((7, 7))
+  pred[words[1], :] = 2.0  # constant row: scipy gives nan, skipped by the mean
+  expected = []
+  for i in words:
+    others = words[words != i]
+    a, b = pred[i, others], gold[i, others]
+    expected.append(np.nan if np.all(a == a[0]) else sp_stats.spearmanr(a, b).statistic)
+  assert np.isnan(expected[1]) and np.isfinite(expected).sum() == len(words) - 1
+  assert sprobe.sentence_spearman(pred, gold, upos) == pytest.approx(np.nanmean(expected))
+
+
 def tree_geometry_states(heads, width):
   """Word i -> indicator of its ancestors-or-self: ||v_i - v_j||^2 = tree distance exactly."""
   n = len(heads)
@@ -191,6 +209,27 @@ def test_layer_states_and_run_on_tiny_model(tiny, tmp_path):
   config.analysis.struct_conllu = ''
   with pytest.raises(sprobe.ProbeError, match='struct_conllu'):
     sprobe.run(setup, params, config, str(tmp_path / 'analysis'))
+
+
+@needs_ewt
+def test_cropped_batches_give_the_full_width_states_of_causal_towers(tiny, tmp_path):
+  """Causal towers do not see the padding after a sentence, so word_states may run each
+  batch only as wide as its longest sentence; the states must not change."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  config = probe_config(tiny, **{'data.seq_len': 128, 'model.max_len': 128})
+  setup = setup_lib.build(config, str(tmp_path))
+  params = nn.unbox(setup.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 128), jnp.int32))['params'])
+  _, toks, mats = sprobe.prepare_sentences(setup.tokenizer, wordclass.read_treebank(EWT)[:60],
+                                           128, 'mean')
+  lengths = sorted(m.shape[1] for m in mats)
+  assert lengths[15] + 1 <= 96 < lengths[-1] + 1  # the shortest batch runs narrower than 128
+  full, names = sprobe.word_states(setup.model, params, toks, mats, 16)
+  cropped, _ = sprobe.word_states(setup.model, params, toks, mats, 16, crop=True)
+  assert full.shape == cropped.shape and len(names) == 4
+  np.testing.assert_allclose(cropped, full, atol=2e-5)
 
 
 @needs_ewt

@@ -175,7 +175,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.probe_weight_decay = 0.01  # on the heads' matrices
   c.analysis.probe_steps = 3000  # cap; training stops earlier on a held-out plateau
   c.analysis.probe_eval_every = 25  # steps between held-out checks
-  c.analysis.probe_patience = 4  # checks without improvement before stopping
+  c.analysis.probe_patience = 3  # checks without improvement before stopping
   c.analysis.probe_min_delta = 0.002  # nats: an improvement smaller than this does not count
   c.analysis.conllu = ''  # CoNLL-U treebank for word classes ('' = built-in function-word list)
   c.analysis.word_classes = ''  # or a word<TAB>closed|open list (corpora no treebank covers)

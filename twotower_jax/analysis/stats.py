@@ -107,6 +107,16 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
   return float(sp_stats.spearmanr(a, b).statistic)
 
 
+def row_spearman(a_RxC: np.ndarray, b_RxC: np.ndarray) -> np.ndarray:
+  """Spearman of each row of `a` with the same row of `b`, all rows at once (finite inputs;
+  average ranks for ties, as `spearman`); NaN for a row where either side is constant."""
+  ra, rb = (sp_stats.rankdata(x, axis=1) for x in (a_RxC, b_RxC))
+  ra, rb = ra - ra.mean(axis=1, keepdims=True), rb - rb.mean(axis=1, keepdims=True)
+  denom = np.sqrt(np.sum(ra ** 2, axis=1) * np.sum(rb ** 2, axis=1))
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.where(denom > 0, np.sum(ra * rb, axis=1) / denom, np.nan)
+
+
 def permutation_test(statistic: Callable[[np.ndarray, np.ndarray], float], x: np.ndarray,
                      labels: np.ndarray, n_perm: int = 1000, seed: int = 0) -> dict[str, float]:
   """Shuffled-label control: the statistic's null distribution when labels are permuted.

@@ -110,12 +110,13 @@ def adjacent_uuas_counts(heads: np.ndarray, upos: np.ndarray) -> tuple[int, int]
 def sentence_spearman(pred_WxW: np.ndarray, gold_WxW: np.ndarray, upos: np.ndarray) -> float:
   """Mean over non-punctuation words of Spearman(predicted, gold distances to the others)."""
   words = np.nonzero(np.asarray(upos) != PUNCT_UPOS)[0]
-  if words.size < 3:
+  n = words.size
+  if n < 3:
     return float('nan')
-  values = []
-  for i in words:
-    others = words[words != i]
-    values.append(stats.spearman(pred_WxW[i, others], gold_WxW[i, others]))
+  others_WxO = np.array([np.delete(words, i) for i in range(n)])  # row i: every word but i
+  rows = np.arange(n)[:, None]
+  pred_WxO, gold_WxO = pred_WxW[words[rows], others_WxO], gold_WxW[words[rows], others_WxO]
+  values = stats.row_spearman(pred_WxO, gold_WxO)
   return float(np.nanmean(values)) if np.any(np.isfinite(values)) else float('nan')
 
 
@@ -196,15 +197,26 @@ def prepare_sentences(sp, sentences: Sequence[wordclass.Sentence], seq_len: int,
 
 
 def word_states(model, params, tokens_SxL: np.ndarray, mats: list[np.ndarray],
-                batch_size: int) -> tuple[np.ndarray, list[str]]:
-  """x_PxTxH: word representations of all sentences, flat over words, P = towers x layers."""
+                batch_size: int, crop: bool = False) -> tuple[np.ndarray, list[str]]:
+  """x_PxTxH: word representations of all sentences, flat over words, P = towers x layers.
+
+  crop: batch sentences by length and run each batch only as wide as its longest
+  (rounded up to a multiple of 32, so few shapes compile). Exact only for left-to-right
+  towers, whose states do not see the padding after them. Sentences keep their order
+  in the flat word axis either way.
+  """
   fn = jax.jit(functools.partial(layer_states, model))
-  chunks, names = [], None
-  for start in range(0, tokens_SxL.shape[0], batch_size):
-    batch = tokens_SxL[start:start + batch_size]
-    n_real = batch.shape[0]
-    if n_real < batch_size:  # one compiled shape
-      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n_real, 0)])
+  n_sent, seq_len = tokens_SxL.shape
+  order = np.argsort([m.shape[1] for m in mats], kind='stable') if crop else np.arange(n_sent)
+  chunks, names = [None] * n_sent, None
+  for start in range(0, n_sent, batch_size):
+    rows = order[start:start + batch_size]
+    batch = tokens_SxL[rows]
+    if crop:
+      longest = 1 + max(mats[i].shape[1] for i in rows)
+      batch = batch[:, :min(seq_len, -(-longest // 32) * 32)]
+    if len(rows) < batch_size:  # one compiled shape per width
+      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(rows), 0)])
     layers = jax.device_get(fn(params, jnp.asarray(batch)))
     names = layer_order(layers)
     # Layers of different widths (bilstm: 2H) are zero-padded to the widest; a linear
@@ -213,9 +225,9 @@ def word_states(model, params, tokens_SxL: np.ndarray, mats: list[np.ndarray],
     h = np.stack([np.pad(np.asarray(layers[k], np.float32),
                          [(0, 0)] * 3 + [(0, width - layers[k].shape[-1])]) for k in names],
                  axis=1)  # NxSxBxLxH
-    for b in range(n_real):
-      m = mats[start + b]
-      chunks.append(np.einsum('wp,nsph->nswh', m, h[:, :, b, 1:m.shape[1] + 1]))
+    for b, i in enumerate(rows):
+      m = mats[i]
+      chunks[i] = np.einsum('wp,nsph->nswh', m, h[:, :, b, 1:m.shape[1] + 1])
   x = np.concatenate(chunks, axis=2)  # N x S x T x H
   n, s, t, hdim = x.shape
   return x.reshape(n * s, t, hdim), names
@@ -349,7 +361,8 @@ def run(setup, params, config: ml_collections.ConfigDict, out_dir: str) -> dict[
   order = np.concatenate([np.sort(order[n_test:]), np.sort(order[:n_test])])  # train, test
   sents = [sentences[kept[i]] for i in order]
   x_PxTxH, names = word_states(setup.model, params, tokens[order], [mats[i] for i in order],
-                               ac.struct_batch_size)
+                               ac.struct_batch_size,
+                               crop=towers.get(config.model.tower_type).left_to_right)
   n_words = [len(s.forms) for s in sents]
   idx, d, lens = pad_sentences(n_words, [tree_distances(s.heads) for s in sents])
   n_train = len(sents) - n_test
