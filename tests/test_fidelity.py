@@ -128,6 +128,15 @@ def test_bad_head_options_are_one_line_config_errors(field, value, match):
   assert '\n' not in str(err.value)
 
 
+@pytest.mark.parametrize('gate', ['concat', 'latent'])
+def test_original_head_trains_sharded_with_fsdp_and_tower_axes(gate):
+  """The switched head's parameters carry the same logical names: FSDP shards gate_in."""
+  config = _family.step_config(gate=gate, **ORIGINAL_HEAD)
+  config.mesh.fsdp = 2
+  losses = [float(m['loss']) for m in _family.sharded_steps(config, n_steps=4)]
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
 # --- defaults unchanged ---------------------------------------------------------------------
 
 class _PreSwitchConcatGate(nn.Module):
