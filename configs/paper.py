@@ -11,6 +11,8 @@ MLP width 4H. The token table is the tower type's paper variant (its registered
 table through per-tower projections). For bilstm, n_layers is each direction's LSTM
 depth and n_heads is unused. Sized for an accelerator; data and schedule are
 base_config()'s (override --config.train.steps=...), whose optimizer is the paper's.
+The gate's head is the original code's (model.head: LayerNorm eps 1e-12, exact erf GELU,
+torch.nn.Linear's default init); docs/FIDELITY.md lists what still differs.
 """
 
 from twotower_jax import config as config_lib
@@ -35,4 +37,5 @@ def get_config(arg='causal,base'):
   if tower_type in towers.TOWER_TYPES:  # else validation names the known types
     c.model.embedding.mode = towers.get(tower_type).paper_embedding_mode
   c.data.seq_len = c.model.max_len = WINDOW
+  c.model.head.ln_eps, c.model.head.gelu, c.model.head.init = 1e-12, 'erf', 'torch_linear'
   return c

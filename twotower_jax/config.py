@@ -90,6 +90,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pondering = ml_collections.ConfigDict()
   c.model.pondering.steps = 0  # extra passes feeding back expected token embeddings
   c.model.pondering.temperature = 1.0  # softmax temperature of those passes
+  # The gate's output head (LN -> Dense -> GELU -> LN); docs/FIDELITY.md. Defaults are the
+  # project's; the original GPT variant is ln_eps=1e-12, gelu='erf', init='torch_linear'.
+  c.model.head = ml_collections.ConfigDict()
+  c.model.head.ln_eps = 1e-5  # epsilon of the gates' LayerNorms (original: 1e-12)
+  c.model.head.gelu = 'tanh'  # 'tanh' (approximation) | 'erf' (exact, torch nn.GELU())
+  c.model.head.init = 'normal'  # head Dense: 'normal' (std 0.02) | 'torch_linear' (torch default)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 240  # the default main job: about 6 minutes on a 2-core CPU
@@ -329,6 +335,13 @@ def _validate_model_options(m: ml_collections.ConfigDict) -> None:
                       'number >= 0 (1 leaves gradients unchanged)')
   if not (isinstance(m.latent.balance_weight, (int, float)) and m.latent.balance_weight >= 0):
     raise ConfigError(f'model.latent.balance_weight={m.latent.balance_weight!r} must be >= 0')
+  hd = m.head
+  if not (isinstance(hd.ln_eps, (int, float)) and 0.0 < hd.ln_eps < 1.0):
+    raise ConfigError(f'model.head.ln_eps={hd.ln_eps!r} must be a number in (0, 1), e.g. 1e-5')
+  if hd.gelu not in ('tanh', 'erf'):
+    raise ConfigError(f"model.head.gelu={hd.gelu!r} is unknown; use 'tanh' or 'erf'")
+  if hd.init not in ('normal', 'torch_linear'):
+    raise ConfigError(f"model.head.init={hd.init!r} is unknown; use 'normal' or 'torch_linear'")
   p = m.pondering
   if isinstance(p.steps, bool) or not isinstance(p.steps, int) or p.steps < 0:
     raise ConfigError(f'model.pondering.steps={p.steps!r} must be an integer >= 0')

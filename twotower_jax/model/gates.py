@@ -69,7 +69,8 @@ class ConcatGate(nn.Module):
   """The paper's head: z = LN(GELU(Dense(LN([h_1; ...; h_N])))), logits = z E^T + b.
 
   The first LayerNorm is joint over the concatenation, so the towers' scales
-  compete for one normaliser.
+  compete for one normaliser. model.head.* sets the norms' epsilon, the GELU form and the
+  Dense init (docs/FIDELITY.md: the original GPT variant's values).
   """
   cfg: layers.ModelConfig
 
@@ -78,21 +79,26 @@ class ConcatGate(nn.Module):
                decode_towers: Callable[[jax.Array], jax.Array] | None = None,
                weights_BxL: jax.Array | None = None):
     del decode_towers, weights_BxL
-    x_BxLxC = layers.layer_norm('gate_in', name='ln_in')(concat_towers(h_NxBxLxH))
-    z_BxLxH = layers.gelu(layers.dense(self.cfg.d_model, ('gate_in', 'embed'),
-                                       name='dense')(x_BxLxC))
-    z_BxLxH = layers.layer_norm(name='ln_out')(z_BxLxH)
+    head = self.cfg.head
+    x_BxLxC = layers.layer_norm('gate_in', name='ln_in',
+                                eps=head.ln_eps)(concat_towers(h_NxBxLxH))
+    z_BxLxH = layers.dense(self.cfg.d_model, ('gate_in', 'embed'), name='dense',
+                           init=head.init, fan_in=x_BxLxC.shape[-1])(x_BxLxC)
+    z_BxLxH = layers.layer_norm(name='ln_out', eps=head.ln_eps)(layers.gelu(z_BxLxH, head.gelu))
     return {'logits_BxLxV': decode(z_BxLxH)}
 
 
 class TowerHead(nn.Module):
-  """Per-tower output head z = LN(GELU(Dense(h))), applied before the output layer."""
+  """Per-tower output head z = LN(GELU(Dense(h))), applied before the output layer
+  (model.head.* as in ConcatGate)."""
   cfg: layers.ModelConfig
 
   @nn.compact
   def __call__(self, h_BxLxH: jax.Array) -> jax.Array:
-    z_BxLxH = layers.gelu(layers.dense(self.cfg.d_model, ('embed', 'mlp'), name='dense')(h_BxLxH))
-    return layers.layer_norm(name='ln')(z_BxLxH)
+    head = self.cfg.head
+    z_BxLxH = layers.dense(self.cfg.d_model, ('embed', 'mlp'), name='dense', init=head.init,
+                           fan_in=h_BxLxH.shape[-1])(h_BxLxH)
+    return layers.layer_norm(name='ln', eps=head.ln_eps)(layers.gelu(z_BxLxH, head.gelu))
 
 
 def tower_heads(cfg: layers.ModelConfig, h_NxBxLxH: jax.Array, name: str = 'heads') -> jax.Array:
@@ -124,7 +130,8 @@ class LatentGate(nn.Module):
     cfg = self.cfg
     n = cfg.n_towers
     tower_logits_NxBxLxV = decode_towers(tower_heads(cfg, h_NxBxLxH))
-    x_BxLxC = layers.layer_norm('gate_in', name='ln_in')(concat_towers(h_NxBxLxH))
+    x_BxLxC = layers.layer_norm('gate_in', name='ln_in',
+                                eps=cfg.head.ln_eps)(concat_towers(h_NxBxLxH))
     std = 0.0 if cfg.latent.uniform_init else layers.INIT_STD  # 0: pi uniform at init
     gate_BxLxN = layers.dense(n, ('gate_in', None), name='gate', std=std)(x_BxLxC)
     log_pi_NxBxL = jnp.moveaxis(jax.nn.log_softmax(gate_BxLxN.astype(jnp.float32), -1), -1, 0)

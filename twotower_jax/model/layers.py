@@ -79,19 +79,41 @@ def zeros_init(names: Sequence[str | None]) -> Any:
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(names))
 
 
-def layer_norm(axis_name: str = 'embed', name: str | None = None) -> nn.LayerNorm:
+def torch_linear_init(names: Sequence[str | None], fan_in: int) -> tuple[Any, Any]:
+  """(kernel_init, bias_init) of torch.nn.Linear's default for a layer reading fan_in
+  features: weight kaiming_uniform(a=sqrt(5)) and bias both U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def uniform(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return (nn.with_logical_partitioning(uniform, tuple(names)),
+          nn.with_logical_partitioning(uniform, tuple(names[1:])))
+
+
+def layer_norm(axis_name: str = 'embed', name: str | None = None,
+               eps: float = 1e-5) -> nn.LayerNorm:
+  """LayerNorm with logical axis names; eps = model.head.ln_eps for the gates' norms."""
   return nn.LayerNorm(
-      epsilon=1e-5, name=name,
+      epsilon=eps, name=name,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis_name,)))
 
 
 def dense(features: int, names: tuple[str, str], name: str | None = None,
-          std: float = INIT_STD, dtype: Any = None) -> nn.Dense:
-  """dtype=None computes in the promoted input/param dtype (f32 for the gate)."""
+          std: float = INIT_STD, dtype: Any = None, init: str = 'normal',
+          fan_in: int = 0) -> nn.Dense:
+  """dtype=None computes in the promoted input/param dtype (f32 for the gate). init:
+  'normal' (N(0, std) kernel, zero bias) | 'torch_linear' (torch.nn.Linear's default for
+  an input width fan_in)."""
+  if init == 'torch_linear':
+    kernel_init, bias_init = torch_linear_init(names, fan_in)
+    return nn.Dense(features, name=name, kernel_init=kernel_init, bias_init=bias_init,
+                    dtype=dtype)
   return nn.Dense(features, name=name, kernel_init=param_init(names, std),
                   bias_init=zeros_init(names[1:]), dtype=dtype)
 
 
-def gelu(x: jnp.ndarray) -> jnp.ndarray:
-  return nn.gelu(x, approximate=True)
+def gelu(x: jnp.ndarray, form: str = 'tanh') -> jnp.ndarray:
+  """GELU: 'tanh' (the approximation, GPT-2's) or 'erf' (exact, torch's nn.GELU())."""
+  return nn.gelu(x, approximate=form == 'tanh')
