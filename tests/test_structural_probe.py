@@ -139,7 +139,7 @@ def tree_geometry_states(heads, width):
 def test_probe_learns_planted_tree_geometry():
   """States = random rotation of [tree embedding; noise]: a linear probe recovers the trees."""
   rng = np.random.default_rng(0)
-  width, noise_dims, n_towers_layers = 12, 12, 2
+  width, noise_dims = 12, 12
   sents, states = [], []
   for _ in range(160):
     n = int(rng.integers(5, width + 1))

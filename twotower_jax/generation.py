@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
