@@ -90,6 +90,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pondering = ml_collections.ConfigDict()
   c.model.pondering.steps = 0  # extra passes feeding back expected token embeddings
   c.model.pondering.temperature = 1.0  # softmax temperature of those passes
+  # PonderingLM's options (docs/FIDELITY.md E2-E5); each needs steps > 0.
+  c.model.pondering.embed_scale = 'none'  # 'sqrt_d': input and soft token embeddings x sqrt(d)
+  c.model.pondering.initial_weight = 'one'  # 'steps': first-pass token embedding x steps
+  c.model.pondering.init_std_scale = 'none'  # 'passes': residual out-proj std / sqrt(steps+1)
+  c.model.pondering.per_tower = False  # tower k ponders on its own distribution (not the mix)
   # The gate's output head (LN -> Dense -> GELU -> LN); docs/FIDELITY.md. Defaults are the
   # project's; the original GPT variant is ln_eps=1e-12, gelu='erf', init='torch_linear'.
   c.model.head = ml_collections.ConfigDict()
@@ -347,6 +352,12 @@ def _validate_model_options(m: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.pondering.steps={p.steps!r} must be an integer >= 0')
   if not (isinstance(p.temperature, (int, float)) and p.temperature > 0):
     raise ConfigError(f'model.pondering.temperature={p.temperature!r} must be > 0')
+  for name, choices in (('embed_scale', ('none', 'sqrt_d')), ('initial_weight', ('one', 'steps')),
+                        ('init_std_scale', ('none', 'passes')), ('per_tower', (False, True))):
+    if p[name] not in choices:  # ConfigDict keeps each field's type (str, or bool)
+      raise ConfigError(f'model.pondering.{name}={p[name]!r} is unknown; use one of {choices}')
+    if p[name] != choices[0] and not p.steps:
+      raise ConfigError(f'model.pondering.{name}={p[name]!r} needs model.pondering.steps > 0')
 
 
 def import_parts(config: ml_collections.ConfigDict) -> None:

@@ -68,32 +68,47 @@ class Embedder(nn.Module):
       self.output_VxH = self.param('output', layers.param_init(('vocab', 'embed')), (v, h))
     self.output_bias_V = self.param('output_bias', layers.zeros_init(('vocab',)), (v,))
 
-  def encode(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None) -> jax.Array:
+  def encode(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+             token_scale: float = 1.0) -> jax.Array:
     """x_NxBxLxH: each tower's embedded input. `positions_BxL` (decoding: each row's own
-    positions, in [0, max_len)) defaults to 0..L-1 for every row."""
+    positions, in [0, max_len)) defaults to 0..L-1 for every row. `token_scale` multiplies
+    the token rows, not the positions (PonderingLM's sqrt(d) and steps weights)."""
     cfg = self.cfg
     length = tokens_BxL.shape[1]
     if cfg.embedding.mode == 'per_tower':
       e_NxBxLxH = jnp.take(self.token, tokens_BxL, axis=1)
       e_NxBxLxH = self.perturb('lookup', e_NxBxLxH)
       e_NxBxLxH = scale_input_grad(e_NxBxLxH, cfg.embedding.input_grad_scale)
+      if token_scale != 1.0:
+        e_NxBxLxH = e_NxBxLxH * token_scale
       if positions_BxL is None:
         return e_NxBxLxH + self.position[:, None, :length]
       return e_NxBxLxH + jnp.take(self.position, positions_BxL, axis=1)
     e_BxLxW = jnp.take(self.token, tokens_BxL, axis=0)
     e_BxLxW = self.perturb('lookup', e_BxLxW)
     e_BxLxW = scale_input_grad(e_BxLxW, cfg.embedding.input_grad_scale)
+    if token_scale != 1.0:
+      e_BxLxW = e_BxLxW * token_scale
     if positions_BxL is None:
       e_BxLxW = e_BxLxW + self.position[:length]
     else:
       e_BxLxW = e_BxLxW + jnp.take(self.position, positions_BxL, axis=0)
     return self._to_towers(e_BxLxW)
 
-  def soft_embed(self, probs_BxLxV: jax.Array) -> jax.Array:
-    """Pondering input x_NxBxLxH: probability-weighted sum of token embeddings, per tower."""
-    if self.cfg.embedding.mode == 'per_tower':
-      return jnp.einsum('blv,nvh->nblh', probs_BxLxV, self.token)
-    return self._to_towers(probs_BxLxV @ self.token)
+  def soft_embed(self, probs: jax.Array, scale: float = 1.0) -> jax.Array:
+    """Pondering input x_NxBxLxH: probability-weighted sum of the token rows (times `scale`),
+    per tower. probs_BxLxV: one distribution for every tower; probs_NxBxLxV: tower k's own
+    (model.pondering.per_tower)."""
+    table = self.token if scale == 1.0 else self.token * scale
+    mode, own = self.cfg.embedding.mode, probs.ndim == 4
+    if mode == 'per_tower':
+      return jnp.einsum('nblv,nvh->nblh' if own else 'blv,nvh->nblh', probs, table)
+    if not own:
+      return self._to_towers(probs @ table)
+    e_NxBxLxW = jnp.einsum('nblv,vw->nblw', probs, table)
+    if mode == 'projected':
+      return jnp.einsum('nblw,nwh->nblh', e_NxBxLxW, self.in_proj_NxWxH)
+    return e_NxBxLxW
 
   def _to_towers(self, e_BxLxW: jax.Array) -> jax.Array:
     if self.cfg.embedding.mode == 'projected':

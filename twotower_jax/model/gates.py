@@ -31,15 +31,17 @@ class Gate:
   posterior of which tower produced each token is defined: `latent_posteriors`)."""
   module: type[nn.Module]
   mixture: bool = False
+  tower_logits: bool = False  # it returns tower_logits_NxBxLxV (pondering.per_tower reads it)
 
 
 GATES: dict[str, Gate] = {}
 
 
-def register(name: str, mixture: bool = False):
-  """Class decorator: `@register('name')` registers a gate module under model.gate=name."""
+def register(name: str, mixture: bool = False, tower_logits: bool = False):
+  """Class decorator: `@register('name')` registers a gate module under model.gate=name
+  (a mixture always returns tower logits)."""
   def wrap(cls):
-    GATES[name] = Gate(cls, mixture)
+    GATES[name] = Gate(cls, mixture, tower_logits or mixture)
     return cls
   return wrap
 
@@ -158,7 +160,7 @@ def latent_posteriors(tower_logits_NxBxLxV: jax.Array, gate_log_weights_NxBxL: j
   return jnp.exp(log_joint_NxBxL - jax.nn.logsumexp(log_joint_NxBxL, axis=0, keepdims=True))
 
 
-@register('logit_sum')
+@register('logit_sum', tower_logits=True)
 class LogitSumGate(nn.Module):
   """Product of experts: logits = sum_k decode(head_k(h_k)), so p is proportional to prod_k p_k."""
   cfg: layers.ModelConfig

@@ -58,6 +58,14 @@ def param_init(names: Sequence[str | None], std: float = INIT_STD) -> Any:
   return nn.with_logical_partitioning(nn.initializers.normal(std), tuple(names))
 
 
+def residual_std(cfg: ModelConfig) -> float:
+  """Init std of the residual output projections: GPT-2's 0.02 / sqrt(2 n_layers); with
+  pondering.init_std_scale='passes' PonderingLM's 0.02 / sqrt(2 n_layers (steps + 1))."""
+  if cfg.pondering.init_std_scale == 'passes':
+    return INIT_STD / (2 * cfg.n_layers * (cfg.pondering.steps + 1)) ** 0.5
+  return INIT_STD / (2 * cfg.n_layers) ** 0.5
+
+
 def orthogonal_init(iterations: int = 60) -> Any:
   """A Haar-random (semi-)orthogonal matrix: the polar factor of a Gaussian one.
 

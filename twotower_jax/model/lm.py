@@ -55,10 +55,12 @@ class TwoTowerLM(nn.Module):
       out.setdefault('aux_loss', jnp.zeros((), jnp.float32))
       out.setdefault('metrics', {})
       return out
-    if positions_BxL is None:
-      x_NxBxLxH = embedder.encode(tokens_BxL)
-    else:
-      x_NxBxLxH = embedder.encode(tokens_BxL, positions_BxL)
+    ponder = cfg.pondering
+    # PonderingLM's weights (1.0: the plain path): sqrt(d) on every token embedding, and
+    # the first pass's token embedding counted `steps` times.
+    scale = cfg.d_model ** 0.5 if ponder.embed_scale == 'sqrt_d' else 1.0
+    first = scale * (ponder.steps if ponder.initial_weight == 'steps' else 1)
+    x_NxBxLxH = embedder.encode(tokens_BxL, positions_BxL, token_scale=first)
     # Activations split by batch, not by the (FSDP-sharded) width of the token table.
     x_NxBxLxH = partitioning.constrain(x_NxBxLxH, ('tower', 'batch', 'length', None))
     tower_type = towers.get(cfg.tower_type)
@@ -87,11 +89,12 @@ class TwoTowerLM(nn.Module):
 
     out = forward(x_NxBxLxH)
     # Pondering: each extra pass adds the expected token embedding under the current
-    # prediction to the inputs; the towers and gate are reused (same parameters).
-    for _ in range(cfg.pondering.steps):
-      probs_BxLxV = jax.nn.softmax(out['logits_BxLxV'].astype(jnp.float32) /
-                                   cfg.pondering.temperature, axis=-1)
-      x_NxBxLxH = x_NxBxLxH + embedder.soft_embed(probs_BxLxV)
+    # prediction (the gate's mix, or with per_tower tower k's own) to the inputs; the
+    # towers and gate are reused (same parameters).
+    for _ in range(ponder.steps):
+      logits = out['tower_logits_NxBxLxV'] if ponder.per_tower else out['logits_BxLxV']
+      probs = jax.nn.softmax(logits.astype(jnp.float32) / ponder.temperature, axis=-1)
+      x_NxBxLxH = x_NxBxLxH + embedder.soft_embed(probs, scale)
       out = forward(x_NxBxLxH)
     if cache is not None:
       out['cache'] = constrain_cache(cfg, {f'pass_{p}': c for p, c in enumerate(new_caches)})
@@ -145,6 +148,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         'into its own prediction (fed back through its neighbours); use 0')
   if m.gate not in gates.GATES:
     raise config_lib.unknown_name('model.gate', m.gate, gates.GATES)
+  if m.pondering.per_tower and not gates.get(m.gate).tower_logits:
+    raise config_lib.ConfigError(
+        'model.pondering.per_tower needs a gate with per-tower distributions (latent, '
+        f'logit_sum), not model.gate={m.gate}')
   attention.check_config(config)
   if m.embedding.mode not in embeddings.MODES:
     raise config_lib.ConfigError(f'model.embedding.mode={m.embedding.mode!r} is unknown; choose '

@@ -81,8 +81,7 @@ class TransformerBlock(nn.Module):
       y_BxLxNxD = cached_attention(q_BxLxNxD, cache['k'], cache['v'], positions_BxL)
     y_BxLxH = nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), name='attn_out',
-        kernel_init=layers.param_init(('heads', 'kv', 'embed'),
-                                      layers.INIT_STD / (2 * cfg.n_layers) ** 0.5),
+        kernel_init=layers.param_init(('heads', 'kv', 'embed'), layers.residual_std(cfg)),
         bias_init=layers.zeros_init(('embed',)), dtype=layers.compute_dtype(cfg))(y_BxLxNxD)
     x_BxLxH = x_BxLxH + nn.Dropout(cfg.dropout)(y_BxLxH, deterministic=self.deterministic)
 
@@ -90,7 +89,7 @@ class TransformerBlock(nn.Module):
     h_BxLxF = layers.gelu(layers.dense(cfg.d_mlp, ('embed', 'mlp'), name='mlp_in',
                                             dtype=layers.compute_dtype(cfg))(h_BxLxH))
     h_BxLxH = layers.dense(cfg.d_model, ('mlp', 'embed'), name='mlp_out',
-                           std=layers.INIT_STD / (2 * cfg.n_layers) ** 0.5,
+                           std=layers.residual_std(cfg),
                            dtype=layers.compute_dtype(cfg))(h_BxLxF)
     x_BxLxH = x_BxLxH + nn.Dropout(cfg.dropout)(h_BxLxH, deterministic=self.deterministic)
     self.sow('intermediates', 'block_out', x_BxLxH)  # analysis: per-layer states
