@@ -76,6 +76,9 @@ CASES = [
     dict(gate='concat', n_towers=2, n_layers=2, **{'pondering.steps': 2}),
     dict(gate='latent', n_towers=3, scan_layers=True, remat=True, **{'pondering.steps': 1}),
     dict(gate='logit_sum', n_towers=2, **{'pondering.steps': 1, 'embedding.tied': False}),
+    dict(gate='latent', n_towers=2, **{  # PonderingLM's options (test_pondering_options.py)
+        'pondering.steps': 2, 'pondering.embed_scale': 'sqrt_d', 'pondering.per_tower': True,
+        'pondering.initial_weight': 'steps', 'pondering.init_std_scale': 'passes'}),
 ]
 
 
