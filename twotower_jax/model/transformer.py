@@ -58,10 +58,11 @@ class TransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxH: jax.Array, cache: dict[str, jax.Array] | None = None,
                positions_BxL: jax.Array | None = None, keep_BxL: jax.Array | None = None):
-    """Returns (x_BxLxH, cache); `keep_BxL`: keys that may be attended to (None: all). With a decoding `cache` (k_MxDxT, v_MxTxD: M = B*N rows,
-    one per batch row and head; T = max_len) the L inputs sit at `positions_BxL` of each
-    row (in [0, T): the caller keeps them there): their keys and values are written
-    there and each query attends to the cached keys at positions <= its own."""
+    """Returns (x_BxLxH, cache); `keep_BxL`: keys that may be attended to (None: all).
+    With a decoding `cache` (k_MxDxT, v_MxTxD: M = B*N rows, one per batch row and head;
+    T = max_len) the L inputs sit at `positions_BxL` of each row (in [0, T): the caller
+    keeps them there): their keys and values are written there and each query attends to
+    the cached keys at positions <= its own."""
     cfg = self.cfg
     h_BxLxH = layers.layer_norm(name='ln_attn')(x_BxLxH)
     qkv = nn.DenseGeneral(
@@ -112,8 +113,9 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxH: jax.Array, cache: dict[str, jax.Array] | None = None,
                positions_BxL: jax.Array | None = None, keep_BxL: jax.Array | None = None):
-    """h_BxLxH; `keep_BxL`: keys that may be attended to (model.released.mask_pad_keys); with a decoding `cache` (`causal_cache`) the inputs sit at `positions_BxL`
-    and the result is (h_BxLxH, updated cache)."""
+    """h_BxLxH; `keep_BxL`: keys that may be attended to (model.released.mask_pad_keys).
+    With a decoding `cache` (`causal_cache`) the inputs sit at `positions_BxL` and the
+    result is (h_BxLxH, updated cache)."""
     cfg = self.cfg
     x_BxLxH = nn.Dropout(cfg.dropout)(x_BxLxH, deterministic=self.deterministic)
     self.sow('intermediates', 'tower_in', x_BxLxH)  # analysis: the layer-0 states
