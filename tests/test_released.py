@@ -11,6 +11,7 @@ import pytest
 
 from twotower_jax import config as config_lib
 from twotower_jax.data import tokenizer as tokenizer_lib
+from twotower_jax.model import attention
 from twotower_jax.model import bilstm
 from twotower_jax.model import transformer
 from twotower_jax.train import setup as setup_lib
@@ -168,3 +169,12 @@ def test_sharded_train_steps_with_every_switch_on(tower_type, fields):
   setup_lib.check_config(config)
   metrics = _family.sharded_steps(config, n_steps=2)
   assert all(np.isfinite(float(m['loss'])) and float(m['n_tokens']) > 0 for m in metrics)
+
+
+def test_switches_that_need_the_probabilities_take_xla_attention():
+  """`auto` on CUDA picks cuDNN flash attention, except where the probabilities must be formed
+  (attention dropout, PAD key mask): cuDNN's kernel has neither."""
+  cfg = lambda **kw: _family.tiny_model(dtype='bfloat16', **kw).cfg
+  assert attention.implementation(cfg(), 'cuda') == 'cudnn'
+  assert attention.implementation(cfg(attention_dropout=0.1), 'cuda') == 'xla'
+  assert attention.implementation(cfg(**{'released.mask_pad_keys': True}), 'cuda') == 'xla'
