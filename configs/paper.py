@@ -12,7 +12,9 @@ table through per-tower projections). For bilstm, n_layers is each direction's L
 depth and n_heads is unused. Sized for an accelerator; data and schedule are
 base_config()'s (override --config.train.steps=...), whose optimizer is the paper's.
 The gate's head is the original code's (model.head: LayerNorm eps 1e-12, exact erf GELU,
-torch.nn.Linear's default init); docs/FIDELITY.md lists what still differs.
+torch.nn.Linear's default init), and attention towers drop attention probabilities at 0.1
+as the original; its as-released defects (model.released.*) stay off. docs/FIDELITY.md
+lists what still differs.
 """
 
 from twotower_jax import config as config_lib
@@ -36,6 +38,8 @@ def get_config(arg='causal,base'):
   c.model.d_mlp = 4 * c.model.d_model
   if tower_type in towers.TOWER_TYPES:  # else validation names the known types
     c.model.embedding.mode = towers.get(tower_type).paper_embedding_mode
+    if towers.get(tower_type).attention_layers(c.model):  # the original's attention dropout
+      c.model.attention_dropout = 0.1
   c.data.seq_len = c.model.max_len = WINDOW
   c.model.head.ln_eps, c.model.head.gelu, c.model.head.init = 1e-12, 'erf', 'torch_linear'
   return c

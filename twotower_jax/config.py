@@ -101,6 +101,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head.ln_eps = 1e-5  # epsilon of the gates' LayerNorms (original: 1e-12)
   c.model.head.gelu = 'tanh'  # 'tanh' (approximation) | 'erf' (exact, torch nn.GELU())
   c.model.head.init = 'normal'  # head Dense: 'normal' (std 0.02) | 'torch_linear' (torch default)
+  c.model.attention_dropout = 0.0  # dropout on attention probabilities (original: 0.1)
+  # The original code's as-released behaviours, opt-in (docs/FIDELITY.md rows B5, A1, A2).
+  c.model.released = ml_collections.ConfigDict()
+  c.model.released.zero_backward = False  # bilstm: backward stream times diag(anti-identity)
+  c.model.released.pad_target = False  # PAD targets carry loss weight (no ignore index)
+  c.model.released.mask_pad_keys = False  # attention gives PAD-token keys no weight
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 240  # the default main job: about 6 minutes on a 2-core CPU
@@ -347,6 +353,11 @@ def _validate_model_options(m: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"model.head.gelu={hd.gelu!r} is unknown; use 'tanh' or 'erf'")
   if hd.init not in ('normal', 'torch_linear'):
     raise ConfigError(f"model.head.init={hd.init!r} is unknown; use 'normal' or 'torch_linear'")
+  if not (_is_number(m.attention_dropout) and 0.0 <= m.attention_dropout < 1.0):
+    raise ConfigError(f'model.attention_dropout={m.attention_dropout!r} must be in [0, 1)')
+  for name in ('zero_backward', 'pad_target', 'mask_pad_keys'):
+    if not isinstance(m.released[name], bool):
+      raise ConfigError(f'model.released.{name}={m.released[name]!r} must be true or false')
   p = m.pondering
   if isinstance(p.steps, bool) or not isinstance(p.steps, int) or p.steps < 0:
     raise ConfigError(f'model.pondering.steps={p.steps!r} must be an integer >= 0')

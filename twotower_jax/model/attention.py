@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,8 @@ def implementation(cfg: layers.ModelConfig, platform: str | None = None) -> str:
   """'xla', 'cudnn' or 'splash': what `attend` runs when lowered for `platform`."""
   platform = platform or cfg.get('platform') or backend_platform()
   choice = cfg.attention
+  if needs_probs(cfg):  # the kernels take no key mask or probability dropout
+    return 'xla'
   if platform == 'cuda' and choice in ('auto', 'cudnn') and cudnn_problem(cfg) is None:
     return 'cudnn'
   if platform == 'tpu' and choice == 'splash':
@@ -66,11 +69,21 @@ def implementation(cfg: layers.ModelConfig, platform: str | None = None) -> str:
   return 'xla'
 
 
+def needs_probs(cfg) -> bool:
+  """Whether attention must form its probabilities itself: attention dropout or PAD key
+  masking (model.attention_dropout, model.released.mask_pad_keys) is on."""
+  return cfg.attention_dropout > 0 or cfg.released.mask_pad_keys
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """model.attention names a choice, and a forced kernel can take the model's shapes."""
   m = config.model
   if m.attention not in CHOICES:
     raise config_lib.unknown_name('model.attention', m.attention, CHOICES)
+  if m.attention in ('cudnn', 'splash') and needs_probs(m):
+    raise config_lib.ConfigError(
+        f"model.attention={m.attention!r} has no attention dropout or PAD key mask; use 'xla' "
+        "or 'auto', or set model.attention_dropout=0 and model.released.mask_pad_keys=False")
   if m.attention == 'cudnn' and cudnn_problem(m):
     raise config_lib.ConfigError(f"model.attention='cudnn' cannot run {cudnn_problem(m)}; use "
                                  "'auto' (XLA where cuDNN cannot) or fix the shapes")
@@ -97,8 +110,15 @@ def flash_stand_in():
 
 
 def attend(q_BxLxNxD: jax.Array, k_BxLxNxD: jax.Array, v_BxLxNxD: jax.Array, *, causal: bool,
-           cfg: layers.ModelConfig) -> jax.Array:
-  """softmax(q k^T / sqrt(D)) v per head (causal: position t sees positions <= t)."""
+           cfg: layers.ModelConfig, keep_BxL: jax.Array | None = None,
+           probs_dropout: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+  """softmax(q k^T / sqrt(D)) v per head (causal: position t sees positions <= t).
+
+  `keep_BxL` (bool): keys that may be attended to (the others get no weight);
+  `probs_dropout`: applied to the probabilities. Either one takes `explicit_attention`.
+  """
+  if keep_BxL is not None or probs_dropout is not None:
+    return explicit_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, causal, keep_BxL, probs_dropout)
   impl = implementation(cfg)
   xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                      implementation='xla')
@@ -108,6 +128,30 @@ def attend(q_BxLxNxD: jax.Array, k_BxLxNxD: jax.Array, v_BxLxNxD: jax.Array, *, 
     return jax.checkpoint(xla)(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD)
   kernel = _cudnn if impl == 'cudnn' else _splash
   return _per_shard(lambda q, k, v: kernel(q, k, v, causal))(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD)
+
+
+def explicit_attention(q_BxLxNxD: jax.Array, k_BxLxNxD: jax.Array, v_BxLxNxD: jax.Array,
+                       causal: bool, keep_BxL: jax.Array | None = None,
+                       probs_dropout: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+  """XLA attention with the probabilities formed here (logits and softmax in f32, as the
+  XLA path), so keys can be masked and the probabilities dropped out (the original's
+  GPT-2/BERT attention). A query whose visible keys are all PAD spreads its weight evenly
+  over them: PAD keys get a large negative logit, future keys a far larger one."""
+  _, length, _, d = q_BxLxNxD.shape
+  logits_dtype = jnp.promote_types(q_BxLxNxD.dtype, jnp.float32)
+  logits_BxNxLxL = jnp.einsum('blnd,bknd->bnlk', q_BxLxNxD, k_BxLxNxD,
+                              preferred_element_type=logits_dtype)
+  logits_BxNxLxL = logits_BxNxLxL * jnp.asarray(d ** -0.5, logits_dtype)
+  lowest = jnp.finfo(logits_dtype).min
+  if keep_BxL is not None:
+    logits_BxNxLxL = jnp.where(keep_BxL[:, None, None, :], logits_BxNxLxL, 0.35 * lowest)
+  if causal:
+    seen_1x1xLxL = jnp.tril(jnp.ones((1, 1, length, length), bool))
+    logits_BxNxLxL = jnp.where(seen_1x1xLxL, logits_BxNxLxL, 0.7 * lowest)
+  probs_BxNxLxL = jax.nn.softmax(logits_BxNxLxL.astype(jnp.float32), axis=-1)
+  if probs_dropout is not None:
+    probs_BxNxLxL = probs_dropout(probs_BxNxLxL)
+  return jnp.einsum('bnlk,bknd->blnd', probs_BxNxLxL.astype(v_BxLxNxD.dtype), v_BxLxNxD)
 
 
 def _per_shard(fn):

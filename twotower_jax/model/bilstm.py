@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.model import layers
 from twotower_jax.model import towers
 
@@ -36,6 +35,14 @@ def _lstm_stack(cfg: layers.ModelConfig, x_BxLxH: jax.Array, reverse: bool, dete
     x_BxLxH = y_BxLxH if i == 0 else x_BxLxH + y_BxLxH  # residual above the first layer
     outputs.append(x_BxLxH)
   return outputs
+
+
+def anti_identity_diagonal(length: int) -> jax.Array:
+  """d_L: the diagonal of the L x L anti-identity (1 only where t = L-1-t). The original's
+  flip_seq multiplies the backward stream by it (einsum 'bwl,ww->bwl'), meaning to flip
+  the stream back; it zeroes it instead (model.released.zero_backward)."""
+  t_L = jnp.arange(length)
+  return (t_L == length - 1 - t_L).astype(jnp.float32)
 
 
 class BiLSTM(nn.Module):
@@ -59,6 +66,8 @@ class BiLSTM(nn.Module):
     zero_Bx1xH = jnp.zeros_like(fwd_BxLxH[:, :1])
     past_BxLxH = jnp.concatenate([zero_Bx1xH, fwd_BxLxH[:, :-1]], axis=1)
     future_BxLxH = jnp.concatenate([bwd_BxLxH[:, 1:], zero_Bx1xH], axis=1)
+    if cfg.released.zero_backward:  # as released: only an odd window's middle survives
+      future_BxLxH = future_BxLxH * anti_identity_diagonal(future_BxLxH.shape[1])[:, None]
     h_BxLxH = layers.dense(cfg.d_model, ('mlp', 'embed'), name='join',
                            dtype=layers.compute_dtype(cfg))(
                                jnp.concatenate([past_BxLxH, future_BxLxH], axis=-1))
@@ -67,11 +76,11 @@ class BiLSTM(nn.Module):
 
 def bilstm_example(window_BxL1: jax.Array, rng: jax.Array, cfg: layers.ModelConfig):
   """Every token 0..L-1 is a target, predicted from both sides of it (not from itself)."""
-  del rng, cfg
+  del rng
   tokens_BxL = window_BxL1[:, :-1]
   return {'inputs': tokens_BxL, 'targets': tokens_BxL,
-          'weights': (tokens_BxL != tokenizer_lib.PAD_ID).astype(jnp.float32)}
+          'weights': towers.target_weights(tokens_BxL, cfg)}
 
 
 towers.register('bilstm', BiLSTM, bilstm_example, paper_embedding_mode='projected',
-                allows_pondering=False)
+                allows_pondering=False, backward_stream=True)

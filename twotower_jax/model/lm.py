@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from twotower_jax import config as config_lib
+from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.model import attention
 from twotower_jax.model import embeddings
 from twotower_jax.model import gates
@@ -64,8 +65,9 @@ class TwoTowerLM(nn.Module):
     # Activations split by batch, not by the (FSDP-sharded) width of the token table.
     x_NxBxLxH = partitioning.constrain(x_NxBxLxH, ('tower', 'batch', 'length', None))
     tower_type = towers.get(cfg.tower_type)
-    stacked = nn.vmap(tower_type.module,
-                      in_axes=0 if cache is None else (0, 0, None), out_axes=0,
+    mask_keys = cfg.released.mask_pad_keys and cache is None  # as released: PAD keys unseen
+    in_axes = (0, 0, None) if cache is not None else (0, None, None, None) if mask_keys else 0
+    stacked = nn.vmap(tower_type.module, in_axes=in_axes, out_axes=0,
                       axis_size=cfg.n_towers,
                       variable_axes={'params': 0, 'intermediates': 0},
                       split_rngs={'params': True, 'dropout': True},
@@ -73,6 +75,9 @@ class TwoTowerLM(nn.Module):
                       spmd_axis_name=partitioning.mesh_axis('tower'))
     tower_stack = stacked(cfg, deterministic, name='towers')
     new_caches = []
+    if mask_keys:  # the towers' (x, cache, positions, keep_BxL), all but x shared
+      keep_BxL, towers_module = tokens_BxL != tokenizer_lib.PAD_ID, tower_stack
+      tower_stack = lambda x_NxBxLxH: towers_module(x_NxBxLxH, None, None, keep_BxL)
 
     def forward(x_NxBxLxH):
       if cache is None:
@@ -153,6 +158,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         'model.pondering.per_tower needs a gate with per-tower distributions (latent, '
         f'logit_sum), not model.gate={m.gate}')
   attention.check_config(config)
+  tower_type = towers.get(m.tower_type)
+  if (m.attention_dropout or m.released.mask_pad_keys) and not tower_type.attention_layers(m):
+    raise config_lib.ConfigError(
+        f'model.tower_type={m.tower_type} has no attention; set model.attention_dropout=0 and '
+        'model.released.mask_pad_keys=False')
+  if m.released.zero_backward and not tower_type.backward_stream:
+    raise config_lib.ConfigError(f'model.released.zero_backward needs a tower type with a '
+                                 f'backward stream (bilstm), not {m.tower_type}; set it False')
   if m.embedding.mode not in embeddings.MODES:
     raise config_lib.ConfigError(f'model.embedding.mode={m.embedding.mode!r} is unknown; choose '
                                  f'one of {list(embeddings.MODES)}')

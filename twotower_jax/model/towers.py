@@ -1,7 +1,8 @@
 """Tower types: the registry. A tower maps embedded inputs x_BxLxH to final states h_BxLxH.
 
 A tower type pairs a Flax module with its objective: `make_example` turns a packed
-window of L+1 tokens into inputs, targets and loss weights (PAD weights are zero);
+window of L+1 tokens into inputs, targets and loss weights (PAD weights are zero unless
+model.released.pad_target);
 the state h_t feeds the gate, which predicts `targets[t]`. Everything else that
 depends on the tower type is a field of its registered entry, so a new type is one
 module that calls `register` (the model, the train step, FLOPs, the paper presets
@@ -14,6 +15,7 @@ and the structural probe read these fields and never name a type):
   ('input', 'block_1', ...), for the structural probe;
 - `attention_layers`: attention layers applied per token (FLOPs);
 - `left_to_right`: whether it generates text token by token (causal);
+- `backward_stream`: whether it has ELMo's backward stream (model.released.zero_backward);
 - `decode_cache`: for a left-to-right type that decodes incrementally, the shape and
   logical axis names of each array of one tower's cache for a batch
   (`(cfg, batch) -> {name: (shape, names)}`); its module then also accepts
@@ -31,8 +33,18 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.model import layers
+
+
+def target_weights(targets_BxL: jax.Array, cfg: layers.ModelConfig) -> jax.Array:
+  """Loss weights of next-token-style targets: 0 at PAD, 1 elsewhere; all 1 with
+  model.released.pad_target (the original's loss has no ignore index). cfg None: defaults."""
+  if cfg is not None and cfg.released.pad_target:
+    return jnp.ones(targets_BxL.shape, jnp.float32)
+  return (targets_BxL != tokenizer_lib.PAD_ID).astype(jnp.float32)
 
 
 def sown_layers(inter: dict[str, Any]) -> dict[str, jax.Array]:
@@ -55,6 +67,7 @@ class TowerType:
   layer_states: Callable[[dict[str, Any]], dict[str, jax.Array]] = sown_layers
   attention_layers: Callable[[layers.ModelConfig], int] = lambda cfg: 0
   left_to_right: bool = False
+  backward_stream: bool = False
   decode_cache: Callable[[layers.ModelConfig, int], dict[str, tuple]] | None = None
 
 

@@ -10,6 +10,8 @@ structural probe.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -55,11 +57,12 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxH: jax.Array, cache: dict[str, jax.Array] | None = None,
-               positions_BxL: jax.Array | None = None):
-    """Returns (x_BxLxH, cache). With a decoding `cache` (k_MxDxT, v_MxTxD: M = B*N rows,
-    one per batch row and head; T = max_len) the L inputs sit at `positions_BxL` of each
-    row (in [0, T): the caller keeps them there): their keys and values are written
-    there and each query attends to the cached keys at positions <= its own."""
+               positions_BxL: jax.Array | None = None, keep_BxL: jax.Array | None = None):
+    """Returns (x_BxLxH, cache); `keep_BxL`: keys that may be attended to (None: all).
+    With a decoding `cache` (k_MxDxT, v_MxTxD: M = B*N rows, one per batch row and head;
+    T = max_len) the L inputs sit at `positions_BxL` of each row (in [0, T): the caller
+    keeps them there): their keys and values are written there and each query attends to
+    the cached keys at positions <= its own."""
     cfg = self.cfg
     h_BxLxH = layers.layer_norm(name='ln_attn')(x_BxLxH)
     qkv = nn.DenseGeneral(
@@ -68,8 +71,12 @@ class TransformerBlock(nn.Module):
         bias_init=layers.zeros_init((None, 'heads', 'kv')), dtype=layers.compute_dtype(cfg))(h_BxLxH)
     q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if cache is None:
+      probs_dropout = None
+      if cfg.attention_dropout > 0 and not self.deterministic:  # model.attention_dropout
+        probs_dropout = functools.partial(nn.Dropout(cfg.attention_dropout, name='attn_dropout'),
+                                          deterministic=False)
       y_BxLxNxD = attention.attend(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, causal=self.causal,
-                                   cfg=cfg)
+                                   cfg=cfg, keep_BxL=keep_BxL, probs_dropout=probs_dropout)
     else:
       # In-bounds writes let XLA update the loop-carried cache in place (no select, no copy).
       rows_Mx1 = jnp.arange(cache['k'].shape[0])[:, None]
@@ -104,9 +111,10 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxH: jax.Array, cache: dict[str, jax.Array] | None = None,
-               positions_BxL: jax.Array | None = None):
-    """h_BxLxH; with a decoding `cache` (`causal_cache`) the inputs sit at `positions_BxL`
-    and the result is (h_BxLxH, updated cache)."""
+               positions_BxL: jax.Array | None = None, keep_BxL: jax.Array | None = None):
+    """h_BxLxH; `keep_BxL`: keys that may be attended to (model.released.mask_pad_keys).
+    With a decoding `cache` (`causal_cache`) the inputs sit at `positions_BxL` and the
+    result is (h_BxLxH, updated cache)."""
     cfg = self.cfg
     x_BxLxH = nn.Dropout(cfg.dropout)(x_BxLxH, deterministic=self.deterministic)
     self.sow('intermediates', 'tower_in', x_BxLxH)  # analysis: the layer-0 states
@@ -116,15 +124,17 @@ class Transformer(nn.Module):
     if cfg.scan_layers:  # the cache is scanned along its layer axis, the positions broadcast
       blocks = nn.scan(block_cls, variable_axes={'params': 0, 'intermediates': 0},
                        split_rngs={'params': True, 'dropout': True}, length=cfg.n_layers,
-                       in_axes=(0, nn.broadcast), metadata_params={nn.PARTITION_NAME: 'layers'})
+                       in_axes=(0, nn.broadcast, nn.broadcast),
+                       metadata_params={nn.PARTITION_NAME: 'layers'})
       x_BxLxH, new_cache = blocks(cfg, self.causal, self.deterministic, name='blocks')(
-          x_BxLxH, cache, positions_BxL)
+          x_BxLxH, cache, positions_BxL, keep_BxL)
     else:
       new_cache = None if cache is None else {}
       for i in range(cfg.n_layers):
         layer_cache = None if cache is None else {'k': cache[f'k_{i}'], 'v': cache[f'v_{i}']}
         x_BxLxH, layer_cache = block_cls(cfg, self.causal, self.deterministic,
-                                         name=f'block_{i}')(x_BxLxH, layer_cache, positions_BxL)
+                                         name=f'block_{i}')(x_BxLxH, layer_cache, positions_BxL,
+                                                            keep_BxL)
         if cache is not None:
           new_cache.update({f'k_{i}': layer_cache['k'], f'v_{i}': layer_cache['v']})
     h_BxLxH = layers.layer_norm(name='ln_final')(x_BxLxH)
@@ -162,10 +172,10 @@ def block_states(inter: dict) -> dict[str, jax.Array]:
 
 def causal_example(window_BxL1: jax.Array, rng: jax.Array, cfg: layers.ModelConfig):
   """Next-token prediction: inputs are tokens < t, the target is token t."""
-  del rng, cfg
+  del rng
   targets_BxL = window_BxL1[:, 1:]
   return {'inputs': window_BxL1[:, :-1], 'targets': targets_BxL,
-          'weights': (targets_BxL != tokenizer_lib.PAD_ID).astype(jnp.float32)}
+          'weights': towers.target_weights(targets_BxL, cfg)}
 
 
 towers.register('causal', Transformer, causal_example, layer_states=block_states,
