@@ -28,8 +28,8 @@ SIZES = {'base': dict(n_layers=12, d_model=384, n_heads=12),
          'large': dict(n_layers=24, d_model=512, n_heads=16)}
 WINDOW = 128
 
-# The original's phase-1 run (hezq06/twotower_lm at e8b468e; docs/FIDELITY.md, A5): DeepSpeed
-# train_batch_size 5120 of micro-batches of 128 with 10 accumulation steps; 25 epochs of 5,000
+# The original's phase-1 run (hezq06/twotower_lm at e8b468e; docs/FIDELITY.md, A5): 5,120 =
+# micro-batches of 128 x 10 accumulation steps x 4 data-parallel processes; 25 epochs of 5,000
 # micro-batches = 125,000 micro-batches = 12,500 optimizer steps; --warm_up_steps 10000 counts
 # micro-batches (its lr_schedule reads the micro-batch index), so 1,000 optimizer steps, then
 # lr_linear_decay 1.0: linear to zero at the end (optimizer.schedule has this shape). Eval and
