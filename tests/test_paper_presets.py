@@ -91,7 +91,7 @@ def _reduced(arg, text_dir, **extra):
   return c
 
 
-@pytest.mark.slow  # 30-50 s each on a shared 2-core CPU: tokenizer, compile, eval, checkpoint
+@pytest.mark.slow  # 20-55 s each on a shared 2-core CPU: tokenizer, compile, eval, checkpoint
 @pytest.mark.parametrize('arg', PRESETS)
 def test_every_paper_preset_trains_a_few_steps_at_reduced_size(arg, small_corpus_dir, tmp_path):
   c = _reduced(arg, small_corpus_dir)
