@@ -91,9 +91,11 @@ def test_command_line_dry_run_of_a_paper_preset_writes_nothing(tmp_path):
                 'of 32 GiB'):
     assert piece in out, (piece, out)
   assert not os.path.exists(workdir) and snapshot(str(tmp_path)) == before
-  model = model_lib.build(importlib.import_module('configs.paper').get_config('causal,base'), 8000)
+  config = importlib.import_module('configs.paper').get_config('causal,base')
+  model = model_lib.build(config, config.data.vocab_size)
   flops = float(out.split('FLOPs/step: ')[1].split(' ')[0])
-  assert flops == pytest.approx(flops_lib.train_flops_per_step(model, 16, 128), rel=1e-3)
+  assert flops == pytest.approx(flops_lib.train_flops_per_step(model, 5120, 128), rel=1e-3)
+  assert 'run: 655,360 tokens/step (5120 x 128) x 12,500 steps = 8,192,000,000 tokens' in out
 
 
 def test_command_line_dry_run_refuses_an_unknown_target():

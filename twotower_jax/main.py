@@ -4,8 +4,9 @@ Rerunning with the same DIR resumes. Bad input exits with one line on stderr.
 Several processes: add --coordinator_address/--num_processes/--process_id (automatic
 on Cloud TPU VMs); see docs/SCALING.md.
 Pre-flight without the hardware: --dry_run=TARGET (v5e-8, v4-32, H100, ...) lowers the
-train step for the target on this machine's CPU and prints its memory estimate, FLOPs
-and expected step time (train/dryrun.py); it needs no --workdir and writes nothing.
+train step for the target on this machine's CPU and prints its memory estimate, FLOPs,
+expected step time, tokens and the whole run's wall time at that step time
+(train/dryrun.py); it needs no --workdir and writes nothing.
 """
 
 import logging
@@ -30,7 +31,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', -1,
                                    'This process, 0..num_processes-1 (or env JAX_PROCESS_ID).')
 _DRY_RUN = flags.DEFINE_string('dry_run', '', 'Pre-flight on CPU for a target (v5e-8, v4-32, '
                                'v5p-8, v6e-8, H100, H100x8, H200, A100): memory estimate, '
-                               'FLOPs and step time of the train step; trains nothing.')
+                               'FLOPs, step time, tokens and the run\'s wall time; trains nothing.')
 _DRY_RUN_MFU = flags.DEFINE_float('dry_run_mfu', 0.45, 'MFU the dry run assumes for the '
                                   'expected step time.')
 

@@ -11,7 +11,10 @@ H100, H100x8, H200, A100) prints, without the hardware and without writing anyth
   other temporaries depend on the compiler. Where the target runs a flash kernel (cuDNN,
   splash) the CPU program uses XLA attention that saves no score matrix
   (`attention.flash_stand_in`), so only one layer's scores are counted, transiently;
-- the expected step time and tokens/s at a stated MFU against the target's dense peak.
+- the expected step time and tokens/s at a stated MFU against the target's dense peak;
+- the run's size and time: tokens per optimizer step (batch x window), train.steps, total
+  tokens, and the expected wall time of the whole run at that step time (training steps
+  only: no eval, checkpoints or input pipeline).
 The CPU devices must be set before JAX starts its backend: `use_cpu_devices` first.
 """
 
@@ -152,7 +155,16 @@ def run(config: ml_collections.ConfigDict, tgt: Target, mfu: float) -> dict[str,
           'uncounted_kernels': dict(lowered.uncounted), 'memory_per_device': memory,
           'memory_total_per_device': total, 'hbm_per_device': tgt.hbm_gib * GIB,
           'cpu_compile_s': compile_s, 'mfu': mfu, 'peak_flops_per_device': peak,
-          'step_s': step_s, 'tokens_per_s': tc.batch_size * config.data.seq_len / step_s}
+          'step_s': step_s, 'tokens_per_s': tc.batch_size * config.data.seq_len / step_s,
+          **schedule_summary(config, step_s)}
+
+
+def schedule_summary(config: ml_collections.ConfigDict, step_s: float) -> dict[str, Any]:
+  """Tokens per step, steps, total tokens and the run's wall time at `step_s` per step."""
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  return {'tokens_per_step': tokens_per_step, 'steps': config.train.steps,
+          'total_tokens': tokens_per_step * config.train.steps,
+          'wall_s': step_s * config.train.steps}
 
 
 def format_report(r: dict[str, Any], config: ml_collections.ConfigDict) -> str:
@@ -182,6 +194,10 @@ def format_report(r: dict[str, Any], config: ml_collections.ConfigDict) -> str:
       f"  expected step time at MFU {r['mfu']:.2f}: {r['step_s'] * 1e3:,.1f} ms "
       f"({r['tokens_per_s']:,.0f} tokens/s; dense peak {r['peak_flops_per_device'] / 1e12:,.0f} "
       f"TFLOP/s {m.dtype} per device x {r['devices']})",
+      f"  run: {r['tokens_per_step']:,} tokens/step ({tc.batch_size} x {config.data.seq_len}) x "
+      f"{r['steps']:,} steps = {r['total_tokens']:,} tokens; expected wall time "
+      f"{r['wall_s'] / 3600:,.2f} h ({r['wall_s']:,.0f} s) at the step time above, "
+      'training steps only',
   ]
   if r['memory_total_per_device'] > r['hbm_per_device']:
     lines.append('  warning: the estimate exceeds the device memory; consider model.remat=True, '
