@@ -82,13 +82,24 @@ def tiny(small_corpus_dir):
   return lambda **overrides: tiny_config(small_corpus_dir, **overrides)
 
 
-def default_file_config():
-  """get_config() of configs/default.py, the file the CLI tests pass."""
-  spec = importlib.util.spec_from_file_location('default_config',
-                                                os.path.join(REPO, 'configs', 'default.py'))
+def file_config(name: str = 'default'):
+  """get_config() of configs/NAME.py (default.py: the file the CLI tests pass)."""
+  spec = importlib.util.spec_from_file_location(f'{name}_config',
+                                                os.path.join(REPO, 'configs', f'{name}.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+@pytest.fixture(scope='module')
+def two_step_run(small_corpus_dir, tmp_path_factory):
+  """A finished two-step run (config, workdir) for tests that read or damage it in copies."""
+  from twotower_jax.train import loop  # pylint: disable=g-import-not-at-top
+  config = tiny_config(small_corpus_dir, **{'train.steps': 2, 'train.checkpoint_every': 2,
+                                            'train.eval_every': 2})
+  workdir = str(tmp_path_factory.mktemp('trained') / 'run')
+  loop.train_and_evaluate(config, workdir)
+  return config, workdir
 
 
 def _leaves(tree: dict, prefix: str = ''):
@@ -102,7 +113,7 @@ def _leaves(tree: dict, prefix: str = ''):
 def cli_overrides(config, base=None) -> list[str]:
   """--config.A.B=VALUE for every leaf (nested sections included) that differs from `base`
   (default: configs/default.py, the file the CLI tests pass): what a user would type."""
-  base_leaves = dict(_leaves(config_lib.to_dict(base or default_file_config())))
+  base_leaves = dict(_leaves(config_lib.to_dict(base or file_config())))
   out = []
   for key, value in _leaves(config_lib.to_dict(config)):
     if base_leaves.get(key, object()) != value:

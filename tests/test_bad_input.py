@@ -33,14 +33,9 @@ def refused(config, workdir, error=errors.UserError, match=''):
 
 
 @pytest.fixture(scope='module')
-def trained(small_corpus_dir, tmp_path_factory):
+def trained(two_step_run):
   """A finished two-step run to damage in copies."""
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  config = tiny_config(small_corpus_dir, **{'train.steps': 2, 'train.checkpoint_every': 2,
-                                            'train.eval_every': 2})
-  workdir = str(tmp_path_factory.mktemp('trained') / 'run')
-  train.train_and_evaluate(config, workdir)
-  return config, workdir
+  return two_step_run
 
 
 def copy_of(trained, tmp_path):

@@ -62,7 +62,7 @@ def test_a_workdir_with_another_model_is_refused(tiny, tmp_path):
 def test_cli_overrides_are_one_per_leaf_and_parse_back(tiny, tmp_path):
   """The tests' override helper: nested sections become one --config.a.b.c=v per leaf, and
   main parses them back into the same config (bools, floats, strings, nested fields)."""
-  from conftest import cli_overrides, default_file_config  # pylint: disable=g-import-not-at-top
+  from conftest import cli_overrides, file_config  # pylint: disable=g-import-not-at-top
   config = tiny(**{'model.embedding.tied': False, 'model.embedding.input_grad_scale': 2.5,
                    'model.pondering.steps': 1, 'model.gate': 'latent'})
   flags = cli_overrides(config)
@@ -70,7 +70,7 @@ def test_cli_overrides_are_one_per_leaf_and_parse_back(tiny, tmp_path):
   assert '--config.model.embedding.input_grad_scale=2.5' in flags
   assert '--config.model.pondering.steps=1' in flags
   assert not [f for f in flags if f.startswith('--config.model.embedding=')]
-  assert cli_overrides(default_file_config()) == []
+  assert cli_overrides(file_config()) == []
   code = ('import json, sys; from absl import flags; from ml_collections import config_flags; '
           'from twotower_jax import config; c = config_flags.DEFINE_config_file("config"); '
           'flags.FLAGS(sys.argv); print(json.dumps(config.to_dict(c.value)))')

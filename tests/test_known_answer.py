@@ -1,28 +1,19 @@
 """The validation's plan and verdicts (fast): the five runs' configs, the checks, bad input.
 The end-to-end run is tests/test_validate.py (slow)."""
 
-import importlib.util
 import math
 import os
 
 import pytest
 
-from conftest import REPO, run_module
+from conftest import file_config, run_module
 from twotower_jax import config as config_lib
 from twotower_jax.analysis import known_answer
 from twotower_jax.train import setup as setup_lib
 
 
-def _planted():
-  spec = importlib.util.spec_from_file_location('planted_cfg',
-                                                os.path.join(REPO, 'configs', 'planted.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def test_run_configs_compose_the_known_and_null_models(tmp_path):
-  configs = known_answer.run_configs(_planted(), str(tmp_path), gate_steps=40)
+  configs = known_answer.run_configs(file_config('planted'), str(tmp_path), gate_steps=40)
   assert list(configs) == ['syntax', 'topic', 'all', 'known', 'null']
   for name, loss_class in (('syntax', 'syntax'), ('topic', 'topic'), ('all', '')):
     c = configs[name]
@@ -45,7 +36,7 @@ def test_run_configs_compose_the_known_and_null_models(tmp_path):
     ('train.trainable', '^gate/', 'sets data.planted_loss_class'),
 ])
 def test_run_configs_refuse_what_they_cannot_use(tmp_path, field, value, match):
-  c = _planted()
+  c = file_config('planted')
   config_lib.set_fields(c, {field: value})
   with pytest.raises(known_answer.ValidationError, match=match):
     known_answer.run_configs(c, str(tmp_path), 10)

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import snapshot, tiny_config
+from conftest import snapshot
 from twotower_jax.data import corpus as corpus_lib
 from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.train import checkpoints
@@ -62,12 +62,8 @@ def test_a_binary_file_is_named_as_binary(tiny, tmp_path, small_corpus_dir, cont
 
 
 @pytest.fixture(scope='module')
-def trained(small_corpus_dir, tmp_path_factory):
-  config = tiny_config(small_corpus_dir, **{'train.steps': 2, 'train.checkpoint_every': 2,
-                                            'train.eval_every': 2})
-  workdir = str(tmp_path_factory.mktemp('trained') / 'run')
-  train.train_and_evaluate(config, workdir)
-  return config, workdir
+def trained(two_step_run):
+  return two_step_run
 
 
 @pytest.mark.parametrize('damage', ['ocdbt_chunks_deleted', 'data_item_deleted'])
