@@ -38,7 +38,8 @@ def _stop_output_side(next_fun, args, kwargs, context):
 def _stop_input_side(next_fun, args, kwargs, context):
   """encode with stop_gradient on the looked-up rows: only the output path reaches E."""
   if isinstance(context.module, embeddings.Embedder) and context.method_name == 'encode':
-    (toks,) = args
+    toks, positions = args[0], (args[1:] or (None,))[0]
+    assert positions is None and kwargs.get('token_scale', 1.0) == 1.0  # training's call
     m = context.module
     x_BxLxH = sg(jnp.take(m.token, toks, axis=0)) + m.position[:toks.shape[1]]
     return jnp.broadcast_to(x_BxLxH, (m.cfg.n_towers,) + x_BxLxH.shape)
