@@ -115,6 +115,17 @@ def test_out_never_replaces_a_run_directory(copy, tmp_path):
   assert snapshot(copy) == before
 
 
+def test_out_never_replaces_a_folder_of_other_files(copy, tmp_path):
+  """--out replaces its folder whole: a folder holding anything but an earlier analysis is
+  refused before any work, its files untouched; an earlier analysis may be replaced."""
+  out = tmp_path / 'mine'
+  out.mkdir()
+  (out / 'important.txt').write_text('precious')
+  with pytest.raises(runner.AnalysisError, match='holds files that are not an earlier analysis'):
+    runner.run(analysis_config(copy), copy, out_dir=str(out))
+  assert (out / 'important.txt').read_text() == 'precious'
+
+
 @pytest.mark.slow
 def test_sigterm_during_a_reanalysis_leaves_the_previous_outputs(copy):
   """The process dies at once (no handler): DIR/analysis keeps the other step's outputs."""

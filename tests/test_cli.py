@@ -20,6 +20,7 @@ def _main(workdir, *args):
     (['--config.train.steps=many'], 'bad config override'),
     (['--config.model.n_heads=3'], 'model.n_heads=3 does not divide'),
     (['--config.data.seq_len=512'], 'exceeds model.max_len'),
+    (['--config.data.seq_len=0'], 'data.seq_len=0 must be >= 1'),
     (['--config.model.n_towers=3', '--config.mesh.tower=2'], 'does not divide model.n_towers'),
     (['--config.data.source=wiki'], "data.source='wiki' is unknown"),
     (['stray'], 'unexpected arguments'),

@@ -211,6 +211,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.d_model % m.n_heads:
     raise ConfigError(f'model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; '
                       'choose heads that divide the width')
+  if d.seq_len < 1:
+    raise ConfigError(f'data.seq_len={d.seq_len} must be >= 1 (tokens per training window)')
   if d.seq_len > m.max_len:
     raise ConfigError(f'data.seq_len={d.seq_len} exceeds model.max_len={m.max_len} (the position '
                       'table); raise model.max_len or lower data.seq_len')

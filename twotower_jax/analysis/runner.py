@@ -90,11 +90,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = N
   """Restores the checkpoint analysis.step, scores the estimators, writes out_dir/* (default
   DIR/analysis) all at once: a kill at any moment leaves the outputs of one step or none."""
   workdir = os.path.abspath(workdir)
+  given = bool(out_dir)
   out_dir = os.path.abspath(out_dir or workdir_lib.analysis_dir(workdir))
   if (workdir + os.sep).startswith(out_dir + os.sep) or os.path.exists(
       os.path.join(out_dir, workdir_lib.CONFIG_JSON)):
     raise AnalysisError(f'--out={out_dir} is a run directory or holds one; the analysis replaces '
                         'its output folder whole, so give a folder of its own')
+  if given and os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(
+      os.path.join(out_dir, workdir_lib.SUMMARY_JSON)):
+    raise AnalysisError(f'--out={out_dir} holds files that are not an earlier analysis; the '
+                        'analysis replaces its output folder whole, so give a new or empty folder')
   with contextlib.ExitStack() as stack:
     try:  # first, so an unwritable place is reported before minutes of work
       staging = stack.enter_context(
