@@ -103,3 +103,47 @@ def test_ctrl_c_while_training_saves_then_exits_130(tiny, tmp_path):
   assert 'stopped by SIGINT at step' in rest and 'Traceback' not in rest
   stopped = int(rest.split('stopped by SIGINT at step ')[1].split(';')[0])
   assert checkpoints.complete_steps(workdir)[-1] == stopped  # the step it finished was saved
+
+
+def signal_analysis_at(workdir, marker, signum):
+  """Starts the analysis of `workdir`, sends `signum` once stderr shows `marker`."""
+  env = dict(os.environ)
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  proc = subprocess.Popen([sys.executable, '-m', 'twotower_jax.analyze', f'--workdir={workdir}'],
+                          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  seen = []
+  for line in proc.stderr:
+    seen.append(line)
+    if marker in line:
+      break
+  assert marker in ''.join(seen), ''.join(seen)[-3000:]
+  proc.send_signal(signum)
+  rest = proc.stderr.read()
+  proc.wait(timeout=300)
+  return proc.returncode, rest
+
+
+@pytest.mark.parametrize('signum, code, name', [(signal.SIGINT, 130, 'interrupted (Ctrl-C)'),
+                                                (signal.SIGTERM, 143, 'terminated (SIGTERM)')])
+def test_a_stopped_analysis_says_so_and_keeps_the_last_one(two_step_run, tmp_path, signum, code,
+                                                           name):
+  """Ctrl-C or SIGTERM while analysing: one line that does not promise a training resume,
+  the shell's exit status, and the analysis written before is still whole."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from twotower_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(two_step_run[1], workdir)
+  done = run_module('twotower_jax.analyze', f'--workdir={workdir}', timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = workdir_lib.analysis_dir(workdir)
+  before = {f: open(os.path.join(out, f), 'rb').read() for f in sorted(os.listdir(out))
+            if os.path.isfile(os.path.join(out, f))}
+  rc, rest = signal_analysis_at(workdir, 'analysis: step', signum)
+  assert rc == code, rest[-3000:]
+  errors_ = [l for l in rest.splitlines() if l.startswith('error: ')]
+  assert errors_ == [f'error: {name}; rerun the same command to start it again (what earlier '
+                     'runs wrote stays whole)'], rest[-3000:]
+  assert 'Traceback' not in rest
+  after = {f: open(os.path.join(out, f), 'rb').read() for f in before}
+  assert after == before

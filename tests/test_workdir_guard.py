@@ -110,6 +110,8 @@ def test_checkpoints_without_config_json_are_refused(copy):
     ('[1, 2]', 'holds a JSON list, not a run config'),
     ('{"model": 5}', 'has a value of the wrong type'),
     ('{"model": {"n_towers": null}}', 'has a value of the wrong type (model.n_towers is null)'),
+    ('{}', 'is damaged: it lacks the model, data, train section(s)'),
+    ('{"model": {}, "data": {}}', 'is damaged: it lacks the train section(s)'),
 ])
 def test_a_damaged_config_json_is_one_line(copy, content, match):
   config, workdir = copy

@@ -12,7 +12,9 @@ import errno
 import importlib.util
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Callable, Sequence
 
 from absl import app
@@ -168,24 +170,42 @@ def _leave(message: str, code: int) -> None:
   os._exit(code)  # pylint: disable=protected-access
 
 
-def _interrupted() -> None:
-  _leave('interrupted (Ctrl-C); rerun the same command to continue (training resumes from its '
-         'last checkpoint)', 130)
+class _Terminated(BaseException):
+  """SIGTERM in a command that does not train: unwinds like Ctrl-C, so `finally` blocks
+  (staged outputs, locks) run before the one-line exit."""
 
 
-def run(main: Callable[[list[str]], None], config_files: Sequence[str] = ()) -> int:
+def _raise_terminated(signum, frame):  # pylint: disable=unused-argument
+  raise _Terminated()
+
+
+TRAINING_RERUN = 'to continue (training resumes from its last checkpoint)'
+
+
+def run(main: Callable[[list[str]], None], config_files: Sequence[str] = (),
+        rerun: str = 'to start it again (what earlier runs wrote stays whole)', sigterm: bool = True) -> int:
   """Runs `main` under absl; a UserError becomes 'error: ...' and exit status 2.
 
   `config_files` names the config_flags file flags, checked before absl loads them.
+  `rerun` says what rerunning the command does after Ctrl-C (130) or SIGTERM (143).
+  `sigterm`: turn SIGTERM into that one line; the trainer leaves it to its own handler
+  (train/preemption.py, or JAX's preemption service on several hosts).
   """
+  def interrupted(name: str, code: int) -> None:
+    _leave(f'{name}; rerun the same command {rerun}', code)
+
   def wrapped(argv):
     setup_logging()
+    if sigterm and threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, _raise_terminated)
     try:
       main(argv)
     except errors.UserError as e:
       _leave(_one_line(e), 2)
     except KeyboardInterrupt:
-      _interrupted()
+      interrupted('interrupted (Ctrl-C)', 130)
+    except _Terminated:
+      interrupted('terminated (SIGTERM)', 143)
     except OSError as e:
       if e.errno not in _ENVIRONMENT_ERRNOS:
         raise
@@ -195,7 +215,9 @@ def run(main: Callable[[list[str]], None], config_files: Sequence[str] = ()) -> 
   try:
     app.run(wrapped, flags_parser=lambda argv: _parse_flags(argv, config_files))
   except KeyboardInterrupt:
-    _interrupted()
+    interrupted('interrupted (Ctrl-C)', 130)
+  except _Terminated:
+    interrupted('terminated (SIGTERM)', 143)
   except SystemExit as e:
     if e.code is None:
       return 0

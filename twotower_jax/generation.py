@@ -289,6 +289,5 @@ def write(recs: Sequence[dict], out_dir: str, title: str) -> tuple[str, str]:
   jsonl = os.path.join(out_dir, workdir_lib.GENERATIONS_JSONL)
   workdir_lib.write_jsonl(jsonl, recs)
   page = os.path.join(out_dir, workdir_lib.GENERATIONS_HTML)
-  with open(page, 'w', encoding='utf-8') as f:
-    f.write(html_page(recs, title))
+  workdir_lib.write_text(page, html_page(recs, title))
   return jsonl, page

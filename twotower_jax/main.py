@@ -70,4 +70,4 @@ def dry_run(config, target_name: str, mfu: float) -> None:
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])  # --workdir too, unless --dry_run (checked in main)
-  sys.exit(cli.run(main, config_files=('config',)))
+  sys.exit(cli.run(main, config_files=('config',), rerun=cli.TRAINING_RERUN, sigterm=False))

@@ -95,6 +95,10 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   write_json(path(workdir, CONFIG_JSON), config_lib.to_dict(config), indent=2, sort_keys=True)
 
 
+# Sections every version of write_config has written (the whole resolved config).
+WRITTEN_SECTIONS = ('model', 'data', 'train')
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir was trained with (base_config() + config.json)."""
   file = path(workdir, CONFIG_JSON)
@@ -119,6 +123,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   except (TypeError, ValueError, AttributeError) as e:
     raise WorkdirError(f'{file} has a value of the wrong type ({str(e).splitlines()[0]}); '
                        f'{fix}') from None
+  missing = [s for s in WRITTEN_SECTIONS if s not in raw]
+  if missing:  # every version writes the whole config: `{}` is damage, not defaults
+    raise WorkdirError(f'{file} is damaged: it lacks the {", ".join(missing)} section(s) that '
+                       f'every run writes; {fix}')
   return config
 
 
@@ -385,10 +393,14 @@ def _sync(f) -> None:
 
 def write_jsonl(file: str, rows: Sequence[Any]) -> None:
   """One JSON object per line, atomic like write_json."""
+  write_text(file, ''.join(json.dumps(clean(row), ensure_ascii=False) + '\n' for row in rows))
+
+
+def write_text(file: str, text: str) -> None:
+  """Atomic like write_json: an interrupted write leaves the old file, never half a page."""
   tmp = file + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
-    for row in rows:
-      f.write(json.dumps(clean(row), ensure_ascii=False) + '\n')
+    f.write(text)
     _sync(f)
   os.replace(tmp, file)
 
