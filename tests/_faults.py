@@ -51,20 +51,3 @@ def small_filesystem(path: str, size_kib: int):
     yield path
   finally:
     subprocess.run(['umount', '-l', path], check=True)
-
-
-def without_closed_loop_noise(stderr: str) -> list[str]:
-  """stderr's lines less the 'Event loop is closed' tracebacks that TensorStore callbacks
-  print after Orbax closed its asyncio loop on a failed write (a known, unfixed noise:
-  docs/RELIABILITY.md, "Not covered"). They come from several threads at once and
-  interleave, so their lines are dropped one by one; every other line is kept."""
-  lines = stderr.splitlines()
-  noise = ("    self._check_closed()", "    raise RuntimeError('Event loop is closed')",
-           'RuntimeError: Event loop is closed')
-  def is_noise(i):
-    line = lines[i]
-    if line in noise or (line.startswith('  File ') and 'asyncio/base_events.py' in line):
-      return True
-    return (line == 'Traceback (most recent call last):' and i + 1 < len(lines)
-            and 'asyncio/base_events.py' in lines[i + 1])
-  return [line for i, line in enumerate(lines) if not is_noise(i)]

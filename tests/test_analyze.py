@@ -310,3 +310,34 @@ def test_analysis_over_training_steps(tmp_path, small_corpus_dir):
   assert os.path.getsize(os.path.join(out, 'figures', 'over_training.png')) > 1000
   bad = run_module('twotower_jax.analyze', f'--workdir={workdir}', '--steps=3', *flags)
   assert bad.returncode == 2 and 'no checkpoint for step(s) [3]; kept: [2, 4]' in bad.stderr
+
+
+@pytest.mark.parametrize('routing', ['fixed', 'edited'])
+def test_ablations_on_a_mixture_hold_its_routing_fixed(tmp_path, small_corpus_dir, routing):
+  """Tower heads that ignore their states predict the same whatever the states: with the
+  gate's routing fixed ('fixed', the default) replacing a tower's states costs nothing,
+  although the prior reads them; 'edited' lets the replacement reroute and move the
+  likelihood (the known-answer failure of mean ablation, docs/ANALYSIS.md)."""
+  from twotower_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  config = analysis_config(small_corpus_dir, **{'model.gate': 'latent', 'mesh.tower': 1})
+  config.analysis.eval_windows = 4
+  config.analysis.ablation_routing = routing
+  setup = setup_lib.build(config, str(tmp_path))
+  params = state_lib.init(setup.model, optimizer_lib.make(config), 0).params
+  heads = params['gate']['heads']['dense']
+  heads['kernel'] = jnp.zeros_like(heads['kernel'])
+  heads['bias'] = jax.random.normal(jax.random.PRNGKey(1), heads['bias'].shape)
+  ctx = est_lib.Context(config=config, model=setup.model, params=params,
+                        eval_batches=est_lib.base.eval_batches(setup.splits.val_windows, 4,
+                                                               config.train.batch_size),
+                        train_windows=setup.splits.train_windows,
+                        analysis_dir=str(tmp_path / 'analysis'), step=0)
+  for name in ('ablation', 'resample'):
+    res = est_lib.base.score(ctx, name)
+    seen = res['count'] > 0
+    moved = np.abs(res['mean_NxV'][:, seen]).max()
+    if routing == 'fixed':
+      assert moved < 1e-5, (name, moved)
+    else:
+      assert moved > 1e-3, (name, moved)

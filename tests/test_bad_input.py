@@ -126,18 +126,22 @@ def test_corrupted_checkpoint(trained, tmp_path, damage):
   assert 'damaged' in message or 'corrupted' in message or 'fingerprint' in message, message
 
 
-def test_corrupted_checkpoint_through_the_cli_is_one_line(trained, tmp_path):
+@pytest.mark.parametrize('command, victim', [('main', '_METADATA'), ('main', 'manifest.ocdbt'),
+                                             ('analyze', 'manifest.ocdbt')])
+def test_corrupted_checkpoint_through_the_cli_is_one_line(trained, tmp_path, command, victim):
+  """One line and nothing else: a truncated OCDBT manifest also made TensorStore's threads
+  report 'Event loop is closed' tracebacks before cli's unraisable hook dropped them."""
   config, workdir = copy_of(trained, tmp_path)
-  victim = os.path.join(checkpoints.directory(workdir), '2', 'state', '_METADATA')
-  with open(victim, 'r+b') as f:
+  with open(os.path.join(checkpoints.directory(workdir), '2', 'state', victim), 'r+b') as f:
     f.truncate(10)
   before = snapshot(workdir)
-  proc = run_module('twotower_jax.main', '--config=configs/default.py', f'--workdir={workdir}',
-                    *cli_overrides(config), timeout=300)
+  args = (('--config=configs/default.py', *cli_overrides(config)) if command == 'main' else ())
+  proc = run_module(f'twotower_jax.{command}', f'--workdir={workdir}', *args, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith('WARNING')]
   errors_ = [l for l in lines if l.startswith('error: ')]
   assert len(errors_) == 1 and 'cannot be read' in errors_[0], proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr and 'Event loop' not in proc.stderr, proc.stderr[-2000:]
   assert snapshot(workdir) == before
 
 
@@ -167,3 +171,24 @@ def test_analysis_of_a_workdir_without_checkpoints(tiny, tmp_path):
   lines = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
   assert len(lines) == 1 and 'checkpoint' in lines[0], proc.stderr[-2000:]
   assert snapshot(str(workdir)) == before
+
+
+def test_a_batch_beyond_host_memory_is_refused_before_anything_is_written(trained, tmp_path):
+  """XLA:CPU would die at the first step with RESOURCE_EXHAUSTED (and hang); the pre-flight
+  names the fix instead, and the run's config.json and metrics stay as they were."""
+  config, workdir = copy_of(trained, tmp_path)
+  huge = config_lib.from_dict(config_lib.to_dict(config))
+  huge.train.batch_size = 65536
+  huge.train.steps = 4
+  message = refused(huge, workdir, errors.UserError, 'MiB of temporaries on this host')
+  assert 'lower train.batch_size, or raise train.grad_accum_steps' in message
+
+
+def test_host_memory_check_counts_every_local_device():
+  from twotower_jax.train import preflight  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  preflight.check_host_memory({'temp_size_in_bytes': 100 << 20}, config, 900 << 20, 8)
+  with pytest.raises(errors.UserError, match=r'about 1,600 MiB of temporaries .* \(16 device'):
+    preflight.check_host_memory({'temp_size_in_bytes': 100 << 20}, config, 900 << 20, 16)
+  preflight.check_host_memory({'temp_size_in_bytes': 1 << 40}, config, None, 8)  # unknown: go on
+  assert preflight.host_available_bytes() > 0

@@ -147,3 +147,4 @@ def test_a_stopped_analysis_says_so_and_keeps_the_last_one(two_step_run, tmp_pat
   assert 'Traceback' not in rest
   after = {f: open(os.path.join(out, f), 'rb').read() for f in before}
   assert after == before
+  assert not [e for e in os.listdir(workdir) if '.tmp-' in e]  # the staged output removed

@@ -142,8 +142,21 @@ def setup_logging() -> None:
   logger.propagate = False
   for noisy in ('absl', 'jax'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  sys.unraisablehook = _drop_closed_loop_reports
   if _drop_orbax_reports not in logging.getLogger('absl').filters:
     logging.getLogger('absl').addFilter(_drop_orbax_reports)
+
+
+def _drop_closed_loop_reports(unraisable) -> None:
+  """sys.unraisablehook: after a failed checkpoint read or save, TensorStore's threads keep
+  posting results to the asyncio loop Orbax has already closed, and each post is reported
+  as 'RuntimeError: Event loop is closed' with a traceback. The read or save itself fails
+  with its own error, which the entry point turns into one line; everything else goes to
+  Python's hook."""
+  exc = unraisable.exc_value
+  if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 def _drop_orbax_reports(record: logging.LogRecord) -> bool:

@@ -183,6 +183,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.n_boot = 1000  # bootstrap resamples for confidence intervals
   c.analysis.n_control = 100  # shuffled-label control draws: each statistic's null distribution
   c.analysis.ablation_draws = 2  # resample: replacement draws averaged per position
+  # ablation/resample on mixture gates: 'fixed' = the prior reads the unedited states (the
+  # drop measures predictions, not routing); 'edited' = the replacement reaches the prior too
+  c.analysis.ablation_routing = 'fixed'
   # Probe heads (phases 2-3) train on cached states of probe_windows training windows.
   c.analysis.probe_windows = 256  # training windows whose frozen states the probes read
   c.analysis.probe_heldout = 0.1  # share of those windows held out for the stopping rule
@@ -319,6 +322,9 @@ def _validate_analysis(a: ml_collections.ConfigDict) -> None:
                'probe_weight_decay', 'probe_min_delta'):
     if a[name] < 0:
       raise ConfigError(f'analysis.{name}={a[name]} must be >= 0')
+  if a.ablation_routing not in ('fixed', 'edited'):
+    raise ConfigError(f"analysis.ablation_routing={a.ablation_routing!r}; use 'fixed' (the "
+                      "gate's prior reads the unedited states) or 'edited'")
   if a.min_count < 1 or not 0 < a.probe_lr < 1 or not 0 < a.probe_heldout < 1:
     raise ConfigError('analysis.min_count must be >= 1, analysis.probe_lr and '
                       'analysis.probe_heldout in (0, 1)')

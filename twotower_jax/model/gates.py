@@ -137,8 +137,7 @@ class LatentGate(nn.Module):
     std = 0.0 if cfg.latent.uniform_init else layers.INIT_STD  # 0: pi uniform at init
     gate_BxLxN = layers.dense(n, ('gate_in', None), name='gate', std=std)(x_BxLxC)
     log_pi_NxBxL = jnp.moveaxis(jax.nn.log_softmax(gate_BxLxN.astype(jnp.float32), -1), -1, 0)
-    log_p_NxBxLxV = jax.nn.log_softmax(tower_logits_NxBxLxV.astype(jnp.float32), -1)
-    logits_BxLxV = jax.nn.logsumexp(log_pi_NxBxL[..., None] + log_p_NxBxLxV, axis=0)
+    logits_BxLxV = mixture_log_probs(log_pi_NxBxL, tower_logits_NxBxLxV)
     pi_NxBxL = jnp.exp(log_pi_NxBxL)
     mean_pi_N = weighted_mean(pi_NxBxL, weights_BxL)
     entropy = weighted_mean(-jnp.sum(pi_NxBxL * log_pi_NxBxL, axis=0, keepdims=True),
@@ -149,6 +148,12 @@ class LatentGate(nn.Module):
     return {'logits_BxLxV': logits_BxLxV, 'tower_logits_NxBxLxV': tower_logits_NxBxLxV,
             'gate_log_weights_NxBxL': log_pi_NxBxL, 'metrics': metrics,
             'aux_loss': cfg.latent.balance_weight * kl_uniform}
+
+
+def mixture_log_probs(log_pi_NxBxL: jax.Array, tower_logits_NxBxLxV: jax.Array) -> jax.Array:
+  """log p_BxLxV = logsumexp_k(log pi_k + log_softmax(tower logits_k)): the mixture."""
+  log_p_NxBxLxV = jax.nn.log_softmax(tower_logits_NxBxLxV.astype(jnp.float32), -1)
+  return jax.nn.logsumexp(log_pi_NxBxL[..., None] + log_p_NxBxLxV, axis=0)
 
 
 def latent_posteriors(tower_logits_NxBxLxV: jax.Array, gate_log_weights_NxBxL: jax.Array,

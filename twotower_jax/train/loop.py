@@ -213,8 +213,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   optimizer_lib.check_trainable(tc.trainable, state.params)
   target_weights_V = corpus_lib.target_weights(config.data, setup.tokenizer)
   n_eval = eval_windows(config, meta, old_config)
+  # Compiled before anything is written: a step that cannot run leaves the workdir as it was.
+  train_fn = jit_train_step(config, model, tx, mesh, state_sh, batch_sh, target_weights_V)
+  eval_fn = jit_eval_step(config, model, mesh, state_sh.params, batch_sh, target_weights_V)
+  preflight = preflight_lib.run(train_fn, state, batch_sh, config, model)
+  train_fn = preflight.compiled  # the loop runs the executable compiled ahead of time
   if is_main:
     workdir_lib.write_config(config, workdir)
+    preflight_lib.check_disk(checkpoints.directory(workdir), state_bytes, tc.keep_checkpoints + 1)
   saver = checkpoints.Saver(mngr, workdir, state_bytes)
   writer = metrics_lib.Writer(workdir, enabled=is_main)
   if start is not None:
@@ -233,12 +239,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   n_params = model_lib.param_count(state.params)
   quantity_names = nonfinite.quantity_names(state.params)
 
-  train_fn = jit_train_step(config, model, tx, mesh, state_sh, batch_sh, target_weights_V)
-  eval_fn = jit_eval_step(config, model, mesh, state_sh.params, batch_sh, target_weights_V)
-  preflight = preflight_lib.run(train_fn, state, batch_sh, config, model)
-  train_fn = preflight.compiled  # the loop runs the executable compiled ahead of time
-  if is_main:
-    preflight_lib.check_disk(checkpoints.directory(workdir), state_bytes, tc.keep_checkpoints + 1)
   eval_rows = data_lib.eval_batches(splits.val_windows, tc.batch_size, n_eval)
   if start == 0:
     unigram = data_lib.unigram_cross_entropy(splits.train_token_counts, eval_rows)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from twotower_jax import errors
 from twotower_jax.train import flops as flops_lib
 
 log = logging.getLogger('twotower_jax')
@@ -94,6 +95,8 @@ def run(train_fn: Any, state: Any, batch_sharding: Any, config: ml_collections.C
   peak, source = peak_flops(config)
   memory = memory_stats(compiled)
   pf = Preflight(compiled, compile_s, step_flops, peak, source, memory)
+  if jax.local_devices()[0].platform == 'cpu':
+    check_host_memory(memory, config, host_available_bytes(), jax.local_device_count())
   if jax.process_index():  # every process compiled; one reports
     return pf
   mib = {k: v / 2**20 for k, v in memory.items()}
@@ -106,6 +109,37 @@ def run(train_fn: Any, state: Any, batch_sharding: Any, config: ml_collections.C
              mib.get('output_size_in_bytes', 0), mib.get('temp_size_in_bytes', 0),
              mib.get('generated_code_size_in_bytes', 0))
   return pf
+
+
+def host_available_bytes(meminfo: str = '/proc/meminfo') -> int | None:
+  """MemAvailable of this host (None where the kernel does not say)."""
+  try:
+    with open(meminfo, encoding='ascii') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    return None
+  return None
+
+
+def check_host_memory(memory: dict[str, int], config: ml_collections.ConfigDict,
+                      available: int | None, n_local: int) -> None:
+  """UserError when the CPU step's temporaries cannot fit in this host's free memory.
+
+  On CPU every local device's temporaries live in host RAM and XLA allocates them at the
+  first step; far beyond it, that step dies with RESOURCE_EXHAUSTED (or the kernel kills
+  it) instead of a line that names the fix.
+  """
+  need = memory.get('temp_size_in_bytes', 0) * n_local
+  if available is None or need <= available:
+    return
+  tc = config.train
+  raise errors.UserError(
+      f'the train step needs about {need / 2**20:,.0f} MiB of temporaries on this host '
+      f'({n_local} device(s), train.batch_size={tc.batch_size}, seq_len '
+      f'{config.data.seq_len}) but only {available / 2**20:,.0f} MiB is free; lower '
+      'train.batch_size, or raise train.grad_accum_steps (same batch in micro-batches)')
 
 
 def check_disk(ckpt_dir: str, checkpoint_bytes: int, n_checkpoints: int) -> str | None:

@@ -8,6 +8,12 @@ k's final states replaced, the gate and output layer run on the cached states.
   the tower's input is removed but its states stay on the distribution the gate saw.
 For two towers both also write the exact two-player Shapley values of the
 log-likelihood (`shapley_t0`, `shapley_t1`).
+
+Mixture gates (`latent`): with `analysis.ablation_routing='fixed'` (default) the gate's
+prior pi is computed from the unedited states and only the towers' own distributions see
+the replacement, so the drop measures what tower k predicts, not the routing information
+its states carry (a mean state misroutes the other tower's positions: docs/ANALYSIS.md,
+known-answer check). 'edited' lets the replacement reach the prior too.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import numpy as np
 
 from twotower_jax.analysis.estimators import base
 from twotower_jax.analysis.estimators.base import Context, Estimator
+from twotower_jax.model import gates as gates_lib
 
 POOL_SIZE = 16384  # scored positions kept as the pool `resample` draws replacement states from
 
@@ -52,22 +59,31 @@ def _state_pool(ctx: Context) -> jax.Array:
 def _drops(ctx: Context, replace: Callable[[jax.Array, int, jax.Array], jax.Array], draws: int):
   """values fn: per tower, log-lik lost when `replace(h, k, key)` swaps in tower k's states."""
   n = ctx.model.cfg.n_towers
+  fixed = (ctx.config.analysis.ablation_routing == 'fixed'
+           and gates_lib.get(ctx.model.cfg.gate).mixture)
 
   def fn(params, prepared, ex, h_NxBxLxH, key):
+    unedited = base.gate_outputs(ctx.model, params, ex, h_NxBxLxH)
+    log_pi_NxBxL = unedited['gate_log_weights_NxBxL'] if fixed else None
+
     def ll(ablate, key):
       def edit(h):
         for k in range(n):
           if ablate[k]:
             h = h.at[k].set(replace(prepared, k, jax.random.fold_in(key, k), h[k]))
         return h
-      out = base.gate_outputs(ctx.model, params, ex, h_NxBxLxH, edit if any(ablate) else None)
-      return base.target_log_probs(out['logits_BxLxV'], ex['targets'])
+      out = base.gate_outputs(ctx.model, params, ex, h_NxBxLxH, edit)
+      if log_pi_NxBxL is None:
+        return base.target_log_probs(out['logits_BxLxV'], ex['targets'])
+      # the routing of the unedited states, the towers' distributions of the edited ones
+      mixed_BxLxV = gates_lib.mixture_log_probs(log_pi_NxBxL, out['tower_logits_NxBxLxV'])
+      return base.target_log_probs(mixed_BxLxV, ex['targets'])
 
     def mean_ll(ablate):
       keys = jax.random.split(key, draws)
       return sum(ll(ablate, keys[d]) for d in range(draws)) / draws
 
-    full = ll([False] * n, key)
+    full = base.target_log_probs(unedited['logits_BxLxV'], ex['targets'])
     drop = [full - mean_ll([j == k for j in range(n)]) for k in range(n)]
     extras = {}
     if n == 2:  # exact two-player Shapley values of the log-likelihood
