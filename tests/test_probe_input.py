@@ -217,3 +217,40 @@ def test_saved_heads_of_the_default_input_keep_their_settings_key():
   assert not set(probe.INPUT_DEFAULTS) & set(meta)
   ctx = context(small_config(**{'analysis.probe_input': 'joint_ln'}), ctx.params)
   assert probe._probe_meta(ctx)['probe_input'] == 'joint_ln'  # pylint: disable=protected-access
+
+
+def _legacy_copy(tmp_path, **analysis):
+  """The stored legacy workdir (latent gate, its own analysis.* in config.json) with
+  `analysis` fields written into its config.json."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(os.path.join(REPO, 'tests', 'data', 'workdir_aff3a11'), workdir)
+  file = os.path.join(workdir, 'config.json')
+  with open(file) as f:
+    raw = json.load(f)
+  raw['analysis'].update(analysis)
+  with open(file, 'w') as f:
+    json.dump(raw, f)
+  return workdir
+
+
+def test_analysis_reads_the_runs_own_analysis_settings_with_overrides_on_top(tmp_path):
+  """A preset's analysis.* (config.json) reaches the analysis; command-line fields win."""
+  from twotower_jax.analysis import runner  # pylint: disable=g-import-not-at-top
+  workdir = _legacy_copy(tmp_path, probe_dropout=True)
+  c = runner.load_config(workdir, analysis_overrides={'analysis.min_count': 3})
+  assert c.analysis.estimators == 'probe,ablation,gate'  # the run's, not the default
+  assert c.analysis.probe_dropout is True and c.analysis.min_count == 3
+
+
+def test_cli_reads_the_runs_probe_input_and_lets_the_command_line_change_it(tmp_path):
+  from conftest import run_module  # pylint: disable=g-import-not-at-top
+  workdir = _legacy_copy(tmp_path, probe_input='joint_ln')  # a latent-gate run: refused
+  r = run_module('twotower_jax.analyze', f'--workdir={workdir}')
+  assert r.returncode == 2 and "analysis.probe_input='joint_ln'" in r.stderr, r.stderr[-2000:]
+  r = run_module('twotower_jax.analyze', f'--workdir={workdir}',
+                 '--config.analysis.probe_input=tower', '--step=999')  # then stops at the step
+  assert r.returncode == 2 and 'probe_input' not in r.stderr and '999' in r.stderr, r.stderr
