@@ -12,7 +12,9 @@ table through per-tower projections). For bilstm, n_layers is each direction's L
 depth and n_heads is unused. The gate's head is the original code's (model.head: LayerNorm
 eps 1e-12, exact erf GELU, torch.nn.Linear's default init), and attention towers drop
 attention probabilities at 0.1 as the original; its as-released defects
-(model.released.*) stay off.
+(model.released.*) stay off. The analysis's probes read what the original's phase 2/3
+probes read (PROBES; docs/FIDELITY.md, A4), which needs the concat gate (a different
+model.gate also needs --config.analysis.probe_input=tower).
 
 Schedule (SCHEDULE; docs/FIDELITY.md, A5): 5,120 windows of 128 tokens per optimizer step,
 accumulated over 10 micro-batches, 12,500 steps with a linear warm-up of 1,000 steps and a
@@ -48,6 +50,12 @@ DATA = {'data.source': 'tfds', 'data.tfds_name': 'wikipedia/20230601.en',
         'data.tfds_train_split': 'train[:99%]', 'data.tfds_val_split': 'train[99%:]',
         'data.tfds_text_key': 'text'}
 
+# The original's phase 2/3 probes (docs/FIDELITY.md, A4): probe k reads slice k of the head's
+# joint LayerNorm over [h_1; h_2], the frozen towers run with dropout on, and each probe is its
+# own run with its own seed.
+PROBES = {'analysis.probe_input': 'joint_ln', 'analysis.probe_dropout': True,
+          'analysis.probe_seed_per_tower': True}
+
 
 def get_config(arg='causal,base'):
   tower_type, _, size = (arg or 'causal,base').partition(',')
@@ -66,5 +74,5 @@ def get_config(arg='causal,base'):
       c.model.attention_dropout = 0.1
   c.data.seq_len = c.model.max_len = WINDOW
   c.model.head.ln_eps, c.model.head.gelu, c.model.head.init = 1e-12, 'erf', 'torch_linear'
-  config_lib.set_fields(c, {**SCHEDULE, **DATA})
+  config_lib.set_fields(c, {**SCHEDULE, **DATA, **PROBES})
   return c

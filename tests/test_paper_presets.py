@@ -65,6 +65,20 @@ def test_preset_has_the_original_schedule_vocabulary_and_window(arg):
   assert c.data.source == 'tfds' and c.data.tfds_name.startswith('wikipedia/')
 
 
+@pytest.mark.parametrize('arg', PRESETS)
+def test_preset_probes_read_what_the_originals_probes_read(arg):
+  """docs/FIDELITY.md A4: slice k of the head's joint LN, dropout on, a seed per probe."""
+  c = _preset(arg)
+  a = c.analysis
+  assert (a.probe_input, a.probe_dropout, a.probe_seed_per_tower) == ('joint_ln', True, True)
+  assert c.model.gate == 'concat'
+  c.model.gate = 'latent'  # a gate without the joint LN is refused, naming the fix
+  with pytest.raises(config_lib.ConfigError, match='analysis.probe_input=tower'):
+    setup_lib.check_config(c)
+  c.analysis.probe_input = 'tower'
+  setup_lib.check_config(c)
+
+
 def test_preset_lr_schedule_follows_the_original_to_within_one_step():
   """Warm-up to the peak at step 1,000, linear decay to zero at 12,500: the original's
   micro-batch-indexed schedule sampled at its boundaries lies 0.9 steps ahead of ours."""

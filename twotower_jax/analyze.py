@@ -54,10 +54,15 @@ def main(argv):
   if not _WORKDIR.value:
     raise errors.UserError('--workdir=DIR is required (a directory written by '
                            'python -m twotower_jax.main)')
+  # The run's own analysis.* settings (config.json: e.g. a paper preset's probe input), with
+  # the analysis.* fields given on this command line on top.
+  overrides = {k: v for k, v in config_flags.get_override_values(flags.FLAGS['config']).items()
+               if k.startswith('analysis.')}
   if _STEP.value is not None:
-    config.analysis.step = _STEP.value
+    overrides['analysis.step'] = _STEP.value
   from twotower_jax.analysis import runner  # pylint: disable=g-import-not-at-top
-  run_config = runner.load_config(_WORKDIR.value, config.analysis, config.imports)
+  run_config = runner.load_config(_WORKDIR.value, imports=config.imports,
+                                  analysis_overrides=overrides)
   if _STEPS.value:
     runner.run_over_training(run_config, _WORKDIR.value, _STEPS.value, _OUT.value)
   else:

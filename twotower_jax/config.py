@@ -197,6 +197,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.probe_eval_every = 25  # steps between held-out checks
   c.analysis.probe_patience = 3  # checks without improvement before stopping
   c.analysis.probe_min_delta = 0.002  # nats: an improvement smaller than this does not count
+  # What the probes read (docs/FIDELITY.md A4; the original's: joint_ln, True, True).
+  c.analysis.probe_input = 'tower'  # 'tower' (own final state) | 'joint_ln' (concat head's 1st LN)
+  c.analysis.probe_dropout = False  # cache the probes' states with the towers' dropout on
+  c.analysis.probe_seed_per_tower = False  # head k: seed analysis.seed + k (init, batches, dropout)
   c.analysis.conllu = ''  # CoNLL-U treebank for word classes ('' = built-in function-word list)
   c.analysis.word_classes = ''  # or a word<TAB>closed|open list (corpora no treebank covers)
   c.analysis.token_view_passages = 4  # held-out passages in token_view.json
@@ -328,6 +332,12 @@ def _validate_analysis(a: ml_collections.ConfigDict) -> None:
   if a.min_count < 1 or not 0 < a.probe_lr < 1 or not 0 < a.probe_heldout < 1:
     raise ConfigError('analysis.min_count must be >= 1, analysis.probe_lr and '
                       'analysis.probe_heldout in (0, 1)')
+  if a.probe_input not in ('tower', 'joint_ln'):
+    raise ConfigError(f"analysis.probe_input={a.probe_input!r} is unknown; use 'tower' or "
+                      "'joint_ln'")
+  for name in ('probe_dropout', 'probe_seed_per_tower'):
+    if not isinstance(a[name], bool):
+      raise ConfigError(f'analysis.{name}={a[name]!r} must be true or false')
 
 
 def _validate_struct_probe(a: ml_collections.ConfigDict) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from twotower_jax import config as config_lib
 from twotower_jax import errors
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.train import checkpoints
@@ -53,8 +54,10 @@ class Run:
 
 
 def load_config(workdir: str, analysis: ml_collections.ConfigDict | None = None,
-                imports: str = '') -> ml_collections.ConfigDict:
-  """The run's config.json, with `analysis` (command-line analysis.* fields) on top and
+                imports: str = '', analysis_overrides: dict[str, Any] | None = None
+                ) -> ml_collections.ConfigDict:
+  """The run's config.json, with `analysis` (a whole analysis.* section) in place of the
+  run's, `analysis_overrides` ({'analysis.x': value}, e.g. the command line's) on top and
   `imports` added to the run's, validated against this version's schema and registries."""
   if not os.path.isdir(workdir):
     what = 'is a file, not a directory' if os.path.exists(workdir) else 'does not exist'
@@ -62,6 +65,8 @@ def load_config(workdir: str, analysis: ml_collections.ConfigDict | None = None,
   config = workdir_lib.read_config(workdir)
   if analysis is not None:
     config.analysis = ml_collections.ConfigDict(analysis.to_dict())
+  if analysis_overrides:
+    config_lib.set_fields(config, analysis_overrides)
   if imports:
     config.imports = ','.join(filter(None, [config.imports, imports]))
   setup_lib.check_config(config)

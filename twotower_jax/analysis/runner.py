@@ -46,10 +46,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def load_config(workdir: str, analysis: ml_collections.ConfigDict | None = None,
-                imports: str = '') -> ml_collections.ConfigDict:
-  """The run's config with the command line's analysis.* fields on top, checked; `imports`
-  (more modules, e.g. a new estimator) are added to the run's own."""
-  config = run_lib.load_config(workdir, analysis, imports)
+                imports: str = '', analysis_overrides: dict[str, Any] | None = None
+                ) -> ml_collections.ConfigDict:
+  """The run's config with `analysis` (a whole analysis.* section) in its place or the
+  command line's analysis.* fields (`analysis_overrides`) on the run's own, checked;
+  `imports` (more modules, e.g. a new estimator) are added to the run's own."""
+  config = run_lib.load_config(workdir, analysis, imports, analysis_overrides)
   check_config(config)
   return config
 

@@ -32,16 +32,20 @@ class Gate:
   module: type[nn.Module]
   mixture: bool = False
   tower_logits: bool = False  # it returns tower_logits_NxBxLxV (pondering.per_tower reads it)
+  # Its output head starts with a LayerNorm over [h_1; ...; h_N] whose parameters are the
+  # gate's `ln_in` (`head_joint_ln`; analysis.probe_input='joint_ln' reads it).
+  joint_ln: bool = False
 
 
 GATES: dict[str, Gate] = {}
 
 
-def register(name: str, mixture: bool = False, tower_logits: bool = False):
+def register(name: str, mixture: bool = False, tower_logits: bool = False,
+             joint_ln: bool = False):
   """Class decorator: `@register('name')` registers a gate module under model.gate=name
   (a mixture always returns tower logits)."""
   def wrap(cls):
-    GATES[name] = Gate(cls, mixture, tower_logits or mixture)
+    GATES[name] = Gate(cls, mixture, tower_logits or mixture, joint_ln)
     return cls
   return wrap
 
@@ -66,7 +70,22 @@ def concat_towers(h_NxBxLxH: jax.Array) -> jax.Array:
   return jnp.transpose(h_NxBxLxH, (1, 2, 0, 3)).reshape(b, l, n * h)
 
 
-@register('concat')
+def split_towers(x_BxLxC: jax.Array, n: int) -> jax.Array:
+  """The inverse of `concat_towers`: BxLx(N*H) -> h_NxBxLxH."""
+  b, l, c = x_BxLxC.shape
+  return jnp.transpose(x_BxLxC.reshape(b, l, n, c // n), (2, 0, 1, 3))
+
+
+def head_joint_ln(cfg: layers.ModelConfig, gate_params, h_NxBxLxH: jax.Array) -> jax.Array:
+  """Slice k of the head's first LayerNorm over [h_1; ...; h_N], for every k (NxBxLxH): the
+  trained `ln_in` of a gate registered with joint_ln (the concat head), applied as the gate
+  applies it."""
+  ln = layers.layer_norm('gate_in', eps=cfg.head.ln_eps)
+  x_BxLxC = ln.apply({'params': gate_params['ln_in']}, concat_towers(h_NxBxLxH))
+  return split_towers(x_BxLxC, h_NxBxLxH.shape[0])
+
+
+@register('concat', joint_ln=True)
 class ConcatGate(nn.Module):
   """The paper's head: z = LN(GELU(Dense(LN([h_1; ...; h_N])))), logits = z E^T + b.
 

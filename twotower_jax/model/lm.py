@@ -143,7 +143,8 @@ def build(config: ml_collections.ConfigDict, vocab_size: int, platform: str = ''
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """model.* names a registered tower type, gate and embedding mode that fit together."""
+  """model.* names a registered tower type, gate and embedding mode that fit together (and
+  a gate that analysis.probe_input can read)."""
   m = config.model
   if m.tower_type not in towers.TOWER_TYPES:
     raise config_lib.unknown_name('model.tower_type', m.tower_type, towers.TOWER_TYPES)
@@ -157,6 +158,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise config_lib.ConfigError(
         'model.pondering.per_tower needs a gate with per-tower distributions (latent, '
         f'logit_sum), not model.gate={m.gate}')
+  if config.analysis.probe_input == 'joint_ln' and not gates.get(m.gate).joint_ln:
+    raise config_lib.ConfigError(
+        f"analysis.probe_input='joint_ln' reads the concat head's joint LayerNorm, which "
+        f"model.gate={m.gate} does not have; use model.gate=concat or analysis.probe_input=tower")
   attention.check_config(config)
   tower_type = towers.get(m.tower_type)
   if (m.attention_dropout or m.released.mask_pad_keys) and not tower_type.attention_layers(m):

@@ -13,6 +13,14 @@ checks (`probe_steps` is the cap); the best held-out heads are kept. The curve, 
 final held-out loss per head and the model's own loss on the same positions go into
 summary.json. Heads are saved under DIR/analysis/probe/ and reused for the same
 checkpoint and settings.
+
+What a head reads (docs/FIDELITY.md A4): `analysis.probe_input` 'tower' (tower k's own
+final state) or 'joint_ln' (slice k of the concat head's first LayerNorm over
+[h_1; ...; h_N], the original's); `analysis.probe_dropout` caches the training states
+with the towers' dropout on (one draw per cached window, fixed for the whole probe
+training); `analysis.probe_seed_per_tower` gives head k its own seed analysis.seed + k
+for its init, its batch order and its dropout draw. Scoring always reads the towers
+with dropout off.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import optax
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.analysis.estimators import base
 from twotower_jax.analysis.estimators.base import Context, Estimator
+from twotower_jax.model import gates
 from twotower_jax.model import towers
 
 log = logging.getLogger('twotower_jax')
@@ -71,13 +80,37 @@ def split_units(config, h_NxBxLxH: jax.Array) -> jax.Array:
   return jnp.stack([h_NxBxLxH[0] * half, h_NxBxLxH[0] * (1.0 - half)])
 
 
+DROPOUT_STREAM = 1  # fold_in tag of the probes' dropout keys (apart from the mlm mask keys)
+INPUT_DEFAULTS = {'probe_input': 'tower', 'probe_dropout': False, 'probe_seed_per_tower': False}
+
+
+def probe_inputs(config, model, params, h_NxBxLxH: jax.Array) -> jax.Array:
+  """The states the probes read, from the towers' final states h_NxBxLxH: each tower's own
+  (analysis.probe_input='tower') or slice k of the concat head's first LayerNorm over
+  [h_1; ...; h_N] with the model's parameters ('joint_ln'); then `split_units`."""
+  if config.analysis.probe_input == 'joint_ln':
+    h_NxBxLxH = gates.head_joint_ln(model.cfg, params['gate'], h_NxBxLxH)
+  return split_units(config, h_NxBxLxH)
+
+
+def probe_seeds(config) -> list[int]:
+  """Each head's seed: analysis.seed, or analysis.seed + k for head k with
+  analysis.probe_seed_per_tower (the original trains each probe in its own seeded run)."""
+  seed = int(config.analysis.seed)
+  return [seed + k if config.analysis.probe_seed_per_tower else seed
+          for k in range(probe_towers(config))]
+
+
 def _probe_meta(ctx: Context) -> dict[str, Any]:
   a = ctx.config.analysis
   fields = ('probe_steps', 'probe_lr', 'probe_batch_size', 'probe_windows', 'probe_heldout',
             'probe_warmup', 'probe_weight_decay', 'probe_eval_every', 'probe_patience',
             'probe_min_delta', 'seed')
+  # The input options only where they differ from the default, so heads saved before they
+  # existed (always the default input) are still reused.
+  inputs = {f: a[f] for f, default in INPUT_DEFAULTS.items() if a[f] != default}
   return {'checkpoint_step': int(ctx.step), 'n_probes': probe_towers(ctx.config),
-          **{f: a[f] for f in fields}}
+          **{f: a[f] for f in fields}, **inputs}
 
 
 def probe_path(analysis_dir: str, step: int) -> str:
@@ -92,28 +125,62 @@ def _ce_sums(p, h_NxBxLxH, targets_BxL, weights_BxL):
   return jnp.einsum('nbl,bl->n', ce_NxBxL, weights_BxL), jnp.sum(weights_BxL)
 
 
+def _ce_sums_per_head(p, h_NxBxLxH, targets_NxBxL, weights_NxBxL):
+  """(summed CE per head N, summed weight per head N): each head on its own windows."""
+  ce_NxBxL = optax.softmax_cross_entropy_with_integer_labels(probe_logits(p, h_NxBxLxH),
+                                                             targets_NxBxL)
+  return jnp.einsum('nbl,nbl->n', ce_NxBxL, weights_NxBxL), jnp.sum(weights_NxBxL, (1, 2))
+
+
+def dropout_keys(config, start: int) -> list[jax.Array] | None:
+  """The dropout keys of the cached batch starting at window `start`: None (dropout off),
+  one key (shared seed) or one per head (analysis.probe_seed_per_tower)."""
+  a = config.analysis
+  if not a.probe_dropout:
+    return None
+  seeds = probe_seeds(config) if a.probe_seed_per_tower else [int(a.seed)]
+  return [jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s), start), DROPOUT_STREAM)
+          for s in seeds]
+
+
 def training_states_fn(ctx: Context) -> Callable:
-  """The jitted pass caching the probe's training states: (params, window_BxL1, key) ->
-  (states h_NxBxLxH each probe reads, targets_BxL, weights_BxL, the model's CE per window)."""
+  """The jitted pass caching the probe's training states: (params, window_BxL1, key,
+  dropout keys or None) -> (states h_NxBxLxH each probe reads, targets_BxL, weights_BxL, the
+  model's CE per window). The model's CE is always with dropout off; with dropout keys the
+  states are drawn with the towers' dropout on, head k's from key k (one key: all heads)."""
   cfg = ctx.model.cfg
   make_example = towers.get(cfg.tower_type).make_example
+  n = probe_towers(ctx.config)
 
   @jax.jit
-  def forward(params, window_BxL1, key):
+  def forward(params, window_BxL1, key, dropout_keys_D=None):
     ex = make_example(window_BxL1, key, cfg)  # mlm masks drawn once per window, then fixed
     out = ctx.model.apply({'params': params}, ex['inputs'], deterministic=True)
     ce_B = -jnp.sum(base.target_log_probs(out['logits_BxLxV'], ex['targets']) * ex['weights'], 1)
-    return split_units(ctx.config, out['tower_states_NxBxLxH']), ex['targets'], ex['weights'], ce_B
+    if dropout_keys_D is None:
+      h_NxBxLxH = probe_inputs(ctx.config, ctx.model, params, out['tower_states_NxBxLxH'])
+    else:
+      draws = [probe_inputs(ctx.config, ctx.model, params, ctx.model.apply(
+          {'params': params}, ex['inputs'], weights_BxL=ex['weights'], deterministic=False,
+          rngs={'dropout': k})['tower_states_NxBxLxH']) for k in dropout_keys_D]
+      h_NxBxLxH = jnp.stack([draws[k if len(draws) > 1 else 0][k] for k in range(n)])
+    return h_NxBxLxH, ex['targets'], ex['weights'], ce_B
   return forward
 
 
 def probe_step_fn(tx: optax.GradientTransformation) -> Callable:
   """One jitted AdamW step of the heads on cached states: (heads, opt_state, h_NxWxLxH,
-  targets_WxL, weights_WxL, idx_B) -> (heads, opt_state, CE per head); idx picks the windows."""
+  targets_WxL, weights_WxL, idx) -> (heads, opt_state, CE per head); idx picks the windows:
+  idx_B the same for every head, idx_NxB head k's own (analysis.probe_seed_per_tower)."""
   @jax.jit
-  def step(p, opt, h_NxWxLxH, t_WxL, w_WxL, idx_B):
+  def step(p, opt, h_NxWxLxH, t_WxL, w_WxL, idx):
     def loss_fn(p):
-      ce_N, w = _ce_sums(p, h_NxWxLxH[:, idx_B], t_WxL[idx_B], w_WxL[idx_B])
+      if idx.ndim == 2:
+        h_NxBxLxH = jax.vmap(lambda h_WxLxH, i_B: h_WxLxH[i_B])(h_NxWxLxH, idx)
+        ce_N, w_N = _ce_sums_per_head(p, h_NxBxLxH, t_WxL[idx], w_WxL[idx])
+        mean_N = ce_N / jnp.maximum(w_N, 1.0)
+        return jnp.sum(mean_N), mean_N
+      ce_N, w = _ce_sums(p, h_NxWxLxH[:, idx], t_WxL[idx], w_WxL[idx])
       return jnp.sum(ce_N) / jnp.maximum(w, 1.0), ce_N / jnp.maximum(w, 1.0)
     (_, ce_N), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
     updates, opt = tx.update(g, opt, p)
@@ -132,7 +199,8 @@ def cache_training_states(ctx: Context) -> dict[str, Any]:
   batch = int(ctx.config.train.batch_size)
   forward = training_states_fn(ctx)
   parts = [forward(ctx.params, jnp.asarray(rows[i:i + batch]),
-                   jax.random.fold_in(jax.random.PRNGKey(int(a.seed)), i))
+                   jax.random.fold_in(jax.random.PRNGKey(int(a.seed)), i),
+                   dropout_keys(ctx.config, i))
            for i in range(0, len(rows), batch)]
   h, targets, weights, ce_W = (jnp.concatenate([q[j] for q in parts], axis=1 if j == 0 else 0)
                                for j in range(4))
@@ -141,6 +209,16 @@ def cache_training_states(ctx: Context) -> dict[str, Any]:
   return {'train': (h[:, :-n_held], targets[:-n_held], weights[:-n_held]),
           'heldout': (h[:, -n_held:], targets[-n_held:], weights[-n_held:]),
           'model_heldout_loss': model_loss}
+
+
+def init_heads(config, h: int, vocab: int) -> dict[str, jax.Array]:
+  """The untrained heads: all from analysis.seed, or head k from its own seed
+  (analysis.probe_seed_per_tower)."""
+  n = probe_towers(config)
+  if not config.analysis.probe_seed_per_tower:
+    return probe_init(jax.random.PRNGKey(int(config.analysis.seed)), n, h, vocab)
+  heads = [probe_init(jax.random.PRNGKey(s), 1, h, vocab) for s in probe_seeds(config)]
+  return {k: jnp.concatenate([q[k] for q in heads]) for k in heads[0]}
 
 
 def _decay_mask(p):
@@ -154,12 +232,11 @@ def train_probes(ctx: Context) -> tuple[dict[str, jax.Array], dict[str, Any]]:
   the final held-out loss per head next to the model's own, and whether it converged.
   """
   a, cfg = ctx.config.analysis, ctx.model.cfg
-  n = probe_towers(ctx.config)
   cache = cache_training_states(ctx)
   h_train, t_train, w_train = cache['train']
   h_held, t_held, w_held = cache['heldout']
-  key = jax.random.PRNGKey(int(a.seed))
-  p = probe_init(key, n, h_train.shape[-1], cfg.vocab_size)
+  seeds = probe_seeds(ctx.config)
+  p = init_heads(ctx.config, h_train.shape[-1], cfg.vocab_size)
   schedule = optax.linear_schedule(0.0, float(a.probe_lr), max(int(a.probe_warmup), 1))
   tx = optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=float(a.probe_weight_decay),
                    mask=_decay_mask)
@@ -176,11 +253,16 @@ def train_probes(ctx: Context) -> tuple[dict[str, jax.Array], dict[str, Any]]:
     return sum(c for c, _ in sums) / jnp.maximum(sum(w for _, w in sums), 1.0)
 
   rng = np.random.default_rng(int(a.seed) + 1)
+  head_rngs = [np.random.default_rng(s + 1) for s in seeds]  # probe_seed_per_tower: own order
   every, patience = int(a.probe_eval_every), int(a.probe_patience)
   best, best_p, since, curve, converged = np.inf, p, 0, [], False
   train_losses = []
   for i in range(1, int(a.probe_steps) + 1):
-    idx = jnp.asarray(rng.integers(0, h_train.shape[1], size=int(a.probe_batch_size)))
+    if a.probe_seed_per_tower:
+      idx = jnp.asarray(np.stack([r.integers(0, h_train.shape[1], size=int(a.probe_batch_size))
+                                  for r in head_rngs]))
+    else:
+      idx = jnp.asarray(rng.integers(0, h_train.shape[1], size=int(a.probe_batch_size)))
     p, opt, ce_N = step(p, opt, h_train, t_train, w_train, idx)
     train_losses.append(ce_N)
     if i % every and i != int(a.probe_steps):
@@ -235,8 +317,9 @@ def _probe_prepare(ctx: Context) -> dict[str, Any]:
 
 def _probe_values(ctx: Context):
   def fn(params, prepared, ex, h_NxBxLxH, key):
-    del params, key
-    logits = probe_logits(prepared['params'], split_units(ctx.config, h_NxBxLxH))
+    del key
+    logits = probe_logits(prepared['params'], probe_inputs(ctx.config, ctx.model, params,
+                                                           h_NxBxLxH))
     return base.target_log_probs(logits, jnp.broadcast_to(ex['targets'], logits.shape[:-1])), {}
   return fn
 
