@@ -39,6 +39,14 @@ from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.model import layers
 
 
+def final_norm(cfg: layers.ModelConfig, h_BxLxS: jax.Array) -> jax.Array:
+  """A tower's last step: LayerNorm `ln_final` (in the caller's scope), or with
+  model.ln_final=False the states unchanged (the original BERT/ELMo towers have none)."""
+  if not cfg.ln_final:
+    return h_BxLxS
+  return layers.layer_norm(name='ln_final')(h_BxLxS)
+
+
 def target_weights(targets_BxL: jax.Array, cfg: layers.ModelConfig) -> jax.Array:
   """Loss weights of next-token-style targets: 0 at PAD, 1 elsewhere; all 1 with
   model.released.pad_target (the original's loss has no ignore index). cfg None: defaults."""
