@@ -101,5 +101,17 @@ def bilstm_example(window_BxL1: jax.Array, rng: jax.Array, cfg: layers.ModelConf
           'weights': towers.target_weights(tokens_BxL, cfg)}
 
 
+def original_elmo(size: str) -> dict:
+  """The original ELMo variant's fields (docs/FIDELITY.md B1-B4): per tower and direction a
+  2-layer LSTM of width 2048 (base) / 4096 (large) between 256-wide interfaces, no residual,
+  no positions, one embedding LayerNorm per direction, the [fwd; bwd] states (no join, no
+  final LayerNorm) read by a head as wide as the table. n_heads is unused (1 divides 256)."""
+  return {'model.n_layers': 2, 'model.d_model': 256, 'model.n_heads': 1,
+          'model.bilstm.hidden': {'base': 2048, 'large': 4096}[size],
+          'model.bilstm.residual': False, 'model.bilstm.join': False,
+          'model.embedding.ln': 'per_direction', 'model.embedding.positions': False,
+          'model.head.width': 'table', 'model.ln_final': False}
+
+
 towers.register('bilstm', BiLSTM, bilstm_example, paper_embedding_mode='projected',
-                allows_pondering=False, backward_stream=True)
+                paper_fields=original_elmo, allows_pondering=False, backward_stream=True)
