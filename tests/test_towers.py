@@ -104,8 +104,9 @@ def test_bilstm_leak_check_catches_the_original_backward_defects(monkeypatch, de
   stack = bilstm._lstm_stack  # pylint: disable=protected-access
 
   def broken(cfg, x, reverse, deterministic, name):
-    if reverse and defect == 'zeroed':
-      return [0.0 * y for y in stack(cfg, x, reverse, deterministic, name)]
+    if reverse and defect == 'zeroed':  # (each layer's output, the stack's output)
+      outputs, y = stack(cfg, x, reverse, deterministic, name)
+      return [0.0 * o for o in outputs], 0.0 * y
     return stack(cfg, x, False, deterministic, name)
 
   monkeypatch.setattr(bilstm, '_lstm_stack', broken)
