@@ -8,13 +8,17 @@ The argument is TYPE,SIZE: TYPE a registered tower type (causal, mlm, bilstm), S
 base (12 layers, H=384, 12 heads) or large (24 layers, H=512, 16 heads), per tower,
 MLP width 4H. The token table is the tower type's paper variant (its registered
 `paper_embedding_mode`: GPT reads one shared V x H table, BERT and ELMo a V x (N*H)
-table through per-tower projections). For bilstm, n_layers is each direction's LSTM
-depth and n_heads is unused. The gate's head is the original code's (model.head: LayerNorm
-eps 1e-12, exact erf GELU, torch.nn.Linear's default init), and attention towers drop
-attention probabilities at 0.1 as the original; its as-released defects
-(model.released.*) stay off. The analysis's probes read what the original's phase 2/3
-probes read (PROBES; docs/FIDELITY.md, A4), which needs the concat gate (a different
-model.gate also needs --config.analysis.probe_input=tower).
+table through per-tower projections), and the type's registered `paper_fields` set the
+original's architecture (docs/FIDELITY.md B1-B4): mlm has BERT's embedding LayerNorm, a
+head as wide as the table and no per-tower final LayerNorm; bilstm has ELMo's sizes
+instead of the transformer's (per direction 2 LSTM layers of 2048 (base) / 4096 (large)
+between 256-wide interfaces, no residual, no positions; n_heads unused) and the same
+head, one embedding LayerNorm per direction. The gate's head is the original code's
+(model.head: LayerNorm eps 1e-12, exact erf GELU, torch.nn.Linear's default init), and
+attention towers drop attention probabilities at 0.1 as the original; its as-released
+defects (model.released.*) stay off. The analysis's probes read what the original's
+phase 2/3 probes read (PROBES; docs/FIDELITY.md, A4), which needs the concat gate (a
+different model.gate also needs --config.analysis.probe_input=tower).
 
 Schedule (SCHEDULE; docs/FIDELITY.md, A5): 5,120 windows of 128 tokens per optimizer step,
 accumulated over 10 micro-batches, 12,500 steps with a linear warm-up of 1,000 steps and a
@@ -72,6 +76,8 @@ def get_config(arg='causal,base'):
     c.model.embedding.mode = towers.get(tower_type).paper_embedding_mode
     if towers.get(tower_type).attention_layers(c.model):  # the original's attention dropout
       c.model.attention_dropout = 0.1
+    # The original's architecture switches (mlm: BERT's, bilstm: ELMo's sizes and parts).
+    config_lib.set_fields(c, towers.get(tower_type).paper_fields(size))
   c.data.seq_len = c.model.max_len = WINDOW
   c.model.head.ln_eps, c.model.head.gelu, c.model.head.init = 1e-12, 'erf', 'torch_linear'
   config_lib.set_fields(c, {**SCHEDULE, **DATA, **PROBES})

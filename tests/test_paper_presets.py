@@ -79,6 +79,38 @@ def test_preset_probes_read_what_the_originals_probes_read(arg):
   setup_lib.check_config(c)
 
 
+def _field(c, key):
+  node = c
+  for name in key.split('.'):
+    node = node[name]
+  return node
+
+
+ORIGINAL_PARTS = {  # docs/FIDELITY.md B1-B4, per tower type
+    'causal': {'model.embedding.ln': 'none', 'model.head.width': 'model',
+               'model.ln_final': True, 'model.embedding.positions': True},
+    'mlm': {'model.embedding.ln': 'shared', 'model.head.width': 'table',
+            'model.ln_final': False, 'model.embedding.positions': True,
+            'model.bilstm.hidden': 0},
+    'bilstm': {'model.embedding.ln': 'per_direction', 'model.head.width': 'table',
+               'model.ln_final': False, 'model.embedding.positions': False,
+               'model.bilstm.residual': False, 'model.bilstm.join': False,
+               'model.n_layers': 2, 'model.d_model': 256},
+}
+
+
+@pytest.mark.parametrize('arg', PRESETS)
+def test_preset_has_the_original_architecture_switches(arg):
+  tower_type, size = arg.split(',')
+  c = _preset(arg)
+  for key, value in ORIGINAL_PARTS[tower_type].items():
+    assert _field(c, key) == value, key
+  if tower_type == 'bilstm':
+    assert c.model.bilstm.hidden == {'base': 2048, 'large': 4096}[size]
+  else:
+    assert (c.model.n_layers, c.model.d_model) == {'base': (12, 384), 'large': (24, 512)}[size]
+
+
 def test_preset_lr_schedule_follows_the_original_to_within_one_step():
   """Warm-up to the peak at step 1,000, linear decay to zero at 12,500: the original's
   micro-batch-indexed schedule sampled at its boundaries lies 0.9 steps ahead of ours."""
@@ -102,6 +134,8 @@ def _reduced(arg, text_dir, **extra):
       'model.d_mlp': 128, 'train.batch_size': 40, 'train.steps': 4, 'train.log_every': 1,
       'train.eval_every': 4, 'train.eval_batches': 1, 'train.checkpoint_every': 4,
       'optimizer.warmup_steps': 1, 'mesh.tower': 2, **extra})
+  if c.model.bilstm.hidden:  # the original ELMo's 2048/4096-wide LSTMs, at CPU size
+    c.model.bilstm.hidden = 64
   return c
 
 
@@ -110,6 +144,10 @@ def _reduced(arg, text_dir, **extra):
 def test_every_paper_preset_trains_a_few_steps_at_reduced_size(arg, small_corpus_dir, tmp_path):
   c = _reduced(arg, small_corpus_dir)
   assert c.train.grad_accum_steps == 10 and c.model.dtype == 'bfloat16'
+  sizes = ('model.n_layers', 'model.d_model', 'model.n_heads', 'model.bilstm.hidden')
+  for key, value in towers.get(c.model.tower_type).paper_fields(arg.split(',')[1]).items():
+    if key not in sizes:  # the original's parts stay on at the reduced size (B1-B4)
+      assert _field(c, key) == value, key
   result = train.train_and_evaluate(c, str(tmp_path / 'run'))
   assert result['step'] == 4
   assert np.isfinite(result['eval']['loss'])

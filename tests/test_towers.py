@@ -104,8 +104,9 @@ def test_bilstm_leak_check_catches_the_original_backward_defects(monkeypatch, de
   stack = bilstm._lstm_stack  # pylint: disable=protected-access
 
   def broken(cfg, x, reverse, deterministic, name):
-    if reverse and defect == 'zeroed':
-      return [0.0 * y for y in stack(cfg, x, reverse, deterministic, name)]
+    if reverse and defect == 'zeroed':  # (each layer's output, the stack's output)
+      outputs, y = stack(cfg, x, reverse, deterministic, name)
+      return [0.0 * o for o in outputs], 0.0 * y
     return stack(cfg, x, False, deterministic, name)
 
   monkeypatch.setattr(bilstm, '_lstm_stack', broken)
@@ -213,6 +214,9 @@ def test_paper_presets_have_the_paper_sizes(tower_type, size, layers_, width, he
   c = _load(_config_file('paper.py'), f'{tower_type},{size}')
   setup_lib.check_config(c)
   m = c.model
+  if tower_type == 'bilstm':  # the original ELMo's sizes (docs/FIDELITY.md B4), not these
+    layers_, width, heads = 2, 256, 1
+    assert m.bilstm.hidden == {'base': 2048, 'large': 4096}[size]
   assert (m.tower_type, m.n_layers, m.d_model, m.n_heads) == (tower_type, layers_, width, heads)
   assert c.data.seq_len == 128 and m.max_len == 128
   assert m.embedding.mode == ('shared' if tower_type == 'causal' else 'projected')

@@ -80,6 +80,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embedding.mode = 'shared'  # 'shared' (V x H) | 'projected' (V x N*H) | 'per_tower'
   c.model.embedding.tied = True  # output layer = token table; False: own V x H output matrix
   c.model.embedding.input_grad_scale = 1.0  # s: scales only the table's input-lookup gradient
+  # Original BERT/ELMo token input (docs/FIDELITY.md B1, B4); both need mode='projected'.
+  # ln: LayerNorm (eps 1e-12) on the looked-up (N*H)-wide row before the per-tower
+  # projections: 'none' | 'shared' (one, BERT's layer_norm_emb) | 'per_direction' (bilstm:
+  # one for the forward and one for the backward stream, ELMo's layer_norm_embf/embb).
+  c.model.embedding.ln = 'none'
+  c.model.embedding.positions = True  # False: no position table (ELMo; the LSTMs see order)
   c.model.latent = ml_collections.ConfigDict()
   c.model.latent.balance_weight = 0.0  # gate=latent: weight of KL(mean gate || uniform)
   c.model.latent.uniform_init = False  # gate=latent: prior layer zero-initialised (uniform pi)
@@ -101,7 +107,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head.ln_eps = 1e-5  # epsilon of the gates' LayerNorms (original: 1e-12)
   c.model.head.gelu = 'tanh'  # 'tanh' (approximation) | 'erf' (exact, torch nn.GELU())
   c.model.head.init = 'normal'  # head Dense: 'normal' (std 0.02) | 'torch_linear' (torch default)
+  # head.width: the head Dense's output. 'model' (d_model; the tied projected table is reached
+  # through a learned d_model -> N*d_model `out_proj`) | 'table' (the token table's width,
+  # N*d_model, scored against the table directly, no out_proj: the original BERT/ELMo head;
+  # needs embedding.mode='projected', tied, gate='concat'). docs/FIDELITY.md B2.
+  c.model.head.width = 'model'
   c.model.attention_dropout = 0.0  # dropout on attention probabilities (original: 0.1)
+  # Each tower ends with a LayerNorm `ln_final` (GPT-2's ln_f); False: none, the towers'
+  # states go to the gate's joint LayerNorm as they are (original BERT/ELMo; FIDELITY.md B3).
+  c.model.ln_final = True
+  # bilstm towers (docs/FIDELITY.md B4; original ELMo: hidden 2048/4096, d_model 256 = the
+  # interface, n_layers 2, residual False, join False).
+  c.model.bilstm = ml_collections.ConfigDict()
+  c.model.bilstm.hidden = 0  # LSTM width; 0 = d_model. Else each stack ends in h2o: -> d_model
+  c.model.bilstm.residual = True  # residual connections between LSTM layers (above the first)
+  # join: h = Dense([fwd_{t-1}; bwd_{t+1}]) -> d_model; False: the tower's state is the
+  # concatenation itself (2*d_model wide), as the original's head reads it.
+  c.model.bilstm.join = True
   # The original code's as-released behaviours, opt-in (docs/FIDELITY.md rows B5, A1, A2).
   c.model.released = ml_collections.ConfigDict()
   c.model.released.zero_backward = False  # bilstm: backward stream times diag(anti-identity)
@@ -376,6 +398,27 @@ def _validate_model_options(m: ml_collections.ConfigDict) -> None:
   for name in ('zero_backward', 'pad_target', 'mask_pad_keys'):
     if not isinstance(m.released[name], bool):
       raise ConfigError(f'model.released.{name}={m.released[name]!r} must be true or false')
+  if e.ln not in ('none', 'shared', 'per_direction'):
+    raise ConfigError(f"model.embedding.ln={e.ln!r} is unknown; use 'none', 'shared' or "
+                      "'per_direction'")
+  if e.ln != 'none' and e.mode != 'projected':
+    raise ConfigError(f'model.embedding.ln={e.ln!r} needs model.embedding.mode=\'projected\' '
+                      f"(not {e.mode!r}); set the mode or model.embedding.ln='none'")
+  if e.ln != 'none' and m.pondering.steps:
+    raise ConfigError(f'model.embedding.ln={e.ln!r} with model.pondering.steps>0 is not '
+                      "supported (the soft embeddings are added after the norm); use one of them")
+  for name, value in (('embedding.positions', e.positions), ('ln_final', m.ln_final),
+                      ('bilstm.residual', m.bilstm.residual), ('bilstm.join', m.bilstm.join)):
+    if not isinstance(value, bool):
+      raise ConfigError(f'model.{name}={value!r} must be true or false')
+  if not _is_int(m.bilstm.hidden) or m.bilstm.hidden < 0:
+    raise ConfigError(f'model.bilstm.hidden={m.bilstm.hidden!r} must be an integer >= 0 '
+                      '(0 = d_model)')
+  if hd.width not in ('model', 'table'):
+    raise ConfigError(f"model.head.width={hd.width!r} is unknown; use 'model' or 'table'")
+  if hd.width == 'table' and not (e.mode == 'projected' and e.tied):
+    raise ConfigError("model.head.width='table' needs model.embedding.mode='projected' and "
+                      "tied=True (otherwise the table is d_model wide); use head.width='model'")
   p = m.pondering
   if isinstance(p.steps, bool) or not isinstance(p.steps, int) or p.steps < 0:
     raise ConfigError(f'model.pondering.steps={p.steps!r} must be an integer >= 0')

@@ -12,6 +12,14 @@
   output distributions (`latent`, `logit_sum`) use tower k's own table.
 
 `model.embedding.tied=False` adds a separate V x H output matrix (no up-projection).
+`model.head.width='table'` (original BERT/ELMo head) drops the up-projection: the gate's
+head then outputs N*H features, scored against the table directly (`output_width`).
+`model.embedding.ln` (projected only) normalises the looked-up row (token plus position)
+with a LayerNorm of width N*H, eps 1e-12, before the per-tower projections: `shared` one
+(`ln_emb`, BERT's layer_norm_emb); `per_direction` two (`ln_emb_fwd`, `ln_emb_bwd`, ELMo's
+layer_norm_embf/embb), each projected by tower k's own projection, so tower k reads the
+forward and backward streams' inputs concatenated, x_NxBxLx2H (bilstm splits them).
+`model.embedding.positions=False` has no position table (ELMo).
 `model.embedding.input_grad_scale` s scales only the gradient that reaches the token
 table through the input lookup: e = s*E[x] - (s-1)*stop_gradient(E[x]).
 
@@ -29,6 +37,25 @@ import jax.numpy as jnp
 from twotower_jax.model import layers
 
 MODES = ('shared', 'projected', 'per_tower')
+EMB_LN_EPS = 1e-12  # the original's BertLayerNorm
+
+
+def output_width(cfg: layers.ModelConfig) -> int:
+  """Width of the joint head's output z: the table's N*H with model.head.width='table'
+  (projected and tied: no out_proj), else d_model."""
+  if cfg.head.width == 'table':
+    return cfg.n_towers * cfg.d_model
+  return cfg.d_model
+
+
+def _has_out_proj(cfg: layers.ModelConfig) -> bool:
+  return cfg.embedding.mode == 'projected' and cfg.embedding.tied and cfg.head.width == 'model'
+
+
+def _ln_names(cfg: layers.ModelConfig) -> tuple[str, ...]:
+  """The embedding LayerNorms of model.embedding.ln, one per input stream."""
+  return {'none': (), 'shared': ('ln_emb',),
+          'per_direction': ('ln_emb_fwd', 'ln_emb_bwd')}[cfg.embedding.ln]
 
 
 def scale_input_grad(e: jax.Array, s: float) -> jax.Array:
@@ -47,21 +74,25 @@ class Embedder(nn.Module):
     n, v, h = cfg.n_towers, cfg.vocab_size, cfg.d_model
     if cfg.embedding.mode == 'shared':
       self.token = self.param('token', layers.param_init(('vocab', 'embed')), (v, h))
-      self.position = self.param('position', layers.param_init(('length', 'embed')),
-                                 (cfg.max_len, h))
+      if cfg.embedding.positions:
+        self.position = self.param('position', layers.param_init(('length', 'embed')),
+                                   (cfg.max_len, h))
     elif cfg.embedding.mode == 'projected':
       self.token = self.param('token', layers.param_init(('vocab', 'embed')), (v, n * h))
-      self.position = self.param('position', layers.param_init(('length', 'embed')),
-                                 (cfg.max_len, n * h))
+      if cfg.embedding.positions:
+        self.position = self.param('position', layers.param_init(('length', 'embed')),
+                                   (cfg.max_len, n * h))
       self.in_proj_NxWxH = self.param('in_proj', layers.param_init(('tower', None, 'embed')),
                                       (n, n * h, h))
-      if cfg.embedding.tied:
+      if _has_out_proj(cfg):
         self.out_proj_HxW = self.param('out_proj', layers.param_init((None, 'embed')),
                                        (h, n * h))
+      self.emb_lns = [layers.layer_norm(name=name, eps=EMB_LN_EPS) for name in _ln_names(cfg)]
     elif cfg.embedding.mode == 'per_tower':
       self.token = self.param('token', layers.param_init(('tower', 'vocab', 'embed')), (n, v, h))
-      self.position = self.param('position', layers.param_init(('tower', 'length', 'embed')),
-                                 (n, cfg.max_len, h))
+      if cfg.embedding.positions:
+        self.position = self.param('position', layers.param_init(('tower', 'length', 'embed')),
+                                   (n, cfg.max_len, h))
     else:
       raise ValueError(f'unknown embedding mode {cfg.embedding.mode!r}')
     if not cfg.embedding.tied:
@@ -81,6 +112,8 @@ class Embedder(nn.Module):
       e_NxBxLxH = scale_input_grad(e_NxBxLxH, cfg.embedding.input_grad_scale)
       if token_scale != 1.0:
         e_NxBxLxH = e_NxBxLxH * token_scale
+      if not cfg.embedding.positions:
+        return e_NxBxLxH
       if positions_BxL is None:
         return e_NxBxLxH + self.position[:, None, :length]
       return e_NxBxLxH + jnp.take(self.position, positions_BxL, axis=1)
@@ -89,10 +122,11 @@ class Embedder(nn.Module):
     e_BxLxW = scale_input_grad(e_BxLxW, cfg.embedding.input_grad_scale)
     if token_scale != 1.0:
       e_BxLxW = e_BxLxW * token_scale
-    if positions_BxL is None:
-      e_BxLxW = e_BxLxW + self.position[:length]
-    else:
-      e_BxLxW = e_BxLxW + jnp.take(self.position, positions_BxL, axis=0)
+    if cfg.embedding.positions:
+      e_BxLxW = e_BxLxW + (self.position[:length] if positions_BxL is None
+                           else jnp.take(self.position, positions_BxL, axis=0))
+    if cfg.embedding.mode == 'projected' and self.emb_lns:  # model.embedding.ln
+      return jnp.concatenate([self._to_towers(ln(e_BxLxW)) for ln in self.emb_lns], axis=-1)
     return self._to_towers(e_BxLxW)
 
   def soft_embed(self, probs: jax.Array, scale: float = 1.0) -> jax.Array:
@@ -126,7 +160,7 @@ class Embedder(nn.Module):
 
   def decode(self, z_BxLxH: jax.Array) -> jax.Array:
     """logits_BxLxV = z E^T + b (tied: the output layer is the input table)."""
-    if self.cfg.embedding.tied and self.cfg.embedding.mode == 'projected':
+    if _has_out_proj(self.cfg):  # else z is already table-wide (or the table H-wide)
       z_BxLxH = z_BxLxH @ self.out_proj_HxW
     return jnp.einsum('blh,vh->blv', z_BxLxH, self.output_matrix()) + self.output_bias_V
 

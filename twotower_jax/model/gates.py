@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from twotower_jax import config as config_lib
+from twotower_jax.model import embeddings
 from twotower_jax.model import layers
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,10 @@ class ConcatGate(nn.Module):
 
   The first LayerNorm is joint over the concatenation, so the towers' scales
   compete for one normaliser. model.head.* sets the norms' epsilon, the GELU form and the
-  Dense init (docs/FIDELITY.md: the original GPT variant's values).
+  Dense init (docs/FIDELITY.md: the original GPT variant's values); head.width='table'
+  makes z the token table's width Z = N*H, scored against it with no up-projection (the
+  original BERT/ELMo head, FIDELITY.md B2); else Z = H. The towers' states may be wider
+  than H (bilstm.join=False: 2H); C = N times their width.
   """
   cfg: layers.ModelConfig
 
@@ -103,10 +107,10 @@ class ConcatGate(nn.Module):
     head = self.cfg.head
     x_BxLxC = layers.layer_norm('gate_in', name='ln_in',
                                 eps=head.ln_eps)(concat_towers(h_NxBxLxH))
-    z_BxLxH = layers.dense(self.cfg.d_model, ('gate_in', 'embed'), name='dense',
+    z_BxLxZ = layers.dense(embeddings.output_width(self.cfg), ('gate_in', 'embed'), name='dense',
                            init=head.init, fan_in=x_BxLxC.shape[-1])(x_BxLxC)
-    z_BxLxH = layers.layer_norm(name='ln_out', eps=head.ln_eps)(layers.gelu(z_BxLxH, head.gelu))
-    return {'logits_BxLxV': decode(z_BxLxH)}
+    z_BxLxZ = layers.layer_norm(name='ln_out', eps=head.ln_eps)(layers.gelu(z_BxLxZ, head.gelu))
+    return {'logits_BxLxV': decode(z_BxLxZ)}
 
 
 class TowerHead(nn.Module):

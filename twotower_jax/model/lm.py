@@ -171,6 +171,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if m.released.zero_backward and not tower_type.backward_stream:
     raise config_lib.ConfigError(f'model.released.zero_backward needs a tower type with a '
                                  f'backward stream (bilstm), not {m.tower_type}; set it False')
+  if m.head.width == 'table' and m.gate != 'concat':
+    raise config_lib.ConfigError(
+        f"model.head.width='table' needs model.gate=concat (the per-tower heads of {m.gate} "
+        "are d_model wide and decode through out_proj); use model.head.width='model'")
+  if not tower_type.backward_stream:
+    if m.embedding.ln == 'per_direction':
+      raise config_lib.ConfigError(
+          "model.embedding.ln='per_direction' needs a tower type with forward and backward "
+          f"streams (bilstm), not {m.tower_type}; use 'shared'")
+    changed = [f'model.bilstm.{k}' for k, v in m.bilstm.items()
+               if v != config_lib.base_config().model.bilstm[k]]
+    if changed:
+      raise config_lib.ConfigError(f'{", ".join(changed)} apply only to model.tower_type='
+                                   f'bilstm, not {m.tower_type}; leave them at their defaults')
   if m.embedding.mode not in embeddings.MODES:
     raise config_lib.ConfigError(f'model.embedding.mode={m.embedding.mode!r} is unknown; choose '
                                  f'one of {list(embeddings.MODES)}')

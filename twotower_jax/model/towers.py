@@ -10,6 +10,9 @@ and the structural probe read these fields and never name a type):
 
 - `paper_embedding_mode`: the token table the paper's variant of this type reads
   (configs/paper.py);
+- `paper_fields`: size ('base' | 'large') -> dotted config fields the paper preset of
+  this type sets on top of the shared ones (the original's architecture switches,
+  docs/FIDELITY.md B1-B4);
 - `allows_pondering`: False where feeding predictions back would leak the target;
 - `layer_states`: the per-layer states the tower sowed ('intermediates'), by name
   ('input', 'block_1', ...), for the structural probe;
@@ -39,6 +42,14 @@ from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.model import layers
 
 
+def final_norm(cfg: layers.ModelConfig, h_BxLxS: jax.Array) -> jax.Array:
+  """A tower's last step: LayerNorm `ln_final` (in the caller's scope), or with
+  model.ln_final=False the states unchanged (the original BERT/ELMo towers have none)."""
+  if not cfg.ln_final:
+    return h_BxLxS
+  return layers.layer_norm(name='ln_final')(h_BxLxS)
+
+
 def target_weights(targets_BxL: jax.Array, cfg: layers.ModelConfig) -> jax.Array:
   """Loss weights of next-token-style targets: 0 at PAD, 1 elsewhere; all 1 with
   model.released.pad_target (the original's loss has no ignore index). cfg None: defaults."""
@@ -63,6 +74,7 @@ class TowerType:
   module: type[nn.Module]  # fields (cfg, deterministic); __call__(x_BxLxH) -> h_BxLxH
   make_example: Callable[..., dict[str, jax.Array]]  # (window_BxL1, rng, cfg) -> example
   paper_embedding_mode: str = 'shared'
+  paper_fields: Callable[[str], dict[str, Any]] = lambda size: {}
   allows_pondering: bool = True
   layer_states: Callable[[dict[str, Any]], dict[str, jax.Array]] = sown_layers
   attention_layers: Callable[[layers.ModelConfig], int] = lambda cfg: 0

@@ -1,4 +1,5 @@
-"""Transformer towers: `causal` (GPT) and `mlm` (BERT), pre-LN blocks with a final LayerNorm.
+"""Transformer towers: `causal` (GPT) and `mlm` (BERT), pre-LN blocks with a final LayerNorm
+(`ln_final`; none with model.ln_final=False, as the original BERT towers).
 
 - `causal`: inputs are tokens 0..L-1 of the window, target t is token t+1.
 - `mlm`: a bidirectional stack on a corrupted copy of tokens 0..L-1; target t is the
@@ -104,7 +105,7 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-  """A stack of pre-LN blocks and a final LayerNorm (GPT-2 layout)."""
+  """A stack of pre-LN blocks and a final LayerNorm (GPT-2 layout; model.ln_final)."""
   cfg: layers.ModelConfig
   deterministic: bool
   causal: bool = True
@@ -137,7 +138,7 @@ class Transformer(nn.Module):
                                                             keep_BxL)
         if cache is not None:
           new_cache.update({f'k_{i}': layer_cache['k'], f'v_{i}': layer_cache['v']})
-    h_BxLxH = layers.layer_norm(name='ln_final')(x_BxLxH)
+    h_BxLxH = towers.final_norm(cfg, x_BxLxH)
     return h_BxLxH if cache is None else (h_BxLxH, new_cache)
 
 
@@ -215,5 +216,11 @@ def mlm_example(window_BxL1: jax.Array, rng: jax.Array, cfg: layers.ModelConfig)
           'weights': selected_BxL.astype(jnp.float32)}
 
 
+# The original BERT variant (docs/FIDELITY.md B1-B3): LayerNorm on the embedding, a head as
+# wide as the table (no out_proj), no final LayerNorm in the (DeepSpeed pre-LN) towers.
+ORIGINAL_BERT = {'model.embedding.ln': 'shared', 'model.head.width': 'table',
+                 'model.ln_final': False}
+
 towers.register('mlm', BidirectionalTransformer, mlm_example, paper_embedding_mode='projected',
+                paper_fields=lambda size: dict(ORIGINAL_BERT),
                 layer_states=block_states, attention_layers=lambda cfg: cfg.n_layers)
