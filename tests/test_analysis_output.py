@@ -128,7 +128,8 @@ def test_out_never_replaces_a_folder_of_other_files(copy, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_during_a_reanalysis_leaves_the_previous_outputs(copy):
-  """The process dies at once (no handler): DIR/analysis keeps the other step's outputs."""
+  """SIGTERM unwinds the analysis (exit 143, the staging folder removed): DIR/analysis keeps
+  the other step's outputs."""
   out = workdir_lib.analysis_dir(copy)
   runner.run(analysis_config(copy, **{'analysis.step': 3}), copy)
   before = snapshot(out)
@@ -148,8 +149,9 @@ def test_sigterm_during_a_reanalysis_leaves_the_previous_outputs(copy):
     time.sleep(0.005)
   proc.send_signal(signal.SIGTERM)
   proc.wait(timeout=300)
-  assert proc.returncode == -signal.SIGTERM
+  assert proc.returncode == 128 + signal.SIGTERM
   assert snapshot(out) == before and summary_of(out)['step'] == 3
+  assert not glob.glob(os.path.join(copy, '.analysis.tmp-*'))
 
 
 def test_a_checkpoint_rotated_away_while_read_is_read_again(copy, monkeypatch):

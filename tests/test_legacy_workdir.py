@@ -19,7 +19,9 @@ with open(LEGACY + '.expected.json') as f:
 def test_old_workdir_analyses_to_the_same_values(tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(LEGACY, workdir)
-  proc = run_module('twotower_jax.analyze', f'--workdir={workdir}', *EXPECTED['analyze_flags'])
+  # The old version let an ablation's replacement reach the latent gate's prior: 'edited'.
+  proc = run_module('twotower_jax.analyze', f'--workdir={workdir}', *EXPECTED['analyze_flags'],
+                    '--config.analysis.ablation_routing=edited')
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = workdir_lib.analysis_dir(workdir)
   summary = workdir_lib.read_json(os.path.join(out, workdir_lib.SUMMARY_JSON))
