@@ -152,6 +152,16 @@ def test_every_paper_preset_trains_a_few_steps_at_reduced_size(arg, small_corpus
   assert result['step'] == 4
   assert np.isfinite(result['eval']['loss'])
   assert result['eval']['loss'] < np.log(256) + 1.0  # a distribution over 256 pieces
+  # The preset's probes (joint LN slice, dropout on, a seed per head) on the trained run.
+  from twotower_jax.analysis import runner  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  config = runner.load_config(workdir, analysis_overrides={
+      'analysis.estimators': 'probe', 'analysis.eval_windows': 2, 'analysis.probe_windows': 8,
+      'analysis.probe_steps': 2, 'analysis.probe_eval_every': 1, 'analysis.min_count': 1,
+      'analysis.n_boot': 10, 'analysis.n_control': 5})
+  assert config.analysis.probe_input == 'joint_ln' and config.analysis.probe_dropout
+  summary = runner.run(config, workdir)
+  assert summary['per_estimator']['probe']['n_items'] > 0
 
 
 def test_missing_dataset_is_a_one_line_error(tmp_path):
