@@ -182,6 +182,8 @@ def test_a_batch_beyond_host_memory_is_refused_before_anything_is_written(traine
   huge.train.steps = 4
   message = refused(huge, workdir, errors.UserError, 'MiB of temporaries on this host')
   assert 'lower train.batch_size, or raise train.grad_accum_steps' in message
+  # A new workdir is not left behind (its tokenizer and empty checkpoints/ are taken back).
+  refused(huge, str(tmp_path / 'new'), errors.UserError, 'MiB of temporaries on this host')
 
 
 def test_host_memory_check_counts_every_local_device():
@@ -192,3 +194,24 @@ def test_host_memory_check_counts_every_local_device():
     preflight.check_host_memory({'temp_size_in_bytes': 100 << 20}, config, 900 << 20, 16)
   preflight.check_host_memory({'temp_size_in_bytes': 1 << 40}, config, None, 8)  # unknown: go on
   assert preflight.host_available_bytes() > 0
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('model.n_heads', 0, 'model.n_heads=0 must be an integer >= 1'),
+    ('model.n_layers', 0, 'model.n_layers=0 must be an integer >= 1'),
+    ('model.d_model', 0, 'model.d_model=0 must be an integer >= 1'),
+    ('model.d_mlp', -1, 'model.d_mlp=-1 must be an integer >= 1'),
+    ('data.tokenizer_type', 'nope', "data.tokenizer_type='nope' is unknown"),
+    ('train.seed', -1, 'train.seed=-1 must be an integer in [0, 2**32)'),
+    ('analysis.probe_weight_decay', float('nan'), 'analysis.probe_weight_decay=nan must be a '
+     'finite number'),
+    ('analysis.probe_min_delta', float('nan'), 'must be a finite number'),
+    ('train.peak_flops', float('nan'), 'train.peak_flops=nan must be a finite number'),
+    ('model.latent.balance_weight', float('inf'), 'must be a finite number'),
+])
+def test_bad_values_are_refused_before_the_workdir_is_made(tiny, tmp_path, field, value, match):
+  """Found by the second adversarial run: these crashed after training the tokenizer (and
+  left the workdir behind), or were accepted (NaN passes every range check)."""
+  config = tiny()
+  config_lib.set_fields(config, {field: value})
+  refused(config, str(tmp_path / 'run'), config_lib.ConfigError, match)

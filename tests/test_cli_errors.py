@@ -148,3 +148,25 @@ def test_a_stopped_analysis_says_so_and_keeps_the_last_one(two_step_run, tmp_pat
   after = {f: open(os.path.join(out, f), 'rb').read() for f in before}
   assert after == before
   assert not [e for e in os.listdir(workdir) if '.tmp-' in e]  # the staged output removed
+
+
+@pytest.mark.parametrize('module, args', [
+    ('twotower_jax.analyze', ['--workdir=nowhere', '--config.analysis.foo=1']),
+    ('twotower_jax.analyze', ['--workdir=nowhere', '--config.train.foo=1']),
+    ('twotower_jax.main', ['--config=configs/default.py', '--workdir=nowhere',
+                           '--config.analysis.foo=1']),
+])
+def test_an_unknown_override_is_one_line_naming_its_flag(module, args):
+  """analyze's --config is parsed when its flag is defined (at import), main's at parse time:
+  both give one line that names the field and the flag."""
+  proc = run_module(module, *args, timeout=120)
+  line = one_error_line(proc)
+  assert 'unknown config field foo (from --config.' in line and '.foo)' in line, line
+
+
+def test_training_refuses_analysis_settings_its_job_could_not_use(tmp_path):
+  proc = run_module('twotower_jax.main', '--config=configs/default.py',
+                    f'--workdir={tmp_path / "run"}', '--config.analysis.estimators=nope',
+                    timeout=120)
+  assert "analysis.estimators='nope'" in one_error_line(proc)
+  assert not os.path.exists(tmp_path / 'run')

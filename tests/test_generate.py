@@ -145,3 +145,22 @@ def test_bad_input_is_one_line(trained, small_corpus_dir, tmp_path, case, args, 
   assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], lines
   if before is not None:
     assert snapshot(workdir) == before  # nothing written
+
+
+def test_a_read_only_workdir_is_refused_before_sampling_and_out_writes_elsewhere(trained,
+                                                                                  tmp_path):
+  """The output folder is checked before the restore: one line naming --out, nothing printed;
+  with --out the same workdir generates."""
+  from _faults import read_only  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(trained[1], workdir)
+  with read_only(workdir):
+    proc = _generate(workdir, '--prompt=Hi', '--max_new_tokens=2')
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and 'pass --out=DIR' in lines[0], lines
+    assert 'generate:' not in proc.stderr and not proc.stdout.strip()  # no work was done
+    out = str(tmp_path / 'out')
+    proc = _generate(workdir, '--prompt=Hi', '--max_new_tokens=2', f'--out={out}')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.exists(os.path.join(out, workdir_lib.GENERATIONS_JSONL))

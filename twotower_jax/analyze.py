@@ -14,9 +14,9 @@ from twotower_jax import config as config_lib
 from twotower_jax import errors
 from twotower_jax import workdir as workdir_lib
 
-_CONFIG = config_flags.DEFINE_config_dict('config', config_lib.base_config(),
-                                          'Only --config.analysis.* and --config.imports '
-                                          '(modules with more estimators) are used.')
+_CONFIG = cli.define_config(config_flags.DEFINE_config_dict, 'config', config_lib.base_config(),
+                            'Only --config.analysis.* and --config.imports '
+                            '(modules with more estimators) are used.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory to analyse (read only, except '
                                'DIR/analysis/ when --out is not given).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: analysis.step, 0 = latest).')

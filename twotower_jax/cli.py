@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import app
 from absl import flags
@@ -54,11 +54,31 @@ def _parse_flags(argv: list[str], config_files: Sequence[str] = ()) -> list[str]
                "field's type (defaults in twotower_jax/config.py)")
     _exit_with(first)
   except (KeyError, AttributeError) as e:  # an override of a field that does not exist
-    _exit_with(f'unknown config field {_one_line(e)} (every field and its default is in '
-               'twotower_jax/config.py)')
+    _exit_with(_unknown_field(e, argv))
   except (TypeError, ValueError) as e:  # an override with a value of the wrong type
     _exit_with(f'bad config override: {_one_line(e)}')
   return []
+
+
+def _unknown_field(e: BaseException, argv: Sequence[str]) -> str:
+  """'unknown config field NAME in --config.A.NAME=...': ml_collections' KeyError, re-raised
+  as AttributeError, quotes the name twice; the flag that gave it names its section."""
+  name = _one_line(e).strip('\'" ')
+  given = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
+  flag = next((g for g in given if g.split('.')[-1] == name or f'.{name}.' in g), None)
+  where = f' (from {flag})' if flag else ''
+  return (f'unknown config field {name}{where}; every field and its default is in '
+          'twotower_jax/config.py')
+
+
+def define_config(define: Callable[..., Any], *args, **kwargs) -> Any:
+  """config_flags.DEFINE_config_dict/_file(...), whose default is parsed together with the
+  command line's --config.* overrides when it is defined (at import): an unknown field
+  there is one line and exit 2, as at parse time."""
+  try:
+    return define(*args, **kwargs)
+  except (KeyError, AttributeError) as e:
+    _exit_with(_unknown_field(e, sys.argv))
 
 
 def load_config(holder):

@@ -231,12 +231,16 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+TOKENIZER_TYPES = ('unigram', 'bpe', 'word')  # SentencePiece model types
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks fields whose meaning needs no registry; raises ConfigError with the fix."""
   _check_known_fields(config, base_config(), '')
   m, d, t = config.model, config.data, config.train
-  if m.n_towers < 1:
-    raise ConfigError(f'model.n_towers={m.n_towers} must be >= 1')
+  for name in ('n_towers', 'n_layers', 'd_model', 'n_heads', 'd_mlp'):
+    if not _is_int(m[name]) or m[name] < 1:
+      raise ConfigError(f'model.{name}={m[name]!r} must be an integer >= 1')
   if m.d_model % m.n_heads:
     raise ConfigError(f'model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; '
                       'choose heads that divide the width')
@@ -245,6 +249,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if d.seq_len > m.max_len:
     raise ConfigError(f'data.seq_len={d.seq_len} exceeds model.max_len={m.max_len} (the position '
                       'table); raise model.max_len or lower data.seq_len')
+  if d.tokenizer_type not in TOKENIZER_TYPES:
+    raise ConfigError(f'data.tokenizer_type={d.tokenizer_type!r} is unknown; use one of '
+                      f'{", ".join(TOKENIZER_TYPES)}')
+  if not _is_int(t.seed) or not 0 <= t.seed < 2**32:
+    raise ConfigError(f'train.seed={t.seed!r} must be an integer in [0, 2**32)')
   if d.vocab_size < 16:
     raise ConfigError(f'data.vocab_size={d.vocab_size} is too small; use at least 16')
   if not 0.0 < d.val_fraction < 1.0:
@@ -279,6 +288,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_struct_probe(config.analysis)
   _validate_analysis(config.analysis)
   _validate_transfer(config)
+  _check_finite(config, '')  # last: the fields' own checks name a range where they have one
 
 
 def init_tower_entries(text: str) -> list[tuple[str, int] | None]:
@@ -445,6 +455,16 @@ def import_parts(config: ml_collections.ConfigDict) -> None:
 def unknown_name(field: str, value: str, known) -> ConfigError:
   """The error for a registered name that is not registered: names the choices."""
   return ConfigError(f'{field}={value!r} is unknown; choose one of {sorted(known)}')
+
+
+def _check_finite(config: ml_collections.ConfigDict, prefix: str) -> None:
+  """No field takes NaN or infinity: comparisons with NaN are false, so a range check
+  alone would let it through (and e.g. a NaN weight decay trains NaN probe heads)."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _check_finite(value, f'{prefix}{key}.')
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f'{prefix}{key}={value} must be a finite number')
 
 
 def _check_known_fields(config: ml_collections.ConfigDict, known: ml_collections.ConfigDict,

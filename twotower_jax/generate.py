@@ -75,6 +75,8 @@ def main(argv):
       cached=_CACHED.value)
   workdir = _WORKDIR.value
   config = run_lib.load_config(workdir)
+  out_dir = _OUT.value or workdir_lib.generate_dir(workdir)
+  workdir_lib.check_writable(out_dir)  # before the restore and the sampling
   # Everything that needs no checkpoint is checked before the (slow) restore.
   decode.check(layers.model_config(config.model, config.data.vocab_size), sampling)
   sp = tokenizer_lib.load(workdir_lib.path(workdir, workdir_lib.TOKENIZER))
@@ -88,7 +90,7 @@ def main(argv):
   color = _COLOR.value == 'always' or (_COLOR.value == 'auto' and sys.stdout.isatty())
   print(generation.terminal_view(recs, color))
   title = f'Generations: {os.path.basename(os.path.abspath(workdir))}, step {restored.step}'
-  jsonl, page = generation.write(recs, _OUT.value or workdir_lib.generate_dir(workdir), title)
+  jsonl, page = generation.write(recs, out_dir, title)
   logging.getLogger('twotower_jax').info('generate: wrote %s and %s', jsonl, page)
 
 

@@ -50,7 +50,12 @@ def main(argv):
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value)  # before any other JAX use
   from twotower_jax.train import loop as train  # pylint: disable=g-import-not-at-top
-  result = train.train_and_evaluate(cli.load_config(_CONFIG), _WORKDIR.value)
+  from twotower_jax.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax.analysis import runner  # pylint: disable=g-import-not-at-top
+  config = cli.load_config(_CONFIG)
+  setup_lib.check_config(config)  # imports config.imports, which may register estimators
+  runner.check_config(config)  # the analysis settings too: the job analyses after training
+  result = train.train_and_evaluate(config, _WORKDIR.value)
   if result.get('preempted'):  # stopped by a signal after saving; the loop logged how to resume
     if result.get('signal') == 'SIGINT':
       sys.exit(130)  # Ctrl-C: the shell's convention, so `main && analyze` stops here

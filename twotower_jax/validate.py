@@ -18,8 +18,8 @@ from ml_collections import config_flags
 from twotower_jax import cli
 from twotower_jax import errors
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/planted.py',
-                                          'A planted-language config (get_config()).')
+_CONFIG = cli.define_config(config_flags.DEFINE_config_file, 'config', 'configs/planted.py',
+                            'A planted-language config (get_config()).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for the five runs and the results.')
 _GATE_STEPS = flags.DEFINE_integer('gate_steps', 300, 'Steps of gate training in the composed '
                                    'models (the one-tower runs train config.train.steps).')

@@ -203,6 +203,10 @@ def training_lock(workdir: str) -> Iterator[None]:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()} since {stamp}\n'.encode(), 0)
     yield
+  except BaseException:
+    if created:
+      _remove_unstarted(workdir)
+    raise
   finally:
     with contextlib.suppress(OSError):
       os.unlink(path(workdir, LOCK))  # before unlocking: no one can lock this file after us
@@ -210,6 +214,19 @@ def training_lock(workdir: str) -> Iterator[None]:
     if created:
       with contextlib.suppress(OSError):
         os.rmdir(workdir)  # only when empty
+
+
+def _remove_unstarted(workdir: str) -> None:
+  """A run that created DIR and failed before it recorded anything (no config.json, no
+  checkpoint: refused by the pre-flight, a bad value found late, Ctrl-C) takes back what it
+  wrote first, the tokenizer and Orbax's empty checkpoints/, so bad input leaves no trace."""
+  ckpt = path(workdir, CHECKPOINTS)
+  if os.path.exists(path(workdir, CONFIG_JSON)) or (os.path.isdir(ckpt) and os.listdir(ckpt)):
+    return
+  with contextlib.suppress(OSError):
+    os.rmdir(ckpt)
+  with contextlib.suppress(OSError):
+    os.remove(path(workdir, TOKENIZER))
 
 
 def _locked_fd(file: str) -> int:
@@ -238,6 +255,17 @@ def _unwritable(target: str, e: OSError) -> WorkdirError:
     return WorkdirError(f'{target} is a file, not a directory; pass a directory (a new one, or '
                         'the workdir of an earlier run) as --workdir')
   return WorkdirError(f'cannot write to {target} ({e.strerror}); pass a writable --workdir')
+
+
+def check_writable(target: str, flag: str = '--out') -> None:
+  """WorkdirError before any work when `target` (a folder, made later) cannot be written:
+  it or its nearest existing parent is read-only or not ours."""
+  probe = os.path.abspath(target)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+    raise WorkdirError(f'cannot write to {target} ({probe} is not a writable folder); pass '
+                       f'{flag}=DIR, a writable location')
 
 
 # ---------------------------------------------------------------- staged output folders

@@ -127,10 +127,15 @@ def latest_complete_step(mngr: ocp.CheckpointManager, remove_incomplete: bool = 
     if is_complete(step_dir):
       found = step
       break
-    log.warning('ignoring incomplete checkpoint %s', step_dir)
     if remove_incomplete and jax.process_index() == 0:
+      log.warning('removing incomplete checkpoint %s: it lacks the commit files of a finished '
+                  'save (interrupted while saving, or parts deleted); its steps are trained '
+                  'again', step_dir)
       shutil.rmtree(step_dir, ignore_errors=True)
       removed = True
+    else:
+      log.warning('ignoring incomplete checkpoint %s (it lacks the commit files of a finished '
+                  'save)', step_dir)
   if removed:
     mngr.reload()  # forget the removed steps so they can be saved again
   return found
