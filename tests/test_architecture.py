@@ -12,7 +12,7 @@ PACKAGE = 'twotower_jax'
 # Bottom to top; a module may import from its own layer or any layer below it. A package
 # name stands for every module in it.
 LAYERS = (
-    ('errors', 'hostmem'),
+    ('errors', 'hostmem', 'staging'),
     ('config', 'workdir'),
     ('data',),
     ('model',),

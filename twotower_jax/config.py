@@ -231,9 +231,6 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-TOKENIZER_TYPES = ('unigram', 'bpe', 'word')  # SentencePiece model types
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks fields whose meaning needs no registry; raises ConfigError with the fix."""
   _check_known_fields(config, base_config(), '')
@@ -249,9 +246,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if d.seq_len > m.max_len:
     raise ConfigError(f'data.seq_len={d.seq_len} exceeds model.max_len={m.max_len} (the position '
                       'table); raise model.max_len or lower data.seq_len')
-  if d.tokenizer_type not in TOKENIZER_TYPES:
+  if d.tokenizer_type not in ('unigram', 'bpe', 'word'):  # SentencePiece model types
     raise ConfigError(f'data.tokenizer_type={d.tokenizer_type!r} is unknown; use one of '
-                      f'{", ".join(TOKENIZER_TYPES)}')
+                      'unigram, bpe, word')
   if not _is_int(t.seed) or not 0 <= t.seed < 2**32:
     raise ConfigError(f'train.seed={t.seed!r} must be an integer in [0, 2**32)')
   if d.vocab_size < 16:

@@ -4,7 +4,7 @@ Restores a checkpoint through run.py, scores the requested estimators on the sam
 held-out positions and writes DIR/analysis/ (file names and formats: workdir.py and
 docs/ANALYSIS.md): preference.csv, summary.json, token_view.json, the structural
 probe when a treebank is given, and the report. The outputs are written into a
-staging folder renamed into place at the end (workdir.staged_dir), so DIR/analysis
+staging folder renamed into place at the end (staging.staged_dir), so DIR/analysis
 holds one step's outputs or none; `out_dir` writes them elsewhere (a read-only DIR).
 """
 
@@ -22,6 +22,7 @@ from twotower_jax import config as config_lib
 from twotower_jax import errors
 from twotower_jax import report
 from twotower_jax import run as run_lib
+from twotower_jax import staging
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.analysis import estimators as est_lib
 from twotower_jax.analysis import summary as summary_lib
@@ -104,14 +105,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = N
                         'analysis replaces its output folder whole, so give a new or empty folder')
   with contextlib.ExitStack() as stack:
     try:  # first, so an unwritable place is reported before minutes of work
-      staging = stack.enter_context(
-          workdir_lib.staged_dir(out_dir, keep=(workdir_lib.PROBE_DIR,)))
+      staged = stack.enter_context(
+          staging.staged_dir(out_dir, keep=(workdir_lib.PROBE_DIR,)))
     except OSError as e:
       raise AnalysisError(
           f'cannot write the analysis to {out_dir} ({e.strerror}); pass --out=PATH to write '
           'it elsewhere (e.g. for a read-only workdir)') from None
     restored = run_lib.restore(config, workdir, int(config.analysis.step))
-    summary = analyze(restored, workdir, staging)
+    summary = analyze(restored, workdir, staged)
   log.info('analysis: wrote %s', out_dir)
   return summary
 
