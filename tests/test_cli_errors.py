@@ -65,6 +65,12 @@ def test_an_empty_workdir_is_one_line(tmp_path):
   assert '--workdir=DIR is required' in one_error_line(proc)
 
 
+def as_in_a_terminal():
+  """Ctrl-C reaches the child as from a shell prompt: a suite started in the background by
+  a shell without job control inherits SIGINT ignored, and Python then keeps ignoring it."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_at(config, workdir, marker):
   """Starts training, sends SIGINT once stderr shows `marker`; returns (rc, stderr after)."""
   env = dict(os.environ)
@@ -72,7 +78,8 @@ def interrupt_at(config, workdir, marker):
   proc = subprocess.Popen(
       [sys.executable, '-m', 'twotower_jax.main', '--config=configs/default.py',
        f'--workdir={workdir}', *cli_overrides(config)],
-      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+      preexec_fn=as_in_a_terminal)
   seen = []
   for line in proc.stderr:
     seen.append(line)
@@ -111,7 +118,7 @@ def signal_analysis_at(workdir, marker, signum):
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   proc = subprocess.Popen([sys.executable, '-m', 'twotower_jax.analyze', f'--workdir={workdir}'],
                           cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+                          text=True, preexec_fn=as_in_a_terminal)
   seen = []
   for line in proc.stderr:
     seen.append(line)

@@ -73,6 +73,7 @@ def test_preset_probes_read_what_the_originals_probes_read(arg):
   assert (a.probe_input, a.probe_dropout, a.probe_seed_per_tower) == ('joint_ln', True, True)
   assert c.model.gate == 'concat'
   c.model.gate = 'latent'  # a gate without the joint LN is refused, naming the fix
+  c.model.head.width = 'model'  # (the table-wide head of mlm/bilstm needs concat itself)
   with pytest.raises(config_lib.ConfigError, match='analysis.probe_input=tower'):
     setup_lib.check_config(c)
   c.analysis.probe_input = 'tower'
