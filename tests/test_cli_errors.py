@@ -65,10 +65,12 @@ def test_an_empty_workdir_is_one_line(tmp_path):
   assert '--workdir=DIR is required' in one_error_line(proc)
 
 
-def as_in_a_terminal():
-  """Ctrl-C reaches the child as from a shell prompt: a suite started in the background by
-  a shell without job control inherits SIGINT ignored, and Python then keeps ignoring it."""
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Runs `python -m MODULE ARGS` with Ctrl-C as from a shell prompt: a suite started in the
+# background by a shell without job control inherits SIGINT ignored, and Python keeps
+# ignoring it. (A preexec_fn would fork a multithreaded JAX process.)
+AS_IN_A_TERMINAL = ('import runpy, signal, sys; signal.signal(signal.SIGINT, '
+                    'signal.default_int_handler); sys.argv = sys.argv[1:]; '
+                    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
 
 
 def interrupt_at(config, workdir, marker):
@@ -76,10 +78,9 @@ def interrupt_at(config, workdir, marker):
   env = dict(os.environ)
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   proc = subprocess.Popen(
-      [sys.executable, '-m', 'twotower_jax.main', '--config=configs/default.py',
+      [sys.executable, '-c', AS_IN_A_TERMINAL, 'twotower_jax.main', '--config=configs/default.py',
        f'--workdir={workdir}', *cli_overrides(config)],
-      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-      preexec_fn=as_in_a_terminal)
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   seen = []
   for line in proc.stderr:
     seen.append(line)
@@ -116,9 +117,10 @@ def signal_analysis_at(workdir, marker, signum):
   """Starts the analysis of `workdir`, sends `signum` once stderr shows `marker`."""
   env = dict(os.environ)
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
-  proc = subprocess.Popen([sys.executable, '-m', 'twotower_jax.analyze', f'--workdir={workdir}'],
+  proc = subprocess.Popen([sys.executable, '-c', AS_IN_A_TERMINAL, 'twotower_jax.analyze',
+                           f'--workdir={workdir}'],
                           cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True, preexec_fn=as_in_a_terminal)
+                          text=True)
   seen = []
   for line in proc.stderr:
     seen.append(line)
