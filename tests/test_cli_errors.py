@@ -73,24 +73,29 @@ AS_IN_A_TERMINAL = ('import runpy, signal, sys; signal.signal(signal.SIGINT, '
                     "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
 
 
-def interrupt_at(config, workdir, marker):
-  """Starts training, sends SIGINT once stderr shows `marker`; returns (rc, stderr after)."""
+def signal_at(module, args, marker, signum):
+  """Starts `python -m module args`, sends `signum` once stderr shows `marker`; returns
+  (rc, stderr after)."""
   env = dict(os.environ)
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
-  proc = subprocess.Popen(
-      [sys.executable, '-c', AS_IN_A_TERMINAL, 'twotower_jax.main', '--config=configs/default.py',
-       f'--workdir={workdir}', *cli_overrides(config)],
-      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen([sys.executable, '-c', AS_IN_A_TERMINAL, module, *args], cwd=REPO,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   seen = []
   for line in proc.stderr:
     seen.append(line)
     if marker in line:
       break
   assert marker in ''.join(seen), ''.join(seen)[-3000:]
-  proc.send_signal(signal.SIGINT)
+  proc.send_signal(signum)
   rest = proc.stderr.read()
   proc.wait(timeout=300)
   return proc.returncode, rest
+
+
+def interrupt_at(config, workdir, marker):
+  """Starts training, sends SIGINT once stderr shows `marker`."""
+  return signal_at('twotower_jax.main', ['--config=configs/default.py', f'--workdir={workdir}',
+                                         *cli_overrides(config)], marker, signal.SIGINT)
 
 
 def test_ctrl_c_during_the_preflight_compile_exits_130_in_one_line(tiny, tmp_path):
@@ -115,22 +120,7 @@ def test_ctrl_c_while_training_saves_then_exits_130(tiny, tmp_path):
 
 def signal_analysis_at(workdir, marker, signum):
   """Starts the analysis of `workdir`, sends `signum` once stderr shows `marker`."""
-  env = dict(os.environ)
-  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
-  proc = subprocess.Popen([sys.executable, '-c', AS_IN_A_TERMINAL, 'twotower_jax.analyze',
-                           f'--workdir={workdir}'],
-                          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
-  seen = []
-  for line in proc.stderr:
-    seen.append(line)
-    if marker in line:
-      break
-  assert marker in ''.join(seen), ''.join(seen)[-3000:]
-  proc.send_signal(signum)
-  rest = proc.stderr.read()
-  proc.wait(timeout=300)
-  return proc.returncode, rest
+  return signal_at('twotower_jax.analyze', [f'--workdir={workdir}'], marker, signum)
 
 
 @pytest.mark.parametrize('signum, code, name', [(signal.SIGINT, 130, 'interrupted (Ctrl-C)'),
