@@ -58,7 +58,7 @@ def measure(overrides: dict, steps: int, repeats: int, preset: str = '') -> dict
   from twotower_jax.model import attention  # pylint: disable=g-import-not-at-top
   base = harness.load_config(preset) if preset else None
   config = harness.config_with(base, **{'mesh.data': -1, 'mesh.tower': 1, **overrides})
-  dtype = overrides.get('model.dtype', 'float32')
+  dtype = config.model.dtype  # the peak of the compute dtype (a preset sets it too)
   bench = harness.StepBench(config, config.data.vocab_size)
   bench.run(2)  # warm-up: first executions allocate
   times, peaks = [], []
