@@ -111,24 +111,33 @@ def test_bf16_policy_computes_in_bf16_and_keeps_f32_params(tiny):
   np.testing.assert_allclose(out['logits_BxLxV'], f32_out['logits_BxLxV'], atol=0.1)
 
 
-def test_remat_changes_memory_not_results(tiny):
-  losses = {}
-  for remat in (False, True):
-    config = _tiny(tiny, **{'model.remat': remat})
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_remat_changes_memory_not_results(tiny, scan_layers):
+  """remat keeps the loss. 'full' recomputes the blocks' matmuls in the backward pass;
+  'matmuls' keeps their outputs and recomputes only the attention scores (one matmul
+  per block, for the softmax's backward) and the elementwise work."""
+  losses, dots = {}, {}
+  for remat in (False, 'full', 'matmuls'):
+    config = _tiny(tiny, **{'model.remat': bool(remat), 'model.scan_layers': scan_layers,
+                            'model.remat_policy': remat or 'full'})
     _, state, step, batch_sh = _setup(config)
     batch = sharding_lib.global_batch(_rows(config), batch_sh, config.train.batch_size)
-    if remat:
-      assert 'remat' in str(jax.make_jaxpr(step)(state, batch))
+    jaxpr = str(jax.make_jaxpr(step)(state, batch))
+    assert ('remat' in jaxpr) == bool(remat)
+    dots[remat] = jaxpr.count('dot_general[')
     for _ in range(2):
       state, metrics = step(state, batch)
     losses[remat] = float(metrics['loss'])
-  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+  np.testing.assert_allclose(losses['full'], losses[False], rtol=1e-5)
+  np.testing.assert_allclose(losses['matmuls'], losses[False], rtol=1e-5)
+  assert dots[False] < dots['matmuls'] < dots['full'], dots
 
 
 def test_bad_scale_settings_are_config_errors(tiny):
   for overrides, match in (({'model.dtype': 'float16'}, 'model.dtype'),
                            ({'train.grad_accum_steps': 3}, 'grad_accum_steps'),
                            ({'train.grad_accum_steps': 0}, 'grad_accum_steps'),
-                           ({'train.peak_flops': -1.0}, 'peak_flops')):
+                           ({'train.peak_flops': -1.0}, 'peak_flops'),
+                           ({'model.remat_policy': 'some'}, 'model.remat_policy')):
     with pytest.raises(config_lib.ConfigError, match=match):
       setup_lib.check_config(tiny(**overrides))

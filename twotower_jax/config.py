@@ -182,6 +182,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Scale-out (docs/SCALING.md): precision, rematerialisation, accumulation, pre-flight.
   c.model.dtype = 'float32'  # tower matmul compute dtype: 'float32' | 'bfloat16' (params f32)
   c.model.remat = False  # recompute each block's activations in the backward pass (saves memory)
+  c.model.remat_policy = 'full'  # what remat keeps: 'full' block inputs, 'matmuls' + matmul outs
   # Attention kernel (model/attention.py): 'auto' = cuDNN flash attention on CUDA where the
   # shapes allow, XLA elsewhere; 'xla' | 'cudnn' force one; 'splash' = Pallas kernel on TPU.
   c.model.attention = 'auto'
@@ -205,9 +206,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.n_boot = 1000  # bootstrap resamples for confidence intervals
   c.analysis.n_control = 100  # shuffled-label control draws: each statistic's null distribution
   c.analysis.ablation_draws = 2  # resample: replacement draws averaged per position
-  # ablation/resample on mixture gates: 'fixed' = the prior reads the unedited states (the
-  # drop measures predictions, not routing); 'edited' = the replacement reaches the prior too
-  c.analysis.ablation_routing = 'fixed'
+  # ablation/resample on mixture gates: 'fixed' = the prior reads the unedited states (the drop
+  c.analysis.ablation_routing = 'fixed'  # measures predictions); 'edited' = it reaches the prior
   # Probe heads (phases 2-3) train on cached states of probe_windows training windows.
   c.analysis.probe_windows = 256  # training windows whose frozen states the probes read
   c.analysis.probe_heldout = 0.1  # share of those windows held out for the stopping rule

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+from jax import ad_checkpoint
 import jax.numpy as jnp
 import ml_collections
 
@@ -48,6 +49,27 @@ def model_config(model: ml_collections.ConfigDict | dict[str, Any] | None = None
 def compute_dtype(cfg: ModelConfig) -> Any:
   """Compute dtype of the tower matmuls; parameters stay float32."""
   return jnp.dtype(cfg.dtype)
+
+
+# model.remat_policy: what a rematerialised block keeps from its forward pass. 'full' keeps
+# only its input (everything recomputed); 'matmuls' also keeps the outputs its blocks name
+# with `saved` (the weight matmuls and attention), so the backward pass recomputes only
+# the elementwise work: most of remat's memory saving at little of its compute.
+SAVED_NAMES = ('qkv', 'attention', 'attn_out', 'mlp_in', 'mlp_out')
+REMAT_POLICIES = {'full': None,
+                  'matmuls': jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES)}
+
+
+def saved(x: jax.Array, name: str) -> jax.Array:
+  """`x` tagged as one of SAVED_NAMES: kept under remat_policy='matmuls' (else a no-op)."""
+  assert name in SAVED_NAMES, name
+  return ad_checkpoint.checkpoint_name(x, name)
+
+
+def remat(module_cls: Any, cfg: ModelConfig) -> Any:
+  """`module_cls` rematerialised by model.remat_policy (the loop form needs prevent_cse)."""
+  return nn.remat(module_cls, prevent_cse=not cfg.scan_layers,
+                  policy=REMAT_POLICIES[cfg.remat_policy])
 
 
 def head_dim(cfg: ModelConfig) -> int:

@@ -162,6 +162,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise config_lib.ConfigError(
         f"analysis.probe_input='joint_ln' reads the concat head's joint LayerNorm, which "
         f"model.gate={m.gate} does not have; use model.gate=concat or analysis.probe_input=tower")
+  if m.remat_policy not in layers.REMAT_POLICIES:
+    raise config_lib.unknown_name('model.remat_policy', m.remat_policy, layers.REMAT_POLICIES)
   attention.check_config(config)
   tower_type = towers.get(m.tower_type)
   if (m.attention_dropout or m.released.mask_pad_keys) and not tower_type.attention_layers(m):

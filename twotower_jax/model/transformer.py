@@ -70,6 +70,7 @@ class TransformerBlock(nn.Module):
         (3, cfg.n_heads, layers.head_dim(cfg)), name='qkv',
         kernel_init=layers.param_init(('embed', None, 'heads', 'kv')),
         bias_init=layers.zeros_init((None, 'heads', 'kv')), dtype=layers.compute_dtype(cfg))(h_BxLxH)
+    qkv = layers.saved(qkv, 'qkv')
     q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if cache is None:
       probs_dropout = None
@@ -78,6 +79,7 @@ class TransformerBlock(nn.Module):
                                           deterministic=False)
       y_BxLxNxD = attention.attend(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, causal=self.causal,
                                    cfg=cfg, keep_BxL=keep_BxL, probs_dropout=probs_dropout)
+      y_BxLxNxD = layers.saved(y_BxLxNxD, 'attention')
     else:
       # In-bounds writes let XLA update the loop-carried cache in place (no select, no copy).
       rows_Mx1 = jnp.arange(cache['k'].shape[0])[:, None]
@@ -91,14 +93,17 @@ class TransformerBlock(nn.Module):
         cfg.d_model, axis=(-2, -1), name='attn_out',
         kernel_init=layers.param_init(('heads', 'kv', 'embed'), layers.residual_std(cfg)),
         bias_init=layers.zeros_init(('embed',)), dtype=layers.compute_dtype(cfg))(y_BxLxNxD)
+    y_BxLxH = layers.saved(y_BxLxH, 'attn_out')
     x_BxLxH = x_BxLxH + nn.Dropout(cfg.dropout)(y_BxLxH, deterministic=self.deterministic)
 
     h_BxLxH = layers.layer_norm(name='ln_mlp')(x_BxLxH)
-    h_BxLxF = layers.gelu(layers.dense(cfg.d_mlp, ('embed', 'mlp'), name='mlp_in',
-                                            dtype=layers.compute_dtype(cfg))(h_BxLxH))
+    h_BxLxF = layers.dense(cfg.d_mlp, ('embed', 'mlp'), name='mlp_in',
+                           dtype=layers.compute_dtype(cfg))(h_BxLxH)
+    h_BxLxF = layers.gelu(layers.saved(h_BxLxF, 'mlp_in'))
     h_BxLxH = layers.dense(cfg.d_model, ('mlp', 'embed'), name='mlp_out',
                            std=layers.residual_std(cfg),
                            dtype=layers.compute_dtype(cfg))(h_BxLxF)
+    h_BxLxH = layers.saved(h_BxLxH, 'mlp_out')
     x_BxLxH = x_BxLxH + nn.Dropout(cfg.dropout)(h_BxLxH, deterministic=self.deterministic)
     self.sow('intermediates', 'block_out', x_BxLxH)  # analysis: per-layer states
     return x_BxLxH, cache
@@ -121,7 +126,7 @@ class Transformer(nn.Module):
     self.sow('intermediates', 'tower_in', x_BxLxH)  # analysis: the layer-0 states
     block_cls = TransformerBlock
     if cfg.remat:  # recompute the block's activations in the backward pass
-      block_cls = nn.remat(TransformerBlock, prevent_cse=not cfg.scan_layers)
+      block_cls = layers.remat(TransformerBlock, cfg)
     if cfg.scan_layers:  # the cache is scanned along its layer axis, the positions broadcast
       blocks = nn.scan(block_cls, variable_axes={'params': 0, 'intermediates': 0},
                        split_rngs={'params': True, 'dropout': True}, length=cfg.n_layers,
