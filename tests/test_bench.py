@@ -1,5 +1,6 @@
-"""The bench scripts' own logic: matmul_share.py's reading of the HLO dots, and the
-environment train_step.py gives each A/B arm's point process."""
+"""The bench scripts' own logic: matmul_share.py's reading of the HLO dots, the
+environment train_step.py gives each A/B arm's point process, profile_step.py's
+summary of a profiler trace."""
 
 import os
 import sys
@@ -8,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'bench'))
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench')
+sys.path.insert(0, BENCH)
 import matmul_share  # pylint: disable=wrong-import-position
+import profile_step  # pylint: disable=wrong-import-position
 import train_step  # pylint: disable=wrong-import-position
 
 from twotower_jax import hostmem  # pylint: disable=wrong-import-position
@@ -82,3 +84,36 @@ def test_generate_bench_times_both_arms_on_the_same_tokens():
   row = generate_bench.point(config, n_prompts=2, prompt_len=4, full_tokens=5, repeats=1)
   assert row['same_tokens'] and row['new_tokens'] == 12 and row['full_tokens'] == 5
   assert row['cached_tok_s'] > 0 and row['full_tok_s'] > 0
+
+
+def test_profile_summary_of_the_h100_trace():
+  """The committed H100 trace of configs/gpu.py (3 steps): the device's kernels, by kind,
+  as docs/PERFORMANCE.md quotes them."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  with gzip.open(os.path.join(BENCH, 'results', 'profile_h100_gpu.json.gz')) as f:
+    summary = profile_step.summarize(json.load(f), steps=3)
+  kinds = {row['kind']: row['ms_per_step'] for row in summary['kinds']}
+  assert summary['kernel_ms_per_step'] == pytest.approx(214.9, abs=0.1)
+  assert kinds == pytest.approx({'other': 98.8, 'matmul': 82.4, 'attention': 29.2, 'copy': 4.5},
+                                abs=0.1)
+  top = summary['top'][0]
+  assert (top['kernel'], top['kind'], top['per_step']) == ('gemm_fusion_dot', 'matmul', 96)
+
+
+def test_profile_reads_a_cpu_trace_of_a_jitted_function(tmp_path):
+  """On CPU the kernels are XLA's thunks on the host threads; loops are not counted twice."""
+  x = jnp.ones((256, 256))
+  f = jax.jit(lambda x: jax.lax.fori_loop(0, 3, lambda i, y: jnp.tanh(y @ x), x))
+  jax.block_until_ready(f(x))
+  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    jax.block_until_ready(f(x))
+  (path,) = list(tmp_path.glob('**/perfetto_trace.json.gz'))
+  import gzip  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  with gzip.open(path) as fh:
+    summary = profile_step.summarize(json.load(fh), steps=1)
+  names = {row['kernel'] for row in summary['top']}
+  assert names and not any(profile_step.CONTAINERS.match(n) for n in names)
+  assert summary['kernel_ms_per_step'] > 0
+  assert {row['kind'] for row in summary['kinds']} <= {'matmul', 'ynnpack', 'copy', 'other'}
