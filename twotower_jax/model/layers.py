@@ -56,8 +56,19 @@ def compute_dtype(cfg: ModelConfig) -> Any:
 # with `saved` (the weight matmuls and attention), so the backward pass recomputes only
 # the elementwise work: most of remat's memory saving at little of its compute.
 SAVED_NAMES = ('qkv', 'attention', 'attn_out', 'mlp_in', 'mlp_out')
+# cuDNN attention's forward kernel (jax.nn.dot_product_attention on CUDA): its softmax
+# statistics are a residual of the kernel's own VJP that no name can tag.
+CUDNN_ATTENTION_FORWARD = ('dot_product_attention_fwd', 'dot_product_attention_fwd_wrapper')
+
+
+def _cudnn_attention_forward(prim, *_, **__) -> bool:
+  return prim.name in CUDNN_ATTENTION_FORWARD
+
+
 REMAT_POLICIES = {'full': None,
-                  'matmuls': jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES)}
+                  'matmuls': jax.checkpoint_policies.save_from_both_policies(
+                      jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES),
+                      _cudnn_attention_forward)}
 
 
 def saved(x: jax.Array, name: str) -> jax.Array:
