@@ -30,10 +30,11 @@ from twotower_jax.train import setup as setup_lib
 import _family
 
 ORIGINAL_HEAD = {'head.ln_eps': 1e-12, 'head.gelu': 'erf', 'head.init': 'torch_linear'}
-BERT = {'tower_type': 'mlm', 'embedding.mode': 'projected', 'embedding.ln': 'shared',
-        'head.width': 'table', 'ln_final': False, **ORIGINAL_HEAD}
+ORIGINAL_INPUT = {'embedding.mode': 'projected', 'embedding.proj_init': 'torch_linear'}
+BERT = {'tower_type': 'mlm', 'embedding.ln': 'shared', 'head.width': 'table', 'ln_final': False,
+        **ORIGINAL_INPUT, **ORIGINAL_HEAD}
 ELMO_G = 24  # the LSTM width (the original's 2048 / 4096); d_model 16 is the interface (256)
-ELMO = {'tower_type': 'bilstm', 'n_layers': 2, 'embedding.mode': 'projected',
+ELMO = {'tower_type': 'bilstm', 'n_layers': 2, **ORIGINAL_INPUT,
         'embedding.ln': 'per_direction', 'embedding.positions': False, 'head.width': 'table',
         'ln_final': False, 'bilstm.hidden': ELMO_G, 'bilstm.residual': False,
         'bilstm.join': False, **ORIGINAL_HEAD}
@@ -134,7 +135,8 @@ def test_bert_embedding_ln_normalises_token_plus_position_before_each_projection
   _, inter = _run(model, params, toks)
   x_NxBxLxH = inter['intermediates']['towers']['tower_in'][0]
   row = _np(e['token'])[np.asarray(toks)] + _np(e['position'])[:8]
-  ref = np.stack([_ln(row, e['ln_emb'], 1e-12) @ _np(e['in_proj'][k]) for k in range(2)])
+  ref = np.stack([_ln(row, e['ln_emb'], 1e-12) @ _np(e['in_proj'][k]) + _np(e['in_proj_bias'][k])
+                  for k in range(2)])
   np.testing.assert_allclose(np.asarray(x_NxBxLxH), ref, atol=1e-5)
   # really normalised: an affine change of every row (table and positions) changes nothing
   shifted = jax.tree.map(lambda x: x, params)
@@ -143,6 +145,31 @@ def test_bert_embedding_ln_normalises_token_plus_position_before_each_projection
   _, inter2 = _run(model, shifted, toks)
   np.testing.assert_allclose(np.asarray(inter2['intermediates']['towers']['tower_in'][0]),
                              np.asarray(x_NxBxLxH), atol=1e-5)
+
+
+def test_torch_linear_projection_has_the_original_init_and_a_bias_per_tower():
+  """B6: proj_init='torch_linear' makes in_proj torch's nn.Linear (U(+-1/sqrt(N*H)) weight
+  and bias); with 'normal' there is no bias and the weight is N(0, 0.02)."""
+  fields = {'tower_type': 'mlm', 'embedding.mode': 'projected'}
+  plain = _family.init(_family.tiny_model(**fields))['embed']
+  assert 'in_proj_bias' not in plain
+  e = _family.init(_family.tiny_model(**fields, **{'embedding.proj_init': 'torch_linear'}))['embed']
+  bound = 1.0 / math.sqrt(32)  # fan-in N*H = 2 x 16
+  for name, shape in (('in_proj', (2, 32, 16)), ('in_proj_bias', (2, 16))):
+    x = _np(e[name])
+    assert x.shape == shape and np.abs(x).max() <= bound
+    assert np.abs(x).max() > 0.9 * bound and abs(x.std() - bound / math.sqrt(3)) < 0.25 * bound
+  assert abs(_np(plain['in_proj']).std() - 0.02) < 0.005
+  # the bias reaches tower k's input, and only tower k's
+  model = _family.tiny_model(**fields, **{'embedding.proj_init': 'torch_linear'})
+  params = _moved(_family.init(model))
+  toks = _family.tokens()
+  x = embeddings.Embedder(model.cfg).apply({'params': params['embed']}, toks, method='encode')
+  moved = jax.tree.map(lambda v: v, params['embed'])
+  moved['in_proj_bias'] = params['embed']['in_proj_bias'].at[1].add(1.0)
+  x2 = embeddings.Embedder(model.cfg).apply({'params': moved}, toks, method='encode')
+  np.testing.assert_array_equal(np.asarray(x[0]), np.asarray(x2[0]))
+  np.testing.assert_allclose(np.asarray(x2[1] - x[1]), 1.0, atol=1e-5)
 
 
 def test_elmo_embedding_has_one_ln_per_direction_each_read_by_its_own_stack():
@@ -155,10 +182,11 @@ def test_elmo_embedding_has_one_ln_per_direction_each_read_by_its_own_stack():
   x = embeddings.Embedder(model.cfg).apply({'params': e}, toks, method='encode')
   row = _np(e['token'])[np.asarray(toks)]  # no positions added
   for k in range(2):
+    w, b = _np(e['in_proj'][k]), _np(e['in_proj_bias'][k])
     np.testing.assert_allclose(np.asarray(x[k, ..., :16]),
-                               _ln(row, e['ln_emb_fwd'], 1e-12) @ _np(e['in_proj'][k]), atol=1e-5)
+                               _ln(row, e['ln_emb_fwd'], 1e-12) @ w + b, atol=1e-5)
     np.testing.assert_allclose(np.asarray(x[k, ..., 16:]),
-                               _ln(row, e['ln_emb_bwd'], 1e-12) @ _np(e['in_proj'][k]), atol=1e-5)
+                               _ln(row, e['ln_emb_bwd'], 1e-12) @ w + b, atol=1e-5)
   # the backward norm reaches the backward stack only
   _, inter = _run(model, params, toks)
   other = jax.tree.map(lambda x: x, params)
@@ -246,7 +274,7 @@ def _lstm(p, k, x_BxLxI, reverse):
 
 def original_elmo_logits(params, tokens_BxL):
   """TwoTowerELMo phase 1 from its definition, on our parameters: per direction
-  LN(E[x]) -> tower k's Linear 2H -> H -> 2-layer LSTM (width G, no residual) -> h2o G -> H;
+  LN(E[x]) -> tower k's Linear 2H -> H (with bias) -> 2-layer LSTM (width G, no residual) -> h2o G -> H;
   position t reads fwd_{t-1} and bwd_{t+1} (this project's shift; docs/FIDELITY.md B6);
   LN([f_1; b_1; f_2; b_2]) -> Dense 4H -> 2H -> GELU -> LN -> F.linear(., E) + bias."""
   e, t = params['embed'], params['towers']
@@ -255,7 +283,7 @@ def original_elmo_logits(params, tokens_BxL):
   for k in range(2):
     streams = []
     for d, reverse in (('fwd', False), ('bwd', True)):
-      x = _ln(row, e[f'ln_emb_{d}'], 1e-12) @ _np(e['in_proj'][k])
+      x = _ln(row, e[f'ln_emb_{d}'], 1e-12) @ _np(e['in_proj'][k]) + _np(e['in_proj_bias'][k])
       for i in range(2):
         x = _lstm(t[f'{d}_{i}'], k, x, reverse)  # no residual
       h2o = t[f'{d}_h2o']
@@ -330,6 +358,9 @@ def test_original_variants_train_sharded_over_fsdp_and_towers(fields):
     ('mlm', {'embedding.mode': 'projected', 'embedding.ln': 'per_direction'},
      "'per_direction' needs a tower type with forward and backward streams"),
     ('mlm', {'head.width': 'wide'}, "model.head.width='wide' is unknown"),
+    ('mlm', {'embedding.proj_init': 'xavier'}, "model.embedding.proj_init='xavier' is unknown"),
+    ('causal', {'embedding.proj_init': 'torch_linear'},
+     "model.embedding.proj_init='torch_linear' needs model.embedding.mode='projected'"),
     ('mlm', {'head.width': 'table'}, "model.head.width='table' needs model.embedding.mode="),
     ('mlm', {'embedding.mode': 'projected', 'embedding.tied': False, 'head.width': 'table'},
      "model.head.width='table' needs"),

@@ -110,6 +110,7 @@ def original_elmo(size: str) -> dict:
           'model.bilstm.hidden': {'base': 2048, 'large': 4096}[size],
           'model.bilstm.residual': False, 'model.bilstm.join': False,
           'model.embedding.ln': 'per_direction', 'model.embedding.positions': False,
+          'model.embedding.proj_init': 'torch_linear',
           'model.head.width': 'table', 'model.ln_final': False}
 
 

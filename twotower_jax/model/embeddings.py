@@ -20,6 +20,8 @@ with a LayerNorm of width N*H, eps 1e-12, before the per-tower projections: `sha
 layer_norm_embf/embb), each projected by tower k's own projection, so tower k reads the
 forward and backward streams' inputs concatenated, x_NxBxLx2H (bilstm splits them).
 `model.embedding.positions=False` has no position table (ELMo).
+`model.embedding.proj_init='torch_linear'` makes the projections the original's nn.Linear:
+torch's uniform init and a per-tower bias (`in_proj_bias`).
 `model.embedding.input_grad_scale` s scales only the gradient that reaches the token
 table through the input lookup: e = s*E[x] - (s-1)*stop_gradient(E[x]).
 
@@ -82,8 +84,13 @@ class Embedder(nn.Module):
       if cfg.embedding.positions:
         self.position = self.param('position', layers.param_init(('length', 'embed')),
                                    (cfg.max_len, n * h))
-      self.in_proj_NxWxH = self.param('in_proj', layers.param_init(('tower', None, 'embed')),
-                                      (n, n * h, h))
+      names = ('tower', None, 'embed')
+      if cfg.embedding.proj_init == 'torch_linear':  # the original's nn.Linear emb1/emb2
+        kernel_init, bias_init = layers.torch_linear_init(names, fan_in=n * h)
+        self.in_proj_NxWxH = self.param('in_proj', kernel_init, (n, n * h, h))
+        self.in_bias_NxH = self.param('in_proj_bias', bias_init, (n, h))
+      else:
+        self.in_proj_NxWxH = self.param('in_proj', layers.param_init(names), (n, n * h, h))
       if _has_out_proj(cfg):
         self.out_proj_HxW = self.param('out_proj', layers.param_init((None, 'embed')),
                                        (h, n * h))
@@ -141,13 +148,19 @@ class Embedder(nn.Module):
       return self._to_towers(probs @ table)
     e_NxBxLxW = jnp.einsum('nblv,vw->nblw', probs, table)
     if mode == 'projected':
-      return jnp.einsum('nblw,nwh->nblh', e_NxBxLxW, self.in_proj_NxWxH)
+      return self._projected(jnp.einsum('nblw,nwh->nblh', e_NxBxLxW, self.in_proj_NxWxH))
     return e_NxBxLxW
 
   def _to_towers(self, e_BxLxW: jax.Array) -> jax.Array:
     if self.cfg.embedding.mode == 'projected':
-      return jnp.einsum('blw,nwh->nblh', e_BxLxW, self.in_proj_NxWxH)
+      return self._projected(jnp.einsum('blw,nwh->nblh', e_BxLxW, self.in_proj_NxWxH))
     return jnp.broadcast_to(e_BxLxW, (self.cfg.n_towers,) + e_BxLxW.shape)
+
+  def _projected(self, x_NxBxLxH: jax.Array) -> jax.Array:
+    """Tower k's projected input plus its bias (embedding.proj_init='torch_linear')."""
+    if self.cfg.embedding.proj_init == 'torch_linear':
+      return x_NxBxLxH + self.in_bias_NxH[:, None, None, :]
+    return x_NxBxLxH
 
   def output_matrix(self) -> jax.Array:
     """The V x H matrix of the joint output layer (its rows score the vocabulary)."""

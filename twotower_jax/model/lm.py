@@ -162,6 +162,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise config_lib.ConfigError(
         f"analysis.probe_input='joint_ln' reads the concat head's joint LayerNorm, which "
         f"model.gate={m.gate} does not have; use model.gate=concat or analysis.probe_input=tower")
+  if m.embedding.proj_init not in ('normal', 'torch_linear'):
+    raise config_lib.unknown_name('model.embedding.proj_init', m.embedding.proj_init,
+                                  ('normal', 'torch_linear'))
+  if m.embedding.proj_init != 'normal' and m.embedding.mode != 'projected':
+    raise config_lib.ConfigError(
+        f"model.embedding.proj_init={m.embedding.proj_init!r} needs model.embedding.mode="
+        f"'projected' (not {m.embedding.mode!r}); set the mode or proj_init='normal'")
   if m.remat_policy not in layers.REMAT_POLICIES:
     raise config_lib.unknown_name('model.remat_policy', m.remat_policy, layers.REMAT_POLICIES)
   attention.check_config(config)

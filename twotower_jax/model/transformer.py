@@ -223,8 +223,8 @@ def mlm_example(window_BxL1: jax.Array, rng: jax.Array, cfg: layers.ModelConfig)
 
 # The original BERT variant (docs/FIDELITY.md B1-B3): LayerNorm on the embedding, a head as
 # wide as the table (no out_proj), no final LayerNorm in the (DeepSpeed pre-LN) towers.
-ORIGINAL_BERT = {'model.embedding.ln': 'shared', 'model.head.width': 'table',
-                 'model.ln_final': False}
+ORIGINAL_BERT = {'model.embedding.ln': 'shared', 'model.embedding.proj_init': 'torch_linear',
+                 'model.head.width': 'table', 'model.ln_final': False}
 
 towers.register('mlm', BidirectionalTransformer, mlm_example, paper_embedding_mode='projected',
                 paper_fields=lambda size: dict(ORIGINAL_BERT),
