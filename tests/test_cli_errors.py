@@ -5,11 +5,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from conftest import REPO, run_module
 from test_train import cli_overrides
+from twotower_jax import cli
 from twotower_jax.train import checkpoints
 
 
@@ -169,3 +171,29 @@ def test_training_refuses_analysis_settings_its_job_could_not_use(tmp_path):
                     timeout=120)
   assert "analysis.estimators='nope'" in one_error_line(proc)
   assert not os.path.exists(tmp_path / 'run')
+
+
+class _RaisesInDel:
+  """Raises `exc` from __del__, where Python cannot raise it: it goes to sys.unraisablehook,
+  as a Ctrl-C does that lands in jax's garbage-collection callback during a compile."""
+
+  def __init__(self, exc):
+    self.exc = exc
+
+  def __del__(self):
+    raise self.exc
+
+
+@pytest.mark.parametrize('exc', [KeyboardInterrupt, cli._Terminated])  # pylint: disable=protected-access
+def test_an_interrupt_python_had_to_drop_is_delivered_again(monkeypatch, exc):
+  """Seen in CI: Ctrl-C in the pre-flight compile raised inside a gc callback, was printed
+  as 'Exception ignored' and training ran to the end (exit 0, not 130)."""
+  monkeypatch.setattr(sys, 'unraisablehook', cli._unraisable)  # pylint: disable=protected-access
+  previous = signal.signal(signal.SIGTERM, cli._raise_terminated)  # pylint: disable=protected-access
+  try:
+    with pytest.raises(exc):
+      _RaisesInDel(exc())  # dropped at once: the hook re-delivers it to this thread
+      for _ in range(1000):
+        time.sleep(0.001)
+  finally:
+    signal.signal(signal.SIGTERM, previous)

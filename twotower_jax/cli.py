@@ -8,6 +8,7 @@ a traceback and without tearing down the interpreter under XLA's running threads
 
 from __future__ import annotations
 
+import _thread
 import errno
 import importlib.util
 import logging
@@ -162,18 +163,24 @@ def setup_logging() -> None:
   logger.propagate = False
   for noisy in ('absl', 'jax'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  sys.unraisablehook = _drop_closed_loop_reports
+  sys.unraisablehook = _unraisable
   if _drop_orbax_reports not in logging.getLogger('absl').filters:
     logging.getLogger('absl').addFilter(_drop_orbax_reports)
 
 
-def _drop_closed_loop_reports(unraisable) -> None:
-  """sys.unraisablehook: after a failed checkpoint read or save, TensorStore's threads keep
-  posting results to the asyncio loop Orbax has already closed, and each post is reported
-  as 'RuntimeError: Event loop is closed' with a traceback. The read or save itself fails
-  with its own error, which the entry point turns into one line; everything else goes to
-  Python's hook."""
+def _unraisable(unraisable) -> None:
+  """sys.unraisablehook. A Ctrl-C or SIGTERM whose exception was raised inside a callback
+  Python cannot raise from (a garbage-collection callback of jax's, during a compile) would
+  be printed and dropped, and the command would run on: it is delivered to the main thread
+  again. After a failed checkpoint read or save, TensorStore's threads keep posting to the
+  asyncio loop Orbax has closed, each post reported as 'RuntimeError: Event loop is closed':
+  dropped (the read or save fails with its own one-line error). The rest: Python's hook."""
   exc = unraisable.exc_value
+  if isinstance(exc, (KeyboardInterrupt, _Terminated)):
+    signum = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+    # From a thread, a moment later: raised here, it would land in this hook and be dropped.
+    threading.Timer(0.01, _thread.interrupt_main, args=(signum,)).start()
+    return
   if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
     return
   sys.__unraisablehook__(unraisable)
