@@ -30,7 +30,8 @@ from twotower_jax.train import setup as setup_lib
 import _family
 
 ORIGINAL_HEAD = {'head.ln_eps': 1e-12, 'head.gelu': 'erf', 'head.init': 'torch_linear'}
-ORIGINAL_INPUT = {'embedding.mode': 'projected', 'embedding.proj_init': 'torch_linear'}
+ORIGINAL_INPUT = {'embedding.mode': 'projected', 'embedding.proj_init': 'torch_linear',
+                  'embedding.dropout_at': 'row'}
 BERT = {'tower_type': 'mlm', 'embedding.ln': 'shared', 'head.width': 'table', 'ln_final': False,
         **ORIGINAL_INPUT, **ORIGINAL_HEAD}
 ELMO_G = 24  # the LSTM width (the original's 2048 / 4096); d_model 16 is the interface (256)
@@ -170,6 +171,32 @@ def test_torch_linear_projection_has_the_original_init_and_a_bias_per_tower():
   x2 = embeddings.Embedder(model.cfg).apply({'params': moved}, toks, method='encode')
   np.testing.assert_array_equal(np.asarray(x[0]), np.asarray(x2[0]))
   np.testing.assert_allclose(np.asarray(x2[1] - x[1]), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize('fields', [BERT, ELMO], ids=['bert', 'elmo'])
+def test_row_dropout_is_one_mask_before_the_projections(fields):
+  """B6: dropout_at='row' drops the (normalised) table row once, before the projections,
+  so towers with the same projection read the same input; 'tower' drops each tower's
+  input with its own mask. ELMo's two streams get a mask each."""
+  def tower_in(dropout_at):
+    model = _family.tiny_model(**{**fields, 'dropout': 0.5, 'embedding.dropout_at': dropout_at})
+    params = _moved(_family.init(model))
+    for name in ('in_proj', 'in_proj_bias'):  # tower 1 projects exactly as tower 0
+      params['embed'][name] = params['embed'][name].at[1].set(params['embed'][name][0])
+    if 'ln_emb_bwd' in params['embed']:  # and both streams are normalised alike
+      params['embed']['ln_emb_bwd'] = params['embed']['ln_emb_fwd']
+    rngs = {'dropout': jax.random.PRNGKey(3)}
+    _, inter = _run(model, params, _family.tokens(), deterministic=False, rngs=rngs)
+    _, plain = _run(model, params, _family.tokens())
+    return (np.asarray(inter['intermediates']['towers']['tower_in'][0]),
+            np.asarray(plain['intermediates']['towers']['tower_in'][0]))
+  row, clean = tower_in('row')
+  np.testing.assert_array_equal(row[0], row[1])  # one mask for both towers
+  assert np.abs(row - clean).max() > 0.1  # and it did drop
+  if fields is ELMO:  # a mask per stream
+    assert np.abs(row[..., :16] - row[..., 16:]).max() > 0.1
+  per_tower, _ = tower_in('tower')
+  assert np.abs(per_tower[0] - per_tower[1]).max() > 0.1
 
 
 def test_elmo_embedding_has_one_ln_per_direction_each_read_by_its_own_stack():
@@ -359,6 +386,8 @@ def test_original_variants_train_sharded_over_fsdp_and_towers(fields):
      "'per_direction' needs a tower type with forward and backward streams"),
     ('mlm', {'head.width': 'wide'}, "model.head.width='wide' is unknown"),
     ('mlm', {'embedding.proj_init': 'xavier'}, "model.embedding.proj_init='xavier' is unknown"),
+    ('mlm', {'embedding.dropout_at': 'head'}, "model.embedding.dropout_at='head' is unknown"),
+    ('causal', {'embedding.dropout_at': 'row'}, "model.embedding.dropout_at='row' drops the"),
     ('causal', {'embedding.proj_init': 'torch_linear'},
      "model.embedding.proj_init='torch_linear' needs model.embedding.mode='projected'"),
     ('mlm', {'head.width': 'table'}, "model.head.width='table' needs model.embedding.mode="),

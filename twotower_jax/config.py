@@ -80,11 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embedding.mode = 'shared'  # 'shared' (V x H) | 'projected' (V x N*H) | 'per_tower'
   c.model.embedding.tied = True  # output layer = token table; False: own V x H output matrix
   c.model.embedding.input_grad_scale = 1.0  # s: scales only the table's input-lookup gradient
-  # Original BERT/ELMo token input (docs/FIDELITY.md B1, B4, B6); need mode='projected'.
-  # ln: LayerNorm (eps 1e-12) on the (N*H)-wide row before the per-tower projections: 'none'
-  # | 'shared' (BERT's layer_norm_emb) | 'per_direction' (bilstm: ELMo's layer_norm_embf/embb).
+  # Original BERT/ELMo input (FIDELITY.md B1, B4, B6; mode='projected'). ln: LayerNorm on the
+  # N*H row: 'none' | 'shared' (BERT's layer_norm_emb) | 'per_direction' (ELMo's embf/embb).
   c.model.embedding.ln = 'none'
   c.model.embedding.proj_init = 'normal'  # in_proj: 'normal' (no bias) | 'torch_linear' (+ bias)
+  c.model.embedding.dropout_at = 'tower'  # input dropout: each 'tower' input | the 'row' before
   c.model.embedding.positions = True  # False: no position table (ELMo; the LSTMs see order)
   c.model.latent = ml_collections.ConfigDict()
   c.model.latent.balance_weight = 0.0  # gate=latent: weight of KL(mean gate || uniform)

@@ -69,7 +69,7 @@ class BiLSTM(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxH: jax.Array) -> jax.Array:
     cfg = self.cfg
-    x_BxLxH = nn.Dropout(cfg.dropout)(x_BxLxH, deterministic=self.deterministic)
+    x_BxLxH = towers.input_dropout(cfg, x_BxLxH, self.deterministic)
     self.sow('intermediates', 'tower_in', x_BxLxH)
     x_fwd_BxLxH = x_bwd_BxLxH = x_BxLxH
     if cfg.embedding.ln == 'per_direction':  # each stream's own normalised input
@@ -110,7 +110,7 @@ def original_elmo(size: str) -> dict:
           'model.bilstm.hidden': {'base': 2048, 'large': 4096}[size],
           'model.bilstm.residual': False, 'model.bilstm.join': False,
           'model.embedding.ln': 'per_direction', 'model.embedding.positions': False,
-          'model.embedding.proj_init': 'torch_linear',
+          'model.embedding.proj_init': 'torch_linear', 'model.embedding.dropout_at': 'row',
           'model.head.width': 'table', 'model.ln_final': False}
 
 

@@ -21,7 +21,9 @@ layer_norm_embf/embb), each projected by tower k's own projection, so tower k re
 forward and backward streams' inputs concatenated, x_NxBxLx2H (bilstm splits them).
 `model.embedding.positions=False` has no position table (ELMo).
 `model.embedding.proj_init='torch_linear'` makes the projections the original's nn.Linear:
-torch's uniform init and a per-tower bias (`in_proj_bias`).
+torch's uniform init and a per-tower bias (`in_proj_bias`); `model.embedding.dropout_at=
+'row'` moves the input dropout from each tower's input to the (normalised) row before
+them, one mask shared by the towers (per stream with two LayerNorms), as the original.
 `model.embedding.input_grad_scale` s scales only the gradient that reaches the token
 table through the input lookup: e = s*E[x] - (s-1)*stop_gradient(E[x]).
 
@@ -95,6 +97,7 @@ class Embedder(nn.Module):
         self.out_proj_HxW = self.param('out_proj', layers.param_init((None, 'embed')),
                                        (h, n * h))
       self.emb_lns = [layers.layer_norm(name=name, eps=EMB_LN_EPS) for name in _ln_names(cfg)]
+      self.row_dropout = nn.Dropout(cfg.dropout)  # embedding.dropout_at='row'
     elif cfg.embedding.mode == 'per_tower':
       self.token = self.param('token', layers.param_init(('tower', 'vocab', 'embed')), (n, v, h))
       if cfg.embedding.positions:
@@ -107,10 +110,11 @@ class Embedder(nn.Module):
     self.output_bias_V = self.param('output_bias', layers.zeros_init(('vocab',)), (v,))
 
   def encode(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
-             token_scale: float = 1.0) -> jax.Array:
+             token_scale: float = 1.0, deterministic: bool = True) -> jax.Array:
     """x_NxBxLxH: each tower's embedded input. `positions_BxL` (decoding: each row's own
     positions, in [0, max_len)) defaults to 0..L-1 for every row. `token_scale` multiplies
-    the token rows, not the positions (PonderingLM's sqrt(d) and steps weights)."""
+    the token rows, not the positions (PonderingLM's sqrt(d) and steps weights).
+    `deterministic=False` drops the row here with model.embedding.dropout_at='row'."""
     cfg = self.cfg
     length = tokens_BxL.shape[1]
     if cfg.embedding.mode == 'per_tower':
@@ -132,9 +136,12 @@ class Embedder(nn.Module):
     if cfg.embedding.positions:
       e_BxLxW = e_BxLxW + (self.position[:length] if positions_BxL is None
                            else jnp.take(self.position, positions_BxL, axis=0))
-    if cfg.embedding.mode == 'projected' and self.emb_lns:  # model.embedding.ln
-      return jnp.concatenate([self._to_towers(ln(e_BxLxW)) for ln in self.emb_lns], axis=-1)
-    return self._to_towers(e_BxLxW)
+    if cfg.embedding.mode != 'projected':
+      return self._to_towers(e_BxLxW)
+    streams = [ln(e_BxLxW) for ln in self.emb_lns] or [e_BxLxW]  # model.embedding.ln
+    if cfg.embedding.dropout_at == 'row':  # one mask per stream, shared by the towers
+      streams = [self.row_dropout(s, deterministic=deterministic) for s in streams]
+    return jnp.concatenate([self._to_towers(s) for s in streams], axis=-1)
 
   def soft_embed(self, probs: jax.Array, scale: float = 1.0) -> jax.Array:
     """Pondering input x_NxBxLxH: probability-weighted sum of the token rows (times `scale`),

@@ -61,7 +61,8 @@ class TwoTowerLM(nn.Module):
     # the first pass's token embedding counted `steps` times.
     scale = cfg.d_model ** 0.5 if ponder.embed_scale == 'sqrt_d' else 1.0
     first = scale * (ponder.steps if ponder.initial_weight == 'steps' else 1)
-    x_NxBxLxH = embedder.encode(tokens_BxL, positions_BxL, token_scale=first)
+    x_NxBxLxH = embedder.encode(tokens_BxL, positions_BxL, token_scale=first,
+                                deterministic=deterministic)
     # Activations split by batch, not by the (FSDP-sharded) width of the token table.
     x_NxBxLxH = partitioning.constrain(x_NxBxLxH, ('tower', 'batch', 'length', None))
     tower_type = towers.get(cfg.tower_type)
@@ -169,6 +170,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise config_lib.ConfigError(
         f"model.embedding.proj_init={m.embedding.proj_init!r} needs model.embedding.mode="
         f"'projected' (not {m.embedding.mode!r}); set the mode or proj_init='normal'")
+  if m.embedding.dropout_at not in ('tower', 'row'):
+    raise config_lib.unknown_name('model.embedding.dropout_at', m.embedding.dropout_at,
+                                  ('tower', 'row'))
+  if m.embedding.dropout_at == 'row' and m.embedding.mode != 'projected':
+    raise config_lib.ConfigError(
+        "model.embedding.dropout_at='row' drops the table row before the per-tower "
+        f"projections, which model.embedding.mode={m.embedding.mode!r} does not have; set "
+        "mode='projected' or dropout_at='tower'")
   if m.remat_policy not in layers.REMAT_POLICIES:
     raise config_lib.unknown_name('model.remat_policy', m.remat_policy, layers.REMAT_POLICIES)
   attention.check_config(config)

@@ -42,6 +42,14 @@ from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.model import layers
 
 
+def input_dropout(cfg: layers.ModelConfig, x_BxLxH: jax.Array, deterministic: bool) -> jax.Array:
+  """A tower's first step: dropout on its input (in the caller's scope), unless
+  model.embedding.dropout_at='row' dropped the embedding row before the projections."""
+  if cfg.embedding.dropout_at == 'row':
+    return x_BxLxH
+  return nn.Dropout(cfg.dropout)(x_BxLxH, deterministic=deterministic)
+
+
 def final_norm(cfg: layers.ModelConfig, h_BxLxS: jax.Array) -> jax.Array:
   """A tower's last step: LayerNorm `ln_final` (in the caller's scope), or with
   model.ln_final=False the states unchanged (the original BERT/ELMo towers have none)."""

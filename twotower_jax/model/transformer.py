@@ -122,7 +122,7 @@ class Transformer(nn.Module):
     With a decoding `cache` (`causal_cache`) the inputs sit at `positions_BxL` and the
     result is (h_BxLxH, updated cache)."""
     cfg = self.cfg
-    x_BxLxH = nn.Dropout(cfg.dropout)(x_BxLxH, deterministic=self.deterministic)
+    x_BxLxH = towers.input_dropout(cfg, x_BxLxH, self.deterministic)
     self.sow('intermediates', 'tower_in', x_BxLxH)  # analysis: the layer-0 states
     block_cls = TransformerBlock
     if cfg.remat:  # recompute the block's activations in the backward pass
@@ -224,7 +224,8 @@ def mlm_example(window_BxL1: jax.Array, rng: jax.Array, cfg: layers.ModelConfig)
 # The original BERT variant (docs/FIDELITY.md B1-B3): LayerNorm on the embedding, a head as
 # wide as the table (no out_proj), no final LayerNorm in the (DeepSpeed pre-LN) towers.
 ORIGINAL_BERT = {'model.embedding.ln': 'shared', 'model.embedding.proj_init': 'torch_linear',
-                 'model.head.width': 'table', 'model.ln_final': False}
+                 'model.embedding.dropout_at': 'row', 'model.head.width': 'table',
+                 'model.ln_final': False}
 
 towers.register('mlm', BidirectionalTransformer, mlm_example, paper_embedding_mode='projected',
                 paper_fields=lambda size: dict(ORIGINAL_BERT),
