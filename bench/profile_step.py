@@ -76,7 +76,6 @@ def summarize(trace: dict, steps: int, top: int = 15) -> dict:
 
 def trace_steps(config_spec: str, overrides: dict, steps: int, out: str) -> str:
   """Traces `steps` steps after a warm-up; returns the path of the saved Perfetto trace."""
-  sys.path.insert(0, HERE)
   import harness  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   base = harness.load_config(config_spec) if config_spec else None
@@ -109,7 +108,6 @@ def main() -> None:
     print(f'trace: {args.trace}')
   with gzip.open(args.trace) as f:
     summary = summarize(json.load(f), args.steps, args.top)
-  sys.path.insert(0, HERE)
   import harness  # pylint: disable=g-import-not-at-top
   print(f"kernel time {summary['kernel_ms_per_step']:.1f} ms per step")
   harness.print_table(summary['kinds'], ('kind', 'ms_per_step', 'share'))

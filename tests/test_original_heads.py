@@ -161,6 +161,9 @@ def test_torch_linear_projection_has_the_original_init_and_a_bias_per_tower():
     assert x.shape == shape and np.abs(x).max() <= bound
     assert np.abs(x).max() > 0.9 * bound and abs(x.std() - bound / math.sqrt(3)) < 0.25 * bound
   assert abs(_np(plain['in_proj']).std() - 0.02) < 0.005
+  boxed = _family.tiny_model(**fields, **{'embedding.proj_init': 'torch_linear'}).init(
+      {'params': jax.random.PRNGKey(0)}, _family.tokens((1, 8)))['params']['embed']
+  assert boxed['in_proj_bias'].names == ('tower', 'embed')  # sharded like in_proj's tower axis
   # the bias reaches tower k's input, and only tower k's
   model = _family.tiny_model(**fields, **{'embedding.proj_init': 'torch_linear'})
   params = _moved(_family.init(model))
@@ -387,7 +390,8 @@ def test_original_variants_train_sharded_over_fsdp_and_towers(fields):
     ('mlm', {'head.width': 'wide'}, "model.head.width='wide' is unknown"),
     ('mlm', {'embedding.proj_init': 'xavier'}, "model.embedding.proj_init='xavier' is unknown"),
     ('mlm', {'embedding.dropout_at': 'head'}, "model.embedding.dropout_at='head' is unknown"),
-    ('causal', {'embedding.dropout_at': 'row'}, "model.embedding.dropout_at='row' drops the"),
+    ('causal', {'embedding.dropout_at': 'row'},
+     "model.embedding.dropout_at='row' needs model.embedding.mode='projected'"),
     ('causal', {'embedding.proj_init': 'torch_linear'},
      "model.embedding.proj_init='torch_linear' needs model.embedding.mode='projected'"),
     ('mlm', {'head.width': 'table'}, "model.head.width='table' needs model.embedding.mode="),

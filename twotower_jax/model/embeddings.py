@@ -41,6 +41,9 @@ import jax.numpy as jnp
 from twotower_jax.model import layers
 
 MODES = ('shared', 'projected', 'per_tower')
+# Choices of the projected mode's options, the first the default (and the only one the
+# other modes take): model.embedding.proj_init and model.embedding.dropout_at.
+PROJECTED_OPTIONS = {'proj_init': ('normal', 'torch_linear'), 'dropout_at': ('tower', 'row')}
 EMB_LN_EPS = 1e-12  # the original's BertLayerNorm
 
 
@@ -88,7 +91,8 @@ class Embedder(nn.Module):
                                    (cfg.max_len, n * h))
       names = ('tower', None, 'embed')
       if cfg.embedding.proj_init == 'torch_linear':  # the original's nn.Linear emb1/emb2
-        kernel_init, bias_init = layers.torch_linear_init(names, fan_in=n * h)
+        kernel_init, bias_init = layers.torch_linear_init(names, fan_in=n * h,
+                                                          bias_names=('tower', 'embed'))
         self.in_proj_NxWxH = self.param('in_proj', kernel_init, (n, n * h, h))
         self.in_bias_NxH = self.param('in_proj_bias', bias_init, (n, h))
       else:

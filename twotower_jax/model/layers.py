@@ -120,16 +120,19 @@ def zeros_init(names: Sequence[str | None]) -> Any:
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(names))
 
 
-def torch_linear_init(names: Sequence[str | None], fan_in: int) -> tuple[Any, Any]:
+def torch_linear_init(names: Sequence[str | None], fan_in: int,
+                      bias_names: Sequence[str | None] | None = None) -> tuple[Any, Any]:
   """(kernel_init, bias_init) of torch.nn.Linear's default for a layer reading fan_in
-  features: weight kaiming_uniform(a=sqrt(5)) and bias both U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  features: weight kaiming_uniform(a=sqrt(5)) and bias both U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+  The bias's axes: `bias_names`, else a Dense bias's (the kernel's without the input)."""
   bound = 1.0 / math.sqrt(fan_in)
 
   def uniform(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return (nn.with_logical_partitioning(uniform, tuple(names)),
-          nn.with_logical_partitioning(uniform, tuple(names[1:])))
+          nn.with_logical_partitioning(uniform, tuple(names[1:] if bias_names is None
+                                                      else bias_names)))
 
 
 def layer_norm(axis_name: str = 'embed', name: str | None = None,

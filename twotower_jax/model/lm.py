@@ -163,21 +163,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise config_lib.ConfigError(
         f"analysis.probe_input='joint_ln' reads the concat head's joint LayerNorm, which "
         f"model.gate={m.gate} does not have; use model.gate=concat or analysis.probe_input=tower")
-  if m.embedding.proj_init not in ('normal', 'torch_linear'):
-    raise config_lib.unknown_name('model.embedding.proj_init', m.embedding.proj_init,
-                                  ('normal', 'torch_linear'))
-  if m.embedding.proj_init != 'normal' and m.embedding.mode != 'projected':
-    raise config_lib.ConfigError(
-        f"model.embedding.proj_init={m.embedding.proj_init!r} needs model.embedding.mode="
-        f"'projected' (not {m.embedding.mode!r}); set the mode or proj_init='normal'")
-  if m.embedding.dropout_at not in ('tower', 'row'):
-    raise config_lib.unknown_name('model.embedding.dropout_at', m.embedding.dropout_at,
-                                  ('tower', 'row'))
-  if m.embedding.dropout_at == 'row' and m.embedding.mode != 'projected':
-    raise config_lib.ConfigError(
-        "model.embedding.dropout_at='row' drops the table row before the per-tower "
-        f"projections, which model.embedding.mode={m.embedding.mode!r} does not have; set "
-        "mode='projected' or dropout_at='tower'")
+  for field, choices in embeddings.PROJECTED_OPTIONS.items():
+    value = m.embedding[field]
+    if value not in choices:
+      raise config_lib.unknown_name(f'model.embedding.{field}', value, choices)
+    if value != choices[0] and m.embedding.mode != 'projected':
+      raise config_lib.ConfigError(
+          f"model.embedding.{field}={value!r} needs model.embedding.mode='projected' (not "
+          f"{m.embedding.mode!r}); set the mode or {field}={choices[0]!r}")
   if m.remat_policy not in layers.REMAT_POLICIES:
     raise config_lib.unknown_name('model.remat_policy', m.remat_policy, layers.REMAT_POLICIES)
   attention.check_config(config)
