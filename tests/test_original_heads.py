@@ -8,7 +8,9 @@ original's definition (hezq06/twotower_lm, ttlm/model.py: TwoTowerDsBert, TwoTow
 - B3 `model.ln_final=False`: the towers end without a LayerNorm;
 - B4 `model.bilstm.{hidden,residual,join}`, `model.embedding.positions=False`: ELMo's LSTMs
   (2 layers of width G per direction, h2o G -> H, no residual, no positions), whose
-  [fwd; bwd] states go to the head as they are.
+  [fwd; bwd] states go to the head as they are;
+- B6 the nn.Linear projections, the row dropout, ELMo's input shift (`model.bilstm.
+  input_shift`) and its dropout after the joint LN (`model.head.joint_ln_dropout`).
 
 The ELMo reference below is the whole forward pass in numpy (float64) from that definition,
 fed our parameters; the BERT reference covers the embedding and the head (its transformer
@@ -39,6 +41,8 @@ ELMO = {'tower_type': 'bilstm', 'n_layers': 2, **ORIGINAL_INPUT,
         'embedding.ln': 'per_direction', 'embedding.positions': False, 'head.width': 'table',
         'ln_final': False, 'bilstm.hidden': ELMO_G, 'bilstm.residual': False,
         'bilstm.join': False, **ORIGINAL_HEAD}
+# B6: the original's input shift and the dropout after its joint LN on top
+ELMO_SHIFTED = {**ELMO, 'bilstm.input_shift': True, 'head.joint_ln_dropout': True}
 
 
 def _np(x):
@@ -79,11 +83,19 @@ def _paths(params):
                 for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
 
 
+def _joint_ln(states_NxBxLxS, g):
+  return _ln(np.concatenate(list(_np(states_NxBxLxS)), axis=-1), g['ln_in'], 1e-12)
+
+
+def _head_after_ln(x, g, table_VxW, bias_V):
+  """The original head after its joint LN: Dense -> GELU -> LN -> F.linear(., table) + bias."""
+  z = _gelu_erf(_np(x) @ _np(g['dense']['kernel']) + _np(g['dense']['bias']))
+  return _ln(z, g['ln_out'], 1e-12) @ _np(table_VxW).T + _np(bias_V)
+
+
 def _head_reference(states_NxBxLxS, g, table_VxW, bias_V):
   """The original head: LN([h_1; h_2]) -> Dense -> GELU -> LN -> F.linear(., table) + bias."""
-  x = _ln(np.concatenate(list(_np(states_NxBxLxS)), axis=-1), g['ln_in'], 1e-12)
-  z = _gelu_erf(x @ _np(g['dense']['kernel']) + _np(g['dense']['bias']))
-  return _ln(z, g['ln_out'], 1e-12) @ _np(table_VxW).T + _np(bias_V)
+  return _head_after_ln(_joint_ln(states_NxBxLxS, g), g, table_VxW, bias_V)
 
 
 # --- defaults unchanged ---------------------------------------------------------------------
@@ -302,23 +314,36 @@ def _lstm(p, k, x_BxLxI, reverse):
   return out
 
 
-def original_elmo_logits(params, tokens_BxL):
+def original_elmo_logits(params, tokens_BxL, input_shift=False):
   """TwoTowerELMo phase 1 from its definition, on our parameters: per direction
   LN(E[x]) -> tower k's Linear 2H -> H (with bias) -> 2-layer LSTM (width G, no residual) -> h2o G -> H;
-  position t reads fwd_{t-1} and bwd_{t+1} (this project's shift; docs/FIDELITY.md B6);
-  LN([f_1; b_1; f_2; b_2]) -> Dense 4H -> 2H -> GELU -> LN -> F.linear(., E) + bias."""
+  LN([f_1; b_1; f_2; b_2]) -> Dense 4H -> 2H -> GELU -> LN -> F.linear(., E) + bias.
+  input_shift=False: position t reads fwd_{t-1} and bwd_{t+1} (this project's shift, zeros
+  at the ends); True: forward_tt's (`:598-602`): the forward LSTM reads [PAD, x[:-1]], the
+  backward one flip(x) likewise padded, and its output is flipped back (as meant; the
+  released flip_seq zeroes it, B5)."""
   e, t = params['embed'], params['towers']
-  row = _np(e['token'])[np.asarray(tokens_BxL)]
+  toks = np.asarray(tokens_BxL)
+  pad = np.zeros_like(toks[:, :1])  # [PAD] is id 0 here as in the original
+  inputs = ({'fwd': np.concatenate([pad, toks[:, :-1]], 1),
+             'bwd': np.concatenate([pad, toks[:, ::-1][:, :-1]], 1)} if input_shift
+            else {'fwd': toks, 'bwd': toks})
   states = []
   for k in range(2):
     streams = []
-    for d, reverse in (('fwd', False), ('bwd', True)):
+    for d in ('fwd', 'bwd'):
+      row = _np(e['token'])[inputs[d]]
       x = _ln(row, e[f'ln_emb_{d}'], 1e-12) @ _np(e['in_proj'][k]) + _np(e['in_proj_bias'][k])
+      reverse = d == 'bwd' and not input_shift  # the shifted input is already flipped
       for i in range(2):
         x = _lstm(t[f'{d}_{i}'], k, x, reverse)  # no residual
       h2o = t[f'{d}_h2o']
-      streams.append(x @ _np(h2o['kernel'][k]) + _np(h2o['bias'][k]))
+      y = x @ _np(h2o['kernel'][k]) + _np(h2o['bias'][k])
+      streams.append(y[:, ::-1] if d == 'bwd' and input_shift else y)
     f, b = streams
+    if input_shift:
+      states.append(np.concatenate([f, b], -1))
+      continue
     zero = np.zeros_like(f[:, :1])
     states.append(np.concatenate([np.concatenate([zero, f[:, :-1]], 1),
                                   np.concatenate([b[:, 1:], zero], 1)], -1))
@@ -339,15 +364,78 @@ def test_original_elmo_towers_have_the_original_parts():
   assert params['gate']['dense']['kernel'].shape == (4 * h, 2 * h)  # 4*256 -> 2*256
 
 
-def test_original_elmo_reproduces_our_logits_with_every_switch_on():
-  model = _family.tiny_model(**ELMO)
+@pytest.mark.parametrize('fields', [ELMO, ELMO_SHIFTED], ids=['output_shift', 'input_shift'])
+def test_original_elmo_reproduces_our_logits_with_every_switch_on(fields):
+  model = _family.tiny_model(**fields)
   params = _moved(_family.init(model), seed=3)
   toks = _family.tokens((2, 8))
   out = model.apply({'params': params}, toks)
   assert out['tower_states_NxBxLxH'].shape == (2, 2, 8, 32)  # [fwd; bwd] per tower
-  ref = original_elmo_logits(params, toks)
+  shifted = fields is ELMO_SHIFTED
+  ref = original_elmo_logits(params, toks, input_shift=shifted)
   diff = np.abs(np.asarray(out['logits_BxLxV']) - ref).max()
   assert diff < 1e-4, diff  # float32 against float64
+  # the two shifts differ at the window's ends (PAD's LSTM state, not zeros) and inside
+  other = original_elmo_logits(params, toks, input_shift=not shifted)
+  assert np.abs(other - ref)[:, [0, -1]].max() > 1e-3
+
+
+def test_elmo_input_shift_keeps_token_t_out_of_position_t():
+  """B6 input_shift: token j still reaches every position but j; at the window's ends the
+  stream with nothing to read holds the LSTMs' state after PAD (the same for every window,
+  not zero), where the output shift puts zeros."""
+  model = _family.tiny_model(**ELMO_SHIFTED)
+  params = _moved(_family.init(model), seed=5)
+  toks = _family.tokens((1, 8), seed=2)
+  length = toks.shape[1]
+  batch = [toks] + [toks.at[0, j].set(5 + (toks[0, j] - 5 + 7) % 30) for j in (0, 3, 7)]
+  logits = np.asarray(model.apply({'params': params}, np.concatenate(batch))['logits_BxLxV'])
+  for j, row in zip((0, 3, 7), logits[1:]):
+    changed = set(np.nonzero(np.abs(row - logits[0]).max(-1) > 1e-6)[0].tolist())
+    assert changed == set(range(length)) - {j}, (j, changed)
+  windows = _family.tokens((3, 8), seed=4)
+  for fields, after_pad in ((ELMO_SHIFTED, True), (ELMO, False)):
+    m = _family.tiny_model(**fields)
+    h = np.asarray(m.apply({'params': params}, windows)['tower_states_NxBxLxH'])
+    for ends in (h[:, :, 0, :16], h[:, :, -1, 16:]):  # past at 0, future at L-1
+      np.testing.assert_allclose(ends, np.broadcast_to(ends[:, :1], ends.shape), atol=1e-6)
+      assert (np.abs(ends).min() > 1e-4) if after_pad else not ends.any()
+
+
+def test_elmo_head_drops_its_joint_ln_output_in_training_only():
+  """B6 head.joint_ln_dropout: the head's joint LN output is dropped (`:635`): each unit 0 or
+  LN/(1-p), the rest of the head applied to it; none of it without dropout, and none with
+  the switch off. The probes' joint_ln input is dropped alike when drawn with dropout."""
+  from twotower_jax.model import gates  # pylint: disable=g-import-not-at-top
+  model = _family.tiny_model(**{**ELMO_SHIFTED, 'dropout': 0.5})
+  params = _moved(_family.init(model), seed=7)
+  toks = _family.tokens((2, 8))
+  h = model.apply({'params': params}, toks)['tower_states_NxBxLxH']
+  g, e = params['gate'], params['embed']
+  x = _joint_ln(h, g)
+
+  def gate_out(m, **kw):
+    out, inter = m.apply({'params': params}, toks, tower_states=h, capture_intermediates=True,
+                         mutable=['intermediates'], **kw)
+    return np.asarray(out['logits_BxLxV']), inter['intermediates']['gate']
+
+  logits, inter = gate_out(model, deterministic=False, rngs={'dropout': jax.random.PRNGKey(1)})
+  dropped = _np(inter['Dropout_0']['__call__'][0])
+  kept = dropped != 0
+  np.testing.assert_allclose(dropped[kept], 2.0 * x[kept], rtol=1e-4, atol=1e-5)
+  assert 0.4 < 1.0 - kept.mean() < 0.6  # p = 0.5
+  np.testing.assert_allclose(logits, _head_after_ln(dropped, g, e['token'], e['output_bias']),
+                             atol=1e-4)
+  eval_logits, _ = gate_out(model, deterministic=True)
+  np.testing.assert_allclose(eval_logits, _head_reference(h, g, e['token'], e['output_bias']),
+                             atol=1e-4)
+  off = _family.tiny_model(**{**ELMO_SHIFTED, 'dropout': 0.5, 'head.joint_ln_dropout': False})
+  _, inter_off = gate_out(off, deterministic=False, rngs={'dropout': jax.random.PRNGKey(1)})
+  assert 'Dropout_0' not in inter_off
+  probe_in = _np(gates.head_joint_ln(model.cfg, g, h, jax.random.PRNGKey(2)))
+  probe_plain = _np(gates.head_joint_ln(model.cfg, g, h))
+  np.testing.assert_allclose(probe_plain, np.stack(np.split(x, 2, axis=-1)), atol=1e-4)
+  assert 0.4 < (probe_in == 0).mean() < 0.6
 
 
 def test_bilstm_residual_and_hidden_alone():
@@ -402,6 +490,11 @@ def test_original_variants_train_sharded_over_fsdp_and_towers(fields):
     ('bilstm', {'bilstm.hidden': -1}, 'model.bilstm.hidden=-1 must be an integer >= 0'),
     ('causal', {'bilstm.residual': False}, 'model.bilstm.residual apply only to model.'
                                            'tower_type=bilstm'),
+    ('causal', {'bilstm.input_shift': True}, 'model.bilstm.input_shift apply only to model.'
+                                             'tower_type=bilstm'),
+    ('causal', {'head.joint_ln_dropout': True, 'gate': 'latent'},
+     "model.head.joint_ln_dropout drops the concat head's joint LayerNorm, which "
+     'model.gate=latent does not have'),
 ])
 def test_bad_original_options_are_one_line_config_errors(tower_type, fields, match):
   c = config_lib.base_config()

@@ -73,7 +73,8 @@ def test_preset_probes_read_what_the_originals_probes_read(arg):
   assert (a.probe_input, a.probe_dropout, a.probe_seed_per_tower) == ('joint_ln', True, True)
   assert c.model.gate == 'concat'
   c.model.gate = 'latent'  # a gate without the joint LN is refused, naming the fix
-  c.model.head.width = 'model'  # (the table-wide head of mlm/bilstm needs concat itself)
+  c.model.head.width = 'model'  # (the table-wide head of mlm/bilstm needs concat itself,
+  c.model.head.joint_ln_dropout = False  # and so does ELMo's dropout after the joint LN)
   with pytest.raises(config_lib.ConfigError, match='analysis.probe_input=tower'):
     setup_lib.check_config(c)
   c.analysis.probe_input = 'tower'
@@ -87,16 +88,18 @@ def _field(c, key):
   return node
 
 
-ORIGINAL_PARTS = {  # docs/FIDELITY.md B1-B4, per tower type
+ORIGINAL_PARTS = {  # docs/FIDELITY.md B1-B4, B6, per tower type
     'causal': {'model.embedding.ln': 'none', 'model.head.width': 'model',
-               'model.ln_final': True, 'model.embedding.positions': True},
+               'model.ln_final': True, 'model.embedding.positions': True,
+               'model.head.joint_ln_dropout': False},
     'mlm': {'model.embedding.ln': 'shared', 'model.head.width': 'table',
             'model.ln_final': False, 'model.embedding.positions': True,
-            'model.bilstm.hidden': 0},
+            'model.bilstm.hidden': 0, 'model.head.joint_ln_dropout': False},
     'bilstm': {'model.embedding.ln': 'per_direction', 'model.head.width': 'table',
                'model.ln_final': False, 'model.embedding.positions': False,
                'model.bilstm.residual': False, 'model.bilstm.join': False,
-               'model.n_layers': 2, 'model.d_model': 256},
+               'model.n_layers': 2, 'model.d_model': 256, 'model.bilstm.input_shift': True,
+               'model.head.joint_ln_dropout': True},
 }
 
 

@@ -142,6 +142,23 @@ def test_dropout_states_differ_from_dropout_off_and_repeat_given_the_seed():
   assert a['model_heldout_loss'] == probe.cache_training_states(ctx_off)['model_heldout_loss']
 
 
+def test_joint_ln_states_drawn_with_dropout_carry_the_heads_dropout_after_the_norm():
+  """model.head.joint_ln_dropout (the original ELMo, FIDELITY.md B6): the probes' joint_ln
+  training states are dropped after the norm as the head drops them in training (exact
+  zeros, about model.dropout of them), not without the switch or with probe_dropout off."""
+  window = np.random.default_rng(0).integers(4, VOCAB, size=(4, SEQ + 1)).astype(np.int32)
+  joint = {'analysis.probe_input': 'joint_ln', 'analysis.probe_dropout': True}
+  plain = context(small_config(**joint))
+  params = with_trained_ln(plain.params)
+  zeros = {}
+  for switch, dropout in ((True, True), (False, True), (True, False)):
+    fields = {**joint, 'model.head.joint_ln_dropout': switch, 'analysis.probe_dropout': dropout}
+    zeros[switch, dropout] = (cached_states(context(small_config(**fields), params),
+                                            window) == 0).mean()
+  assert 0.1 < zeros[True, True] < 0.3  # model.dropout 0.2
+  assert zeros[False, True] == 0 and zeros[True, False] == 0
+
+
 def test_seed_per_tower_gives_each_head_its_own_seed():
   window = np.random.default_rng(0).integers(4, VOCAB, size=(4, SEQ + 1)).astype(np.int32)
   shared = small_config(**{'analysis.probe_dropout': True, 'analysis.seed': 5})

@@ -112,6 +112,9 @@ def base_config() -> ml_collections.ConfigDict:
   # N*d_model, scored against the table directly, no out_proj: the original BERT/ELMo head;
   # needs embedding.mode='projected', tied, gate='concat'). docs/FIDELITY.md B2.
   c.model.head.width = 'model'
+  # Dropout (model.dropout) on the joint LayerNorm's output in the concat head, as the
+  # original ELMo (its BERT and GPT variants have none). docs/FIDELITY.md B6.
+  c.model.head.joint_ln_dropout = False
   c.model.attention_dropout = 0.0  # dropout on attention probabilities (original: 0.1)
   # Each tower ends with a LayerNorm `ln_final` (GPT-2's ln_f); False: none, the towers'
   # states go to the gate's joint LayerNorm as they are (original BERT/ELMo; FIDELITY.md B3).
@@ -124,6 +127,10 @@ def base_config() -> ml_collections.ConfigDict:
   # join: h = Dense([fwd_{t-1}; bwd_{t+1}]) -> d_model; False: the tower's state is the
   # concatenation itself (2*d_model wide), as the original's head reads it.
   c.model.bilstm.join = True
+  # input_shift: the original's shift. Each stream reads the tokens moved one place (forward:
+  # PAD, x_0..x_{L-2}; backward: x_1..x_{L-1}, PAD) and its outputs are used unshifted, so
+  # the window's ends read the LSTMs' state after PAD; False: zeros at the ends.
+  c.model.bilstm.input_shift = False
   # The original code's as-released behaviours, opt-in (docs/FIDELITY.md rows B5, A1, A2).
   c.model.released = ml_collections.ConfigDict()
   c.model.released.zero_backward = False  # bilstm: backward stream times diag(anti-identity)
@@ -415,7 +422,9 @@ def _validate_model_options(m: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.embedding.ln={e.ln!r} with model.pondering.steps>0 is not '
                       "supported (the soft embeddings are added after the norm); use one of them")
   for name, value in (('embedding.positions', e.positions), ('ln_final', m.ln_final),
-                      ('bilstm.residual', m.bilstm.residual), ('bilstm.join', m.bilstm.join)):
+                      ('bilstm.residual', m.bilstm.residual), ('bilstm.join', m.bilstm.join),
+                      ('bilstm.input_shift', m.bilstm.input_shift),
+                      ('head.joint_ln_dropout', hd.joint_ln_dropout)):
     if not isinstance(value, bool):
       raise ConfigError(f'model.{name}={value!r} must be true or false')
   if not _is_int(m.bilstm.hidden) or m.bilstm.hidden < 0:

@@ -15,7 +15,10 @@ layers plainly (torch's multi-layer LSTM); `model.bilstm.join=False` drops the D
 the tower's state is [fwd_{t-1}; bwd_{t+1}] itself (2H wide), and `model.ln_final=False`
 the LayerNorm. With `model.embedding.ln='per_direction'` the input is the two streams'
 inputs side by side (x_BxLx2H: the forward stack reads the first half, the backward
-stack the second).
+stack the second). `model.bilstm.input_shift` (FIDELITY.md B6) shifts those inputs instead
+of the outputs: the forward stack reads PAD, x_0..x_{L-2} and the backward stack
+x_1..x_{L-1}, PAD, and h_t reads [fwd_t; bwd_t], so the ends read the LSTMs' state after
+PAD (not zeros); layer i's state at t then covers the tokens other than t.
 """
 
 from __future__ import annotations
@@ -60,6 +63,14 @@ def anti_identity_diagonal(length: int) -> jax.Array:
   return (t_L == length - 1 - t_L).astype(jnp.float32)
 
 
+def input_shifts(cfg: layers.ModelConfig) -> tuple[int, ...]:
+  """The streams the tower reads: (1, -1) with the original's input shift (forward stream
+  token t-1, backward stream token t+1), (0, 0) for the two embedding LayerNorms, else one."""
+  if cfg.bilstm.input_shift:
+    return (1, -1)
+  return (0, 0) if cfg.embedding.ln == 'per_direction' else (0,)
+
+
 class BiLSTM(nn.Module):
   """ELMo-style tower: h_t = LN(Dense([fwd_{t-1}; bwd_{t+1}])) (see the module docstring;
   model.bilstm.*, model.ln_final select the original's parts)."""
@@ -72,7 +83,7 @@ class BiLSTM(nn.Module):
     x_BxLxH = towers.input_dropout(cfg, x_BxLxH, self.deterministic)
     self.sow('intermediates', 'tower_in', x_BxLxH)
     x_fwd_BxLxH = x_bwd_BxLxH = x_BxLxH
-    if cfg.embedding.ln == 'per_direction':  # each stream's own normalised input
+    if len(input_shifts(cfg)) == 2:  # each stream's own (normalised, or shifted) input
       x_fwd_BxLxH, x_bwd_BxLxH = jnp.split(x_BxLxH, 2, axis=-1)
     fwds, fwd_BxLxH = _lstm_stack(cfg, x_fwd_BxLxH, False, self.deterministic, 'fwd')  # <= t
     bwds, bwd_BxLxH = _lstm_stack(cfg, x_bwd_BxLxH, True, self.deterministic, 'bwd')  # >= t
@@ -80,10 +91,12 @@ class BiLSTM(nn.Module):
       self.sow('intermediates', f'layer_{i + 1}', jnp.concatenate([f_BxLxG, b_BxLxG], axis=-1))
     self.sow('intermediates', 'fwd', fwd_BxLxH)
     self.sow('intermediates', 'bwd', bwd_BxLxH)
-    # Shift by one so position t reads fwd_{t-1} and bwd_{t+1}: token t itself is unseen.
-    zero_Bx1xH = jnp.zeros_like(fwd_BxLxH[:, :1])
-    past_BxLxH = jnp.concatenate([zero_Bx1xH, fwd_BxLxH[:, :-1]], axis=1)
-    future_BxLxH = jnp.concatenate([bwd_BxLxH[:, 1:], zero_Bx1xH], axis=1)
+    if cfg.bilstm.input_shift:  # the inputs were shifted: fwd_t saw < t, bwd_t saw > t
+      past_BxLxH, future_BxLxH = fwd_BxLxH, bwd_BxLxH
+    else:  # shift by one so position t reads fwd_{t-1} and bwd_{t+1}: token t is unseen
+      zero_Bx1xH = jnp.zeros_like(fwd_BxLxH[:, :1])
+      past_BxLxH = jnp.concatenate([zero_Bx1xH, fwd_BxLxH[:, :-1]], axis=1)
+      future_BxLxH = jnp.concatenate([bwd_BxLxH[:, 1:], zero_Bx1xH], axis=1)
     if cfg.released.zero_backward:  # as released: only an odd window's middle survives
       future_BxLxH = future_BxLxH * anti_identity_diagonal(future_BxLxH.shape[1])[:, None]
     h_BxLxS = jnp.concatenate([past_BxLxH, future_BxLxH], axis=-1)
@@ -111,8 +124,10 @@ def original_elmo(size: str) -> dict:
           'model.bilstm.residual': False, 'model.bilstm.join': False,
           'model.embedding.ln': 'per_direction', 'model.embedding.positions': False,
           'model.embedding.proj_init': 'torch_linear', 'model.embedding.dropout_at': 'row',
-          'model.head.width': 'table', 'model.ln_final': False}
+          'model.head.width': 'table', 'model.ln_final': False,
+          'model.bilstm.input_shift': True, 'model.head.joint_ln_dropout': True}
 
 
 towers.register('bilstm', BiLSTM, bilstm_example, paper_embedding_mode='projected',
-                paper_fields=original_elmo, allows_pondering=False, backward_stream=True)
+                paper_fields=original_elmo, allows_pondering=False, backward_stream=True,
+                input_shifts=input_shifts)

@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.model import layers
 
 MODES = ('shared', 'projected', 'per_tower')
@@ -63,6 +64,19 @@ def _ln_names(cfg: layers.ModelConfig) -> tuple[str, ...]:
   """The embedding LayerNorms of model.embedding.ln, one per input stream."""
   return {'none': (), 'shared': ('ln_emb',),
           'per_direction': ('ln_emb_fwd', 'ln_emb_bwd')}[cfg.embedding.ln]
+
+
+def shift_rows(e_BxLxW: jax.Array, pad_W: jax.Array | None, s: int) -> jax.Array:
+  """e moved s places later along its length axis (-2; s < 0: earlier), the |s| freed
+  positions holding pad_W (leading axes of pad_W, if any, match e's: per-tower tables)."""
+  if s == 0:
+    return e_BxLxW
+  pad = pad_W.reshape(pad_W.shape[:-1] + (1,) * (e_BxLxW.ndim - pad_W.ndim) + pad_W.shape[-1:])
+  fill = jnp.broadcast_to(pad, e_BxLxW.shape[:-2] + (abs(s),) + e_BxLxW.shape[-1:])
+  fill = fill.astype(e_BxLxW.dtype)
+  if s > 0:
+    return jnp.concatenate([fill, e_BxLxW[..., :-s, :]], axis=-2)
+  return jnp.concatenate([e_BxLxW[..., -s:, :], fill], axis=-2)
 
 
 def scale_input_grad(e: jax.Array, s: float) -> jax.Array:
@@ -114,38 +128,44 @@ class Embedder(nn.Module):
     self.output_bias_V = self.param('output_bias', layers.zeros_init(('vocab',)), (v,))
 
   def encode(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
-             token_scale: float = 1.0, deterministic: bool = True) -> jax.Array:
+             token_scale: float = 1.0, deterministic: bool = True,
+             shifts: tuple[int, ...] | None = None) -> jax.Array:
     """x_NxBxLxH: each tower's embedded input. `positions_BxL` (decoding: each row's own
     positions, in [0, max_len)) defaults to 0..L-1 for every row. `token_scale` multiplies
     the token rows, not the positions (PonderingLM's sqrt(d) and steps weights).
-    `deterministic=False` drops the row here with model.embedding.dropout_at='row'."""
+    `deterministic=False` drops the row here with model.embedding.dropout_at='row'.
+    `shifts` (the tower type's input_shifts): one input stream per offset s, the token rows
+    moved s places later (PAD's row fills the gap) before positions, LayerNorm and
+    projection; the streams come side by side (x_NxBxLx(S*H)). None: one unshifted stream
+    per embedding LayerNorm (model.embedding.ln='per_direction': two), else one."""
     cfg = self.cfg
-    length = tokens_BxL.shape[1]
-    if cfg.embedding.mode == 'per_tower':
-      e_NxBxLxH = jnp.take(self.token, tokens_BxL, axis=1)
-      e_NxBxLxH = self.perturb('lookup', e_NxBxLxH)
-      e_NxBxLxH = scale_input_grad(e_NxBxLxH, cfg.embedding.input_grad_scale)
-      if token_scale != 1.0:
-        e_NxBxLxH = e_NxBxLxH * token_scale
-      if not cfg.embedding.positions:
-        return e_NxBxLxH
-      if positions_BxL is None:
-        return e_NxBxLxH + self.position[:, None, :length]
-      return e_NxBxLxH + jnp.take(self.position, positions_BxL, axis=1)
-    e_BxLxW = jnp.take(self.token, tokens_BxL, axis=0)
-    e_BxLxW = self.perturb('lookup', e_BxLxW)
-    e_BxLxW = scale_input_grad(e_BxLxW, cfg.embedding.input_grad_scale)
+    if shifts is None:
+      shifts = (0,) * max(1, len(getattr(self, 'emb_lns', ())))
+    per_tower = cfg.embedding.mode == 'per_tower'
+    e = jnp.take(self.token, tokens_BxL, axis=1 if per_tower else 0)  # [N]xBxLxW
+    e = self.perturb('lookup', e)
+    e = scale_input_grad(e, cfg.embedding.input_grad_scale)
+    # PAD's row fills the shifted streams' ends (its gradient bypasses `lookup`).
+    pad = scale_input_grad(self.token[..., tokenizer_lib.PAD_ID, :],
+                           cfg.embedding.input_grad_scale) if any(shifts) else None
     if token_scale != 1.0:
-      e_BxLxW = e_BxLxW * token_scale
+      e = e * token_scale
+      pad = None if pad is None else pad * token_scale
+    streams = [shift_rows(e, pad, s) for s in shifts]
     if cfg.embedding.positions:
-      e_BxLxW = e_BxLxW + (self.position[:length] if positions_BxL is None
-                           else jnp.take(self.position, positions_BxL, axis=0))
-    if cfg.embedding.mode != 'projected':
-      return self._to_towers(e_BxLxW)
-    streams = [ln(e_BxLxW) for ln in self.emb_lns] or [e_BxLxW]  # model.embedding.ln
-    if cfg.embedding.dropout_at == 'row':  # one mask per stream, shared by the towers
-      streams = [self.row_dropout(s, deterministic=deterministic) for s in streams]
-    return jnp.concatenate([self._to_towers(s) for s in streams], axis=-1)
+      length, axis = tokens_BxL.shape[1], 1 if per_tower else 0
+      pos = (jnp.take(self.position, positions_BxL, axis=axis) if positions_BxL is not None
+             else self.position[:, None, :length] if per_tower else self.position[:length])
+      streams = [x + pos for x in streams]
+    if cfg.embedding.mode == 'projected':
+      if self.emb_lns:  # model.embedding.ln: 'shared' one norm for all, else one per stream
+        if len(self.emb_lns) not in (1, len(streams)):
+          raise ValueError(f'{len(self.emb_lns)} embedding LayerNorms for {len(streams)} '
+                           'input streams')
+        streams = [self.emb_lns[i % len(self.emb_lns)](x) for i, x in enumerate(streams)]
+      if cfg.embedding.dropout_at == 'row':  # one mask per stream, shared by the towers
+        streams = [self.row_dropout(x, deterministic=deterministic) for x in streams]
+    return jnp.concatenate([self._to_towers(x) for x in streams], axis=-1)
 
   def soft_embed(self, probs: jax.Array, scale: float = 1.0) -> jax.Array:
     """Pondering input x_NxBxLxH: probability-weighted sum of the token rows (times `scale`),
@@ -163,6 +183,9 @@ class Embedder(nn.Module):
     return e_NxBxLxW
 
   def _to_towers(self, e_BxLxW: jax.Array) -> jax.Array:
+    """x_NxBxLxH from a row's stream (per_tower: already each tower's own)."""
+    if self.cfg.embedding.mode == 'per_tower':
+      return e_BxLxW
     if self.cfg.embedding.mode == 'projected':
       return self._projected(jnp.einsum('blw,nwh->nblh', e_BxLxW, self.in_proj_NxWxH))
     return jnp.broadcast_to(e_BxLxW, (self.cfg.n_towers,) + e_BxLxW.shape)

@@ -1,6 +1,7 @@
 """Mixing gates: the only place the towers meet.
 
-A gate is a Flax module with field `cfg`, called with the stacked tower states
+A gate is a Flax module with field `cfg` (and, if it uses dropout, `deterministic`: the
+model sets it, False while training), called with the stacked tower states
 h_NxBxLxH, the output layer (`decode`, z_BxLxH -> logits_BxLxV; `decode_towers`,
 z_NxBxLxH -> logits_NxBxLxV, tower k through its own table where tables are per
 tower) and the loss weights w_BxL (averages such as the gate's balance are over
@@ -57,6 +58,14 @@ def get(name: str) -> Gate:
   return GATES[name]
 
 
+def build(cfg: layers.ModelConfig, deterministic: bool = True, **kwargs) -> nn.Module:
+  """The gate module of model.gate; `deterministic` reaches a gate that declares it."""
+  module = get(cfg.gate).module
+  if 'deterministic' in {f.name for f in dataclasses.fields(module)}:
+    kwargs['deterministic'] = deterministic
+  return module(cfg, **kwargs)
+
+
 def weighted_mean(x_NxBxL: jax.Array, weights_BxL: jax.Array | None) -> jax.Array:
   """x_N: per tower, the mean over the positions that carry loss (all when weights is None)."""
   if weights_BxL is None:
@@ -77,12 +86,16 @@ def split_towers(x_BxLxC: jax.Array, n: int) -> jax.Array:
   return jnp.transpose(x_BxLxC.reshape(b, l, n, c // n), (2, 0, 1, 3))
 
 
-def head_joint_ln(cfg: layers.ModelConfig, gate_params, h_NxBxLxH: jax.Array) -> jax.Array:
+def head_joint_ln(cfg: layers.ModelConfig, gate_params, h_NxBxLxH: jax.Array,
+                  dropout_key: jax.Array | None = None) -> jax.Array:
   """Slice k of the head's first LayerNorm over [h_1; ...; h_N], for every k (NxBxLxH): the
   trained `ln_in` of a gate registered with joint_ln (the concat head), applied as the gate
-  applies it."""
+  applies it; with a `dropout_key` and model.head.joint_ln_dropout, dropped as in training."""
   ln = layers.layer_norm('gate_in', eps=cfg.head.ln_eps)
   x_BxLxC = ln.apply({'params': gate_params['ln_in']}, concat_towers(h_NxBxLxH))
+  if dropout_key is not None and cfg.head.joint_ln_dropout:
+    x_BxLxC = nn.Dropout(cfg.dropout).apply({}, x_BxLxC, deterministic=False,
+                                            rngs={'dropout': dropout_key})
   return split_towers(x_BxLxC, h_NxBxLxH.shape[0])
 
 
@@ -94,10 +107,12 @@ class ConcatGate(nn.Module):
   compete for one normaliser. model.head.* sets the norms' epsilon, the GELU form and the
   Dense init (docs/FIDELITY.md: the original GPT variant's values); head.width='table'
   makes z the token table's width Z = N*H, scored against it with no up-projection (the
-  original BERT/ELMo head, FIDELITY.md B2); else Z = H. The towers' states may be wider
+  original BERT/ELMo head, FIDELITY.md B2); else Z = H. head.joint_ln_dropout drops the
+  joint LayerNorm's output (model.dropout), as the original ELMo (FIDELITY.md B6). The towers' states may be wider
   than H (bilstm.join=False: 2H); C = N times their width.
   """
   cfg: layers.ModelConfig
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, h_NxBxLxH: jax.Array, decode: Callable[[jax.Array], jax.Array],
@@ -107,6 +122,8 @@ class ConcatGate(nn.Module):
     head = self.cfg.head
     x_BxLxC = layers.layer_norm('gate_in', name='ln_in',
                                 eps=head.ln_eps)(concat_towers(h_NxBxLxH))
+    if head.joint_ln_dropout:  # the original ELMo's dropout after its joint LN
+      x_BxLxC = nn.Dropout(self.cfg.dropout)(x_BxLxC, deterministic=self.deterministic)
     z_BxLxZ = layers.dense(embeddings.output_width(self.cfg), ('gate_in', 'embed'), name='dense',
                            init=head.init, fan_in=x_BxLxC.shape[-1])(x_BxLxC)
     z_BxLxZ = layers.layer_norm(name='ln_out', eps=head.ln_eps)(layers.gelu(z_BxLxZ, head.gelu))

@@ -45,7 +45,7 @@ class TwoTowerLM(nn.Module):
     """
     cfg = self.cfg
     embedder = embeddings.Embedder(cfg, name='embed')
-    gate = gates.get(cfg.gate).module(cfg, name='gate')
+    gate = gates.build(cfg, deterministic, name='gate')
     if tower_states is not None:
       if cfg.pondering.steps:
         raise ValueError('tower_states needs model.pondering.steps=0 (each pass reruns the '
@@ -61,11 +61,12 @@ class TwoTowerLM(nn.Module):
     # the first pass's token embedding counted `steps` times.
     scale = cfg.d_model ** 0.5 if ponder.embed_scale == 'sqrt_d' else 1.0
     first = scale * (ponder.steps if ponder.initial_weight == 'steps' else 1)
+    tower_type = towers.get(cfg.tower_type)
     x_NxBxLxH = embedder.encode(tokens_BxL, positions_BxL, token_scale=first,
-                                deterministic=deterministic)
+                                deterministic=deterministic,
+                                shifts=tower_type.input_shifts(cfg))
     # Activations split by batch, not by the (FSDP-sharded) width of the token table.
     x_NxBxLxH = partitioning.constrain(x_NxBxLxH, ('tower', 'batch', 'length', None))
-    tower_type = towers.get(cfg.tower_type)
     mask_keys = cfg.released.mask_pad_keys and cache is None  # as released: PAD keys unseen
     in_axes = (0, 0, None) if cache is not None else (0, None, None, None) if mask_keys else 0
     stacked = nn.vmap(tower_type.module, in_axes=in_axes, out_axes=0,
@@ -133,7 +134,7 @@ def apply_gate(model: TwoTowerLM, params, h_NxBxLxH: jax.Array) -> dict[str, jax
   `tower_states=`, also for pondering runs, whose last pass is what this reproduces)."""
   cfg = model.cfg
   embedder = embeddings.Embedder(cfg).bind({'params': params['embed']})
-  gate = gates.get(cfg.gate).module(cfg).bind({'params': params['gate']})
+  gate = gates.build(cfg).bind({'params': params['gate']})
   return dict(gate(h_NxBxLxH, embedder.decode, embedder.decode_towers))
 
 
@@ -182,6 +183,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if m.released.zero_backward and not tower_type.backward_stream:
     raise config_lib.ConfigError(f'model.released.zero_backward needs a tower type with a '
                                  f'backward stream (bilstm), not {m.tower_type}; set it False')
+  if m.head.joint_ln_dropout and not gates.get(m.gate).joint_ln:
+    raise config_lib.ConfigError(
+        f'model.head.joint_ln_dropout drops the concat head\'s joint LayerNorm, which '
+        f'model.gate={m.gate} does not have; use model.gate=concat or set it False')
   if m.head.width == 'table' and m.gate != 'concat':
     raise config_lib.ConfigError(
         f"model.head.width='table' needs model.gate=concat (the per-tower heads of {m.gate} "

@@ -19,6 +19,10 @@ and the structural probe read these fields and never name a type):
 - `attention_layers`: attention layers applied per token (FLOPs);
 - `left_to_right`: whether it generates text token by token (causal);
 - `backward_stream`: whether it has ELMo's backward stream (model.released.zero_backward);
+- `input_shifts`: the input streams it reads side by side, as token offsets: stream s holds
+  at position t the embedded token t - s (PAD where that falls outside the window). The
+  default (0,) is one plain stream; ELMo's two streams are (0, 0), or (1, -1) with the
+  original's input shift (model/embeddings.py builds them);
 - `decode_cache`: for a left-to-right type that decodes incrementally, the shape and
   logical axis names of each array of one tower's cache for a batch
   (`(cfg, batch) -> {name: (shape, names)}`); its module then also accepts
@@ -88,6 +92,7 @@ class TowerType:
   attention_layers: Callable[[layers.ModelConfig], int] = lambda cfg: 0
   left_to_right: bool = False
   backward_stream: bool = False
+  input_shifts: Callable[[layers.ModelConfig], tuple[int, ...]] = lambda cfg: (0,)
   decode_cache: Callable[[layers.ModelConfig, int], dict[str, tuple]] | None = None
 
 

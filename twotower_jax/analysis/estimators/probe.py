@@ -17,7 +17,8 @@ checkpoint and settings.
 What a head reads (docs/FIDELITY.md A4): `analysis.probe_input` 'tower' (tower k's own
 final state) or 'joint_ln' (slice k of the concat head's first LayerNorm over
 [h_1; ...; h_N], the original's); `analysis.probe_dropout` caches the training states
-with the towers' dropout on (one draw per cached window, fixed for the whole probe
+with the towers' dropout on (and the head's after its joint LN with
+model.head.joint_ln_dropout; one draw per cached window, fixed for the whole probe
 training); `analysis.probe_seed_per_tower` gives head k its own seed analysis.seed + k
 for its init, its batch order and its dropout draw. Scoring always reads the towers
 with dropout off.
@@ -84,12 +85,14 @@ DROPOUT_STREAM = 1  # fold_in tag of the probes' dropout keys (apart from the ml
 INPUT_DEFAULTS = {'probe_input': 'tower', 'probe_dropout': False, 'probe_seed_per_tower': False}
 
 
-def probe_inputs(config, model, params, h_NxBxLxH: jax.Array) -> jax.Array:
+def probe_inputs(config, model, params, h_NxBxLxH: jax.Array,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
   """The states the probes read, from the towers' final states h_NxBxLxH: each tower's own
   (analysis.probe_input='tower') or slice k of the concat head's first LayerNorm over
-  [h_1; ...; h_N] with the model's parameters ('joint_ln'); then `split_units`."""
+  [h_1; ...; h_N] with the model's parameters ('joint_ln', dropped after the norm from
+  `dropout_key` where the head does that in training); then `split_units`."""
   if config.analysis.probe_input == 'joint_ln':
-    h_NxBxLxH = gates.head_joint_ln(model.cfg, params['gate'], h_NxBxLxH)
+    h_NxBxLxH = gates.head_joint_ln(model.cfg, params['gate'], h_NxBxLxH, dropout_key)
   return split_units(config, h_NxBxLxH)
 
 
@@ -162,7 +165,8 @@ def training_states_fn(ctx: Context) -> Callable:
     else:
       draws = [probe_inputs(ctx.config, ctx.model, params, ctx.model.apply(
           {'params': params}, ex['inputs'], weights_BxL=ex['weights'], deterministic=False,
-          rngs={'dropout': k})['tower_states_NxBxLxH']) for k in dropout_keys_D]
+          rngs={'dropout': k})['tower_states_NxBxLxH'], jax.random.fold_in(k, DROPOUT_STREAM))
+               for k in dropout_keys_D]
       h_NxBxLxH = jnp.stack([draws[k if len(draws) > 1 else 0][k] for k in range(n)])
     return h_NxBxLxH, ex['targets'], ex['weights'], ce_B
   return forward
