@@ -1,5 +1,6 @@
 """Analysis speed on the default model: the tower pass, each estimator on cached states, and
-a probe step (towers re-run inside the step, as before the cache, vs on cached states).
+a probe step (towers re-run inside the step, as before the cache, vs on cached states), and
+the probe heads' output-layer matmuls alone, the part of a step no cache removes.
 
 python bench/analysis.py [--workdir=DIR] [--windows=64] [--repeats=3]
 Without --workdir: configs/default.py's model, randomly initialised (speed does not depend on
@@ -94,10 +95,24 @@ def probe_steps(ctx: est_lib.Context, batch_windows: int, repeats: int) -> list[
   h = probe.split_units(ctx.config, ctx.model.apply({'params': ctx.params}, ex['inputs'],
                                                     deterministic=True)['tower_states_NxBxLxH'])
   cached_step = jax.jit(update)
+  # The floor no cache removes: the heads' output layer, forward (z W^T) and its two
+  # gradients (dz, dW), one (B*L x H) x (H x V) matmul each per head.
+  n, positions = h.shape[0], h.shape[1] * h.shape[2]
+  z_NxBLxH = jnp.ones((n, positions, cfg.d_model))
+  g_NxBLxV = jnp.ones((n, positions, cfg.vocab_size))
+
+  @jax.jit
+  def output_layer(z_NxBLxH, g_NxBLxV, w_NxVxH):
+    return (jnp.einsum('nxh,nvh->nxv', z_NxBLxH, w_NxVxH),
+            jnp.einsum('nxv,nvh->nxh', g_NxBLxV, w_NxVxH),
+            jnp.einsum('nxv,nxh->nvh', g_NxBLxV, z_NxBLxH))
+
   rows = []
   for what, fn in (('probe step, towers re-run', lambda: rerun_step(
       p, opt, ctx.params, windows, jax.random.PRNGKey(1))),
-                   ('probe step, cached states', lambda: cached_step(p, opt, h, ex))):
+                   ('probe step, cached states', lambda: cached_step(p, opt, h, ex)),
+                   ('probe output layer matmuls alone (fwd, dz, dW)',
+                    lambda: output_layer(z_NxBLxH, g_NxBLxV, p['out_NxVxH']))):
     jax.block_until_ready(fn())
     seconds = min(harness.timed(fn, repeats))
     positions = int(np.asarray(ex['weights']).sum())
