@@ -98,6 +98,17 @@ def test_bilstm_each_direction_sees_only_its_side():
   _assert_towers_differ(params)
 
 
+@pytest.mark.parametrize('mode', ['shared', 'projected', 'per_tower'])
+def test_bilstm_input_shift_sees_both_sides_but_not_itself_in_every_embedding_mode(mode):
+  """model.bilstm.input_shift (the streams read tokens t-1 and t+1, PAD at the ends) keeps
+  the no-leak property with every token table (per_tower: each tower's own PAD row)."""
+  model = _family.tiny_model(tower_type='bilstm', n_layers=2,
+                             **{'bilstm.input_shift': True, 'embedding.mode': mode})
+  params = _init(model)
+  js = (0, 3, L - 1)
+  assert _changed_positions(model, params, js) == [set(range(L)) - {j} for j in js]
+
+
 @pytest.mark.parametrize('defect', ['zeroed', 'not_reversed'])
 def test_bilstm_leak_check_catches_the_original_backward_defects(monkeypatch, defect):
   """The check above fails on a backward stream that is multiplied by zero or left unflipped."""
