@@ -97,9 +97,9 @@ def probe_steps(ctx: est_lib.Context, batch_windows: int, repeats: int) -> list[
   cached_step = jax.jit(update)
   # The floor no cache removes: the heads' output layer, forward (z W^T) and its two
   # gradients (dz, dW), one (B*L x H) x (H x V) matmul each per head.
-  n, positions = h.shape[0], h.shape[1] * h.shape[2]
-  z_NxBLxH = jnp.ones((n, positions, cfg.d_model))
-  g_NxBLxV = jnp.ones((n, positions, cfg.vocab_size))
+  n, rows = h.shape[0], h.shape[1] * h.shape[2]  # heads, B*L
+  z_NxBLxH = jnp.ones((n, rows, cfg.d_model))
+  g_NxBLxV = jnp.ones((n, rows, cfg.vocab_size))
 
   @jax.jit
   def output_layer(z_NxBLxH, g_NxBLxV, w_NxVxH):

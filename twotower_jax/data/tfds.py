@@ -71,8 +71,9 @@ def tfds_corpus(data_config: ml_collections.ConfigDict) -> Corpus:
   """The TFDS datasets of data.tfds_name, prepared in array_record format, one after the
   other; documents are named split[i], or name:split[i] when there are several."""
   parts = {'train': ([], []), 'val': ([], [])}
-  several = len(datasets(data_config)) > 1
-  for d in datasets(data_config):
+  sets = datasets(data_config)
+  several = len(sets) > 1
+  for d in sets:
     for part, split, limit in (('train', d['tfds_train_split'], data_config.tfds_max_docs),
                                ('val', d['tfds_val_split'], 0)):
       docs = _tfds_split(data_config, d['name'], d['tfds_text_key'], split, limit)
