@@ -1,6 +1,8 @@
 """Entry points answer every broken config file, bad optimizer value and Ctrl-C with one line
 and the right exit status: 2 for bad input, 130 for Ctrl-C (docs/RELIABILITY.md)."""
 
+import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -197,3 +199,27 @@ def test_an_interrupt_python_had_to_drop_is_delivered_again(monkeypatch, exc):
         time.sleep(0.001)
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+def _collect_a_failed_task(filename: str) -> None:
+  """Runs a task whose coroutine (defined in `filename`) fails, and drops it unretrieved:
+  asyncio logs 'Task exception was never retrieved' when it is collected."""
+  namespace = {}
+  exec(compile('async def write_fragment():\n  raise OSError(28, "No space left on device")\n',  # pylint: disable=exec-used
+               filename, 'exec'), namespace)
+  loop = asyncio.new_event_loop()
+  task = loop.create_task(namespace['write_fragment']())
+  loop.run_until_complete(asyncio.sleep(0))
+  loop.close()
+  del task
+  gc.collect()
+
+
+def test_asyncio_reports_of_failed_orbax_writes_are_dropped(caplog):
+  """Seen in CI: a full disk's one-line error came with six more lines, asyncio's report of
+  Orbax's unretrieved write tasks. Tasks of other code are still reported."""
+  cli.setup_logging()
+  _collect_a_failed_task(os.path.join(os.sep, 'site-packages', 'orbax', 'serialization.py'))
+  assert not [r for r in caplog.records if r.name == 'asyncio'], caplog.text
+  _collect_a_failed_task(os.path.join(os.sep, 'site-packages', 'mine', 'writer.py'))
+  assert [r for r in caplog.records if r.name == 'asyncio'], 'a non-Orbax failure was dropped'

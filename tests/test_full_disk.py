@@ -72,7 +72,8 @@ def test_a_full_filesystem_through_the_cli_is_one_line(tiny, tmp_path):
                       *cli_overrides(config), timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors_ = [l for l in proc.stderr.splitlines() if 'error' in l.lower() or 'Trace' in l]
-    assert len(errors_) == 1 and errors_[0].startswith('error: saving checkpoint '), errors_
+    assert len(errors_) == 1 and errors_[0].startswith('error: saving checkpoint '), \
+        proc.stderr[-3000:]
     assert 'No space left on device' in errors_[0] and 'MiB free there' in errors_[0]
     assert 'preflight: only' in proc.stderr  # it was warned about before the first save
     saved = checkpoints.complete_steps(workdir)

@@ -164,8 +164,9 @@ def setup_logging() -> None:
   for noisy in ('absl', 'jax'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   sys.unraisablehook = _unraisable
-  if _drop_orbax_reports not in logging.getLogger('absl').filters:
-    logging.getLogger('absl').addFilter(_drop_orbax_reports)
+  for name in ('absl', 'asyncio'):
+    if _drop_orbax_reports not in logging.getLogger(name).filters:
+      logging.getLogger(name).addFilter(_drop_orbax_reports)
 
 
 def _unraisable(unraisable) -> None:
@@ -187,9 +188,20 @@ def _unraisable(unraisable) -> None:
 
 
 def _drop_orbax_reports(record: logging.LogRecord) -> bool:
-  """Orbax logs each failed save or read as several tracebacks from its threads; the train
-  loop and the readers turn every such failure into one error line of their own."""
-  return f'{os.sep}orbax{os.sep}' not in record.pathname or record.levelno >= logging.CRITICAL
+  """Orbax logs each failed save or read as several tracebacks from its threads, and asyncio
+  logs its failed write tasks as 'Task exception was never retrieved' when they are
+  collected; the train loop and the readers turn every such failure into one error line."""
+  orbax = f'{os.sep}orbax{os.sep}'
+  if record.levelno >= logging.CRITICAL:
+    return True
+  if record.name == 'asyncio':
+    tb = record.exc_info[2] if record.exc_info else None
+    files = []
+    while tb is not None:
+      files.append(tb.tb_frame.f_code.co_filename)
+      tb = tb.tb_next
+    return orbax not in record.getMessage() and not any(orbax in f for f in files)
+  return orbax not in record.pathname
 
 
 # Errors of the machine rather than the code: a full or read-only disk, no permission.
