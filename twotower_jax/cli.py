@@ -174,8 +174,9 @@ def _unraisable(unraisable) -> None:
   Python cannot raise from (a garbage-collection callback of jax's, during a compile) would
   be printed and dropped, and the command would run on: it is delivered to the main thread
   again. After a failed checkpoint read or save, TensorStore's threads keep posting to the
-  asyncio loop Orbax has closed, each post reported as 'RuntimeError: Event loop is closed':
-  dropped (the read or save fails with its own one-line error). The rest: Python's hook."""
+  asyncio loop Orbax has closed, each post reported as 'RuntimeError: Event loop is closed',
+  and Orbax's coroutines fail as they are collected: dropped (the read or save fails with its
+  own one-line error). The rest: Python's hook."""
   exc = unraisable.exc_value
   if isinstance(exc, (KeyboardInterrupt, _Terminated)):
     signum = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
@@ -184,24 +185,33 @@ def _unraisable(unraisable) -> None:
     return
   if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
     return
+  if _through_orbax(unraisable.exc_traceback):
+    return
   sys.__unraisablehook__(unraisable)
+
+
+_ORBAX = f'{os.sep}orbax{os.sep}'
+
+
+def _through_orbax(tb) -> bool:
+  """Whether a traceback passes through Orbax's code."""
+  while tb is not None:
+    if _ORBAX in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
 
 
 def _drop_orbax_reports(record: logging.LogRecord) -> bool:
   """Orbax logs each failed save or read as several tracebacks from its threads, and asyncio
   logs its failed write tasks as 'Task exception was never retrieved' when they are
   collected; the train loop and the readers turn every such failure into one error line."""
-  orbax = f'{os.sep}orbax{os.sep}'
   if record.levelno >= logging.CRITICAL:
     return True
   if record.name == 'asyncio':
-    tb = record.exc_info[2] if record.exc_info else None
-    files = []
-    while tb is not None:
-      files.append(tb.tb_frame.f_code.co_filename)
-      tb = tb.tb_next
-    return orbax not in record.getMessage() and not any(orbax in f for f in files)
-  return orbax not in record.pathname
+    return (_ORBAX not in record.getMessage()
+            and not _through_orbax(record.exc_info[2] if record.exc_info else None))
+  return _ORBAX not in record.pathname
 
 
 # Errors of the machine rather than the code: a full or read-only disk, no permission.
