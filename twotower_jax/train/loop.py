@@ -89,9 +89,10 @@ def eval_windows(config: ml_collections.ConfigDict, meta: dict[str, Any] | None,
 def evaluate(eval_fn, params, batches: list[np.ndarray], batch_sh, batch_size: int) -> dict:
   """Loss over the eval batches; with target weights also `loss_all` over every target."""
   sums = {'loss_sum': 0.0, 'weight_sum': 0.0}
-  for rows in batches:
+  for i, rows in enumerate(batches):
     local = _local_rows(rows, batch_sh)
-    out = eval_fn(params, sharding_lib.global_batch(local, batch_sh, batch_size))
+    out = eval_fn(params, sharding_lib.global_batch(local, batch_sh, batch_size),
+                  np.int32(i))  # batch i's own example key (masked LM: masks vary by batch)
     sums = {k: sums.get(k, 0.0) + v for k, v in out.items()}
   loss = float(sums['loss_sum']) / max(float(sums['weight_sum']), 1.0)
   result = {'loss': loss, 'perplexity': float(np.exp(loss)), 'tokens': float(sums['weight_sum'])}
@@ -167,7 +168,8 @@ def jit_eval_step(config: ml_collections.ConfigDict, model, mesh, params_sh, bat
   step = functools.partial(step_lib.eval_step, model=model,
                            target_weights_V=_constant(target_weights_V))
   return jax.jit(partitioning.with_rules(step, mesh, sharding_lib.rules(config)),
-                 in_shardings=(params_sh, batch_sh), out_shardings=sharding_lib.replicated(mesh))
+                 in_shardings=(params_sh, batch_sh, sharding_lib.replicated(mesh)),
+                 out_shardings=sharding_lib.replicated(mesh))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
