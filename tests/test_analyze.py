@@ -248,27 +248,34 @@ def test_three_tower_run_scores_every_tower(tmp_path, small_corpus_dir):
 
 
 def test_summary_statistics_on_synthetic_items(small_corpus_dir):
-  """Closed-class items planted at pref +1, open at -1: AUC 1, bimodal vs the control."""
+  """Function words planted at pref +1, content words at -1 (punctuation near 0): a class
+  split in both tests' senses, the prefer test far beyond its shuffled control."""
   config = analysis_config(small_corpus_dir)
+  config.analysis.n_perm = 999
   rng = np.random.default_rng(0)
-  v = 200
-  wc = np.array(['closed'] * 60 + ['open'] * 100 + [''] * 40)
-  pref = np.where(wc == 'closed', 1.0, -1.0) + 0.1 * rng.normal(size=v)
+  v = 220
+  wc = np.array(['closed'] * 60 + ['open'] * 100 + ['punct'] * 20 + [''] * 20 + ['fragment'] * 20)
+  pref = np.where(wc == 'closed', 1.0, np.where(wc == 'punct', 0.0, -1.0)) + 0.1 * rng.normal(
+      size=v)
   control = 0.1 * rng.normal(size=(20, v))
-  res = {'count': rng.integers(1, 500, size=v).astype(float), 'pref': pref,
+  count = rng.integers(1, 500, size=v).astype(float)
+  res = {'count': count, 'pref': pref, 'pref_norm': np.clip(pref, -1, 1),
          'control_pref': control[0], 'control_pref_KxV': control, 'best': (pref < 0).astype(int),
          'seconds': 1.0, 'prepare_seconds': 0.0, 'tokens_per_s': 1.0}
   classes = {'word_class': wc, 'upos': np.full(v, ''), 'source': 'function_words'}
   pieces = [f'p{i}' for i in range(v)]
   labels = np.where(wc == 'closed', planted.SYNTAX, np.where(wc == 'open', planted.TOPIC, -1))
-  s = summary_lib.estimator_summary(res, pieces, classes, 2, config, labels)
+  item_loss = 8.0 - np.log(count) + 0.1 * rng.normal(size=v)
+  s = summary_lib.estimator_summary(res, pieces, classes, 2, config, item_loss, labels)
   keep = res['count'] >= config.analysis.min_count
-  assert s['n_items'] == keep.sum()
+  assert s['n_items'] == keep.sum() and s['n_fragments'] == (keep & (wc == 'fragment')).sum()
   ce = s['class_enrichment']
-  assert ce['auc'] == 1.0 and ce['ci'][0] == 1.0 and ce['mean_pref_closed'] > 0.8
-  assert ce['null']['p'] == 1 / 21 and ce['null']['effect'] > 5  # beyond every control draw
-  assert abs(ce['null']['null_mean'] - 0.5) < 0.1
-  assert s['planted']['auc'] == 1.0 and s['planted']['n_syntax'] == (keep & (wc == 'closed')).sum()
+  assert ce['auc'] == 1.0 and ce['auc_unadjusted'] == 1.0 and ce['mean_pref_positive'] > 0.8
+  assert ce['p'] <= 2 * 2 / 1000 and ce['test']['direction'] == 'positive->0'
+  assert ce['n_positive'] == (keep & (wc == 'closed')).sum()
+  assert s['punct']['test']['lean_positive']['p_positive'] > 0.01  # punctuation sits at 0
+  assert s['prefer']['null']['p'] == 1 / 21  # beyond every shuffled draw
+  assert s['planted']['auc'] == 1.0 and s['planted']['n_positive'] == ce['n_positive']
   assert s['bimodality'] > 0.8 > s['control']['bimodality']
   assert sum(b['n'] for b in s['frequency']['bins']) == s['n_items']
   assert sum(s['histogram']['counts']) == s['n_items']

@@ -13,7 +13,7 @@ PACKAGE = 'twotower_jax'
 # name stands for every module in it.
 LAYERS = (
     ('errors', 'hostmem', 'staging'),
-    ('config', 'workdir'),
+    ('config', 'analysis_config', 'workdir'),
     ('data',),
     ('model',),
     ('train',),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from twotower_jax import report
+from twotower_jax.analysis import multiplicity
 from twotower_jax.report import figures
 from twotower_jax.report import format as fmt
 from twotower_jax.report import render
@@ -20,6 +21,24 @@ ODD_PIECE = '<b>|'
 def _pieces(v):
   base = ['\u2581the', ',', '\u2581of', '\u2581people', ODD_PIECE, '\u2581war', 's', '&amp;']
   return [base[i] if i < len(base) else f'\u2581w{i}' for i in range(v)]
+
+
+def class_block(auc, interval, p, two_towers=True, n=(18, 17)):
+  """A class test block as the analysis writes it (summary.class_block): the adjusted AUC,
+  both classes' leans and the test's p."""
+  up = auc > 0.5
+  test = {'auc_unadjusted': auc - 0.02, 'p': p,
+          'association': {'auc': auc, 'ci': interval, 'p_greater': p / 2, 'p_less': 1.0},
+          'direction': ('positive->0' if up else 'positive->1') if two_towers else
+                       ('positive_sharper' if up else 'negative_sharper')}
+  if two_towers:
+    test['lean_positive'] = {'median': 0.2 if up else -0.2, 'p_positive': p / 2 if up else 0.9,
+                             'p_negative': 0.9 if up else p / 2}
+    test['lean_negative'] = {'median': -0.1 if up else 0.1, 'p_positive': 0.9 if up else p / 2,
+                             'p_negative': p / 2 if up else 0.9}
+  return {'n_positive': n[0], 'n_negative': n[1], 'mean_pref_positive': 0.2,
+          'mean_pref_negative': -0.1, 'auc_normalized': auc + 0.01, 'test': test, 'auc': auc,
+          'ci': interval, 'auc_unadjusted': auc - 0.02, 'p': p}
 
 
 def make_analysis(root, n_towers=2, estimators=('probe', 'ablation'), struct=True,
@@ -82,17 +101,18 @@ def make_analysis(root, n_towers=2, estimators=('probe', 'ablation'), struct=Tru
                       'bins': [{'lo': 2, 'hi': 10, 'n': 12, 'mean_pref': 0.1, 'auc_closed': 0.6},
                                {'lo': 10, 'hi': 100, 'n': 20, 'mean_pref': float('nan'),
                                 'auc_closed': float('nan')}]},
-        'class_enrichment': {'source': 'function_words', 'auc': auc, 'ci': interval,
-                             'n_closed': 18, 'n_open': 17, 'mean_pref_closed': 0.2,
-                             'mean_pref_open': -0.1,
-                             'null': {'null_mean': 0.5, 'null_sd': 0.03, 'n_null': 100,
-                                      'p': 0.0099 if abs(auc - 0.5) > 0.1 else 0.52,
-                                      'effect': (auc - 0.5) / 0.03}},
+        'prefer': {'statistic': 0.3, 'null': {'null_mean': 0.1, 'null_sd': 0.01, 'p': 0.001,
+                                              'n_null': 999}},
+        'class_enrichment': dict(class_block(auc, interval, 0.0004 if abs(auc - 0.5) > 0.1
+                                             else 0.52, n_towers <= 2), source='function_words'),
+        'punct': dict(class_block(0.55, [0.3, 0.8], 0.7, n_towers <= 2, (3, 17)),
+                      source='function_words'),
+        'n_fragments': 1,
         'top_items': top[est], 'seconds': 1.5, 'tokens_per_s': 1234.0,
         'description': f'what {est} measures',
     }
     if planted:
-      per[est]['planted'] = {'auc': 0.93, 'ci': [0.88, 0.97], 'n_syntax': 13, 'n_topic': 13}
+      per[est]['planted'] = class_block(0.93, [0.88, 0.97], 0.0002, n_towers <= 2, (13, 13))
   agreement = {}
   for a in range(len(estimators)):
     for b in range(a + 1, len(estimators)):
@@ -111,6 +131,8 @@ def make_analysis(root, n_towers=2, estimators=('probe', 'ablation'), struct=Tru
              'estimators_skipped': ({} if 'gate' in estimators else
                                     {'gate': 'needs a mixture gate (this run: concat)'}),
              'eval_loss': 4.2, 'per_estimator': per, 'agreement': agreement,
+             'tests': multiplicity.family(per, f'{estimators[-1]}/class', 0.05),
+             'word_class_source': 'function_words',
              'structural_probe': sp, 'token_view_estimator': estimators[0]}
   with open(os.path.join(out, 'summary.json'), 'w') as f:
     json.dump(summary, f)
@@ -150,15 +172,22 @@ def test_markdown_two_towers_headline_and_tables(two_towers):
   assert '34 vocabulary items seen at least 2 times, among 4000 scored positions in 8' in md
   for est in summary['estimators']:
     ce = summary['per_estimator'][est]['class_enrichment']
-    stat = f"AUC {ce['auc']:.2f} [{ce['ci'][0]:.2f}, {ce['ci'][1]:.2f}]"
+    stat = f"adjusted AUC {ce['auc']:.3f} [{ce['ci'][0]:.3f}, {ce['ci'][1]:.3f}]"
     line = _headline(md, est)
     assert stat in line, (stat, line)
+    assert 'some items prefer a tower: mean squared preference 0.3000, 3.0x' in line
   probe_line = _headline(md, 'probe')
-  assert 'tower 0 prefers closed-class items' in probe_line
+  assert '**class split: function words lean to tower 0, content words to tower 1**' in probe_line
+  assert 'p = 0.0004, Holm-adjusted p = 0.002' in probe_line
+  assert 'function words to tower 0 (median 0.200, p = 0.0002)' in probe_line
+  assert '(p \u2264 0.001, Holm-adjusted p = 0.004)' in probe_line  # the shuffled-tower floor
   abl_line = _headline(md, 'ablation')
-  assert 'within what the control shows' in abl_line and 'prefers closed' not in abl_line
-  assert '(control 0.50 \u00b1 0.03, p \u2264 0.010, 7.0 SD)' in probe_line
-  assert '| 0.710 | [0.660, 0.760] | 0.500 \u00b1 0.030 | 0.010 | 18 | 17 |' in md
+  assert 'no class split between function words and content words shown' in abl_line
+  assert 'p = 0.520 (the primary test)' in abl_line and 'split: function' not in abl_line
+  assert 'Primary test `ablation/class`' in md and 'not rejected' in md
+  assert ('| function vs content words | 0.710 | [0.660, 0.760] | 0.690 | 0.720 | 18 / 17 | '
+          '0.200 / -0.100 | 0.0004 |') in md
+  assert '| ablation/class (primary) |' in md  # the table of tests
   # The odd piece is escaped in tables: its pipe never splits a cell.
   assert '\\<b\\>\\|' in md
   for line in md.splitlines():
@@ -174,7 +203,7 @@ def test_markdown_two_towers_headline_and_tables(two_towers):
   assert prefs1 and all(p < 0 for p in prefs1)  # tower-0 items never pad the tower-1 list
   assert f'Only {len(prefs1)} items with count >= min_count lean to this tower.' in tower1
   assert 'Best UUAS per tower: tower 0 0.500 (layer\\_1); tower 1 0.550 (layer\\_1).' in md
-  assert 'bimodality 0.61 vs 0.34 in the control' in _headline(md, 'probe')
+  assert '| this model | 0.610 |' in md  # the bimodality against its control
   assert 'baseline' in md.lower() and '| 1 | layer\\_0 | 0.450 | n/a |' in md
 
 
@@ -195,10 +224,10 @@ def test_three_towers_and_gate(tmp_path):
   report.write_report(out)
   md = _md(out)
   gate_line = _headline(md, 'gate')
-  assert 'open-class items have sharper tower preferences' in gate_line
-  assert 'AUC 0.27 [0.20, 0.33]' in gate_line
+  assert 'content words have sharper tower preferences than function words' in gate_line
+  assert 'adjusted AUC 0.270 [0.200, 0.330]' in gate_line
   assert '**tower 2**' in md
-  assert 'Planted classes' in md and '| 0.930 | [0.880, 0.970] | n/a | n/a | 13 | 13 |' in md
+  assert 'Planted classes' in md and '| syntax vs topic items | 0.930 | [0.880, 0.970] |' in md
   assert 'did not run' not in md
   assert list(summary['agreement']) == ['probe~gate'] and '| probe~gate |' in md
 
@@ -275,7 +304,7 @@ def test_html_self_contained_escaped_with_token_view(two_towers):
   assert 'title="not scored"' in page and 'rgba(31,119,180,0.90)' in page
   assert 'rgba(255,127,14,1.00)' in page
   ce = summary['per_estimator']['probe']['class_enrichment']
-  assert f"AUC {ce['auc']:.2f} [{ce['ci'][0]:.2f}, {ce['ci'][1]:.2f}]" in page
+  assert f"AUC {ce['auc']:.3f} [{ce['ci'][0]:.3f}, {ce['ci'][1]:.3f}]" in page
   assert '<b>' in page and '**' not in page
   md = _md(out)
   assert 'The\u2070<b>|\u00b9 wars.' in md and 'of\u00b9&amp; people\u2070' in md
@@ -291,14 +320,13 @@ def test_one_tower_split_control_model(tmp_path):
   summary['n_towers'] = 1
   summary['per_estimator']['ablation']['control']['kind'] = 'split_single_tower'
   summary['per_estimator']['ablation']['class_enrichment']['ci'] = [None, None]
-  summary['per_estimator']['ablation']['class_enrichment']['null'] = {}  # written before tests
   with open(os.path.join(out, 'summary.json'), 'w') as f:
     json.dump(summary, f)
   report.write_report(out)
   md = _md(out)
   assert 'This is a one-tower model' in md and 'split\\_single\\_tower' in md
   line = _headline(md, 'ablation')
-  assert 'no confidence interval, so no claim either way: AUC 0.52 n/a' in line
+  assert 'adjusted AUC 0.520 n/a' in line and 'no class split' in line
   assert '**tower 1 (most negative preference)**' in md
 
 
@@ -319,9 +347,9 @@ def test_degenerate_estimator_does_not_fail(tmp_path):
   res = report.write_report(out)
   md = _md(out)
   assert res['figures']['probe'] == {} and os.listdir(os.path.join(out, 'figures')) == []
-  assert 'no class split measurable (AUC n/a' in _headline(md, 'probe')
+  assert 'no class test in summary.json' in _headline(md, 'probe')
   for why in ('no histogram in summary.json', 'no frequency statistics in summary.json',
-              'no class enrichment in summary.json', 'no top items in summary.json'):
+              'no class test in summary.json', 'no top items in summary.json'):
     assert f'Not shown: {why}' in md
   assert os.path.getsize(res['report_html']) > 1000
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import ml_collections
 
+from twotower_jax import analysis_config
 from twotower_jax import errors
 
 
-class ConfigError(errors.UserError):
-  """A bad config value; the message names the field and the fix."""
+ConfigError = errors.ConfigError  # a bad config value; the message names the field and the fix
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -62,6 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
   # source=planted: the training loss only on targets of this class ('syntax' | 'topic';
   # '' = every target). Eval reports both (docs/ANALYSIS.md, "Known-answer validation").
   c.data.planted_loss_class = ''
+  # or a weight per class, 'W_SYNTAX,W_TOPIC' (e.g. '0.9,0.1'; validate's ladder); '' = off
+  c.data.planted_class_weights = ''
 
   c.model = ml_collections.ConfigDict()
   c.model.n_towers = 2
@@ -184,46 +186,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention = 'auto'
   c.train.grad_accum_steps = 1  # micro-batches per step (scan in the jitted step); 1 = off
   c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = look up (TPU/GPU) or measure (CPU)
-  # Structural probe of the analysis (docs/ANALYSIS_STATS.md).
-  c.analysis = ml_collections.ConfigDict()
-  c.analysis.struct_conllu = ''  # CoNLL-U file, directory or glob ('' = no probe)
-  c.analysis.struct_rank = 64  # rank of the probe matrix B (capped at d_model)
-  c.analysis.struct_steps = 1000  # Adam steps per probe (all probes train together)
-  c.analysis.struct_lr = 1e-2
-  c.analysis.struct_batch_size = 32  # sentences per step and per forward batch
-  c.analysis.struct_max_sentences = 1000  # usable sentences used in all (0 = all)
-  c.analysis.struct_test_fraction = 0.2  # held-out share for UUAS / DSpr
-  c.analysis.struct_word_repr = 'mean'  # word state: 'mean' or 'first' of its pieces
-  c.analysis.struct_seed = 0  # sentence split and probe init
-  # Tower preference analysis (python -m twotower_jax.analyze; docs/ANALYSIS.md).
-  c.analysis.estimators = 'probe,resample,gate'  # comma list (also: ablation); gate: mixture gates
-  c.analysis.eval_windows = 0  # held-out windows scored, every estimator on the same positions; 0 = all
-  c.analysis.min_count = 20  # items with fewer scored occurrences are left out of the statistics
-  c.analysis.n_boot = 1000  # bootstrap resamples for confidence intervals
-  c.analysis.n_control = 100  # shuffled-label control draws: each statistic's null distribution
-  c.analysis.ablation_draws = 2  # resample: replacement draws averaged per position
-  # ablation/resample on mixture gates: 'fixed' = the prior reads the unedited states (the drop
-  c.analysis.ablation_routing = 'fixed'  # measures predictions); 'edited' = it reaches the prior
-  # Probe heads (phases 2-3) train on cached states of probe_windows training windows.
-  c.analysis.probe_windows = 256  # training windows whose frozen states the probes read
-  c.analysis.probe_heldout = 0.1  # share of those windows held out for the stopping rule
-  c.analysis.probe_batch_size = 4  # windows per AdamW step
-  c.analysis.probe_lr = 1e-3  # after a linear warm-up of probe_warmup steps
-  c.analysis.probe_warmup = 50
-  c.analysis.probe_weight_decay = 0.01  # on the heads' matrices
-  c.analysis.probe_steps = 3000  # cap; training stops earlier on a held-out plateau
-  c.analysis.probe_eval_every = 25  # steps between held-out checks
-  c.analysis.probe_patience = 3  # checks without improvement before stopping
-  c.analysis.probe_min_delta = 0.002  # nats: an improvement smaller than this does not count
-  # What the probes read (docs/FIDELITY.md A4; the original's: joint_ln, True, True).
-  c.analysis.probe_input = 'tower'  # 'tower' (own final state) | 'joint_ln' (concat head's 1st LN)
-  c.analysis.probe_dropout = False  # cache the probes' states with the towers' dropout on
-  c.analysis.probe_seed_per_tower = False  # head k: seed analysis.seed + k (init, batches, dropout)
-  c.analysis.conllu = ''  # CoNLL-U treebank for word classes ('' = built-in function-word list)
-  c.analysis.word_classes = ''  # or a word<TAB>closed|open list (corpora no treebank covers)
-  c.analysis.token_view_passages = 4  # held-out passages in token_view.json
-  c.analysis.step = 0  # checkpoint step to analyse (0 = latest)
-  c.analysis.seed = 0  # probe init and batches, shuffled-label control, bootstrap
+  c.analysis = analysis_config.fields()
   return c
 
 
@@ -278,8 +241,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.mesh.tower > 0 and m.n_towers % config.mesh.tower:
     raise ConfigError(f'mesh.tower={config.mesh.tower} does not divide model.n_towers='
                       f'{m.n_towers}; set mesh.tower to a divisor of n_towers')
-  _validate_struct_probe(config.analysis)
-  _validate_analysis(config.analysis)
+  analysis_config.validate(config.analysis)
   _validate_transfer(config)
   _check_finite(config, '')  # last: the fields' own checks name a range where they have one
 
@@ -339,44 +301,6 @@ def _validate_optimizer(o: ml_collections.ConfigDict) -> None:
   for name, ok, want in checks:
     if not ok:
       raise ConfigError(f'optimizer.{name}={o[name]!r} must be {want}')
-
-
-def _validate_analysis(a: ml_collections.ConfigDict) -> None:
-  """The preference analysis's numeric fields (estimator names: analysis.check_config)."""
-  for name in ('probe_steps', 'probe_batch_size', 'n_boot', 'n_control', 'ablation_draws',
-               'probe_windows', 'probe_eval_every', 'probe_patience'):
-    if a[name] < 1:
-      raise ConfigError(f'analysis.{name}={a[name]} must be >= 1')
-  for name in ('eval_windows', 'token_view_passages', 'step', 'probe_warmup',
-               'probe_weight_decay', 'probe_min_delta'):
-    if a[name] < 0:
-      raise ConfigError(f'analysis.{name}={a[name]} must be >= 0')
-  if a.ablation_routing not in ('fixed', 'edited'):
-    raise ConfigError(f"analysis.ablation_routing={a.ablation_routing!r}; use 'fixed' (the "
-                      "gate's prior reads the unedited states) or 'edited'")
-  if a.min_count < 1 or not 0 < a.probe_lr < 1 or not 0 < a.probe_heldout < 1:
-    raise ConfigError('analysis.min_count must be >= 1, analysis.probe_lr and '
-                      'analysis.probe_heldout in (0, 1)')
-  if a.probe_input not in ('tower', 'joint_ln'):
-    raise ConfigError(f"analysis.probe_input={a.probe_input!r} is unknown; use 'tower' or "
-                      "'joint_ln'")
-  for name in ('probe_dropout', 'probe_seed_per_tower'):
-    if not isinstance(a[name], bool):
-      raise ConfigError(f'analysis.{name}={a[name]!r} must be true or false')
-
-
-def _validate_struct_probe(a: ml_collections.ConfigDict) -> None:
-  """The structural probe's fields (analysis.struct_*)."""
-  if a.struct_word_repr not in ('mean', 'first'):
-    raise ConfigError(f"analysis.struct_word_repr={a.struct_word_repr!r}; use 'mean' or 'first'")
-  if not 0.0 < a.struct_test_fraction < 1.0:
-    raise ConfigError(f'analysis.struct_test_fraction={a.struct_test_fraction} must be in (0, 1)')
-  for name in ('struct_rank', 'struct_steps', 'struct_batch_size'):
-    if a[name] < 1:
-      raise ConfigError(f'analysis.{name}={a[name]} must be >= 1')
-  if a.struct_max_sentences < 0 or a.struct_lr <= 0:
-    raise ConfigError(f'analysis.struct_max_sentences={a.struct_max_sentences} must be >= 0 and '
-                      f'analysis.struct_lr={a.struct_lr} > 0')
 
 
 def _validate_model_options(m: ml_collections.ConfigDict) -> None:

@@ -25,6 +25,7 @@ from twotower_jax import run as run_lib
 from twotower_jax import staging
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.analysis import estimators as est_lib
+from twotower_jax.analysis import multiplicity
 from twotower_jax.analysis import summary as summary_lib
 from twotower_jax.analysis import token_view as token_view_lib
 from twotower_jax.analysis import wordclass
@@ -44,6 +45,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not names or unknown:
     raise config_lib.ConfigError(f'analysis.estimators={config.analysis.estimators!r}: use a '
                                  f'comma list of {sorted(est_lib.ESTIMATORS)}')
+  est, _ = multiplicity.parse_primary(config.analysis.primary)
+  if est not in est_lib.ESTIMATORS:
+    raise config_lib.ConfigError(f'analysis.primary={config.analysis.primary!r}: {est!r} is not '
+                                 f'an estimator; use one of {sorted(est_lib.ESTIMATORS)}, e.g. '
+                                 'resample/class')
 
 
 def load_config(workdir: str, analysis: ml_collections.ConfigDict | None = None,
@@ -77,15 +83,36 @@ def planted_labels(config: ml_collections.ConfigDict, sp) -> np.ndarray | None:
   return np.asarray(planted.token_classes(config, sp))
 
 
-def _estimator_entry(name, res, pieces, classes, config, planted_V) -> dict[str, Any]:
+PROBE_SEEN = 20  # the report says how many scored items a probe saw this often in training
+
+
+def _estimator_entry(name, res, pieces, classes, config, item_loss_V, planted_V,
+                     alt_classes) -> dict[str, Any]:
   """summary.json's block for one estimator: its statistics, meaning and own record."""
   est = est_lib.get(name)
   out = summary_lib.estimator_summary(res, pieces, classes, config.model.n_towers, config,
-                                      planted_V)
+                                      item_loss_V, planted_V, alt_classes)
   out['description'] = est.description
   if est.summary is not None:
     out.update(est.summary(res['state']))
+  counts = res['state'].get('train_counts_V') if isinstance(res['state'], dict) else None
+  if counts is not None and isinstance(out.get('training'), dict):
+    scored = (res['count'] >= config.analysis.min_count) & np.isfinite(res['pref'])
+    out['training'].update(scored_items_seen=int(np.sum(scored & (counts >= PROBE_SEEN))),
+                           seen_threshold=PROBE_SEEN)
   return out
+
+
+def word_classes(a: ml_collections.ConfigDict, sp) -> tuple[dict, dict | None]:
+  """The word classes the tests use, and with a treebank the built-in list's beside them
+  (the sensitivity check: does the class claim depend on the word-class source?)."""
+  classes = dict(wordclass.piece_classes(sp, a.conllu or None, a.word_classes or None))
+  classes['source'] = ('treebank' if a.conllu else 'word_list' if a.word_classes else
+                       'function_words')
+  if classes['source'] != 'treebank':
+    return classes, None
+  alt = dict(wordclass.piece_classes(sp, None), source='function_words')
+  return classes, alt
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = None
@@ -165,10 +192,9 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
   sp = setup.tokenizer
   if len(setup.splits.val_windows) == 0:
     raise AnalysisError('the run has no held-out windows to score; give it more data')
+  batch, n_windows, val = config.train.batch_size, int(a.eval_windows), setup.splits.val_windows
   ctx = est_lib.Context(config=config, model=setup.model, params=restored.params,
-                        eval_batches=est_lib.base.eval_batches(setup.splits.val_windows,
-                                                               int(a.eval_windows),
-                                                               config.train.batch_size),
+                        eval_batches=est_lib.base.eval_batches(val, n_windows, batch),
                         train_windows=setup.splits.train_windows, analysis_dir=out_dir, step=step)
   names, skipped = estimator_names(config)
   ev = est_lib.base.tower_pass(ctx)
@@ -181,12 +207,10 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
              results[name]['seconds'], results[name]['prepare_seconds'],
              results[name]['tokens_per_s'])
   pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-  classes = dict(wordclass.piece_classes(sp, a.conllu or None, a.word_classes or None))
-  classes['source'] = ('treebank' if a.conllu else 'word_list' if a.word_classes else
-                       'function_words')
+  classes, alt_classes = word_classes(a, sp)
   planted_V = planted_labels(config, sp)
   workdir_lib.write_preference_csv(os.path.join(out_dir, workdir_lib.PREFERENCE_CSV), pieces,
-                                   classes, results, planted_V)
+                                   classes, results, planted_V, ctx.item_loss)
   struct = None
   if a.struct_conllu:
     from twotower_jax.analysis import structural_probe  # pylint: disable=g-import-not-at-top
@@ -194,6 +218,9 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
   view = token_view_lib.token_view(ctx, results, pieces,
                                    {name: res['state'] for name, res in results.items()})
   workdir_lib.write_json(os.path.join(out_dir, workdir_lib.TOKEN_VIEW_JSON), view)
+  per_estimator = {name: _estimator_entry(name, res, pieces, classes, config, ctx.item_loss,
+                                          planted_V, alt_classes)
+                   for name, res in results.items()}
   summary = {
       'workdir': workdir, 'step': int(step), 'n_towers': n_towers,
       'tower_type': config.model.tower_type, 'gate': config.model.gate,
@@ -203,8 +230,9 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
       'min_count': int(a.min_count), 'estimators': names, 'estimators_skipped': skipped,
       'eval_loss': ev['loss'],
       'eval_tokens_per_s': ev['tokens_per_s'],
-      'per_estimator': {name: _estimator_entry(name, res, pieces, classes, config, planted_V)
-                        for name, res in results.items()},
+      'per_estimator': per_estimator,
+      'tests': multiplicity.family(per_estimator, a.primary, a.alpha),
+      'word_class_source': classes['source'],
       'agreement': summary_lib.agreement(results, a.min_count, a.n_boot, a.seed),
       'structural_probe': struct, 'token_view_estimator': view['estimator'],
   }
