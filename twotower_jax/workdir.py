@@ -401,11 +401,15 @@ def read_optional_json(file: str) -> Any:
 
 def write_preference_csv(file: str, pieces: Sequence[str], classes: dict[str, np.ndarray],
                          results: dict[str, dict[str, Any]],
-                         planted_V: np.ndarray | None = None) -> None:
+                         planted_V: np.ndarray | None = None,
+                         item_loss_V: np.ndarray | None = None) -> None:
   """One row per vocabulary item; values are 'nan' where the item was never scored."""
   vocab = len(pieces)
   count = next(iter(results.values()))['count'] if results else np.zeros(vocab)
   header, cols = list(LEADING_COLUMNS), []
+  if item_loss_V is not None:
+    header.append('item_loss')
+    cols.append(item_loss_V)
   for est, res in results.items():
     n = res['mean_NxV'].shape[0]
     for k in range(n):
@@ -413,6 +417,9 @@ def write_preference_csv(file: str, pieces: Sequence[str], classes: dict[str, np
       cols.append(res['mean_NxV'][k])
     header += [f'{est}_pref', f'{est}_pref_lo', f'{est}_pref_hi']
     cols += [res['pref'], res['pref_lo'], res['pref_hi']]
+    if 'pref_norm' in res:
+      header.append(f'{est}_pref_norm')
+      cols.append(res['pref_norm'])
     if n > 2:
       header.append(f'{est}_best')
       cols.append(np.where(res['count'] > 0, res['best'], -1))
