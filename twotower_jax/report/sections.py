@@ -92,8 +92,8 @@ def warnings_for(est: str, ps: dict[str, Any], agreement: dict[str, Any]) -> lis
           if est in k.split('~') and _finite(v.get('spearman'))]
   if rhos and max(rhos) < LOW_AGREEMENT:
     out.append(f'`{est}` agrees weakly with the other estimators (best Spearman '
-               f'{num(max(rhos), 2)} < {LOW_AGREEMENT}): its split may be an artefact of how it '
-               'measures preference')
+               f'{num(max(rhos), 2)} < {LOW_AGREEMENT}): it ranks the items differently, so '
+               'a claim from it alone is a claim about what it measures')
   return out
 
 
