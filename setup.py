@@ -15,6 +15,7 @@ setup(
         'grain>=0.2.10,<0.3',
         'importlib_resources>=6',  # needed by tensorflow-datasets on 3.11, undeclared there
         'jax>=0.6,<0.11',
+        'markdown-it-py>=3,<5',  # report.html from report.md (report/render.py)
         'matplotlib>=3.8,<4',
         'ml_collections>=0.1.1,<2',
         'numpy>=1.26,<3',
