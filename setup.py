@@ -27,5 +27,9 @@ setup(
         'tensorboardX>=2.6,<3',
         'tensorflow-datasets>=4.9.7,<5',
     ],
-    extras_require={'test': ['pytest>=8,<10']},
+    extras_require={'test': [
+        'ipykernel>=6.29,<8',  # the kernel nbclient runs examples/quickstart.ipynb in
+        'nbclient>=0.10,<0.12',  # tests/test_notebook.py executes the notebook
+        'pytest>=8,<10',
+    ]},
 )
