@@ -22,8 +22,7 @@ def test_notebook_is_stored_without_outputs():
   nbformat.validate(nb)
   code = [c for c in nb.cells if c.cell_type == 'code']
   assert code and all(not c.outputs and c.execution_count is None for c in code), (
-      'strip the outputs before committing: jupyter nbconvert --clear-output --inplace '
-      'examples/quickstart.ipynb')
+      'commit the notebook without outputs (in Jupyter: Edit > Clear Outputs of All Cells)')
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field the code reads, with a default that trains on CPU."""
   c = ml_collections.ConfigDict()
   # Modules imported before the config is checked (comma list) that register extra parts
-  # (README, "Extending"); saved in config.json, so the run's analysis imports them too.
+  # (docs/EXTENDING.md); saved in config.json, so the run's analysis imports them too.
   c.imports = ''
 
   c.data = ml_collections.ConfigDict()
