@@ -418,9 +418,9 @@ def test_markdown_it_renders_every_block_as_the_old_renderer_did(tmp_path, monke
     summary['n_towers'] = 1
     with open(os.path.join(out, 'summary.json'), 'w') as f:
       json.dump(summary, f)
-  seen = []
-  to_html = render.to_html
-  monkeypatch.setattr(render, 'to_html', lambda blocks, d: seen.extend(blocks) or to_html(blocks, d))
+  seen, to_html = [], render.to_html
+  monkeypatch.setattr(render, 'to_html',
+                      lambda blocks, d: seen.extend(blocks) or to_html(blocks, d))
   report.write_report(out)
   kinds = {b[0] for b in seen}
   assert {'h', 'p', 'ul', 'table'} <= kinds
