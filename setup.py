@@ -15,6 +15,7 @@ setup(
         'grain>=0.2.10,<0.3',
         'importlib_resources>=6',  # needed by tensorflow-datasets on 3.11, undeclared there
         'jax>=0.6,<0.11',
+        'markdown-it-py>=3,<5',  # report.html from report.md (report/render.py)
         'matplotlib>=3.8,<4',
         'ml_collections>=0.1.1,<2',
         'numpy>=1.26,<3',
@@ -26,5 +27,9 @@ setup(
         'tensorboardX>=2.6,<3',
         'tensorflow-datasets>=4.9.7,<5',
     ],
-    extras_require={'test': ['pytest>=8,<10']},
+    extras_require={'test': [
+        'ipykernel>=6.29,<8',  # the kernel nbclient runs examples/quickstart.ipynb in
+        'nbclient>=0.10,<0.12',  # tests/test_notebook.py executes the notebook
+        'pytest>=8,<10',
+    ]},
 )

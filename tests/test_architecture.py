@@ -13,7 +13,7 @@ PACKAGE = 'twotower_jax'
 # name stands for every module in it.
 LAYERS = (
     ('errors', 'hostmem', 'staging'),
-    ('config', 'analysis_config', 'workdir'),
+    ('config', 'analysis_config', 'config_doc', 'workdir'),
     ('data',),
     ('model',),
     ('train',),

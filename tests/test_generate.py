@@ -164,3 +164,14 @@ def test_a_read_only_workdir_is_refused_before_sampling_and_out_writes_elsewhere
     proc = _generate(workdir, '--prompt=Hi', '--max_new_tokens=2', f'--out={out}')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.exists(os.path.join(out, workdir_lib.GENERATIONS_JSONL))
+
+
+def test_the_html_page_shows_a_workdir_name_literally():
+  """The page's heading is Markdown rendered by markdown-it-py: a workdir named like
+  emphasis or HTML is escaped, not formatted."""
+  rec = {'prompt_pieces': ['\u2581a'], 'tokens': [{'piece': '\u2581b', 'lean': 0.5}],
+         'prompt_index': 0, 'sample': 0, 'stop': 'eos', 'tower_share': [0.5, 0.5],
+         'attribution': 'ablation'}
+  page = generation.html_page([rec], 'Generations: run_*1*<i>, step 6')
+  assert '<h1>Generations: run_*1*&lt;i&gt;, step 6</h1>' in page
+  assert 'tokens leaning to (ablation): tower 0 50%, tower 1 50%' in page

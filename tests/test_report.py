@@ -1,6 +1,8 @@
 """The report from synthetic analysis files (the analysis contract), no model needed."""
 
 import csv
+import html
+from html import parser as html_parser
 import json
 import math
 import os
@@ -241,7 +243,7 @@ def test_number_formatting():
   assert fmt.num(float('nan')) == 'n/a' and fmt.num(None) == 'n/a'
   assert fmt.num(0.12345) == '0.123' and fmt.num(3) == '3'
   assert fmt.ci([0.1, float('nan')]) == 'n/a' and fmt.ci([0.1, 0.2], 2) == '[0.10, 0.20]'
-  assert fmt.md_escape('a|b*c') == 'a\\|b\\*c'
+  assert fmt.md_escape('a|b*c&amp;') == 'a\\|b\\*c\\&amp;'
   assert math.isnan(render._lean(None))  # pylint: disable=protected-access
 
 
@@ -305,13 +307,14 @@ def test_html_self_contained_escaped_with_token_view(two_towers):
   assert 'rgba(255,127,14,1.00)' in page
   ce = summary['per_estimator']['probe']['class_enrichment']
   assert f"AUC {ce['auc']:.3f} [{ce['ci'][0]:.3f}, {ce['ci'][1]:.3f}]" in page
-  assert '<b>' in page and '**' not in page
+  assert '<strong>' in page and '**' not in page
   md = _md(out)
   assert 'The\u2070<b>|\u00b9 wars.' in md and 'of\u00b9&amp; people\u2070' in md
 
 
 def test_inline_html():
-  assert render.inline_html('**a** `b` c\\|d <x>') == '<b>a</b> <code>b</code> c|d &lt;x&gt;'
+  assert render.inline_html('**a** `b` c\\|d <x>') == ('<strong>a</strong> <code>b</code> c|d '
+                                                      '&lt;x&gt;')
   assert render.lean_style(None)[0] == 'tok ns' and render.lean_style(float('nan'))[0] == 'tok ns'
 
 
@@ -374,3 +377,86 @@ def test_probe_training_and_cautions(tmp_path):
   assert '**did not converge** (step cap reached) after 3000 steps' in md
   assert 'tower 0 6.200, tower 1 6.300; the model itself 5.800' in md
   assert res['figures']['probe']['training'] == 'figures/probe_training.png'
+
+
+_OLD_INLINE = re.compile(r'\\(.)|\*\*|`')
+
+
+def _old_inline_html(text):
+  """The hand-written inline Markdown renderer report.html used before markdown-it-py."""
+  out, bold, code, pos = [], False, False, 0
+  for m in _OLD_INLINE.finditer(text):
+    out.append(html.escape(text[pos:m.start()]))
+    pos = m.end()
+    if m.group(1) is not None:
+      out.append(html.escape(m.group(1)))
+    elif m.group(0) == '**':
+      out.append('</b>' if bold else '<b>')
+      bold = not bold
+    else:
+      out.append('</code>' if code else '<code>')
+      code = not code
+  out.append(html.escape(text[pos:]))
+  return ''.join(out + ['</code>'] * code + ['</b>'] * bold)
+
+
+def _old_block_html(b):
+  """The hand-written block renderer of the same version."""
+  if b[0] == 'h':
+    return f'<h{b[1]}>{_old_inline_html(b[2])}</h{b[1]}>'
+  if b[0] == 'p':
+    return f'<p>{_old_inline_html(b[1])}</p>'
+  if b[0] == 'ul':
+    return '<ul>' + ''.join(f'<li>{_old_inline_html(t)}</li>' for t in b[1]) + '</ul>'
+  head = ''.join(f'<th>{_old_inline_html(h)}</th>' for h in b[1])
+  rows = ''.join('<tr>' + ''.join(f'<td>{_old_inline_html(c)}</td>' for c in r) + '</tr>'
+                 for r in b[2])
+  return f'<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+class _Events(html_parser.HTMLParser):
+  """An HTML fragment as the tags and text a browser shows (<b> and <strong> alike)."""
+
+  def __init__(self, fragment):
+    super().__init__()
+    self.events = []
+    self.feed(fragment)
+    self.close()
+
+  def handle_starttag(self, tag, attrs):
+    self.events.append(('<', 'strong' if tag == 'b' else tag, sorted(attrs)))
+
+  def handle_endtag(self, tag):
+    self.events.append(('>', 'strong' if tag == 'b' else tag))
+
+  def handle_data(self, data):
+    if data.strip():
+      self.events.append(('text', data))
+
+
+@pytest.mark.parametrize('variant', [
+    dict(planted=True), dict(n_towers=3, estimators=('probe', 'gate'), planted=True),
+    dict(estimators=('probe',), struct=False, token_view=False), dict(n_towers=1)])
+def test_markdown_it_renders_every_block_as_the_old_renderer_did(tmp_path, monkeypatch, variant):
+  """report.html through markdown-it-py shows the same tags and text as the hand-written
+  renderer it replaced, block by block, on the report of each analysis fixture."""
+  n_towers = variant.pop('n_towers', 2)
+  out, summary = make_analysis(tmp_path, n_towers=max(n_towers, 2), **variant)
+  if n_towers == 1:
+    summary['n_towers'] = 1
+    with open(os.path.join(out, 'summary.json'), 'w') as f:
+      json.dump(summary, f)
+  seen, to_html = [], render.to_html
+  monkeypatch.setattr(render, 'to_html',
+                      lambda blocks, d: seen.extend(blocks) or to_html(blocks, d))
+  report.write_report(out)
+  kinds = {b[0] for b in seen}
+  assert {'h', 'p', 'ul', 'table'} <= kinds
+  odd = ['&amp;', ODD_PIECE, '*x*', '_y_', '\\', '`', '# h', '[a](b)', '<!-- c -->', '\u2581-']
+  seen += [fmt.TABLE(['piece', 'x'], [[fmt.md_escape(fmt.show_piece(p)), '1'] for p in odd]),
+           fmt.P('pieces ' + ', '.join(fmt.md_escape(p) for p in odd))]
+  for b in seen:
+    if b[0] in ('h', 'p', 'ul', 'table'):
+      assert _Events(render.block_html(b)).events == _Events(_old_block_html(b)).events, b
+    elif b[0] == 'fig':
+      assert _Events(render.inline_html(b[2])).events == _Events(_old_inline_html(b[2])).events

@@ -14,10 +14,12 @@ import pytest
 
 from twotower_jax import config as config_lib
 from twotower_jax import run as run_lib
+from twotower_jax import workdir as workdir_lib
 from twotower_jax.data import corpus as corpus_lib
 from twotower_jax.data import planted
 from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.model import towers
+from twotower_jax.train import checkpoints
 from twotower_jax.train import init_from
 from twotower_jax.train import loop
 from twotower_jax.train import optimizer as optimizer_lib
@@ -35,11 +37,15 @@ def _paths(tree) -> dict:
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _steps(config, n=3, target_weights_V=None, model_kw=None):
-  """Params before and after n jitted train steps of a tiny latent model on fixed windows."""
+def _steps(config, n=3, target_weights_V=None, model_kw=None, tx=None, negative_zero=''):
+  """Params before and after n jitted train steps of a tiny latent model on fixed windows
+  (`tx`: in place of optimizer.make's; `negative_zero`: a leaf whose first entry is -0.0)."""
   model = _family.tiny_model(gate='latent', **(model_kw or {}))
-  tx = optimizer_lib.make(config)
+  tx = tx or optimizer_lib.make(config)
   state = state_lib.init(model, tx, 0)
+  state = state.replace(params=jax.tree_util.tree_map_with_path(
+      lambda p, x: x.at[(0,) * x.ndim].set(-0.0) if optimizer_lib.param_path(p) == negative_zero
+      else x, state.params))
   before = _paths(state.params)
   step = jax.jit(functools.partial(
       step_lib.train_step, model=model, tx=tx, lr_schedule=optimizer_lib.schedule(config),
@@ -78,6 +84,82 @@ def test_frozen_parameters_stay_bit_identical_and_get_no_decay():
   changed = {p for p in before if not np.array_equal(before[p], after[p])}
   assert changed == {'gate/gate/kernel', 'gate/gate/bias', 'gate/ln_in/scale', 'gate/ln_in/bias'}
   assert float(metrics['embed_grad_norm_input']) == 0.0  # the frozen table's gradient is zero
+
+
+def _old_frozen_chain(c):
+  """The hand-written freeze optimizer.make built up to 88fe442: frozen gradients zeroed by
+  a mask, then the clip and AdamW (with moments for every leaf, weight decay masked)."""
+  o, pattern = c.optimizer, c.train.trainable
+
+  def zero(grads, _):
+    return jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads,
+                        optimizer_lib.trainable_mask(grads, pattern))
+
+  def decayed(params):
+    return jax.tree.map(lambda d, t: d and t, optimizer_lib.decay_mask(params),
+                        optimizer_lib.trainable_mask(params, pattern))
+
+  return optax.chain(optax.stateless(zero), optax.clip_by_global_norm(o.clip_norm),
+                     optax.adamw(optimizer_lib.schedule(c), b1=o.b1, b2=o.b2, eps=1e-8,
+                                 weight_decay=o.weight_decay, mask=decayed))
+
+
+def _bits(x):
+  return np.asarray(x).view(np.uint32)
+
+
+def _adam_moments(opt_state):
+  """{'mu/PATH' or 'nu/PATH': array} of the AdamW moments in an optimizer state."""
+  adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(
+      x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+  assert len(adam) == 1
+  return {f'{m}/{p}': x for m in ('mu', 'nu') for p, x in _paths(getattr(adam[0], m)).items()}
+
+
+def test_multi_transform_freeze_updates_as_the_old_mask_and_keeps_no_state_for_frozen_leaves():
+  """optax.multi_transform + set_to_zero against the hand-written mask it replaced, 3 steps
+  at a large lr and weight decay: every parameter bit for bit the same (a frozen -0.0 too),
+  the trained leaves' AdamW moments the same, and no moments at all for the frozen leaves
+  (the old chain kept them, at zero)."""
+  c = _opt_config(**{'train.trainable': GATE_ONLY})
+  kw = dict(negative_zero='towers/ln_final/bias')
+  before, old, old_state, _ = _steps(c, tx=_old_frozen_chain(c), **kw)
+  _, new, new_state, _ = _steps(c, **kw)
+  for p in before:
+    assert np.array_equal(_bits(new[p]), _bits(old[p])), p
+    if not optimizer_lib.selects(GATE_ONLY, p):
+      assert np.array_equal(_bits(new[p]), _bits(before[p])), p
+  assert np.signbit(new['towers/ln_final/bias'].flat[0])
+  old_m, new_m = _adam_moments(old_state.opt_state), _adam_moments(new_state.opt_state)
+  trained = {k for k in old_m if optimizer_lib.selects(GATE_ONLY, k.split('/', 1)[1])}
+  assert set(new_m) == trained and len(trained) == 8
+  for k in old_m:
+    if k in trained:
+      assert np.array_equal(_bits(new_m[k]), _bits(old_m[k])), k
+    else:
+      assert not np.any(old_m[k]), k  # the old chain's frozen moments: zeros, never touched
+
+
+FROZEN_88FE442 = os.path.join(os.path.dirname(__file__), 'data', 'workdir_frozen_88fe442')
+
+
+@pytest.mark.slow
+def test_a_frozen_run_written_before_multi_transform_restores_and_resumes(tmp_path):
+  """A train.trainable workdir of 88fe442 (the old optimizer-state layout) is read by the
+  analysis's restore, and resumed from its step 2 it reaches the step-4 parameters that
+  88fe442 itself wrote, bit for bit: the AdamW state carried over."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(FROZEN_88FE442, workdir)
+  written = run_lib.restore(workdir_lib.read_config(workdir), workdir, 4)
+  assert written.step == 4
+  shutil.rmtree(os.path.join(checkpoints.directory(workdir), '4'))
+  result = loop.train_and_evaluate(workdir_lib.read_config(workdir), workdir)
+  assert result['step'] == 4
+  resumed = run_lib.restore(workdir_lib.read_config(workdir), workdir, 4)
+  old, new = _paths(written.params), _paths(resumed.params)
+  assert old.keys() == new.keys()
+  for p in old:
+    assert np.array_equal(_bits(new[p]), _bits(old[p])), p
 
 
 @pytest.fixture(scope='module')

@@ -22,7 +22,7 @@ def fields() -> ml_collections.ConfigDict:
   a.struct_conllu = ''  # CoNLL-U file, directory or glob ('' = no probe)
   a.struct_rank = 64  # rank of the probe matrix B (capped at d_model)
   a.struct_steps = 1000  # Adam steps per probe (all probes train together)
-  a.struct_lr = 1e-2
+  a.struct_lr = 1e-2  # the probes' Adam learning rate
   a.struct_batch_size = 32  # sentences per step and per forward batch
   a.struct_max_sentences = 1000  # usable sentences used in all (0 = all)
   a.struct_test_fraction = 0.2  # held-out share for UUAS / DSpr
@@ -36,14 +36,15 @@ def fields() -> ml_collections.ConfigDict:
   a.n_control = 999  # shuffled-tower control draws (smallest p of their tests: 1/(n_control+1))
   a.ablation_draws = 2  # resample: replacement draws averaged per position
   # ablation/resample on mixture gates: 'fixed' = the prior reads the unedited states (the drop
-  a.ablation_routing = 'fixed'  # measures predictions); 'edited' = it reaches the prior
+  # measures predictions); 'edited' = the edited states reach the prior too.
+  a.ablation_routing = 'fixed'
   # Probe heads (phases 2-3) train on cached states of probe_windows training windows.
   a.probe_windows = 256  # training windows whose frozen states the probes read
   a.probe_heldout = 0.1  # share of those windows held out for the stopping rule
   a.probe_batch_size = 4  # windows per AdamW step
-  a.probe_lr = 1e-3  # after a linear warm-up of probe_warmup steps
-  a.probe_warmup = 50
-  a.probe_weight_decay = 0.01  # on the heads' matrices
+  a.probe_lr = 1e-3  # the heads' AdamW learning rate after probe_warmup steps
+  a.probe_warmup = 50  # steps of linear warm-up to probe_lr
+  a.probe_weight_decay = 0.01  # AdamW weight decay of the heads' matrices
   a.probe_steps = 3000  # cap; training stops earlier on a held-out plateau
   a.probe_eval_every = 25  # steps between held-out checks
   a.probe_patience = 3  # checks without improvement before stopping
@@ -53,7 +54,7 @@ def fields() -> ml_collections.ConfigDict:
   a.probe_dropout = False  # cache the probes' states with the towers' dropout on
   a.probe_seed_per_tower = False  # head k: seed analysis.seed + k (init, batches, dropout)
   a.conllu = ''  # CoNLL-U treebank for word classes ('' = built-in function-word list)
-  a.word_classes = ''  # or a word<TAB>closed|open list (corpora no treebank covers)
+  a.word_classes = ''  # else a word<TAB>closed|open file (corpora no treebank covers)
   a.token_view_passages = 4  # held-out passages in token_view.json
   a.step = 0  # checkpoint step to analyse (0 = latest)
   a.seed = 0  # probe init and batches, shuffled-label control, bootstrap

@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field the code reads, with a default that trains on CPU."""
   c = ml_collections.ConfigDict()
   # Modules imported before the config is checked (comma list) that register extra parts
-  # (README, "Extending"); saved in config.json, so the run's analysis imports them too.
+  # (docs/EXTENDING.md); saved in config.json, so the run's analysis imports them too.
   c.imports = ''
 
   c.data = ml_collections.ConfigDict()
@@ -39,13 +39,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.text_val_glob = ''  # source=text: held-out files (default: a fraction of text_glob)
   c.data.tfds_name = ''  # source=tfds: e.g. 'lm1b', or several comma-separated (data/tfds.py)
   c.data.tfds_data_dir = ''  # where the prepared TFDS dataset lives ('' = TFDS default)
-  c.data.tfds_train_split = 'train'
-  c.data.tfds_val_split = 'test'
-  c.data.tfds_text_key = 'text'
+  c.data.tfds_train_split = 'train'  # source=tfds: training split, one for all datasets or one each
+  c.data.tfds_val_split = 'test'  # source=tfds: held-out split, one for all datasets or one each
+  c.data.tfds_text_key = 'text'  # source=tfds: the text feature, e.g. 'text,book_text' (one each)
   c.data.tfds_max_docs = 0  # read at most this many training documents per dataset (0 = all)
   c.data.val_fraction = 0.05  # sotu/text: fraction of whole documents held out
   c.data.seq_len = 128  # tokens per training window
-  c.data.vocab_size = 8000
+  c.data.vocab_size = 8000  # SentencePiece vocabulary size
   c.data.tokenizer_type = 'unigram'  # SentencePiece model type: 'unigram' | 'bpe' | 'word'
   # source=planted: a generated language with syntax and topic words (docs/PLANTED.md).
   c.data.planted_seed = 0  # the generator's seed (same seed, same corpus)
@@ -62,19 +62,18 @@ def base_config() -> ml_collections.ConfigDict:
   # source=planted: the training loss only on targets of this class ('syntax' | 'topic';
   # '' = every target). Eval reports both (docs/ANALYSIS.md, "Known-answer validation").
   c.data.planted_loss_class = ''
-  # or a weight per class, 'W_SYNTAX,W_TOPIC' (e.g. '0.9,0.1'; validate's ladder); '' = off
-  c.data.planted_class_weights = ''
+  c.data.planted_class_weights = ''  # or loss weights 'W_SYNTAX,W_TOPIC', e.g. '0.9,0.1' ('' = off)
 
   c.model = ml_collections.ConfigDict()
-  c.model.n_towers = 2
+  c.model.n_towers = 2  # towers; 1 = the single-tower baseline through the same code
   c.model.tower_type = 'causal'  # registered tower type: 'causal' | 'mlm' | 'bilstm' (model/)
   c.model.gate = 'concat'  # registered gate: 'concat' | 'latent' | 'logit_sum'
-  c.model.n_layers = 4
-  c.model.d_model = 256
-  c.model.n_heads = 4
-  c.model.d_mlp = 1024
+  c.model.n_layers = 4  # layers per tower (bilstm: LSTM layers per direction)
+  c.model.d_model = 256  # tower width H
+  c.model.n_heads = 4  # attention heads per layer (divides d_model)
+  c.model.d_mlp = 1024  # hidden width of each transformer block's MLP
   c.model.max_len = 128  # rows of the position table
-  c.model.dropout = 0.1
+  c.model.dropout = 0.1  # dropout on embeddings and residual branches
   c.model.scan_layers = True  # one compiled layer body, scanned: fast compiles
   # Gates, embeddings, pondering (docs/DESIGN.md section 2).
   c.model.embedding = ml_collections.ConfigDict()
@@ -107,7 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head.ln_eps = 1e-5  # epsilon of the gates' LayerNorms (original: 1e-12)
   c.model.head.gelu = 'tanh'  # 'tanh' (approximation) | 'erf' (exact, torch nn.GELU())
   c.model.head.init = 'normal'  # head Dense: 'normal' (std 0.02) | 'torch_linear' (torch default)
-  # head.width: the head Dense's output. 'model' (d_model, then out_proj up to a projected
+  # The head Dense's output width: 'model' (d_model, then out_proj up to a projected
   # table) | 'table' (N*d_model, scored against the table: original BERT/ELMo; FIDELITY B2).
   c.model.head.width = 'model'
   c.model.head.joint_ln_dropout = False  # dropout after the concat head's joint LN (ELMo; B6)
@@ -119,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bilstm.hidden = 0  # LSTM width; 0 = d_model. Else each stack ends in h2o: -> d_model
   c.model.bilstm.residual = True  # residual connections between LSTM layers (above the first)
   c.model.bilstm.join = True  # h = Dense([fwd; bwd]) -> d_model; False: [fwd; bwd] itself
-  # input_shift: the original's: the streams read PAD, x_0..x_{L-2} (fwd) and x_1..x_{L-1}, PAD
+  # The original ELMo's input shift: the streams read PAD, x_0..x_{L-2} (fwd) and x_1..x_{L-1}, PAD
   # (bwd), their outputs unshifted (the ends: the LSTMs' state after PAD; False: zeros).
   c.model.bilstm.input_shift = False
   # The original code's as-released behaviours, opt-in (docs/FIDELITY.md rows B5, A1, A2).
@@ -129,14 +128,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.released.mask_pad_keys = False  # attention gives PAD-token keys no weight
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 240  # the default main job: about 6 minutes on a 2-core CPU
-  c.train.seed = 0
-  c.train.batch_size = 16  # global, across all devices and hosts
-  c.train.log_every = 20
-  c.train.eval_every = 120
-  c.train.eval_batches = 8  # a fixed slice of the validation split
-  c.train.checkpoint_every = 120
-  c.train.keep_checkpoints = 3
+  c.train.steps = 240  # training steps (240: the main job, about 6 minutes on a 2-core CPU)
+  c.train.seed = 0  # parameter init, dropout, masks and the data order
+  c.train.batch_size = 16  # windows per step, across all devices and hosts
+  c.train.log_every = 20  # steps between train lines (log, metrics.jsonl, TensorBoard)
+  c.train.eval_every = 120  # steps between evaluations on the held-out slice
+  c.train.eval_batches = 8  # batches per evaluation: a fixed slice of the validation split
+  c.train.checkpoint_every = 120  # steps between Orbax checkpoints (saved asynchronously)
+  c.train.keep_checkpoints = 3  # newest checkpoints kept on disk
   # Reliability: what a NaN/inf loss or gradient does. 'stop': exit non-zero naming the
   # step and quantity, the last good checkpoint kept; 'skip': drop that update, count it.
   c.train.on_nonfinite = 'stop'
@@ -148,23 +147,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.max_consecutive_skips = 20
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.lr = 1e-3
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.98
-  c.optimizer.weight_decay = 0.01
-  c.optimizer.clip_norm = 1.0
-  c.optimizer.warmup_steps = 24
+  c.optimizer.lr = 1e-3  # AdamW peak learning rate (the paper's)
+  c.optimizer.b1 = 0.9  # AdamW beta1
+  c.optimizer.b2 = 0.98  # AdamW beta2
+  c.optimizer.weight_decay = 0.01  # AdamW's; none on biases, LayerNorms and the output bias
+  c.optimizer.clip_norm = 1.0  # gradients clipped to this global norm
+  c.optimizer.warmup_steps = 24  # linear warm-up, then linear decay to 0 at train.steps
 
   # Mesh axis sizes; one may be -1 to take the remaining devices.
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tower = 1
+  c.mesh.data = -1  # data-parallel devices: the batch is split over them
+  c.mesh.fsdp = 1  # FSDP devices: the batch and the parameters' 'embed' axis split
+  c.mesh.tower = 1  # devices the towers are split over (divides model.n_towers)
 
   # Logical axis name -> mesh axis (or None: replicated). Parameters and
   # activations carry the logical names; this table decides where they live.
   c.sharding = ml_collections.ConfigDict()
-  c.sharding.rules = (
+  c.sharding.rules = (  # (logical axis, mesh axis, axes or None) pairs
       ('batch', ('data', 'fsdp')),
       ('tower', 'tower'),
       ('layers', None),

@@ -42,7 +42,7 @@ from twotower_jax.model import decode
 from twotower_jax.model import gates
 from twotower_jax.model import partitioning
 from twotower_jax.report import render
-from twotower_jax.report.format import SPACE_PIECE
+from twotower_jax.report.format import SPACE_PIECE, md_escape
 from twotower_jax.train import sharding as sharding_lib
 
 log = logging.getLogger('twotower_jax')
@@ -277,7 +277,7 @@ def html_page(recs: Sequence[dict], title: str) -> str:
           'tower 1, paler: weaker; the prompt is grey, "not scored"); with more than two towers '
           'the leading tower follows the piece in brackets. Per-token values are in '
           f'{workdir_lib.GENERATIONS_JSONL}; docs/GENERATION.md defines them.')
-  blocks = [('h', 1, title), ('p', note),
+  blocks = [('h', 1, md_escape(title)), ('p', note),
             ('table', ['prompt', 'sample', 'new tokens', 'stop', 'towers'], rows),
             ('tokens', passages)]
   return render.to_html(blocks, '', title=title)

@@ -122,7 +122,9 @@ def restore(config: ml_collections.ConfigDict, workdir: str, step: int = 0) -> R
       if chosen not in mngr.all_steps():
         raise RunError(f'no checkpoint for step {chosen} in {checkpoints.directory(workdir)}; '
                        f'choose one of {sorted(mngr.all_steps())} or 0 for the latest')
-      state, _ = checkpoints.restore(mngr, chosen, abstract)
+      state, _ = checkpoints.restore(mngr, chosen, abstract, legacy=state_lib.legacy_target(
+          config, lambda t: state_lib.abstract(setup.model, t, state_lib.shardings(
+              setup.model, t, setup.mesh, sharding_lib.rules(config)))))
       return Run(setup, state.params, chosen)
     except checkpoints.CheckpointVanished:
       if int(step) or attempt == _VANISHED_RETRIES:

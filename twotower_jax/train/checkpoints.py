@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -299,12 +299,31 @@ def _check_fingerprints(state: Any, meta: dict[str, Any], where: str) -> None:
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
-            data_iter: Any | None = None) -> tuple[Any, dict[str, Any]]:
+            data_iter: Any | None = None,
+            legacy: tuple[Any, Callable[[Any], Any]] | None = None) -> tuple[Any, dict[str, Any]]:
   """State restored onto the shardings in `abstract_state`; data_iter positioned in place.
 
   Any mismatch (shape, tree structure, unreadable or corrupted file) is a CheckpointError;
   Orbax refuses a target tree whose structure differs, so nothing restores partially.
+  `legacy` (target, convert): an older layout of the same state, tried when the current
+  one does not restore; the state read in it is returned converted.
   """
+  where = os.path.join(str(mngr.directory), str(step))
+  try:
+    return _restore(mngr, step, abstract_state, data_iter)
+  except CheckpointError as e:
+    if legacy is None or isinstance(e, CheckpointVanished):
+      raise
+    try:
+      state, meta = _restore(mngr, step, legacy[0], data_iter)
+    except CheckpointError:
+      raise e from None  # not the older layout either: the first error says why
+    log.info('checkpoint %s has an earlier optimizer layout; converted on restore', where)
+    return legacy[1](state), meta
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
+             data_iter: Any | None) -> tuple[Any, dict[str, Any]]:
   where = os.path.join(str(mngr.directory), str(step))
   items = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
   if data_iter is not None:

@@ -64,18 +64,20 @@ def source_params(src_dir: str, tokenizer_sha256: str, vocab_size: int,
                     'this workdir before its first step (a new workdir) so the token ids match')
   src_config = workdir_lib.read_config(src_dir)
   src_model = model_lib.build(src_config, vocab_size)
-  tx = optimizer_lib.make(src_config)
   replicated = sharding_lib.replicated(mesh)
-  shapes = jax.eval_shape(functools.partial(state_lib.init, src_model, tx, 0))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          shapes)
+
+  def abstract_of(tx):
+    shapes = jax.eval_shape(functools.partial(state_lib.init, src_model, tx, 0))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        shapes)
   mngr = checkpoints.manager(src_dir, read_only=True)
   try:
     step = checkpoints.latest_complete_step(mngr)
     if step is None:
       raise InitError(f'model.init_towers: {checkpoints.directory(src_dir)} holds no complete '
                       'checkpoint; train that run first')
-    state, _ = checkpoints.restore(mngr, step, abstract)
+    state, _ = checkpoints.restore(mngr, step, abstract_of(optimizer_lib.make(src_config)),
+                                   legacy=state_lib.legacy_target(src_config, abstract_of))
   finally:
     mngr.close()
   leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]

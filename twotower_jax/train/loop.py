@@ -206,7 +206,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start = checkpoints.latest_complete_step(mngr, remove_incomplete=True)
   meta = None
   if start is not None:  # restore (and fail on a bad checkpoint) before writing anything
-    state, meta = checkpoints.restore(mngr, start, abstract_state, train_iter)
+    legacy = state_lib.legacy_target(config, lambda t: state_lib.abstract(
+        model, t, state_lib.shardings(model, t, mesh, axis_rules)))
+    state, meta = checkpoints.restore(mngr, start, abstract_state, train_iter, legacy)
     tokenizer_lib.check_digest(tokenizer_digest, meta.get('tokenizer_sha256'), workdir)
   else:
     state = state_lib.create_sharded(model, tx, tc.seed, state_sh)
