@@ -144,6 +144,7 @@ def base_config() -> ml_collections.ConfigDict:
   # on_nonfinite=skip gives up (exit non-zero) after this many skipped updates in a row:
   # the state no longer changes, so later batches are unlikely to fare better.
   c.train.max_consecutive_skips = 20
+  c.train.wandb_project = ''  # Weights & Biases project to log to as well ('' = none)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-3

@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from twotower_jax import config as config_lib
+from twotower_jax import paths
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.data import corpus as corpus_lib
 from twotower_jax.data import tokenizer as tokenizer_lib
@@ -50,13 +51,13 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_tokenizer: bool
   mesh = sharding_lib.make_mesh(config, devices)
   corpus = corpus_lib.load(config.data)
   if train_tokenizer and jax.process_index() == 0:
-    created = not os.path.exists(workdir)  # bad input before this point leaves no trace
-    os.makedirs(workdir, exist_ok=True)
+    created = not paths.exists(workdir)  # bad input before this point leaves no trace
+    paths.makedirs(workdir)
     try:
       tokenizer_lib.train_or_load(corpus.train_docs, workdir, config.data.vocab_size,
                                   config.data.tokenizer_type)
     except Exception:
-      if created and not os.listdir(workdir):
+      if created and not paths.is_remote(workdir) and not os.listdir(workdir):
         os.rmdir(workdir)
       raise
   if jax.process_count() > 1:
@@ -66,3 +67,4 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_tokenizer: bool
   splits = data_lib.make_splits(sp, corpus.train_docs, corpus.val_docs, config.data.seq_len)
   model = model_lib.build(config, sp.get_piece_size())
   return Setup(config, mesh, sp, splits, corpus, model)
+
