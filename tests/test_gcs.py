@@ -114,3 +114,24 @@ def test_gs_workdir_trains_survives_kill9_resumes_bit_identically_analyses_gener
   records = workdir_lib.read_jsonl(
       paths.join(workdir_lib.generate_dir(workdir), workdir_lib.GENERATIONS_JSONL))
   assert len(records) == 1 and records[0]['step'] == STEPS
+
+
+
+@pytest.mark.slow
+def test_data_prepared_into_a_bucket_trains_as_its_local_copy(bucket, small_corpus_dir,
+                                                              tmp_path):
+  from twotower_jax.data import preparation  # pylint: disable=g-import-not-at-top
+  config = tiny_config(small_corpus_dir, **{'train.steps': 3, 'train.checkpoint_every': 3,
+                                            'train.eval_every': 3, 'mesh.tower': 1})
+  remote, local = f'{bucket}/data', str(tmp_path / 'data')
+  manifest = preparation.prepare(config, remote, workers=2)
+  assert manifest['complete'] and manifest['splits']['train']['windows'] > 0
+  paths.copy_tree(remote, local)
+  losses = []
+  for prepared, workdir in ((remote, f'{bucket}/from_bucket'), (local, str(tmp_path / 'run'))):
+    run = config.copy_and_resolve_references()
+    run.data.prepared = prepared
+    train.train_and_evaluate(run, workdir)
+    losses.append([l['loss'] for l in workdir_lib.read_metrics(workdir)
+                   if l['kind'] in ('train', 'eval')])
+  assert losses[0] == losses[1]

@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'sotu'  # registered source: 'sotu' | 'text' | 'tfds' | 'planted'
+  c.data.prepared = ''  # token shards of `twotower_jax.prepare` (DIR or gs://) to train from
   c.data.text_glob = ''  # source=text: documents, one per file
   c.data.text_val_glob = ''  # source=text: held-out files (default: a fraction of text_glob)
   c.data.tfds_name = ''  # source=tfds: e.g. 'lm1b', or several comma-separated (data/tfds.py)
