@@ -120,3 +120,9 @@ def test_prepare_refuses_a_folder_of_other_files(prepared, tmp_path):
   with pytest.raises(corpus_lib.CorpusError, match='holds other files'):
     preparation.prepare(config, str(tmp_path), workers=1)
   assert os.listdir(tmp_path) == ['notes.txt']
+
+
+def test_the_prepare_command_wants_an_out_folder():
+  proc = run_module('twotower_jax.prepare', '--config=configs/default.py', timeout=120)
+  assert proc.returncode == 2 and proc.stderr.startswith('error: --out=DIR is required')
+  assert proc.stderr.count('\n') == 1, proc.stderr

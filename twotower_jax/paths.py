@@ -9,6 +9,7 @@ is atomic by itself and a folder is a name prefix, so there is nothing to rename
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -83,10 +84,13 @@ def rmtree(path: str) -> None:
 
 
 def open_file(path: str, mode: str = 'r', **kwargs) -> IO:
-  """open() for a local path, epath's open for a URL."""
-  if is_remote(path):
-    return epath.Path(path).open(mode, **kwargs)
-  return open(path, mode, **kwargs)  # pylint: disable=unspecified-encoding
+  """open() for a local path; for a URL epath's open, or (text read: UTF-8, `newline` as
+  open() takes it) the object's text in memory."""
+  if not is_remote(path):
+    return open(path, mode, **kwargs)  # pylint: disable=unspecified-encoding
+  if mode in ('r', 'rt'):
+    return io.StringIO(read_bytes(path).decode('utf-8'), newline=kwargs.get('newline'))
+  return epath.Path(path).open(mode)
 
 
 def read_bytes(path: str) -> bytes:
