@@ -108,3 +108,16 @@ def test_eval_bits_per_byte_are_the_eval_loss_over_the_targets_bytes(two_step_ru
   assert line['bits_per_byte'] == pytest.approx(
       line['loss'] * line['tokens'] / n_bytes / math.log(2), rel=1e-5)
   assert 'bits_per_word' not in line  # a unigram tokenizer: pieces are not words
+
+
+def test_wandb_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+  pytest.importorskip('wandb')
+  monkeypatch.setenv('WANDB_MODE', 'online')
+  monkeypatch.setenv('WANDB_API_KEY', '')
+  monkeypatch.setenv('WANDB_SILENT', 'true')
+  monkeypatch.setenv('WANDB_BASE_URL', 'http://127.0.0.1:9')  # nothing listens: no network
+  monkeypatch.setenv('WANDB_INIT_TIMEOUT', '5')
+  from twotower_jax import errors  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.UserError, match='train.wandb_project=.p.: Weights & Biases did not '
+                                             'start .*wandb login'):
+    metrics_lib.Writer(str(tmp_path), tensorboard=False, wandb_project='p')

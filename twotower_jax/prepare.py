@@ -43,8 +43,9 @@ def main(argv):
   train, val = manifest['splits']['train'], manifest['splits']['val']
   print(f'prepared {_OUT.value}: {train["windows"]:,} training and {val["windows"]:,} held-out '
         f'windows of {manifest["seq_len"]} tokens ({train["tokens"] + val["tokens"]:,} tokens); '
-        f'{manifest["seconds_this_run"]}s, {manifest["text_mb_per_s_this_run"]} MB/s of text',
-        flush=True)
+        f'{manifest["seconds_this_run"]}s ({manifest["tokenizer_seconds_this_run"]}s tokenizer), '
+        f'{manifest["text_mb_per_s_this_run"]} MB/s of text ({manifest["encode_mb_per_s_this_run"]} '
+        'MB/s tokenising and packing)', flush=True)
 
 
 if __name__ == '__main__':

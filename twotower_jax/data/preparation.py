@@ -227,6 +227,7 @@ def prepare(config: ml_collections.ConfigDict, out: str, workers: int = 2,
     tokenizer_lib.train(_sample(docs, int(sample_mb * 2**20)), tok, d.vocab_size,
                         d.tokenizer_type)
   sp = tokenizer_lib.load(tok)
+  t_tokenizer = time.perf_counter() - t0
   state.setdefault('tokenizer_sha256', tokenizer_lib.file_digest(tok))
   dtype = shards.window_dtype(d.vocab_size)
   splits = {}
@@ -237,13 +238,15 @@ def prepare(config: ml_collections.ConfigDict, out: str, workers: int = 2,
                                    d.vocab_size, state, arrays, report)
   seconds = time.perf_counter() - t0
   text_mb = sum(s['characters'] for s in splits.values()) / 2**20
+  encode_s = seconds - t_tokenizer
   manifest = {
       'format': shards.FORMAT, 'complete': True, 'tokenizer_sha256': state['tokenizer_sha256'],
       'seq_len': d.seq_len, 'vocab_size': d.vocab_size, 'tokenizer_type': d.tokenizer_type,
       'window_dtype': dtype, 'shard_windows': shards.SHARD_WINDOWS, 'splits': splits,
       'source': settings['data'], 'tokenizer_sample_mb': sample_mb, 'workers': workers,
-      'seconds_this_run': round(seconds, 1),
-      'text_mb_per_s_this_run': round(text_mb / seconds, 2) if seconds else None}
+      'seconds_this_run': round(seconds, 1), 'tokenizer_seconds_this_run': round(t_tokenizer, 1),
+      'text_mb_per_s_this_run': round(text_mb / seconds, 2) if seconds else None,
+      'encode_mb_per_s_this_run': round(text_mb / encode_s, 2) if encode_s else None}
   paths.write_atomic(paths.join(out, shards.MANIFEST), json.dumps(manifest, indent=1) + '\n')
   for name in (PROGRESS, PROGRESS_ARRAYS):  # the manifest now says it is complete
     paths.remove(paths.join(out, name))

@@ -20,6 +20,7 @@ import tempfile
 import time
 from typing import Any, Iterable
 
+from twotower_jax import errors
 from twotower_jax import paths
 from twotower_jax import workdir as workdir_lib
 
@@ -111,8 +112,14 @@ class _Wandb(_Backend):
     local = (os.path.join(tempfile.gettempdir(), 'twotower_wandb') if paths.is_remote(workdir)
              else workdir)  # W&B's own files need a local folder
     os.makedirs(local, exist_ok=True)
-    self._run = wandb.init(project=project, id=run_id, resume='allow', dir=local,
-                           name=paths.absolute(workdir).rsplit('/', 1)[-1], config=config)
+    try:
+      self._run = wandb.init(project=project, id=run_id, resume='allow', dir=local,
+                             name=paths.absolute(workdir).rsplit('/', 1)[-1], config=config)
+    except Exception as e:  # pylint: disable=broad-except  # W&B's login, network, ...
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise errors.UserError(f'train.wandb_project={project!r}: Weights & Biases did not start '
+                             f'({first}); run `wandb login`, set WANDB_MODE=offline, or unset '
+                             'train.wandb_project') from None
     if run_id is None:
       paths.write_atomic(id_file, self._run.id + '\n')
 
