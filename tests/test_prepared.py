@@ -126,3 +126,18 @@ def test_the_prepare_command_wants_an_out_folder():
   proc = run_module('twotower_jax.prepare', '--config=configs/default.py', timeout=120)
   assert proc.returncode == 2 and proc.stderr.startswith('error: --out=DIR is required')
   assert proc.stderr.count('\n') == 1, proc.stderr
+
+
+def test_prepared_windows_index_like_the_array_they_replace(prepared):
+  config, out = prepared
+  config = config.copy_and_resolve_references()
+  config.data.prepared = out
+  windows = shards.open_prepared(config.data).windows('val')
+  full = np.asarray(windows)
+  assert full.dtype == np.int32 and full.shape == windows.shape
+  for index in (3, -1, slice(2, 7), slice(None, None, 5), np.array([9, 0, 4]),
+                (slice(0, 4), slice(1, None)), (5, slice(None, 3))):
+    assert np.array_equal(windows[index], full[index]), index
+  assert np.array_equal(np.concatenate([windows, full[:2]]), np.concatenate([full, full[:2]]))
+  with pytest.raises(IndexError):
+    windows[len(windows)]

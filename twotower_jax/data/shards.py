@@ -66,8 +66,9 @@ def create_array(path: str, seq_len: int, dtype: str) -> ts.TensorStore:
 
 
 class Windows:
-  """One split's windows, read on demand: len(), shape, and [i], [a:b] or [ids] give int32
-  rows [k, seq_len + 1] (what an in-memory split's array gives)."""
+  """One split's windows, read on demand: len(), shape, and [i], [a:b], [ids] or [a:b, c:d]
+  give int32 rows [k, seq_len + 1] (what an in-memory split's array gives); np.asarray
+  reads them all."""
 
   def __init__(self, path: str, n_windows: int, seq_len: int):
     self.path = path
@@ -79,7 +80,14 @@ class Windows:
   def __len__(self) -> int:
     return self.shape[0]
 
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:  # np.asarray, np.concatenate
+    rows = self[:]
+    return rows if dtype is None else rows.astype(dtype)
+
   def __getitem__(self, index) -> np.ndarray:
+    if isinstance(index, tuple):  # rows first, then the rest within them: w[:, 1:]
+      rows = self[index[0]]
+      return rows[(slice(None),) * (rows.ndim - 1) + index[1:]]
     if isinstance(index, (int, np.integer)):
       return self[np.asarray([index])][0]
     ids = np.arange(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index)
