@@ -99,14 +99,18 @@ def test_gs_workdir_trains_survives_kill9_resumes_bit_identically_analyses_gener
   assert len(events) == 2  # one event file per run, the second purging the redone steps
 
   analysed = run_module('twotower_jax.analyze', f'--workdir={workdir}',
-                        '--config.analysis.estimators=probe', '--config.analysis.eval_windows=4',
-                        '--config.analysis.probe_windows=8', '--config.analysis.probe_steps=5',
-                        '--config.analysis.n_boot=10', '--config.analysis.n_control=5')
+                        f'--steps={STEPS - 3},{STEPS}', '--config.analysis.estimators=probe',
+                        '--config.analysis.eval_windows=4', '--config.analysis.probe_windows=8',
+                        '--config.analysis.probe_steps=5', '--config.analysis.n_boot=10',
+                        '--config.analysis.n_control=5')
   assert analysed.returncode == 0, analysed.stderr[-3000:]
-  summary = json.loads(paths.read_bytes(
-      paths.join(workdir_lib.analysis_dir(workdir), workdir_lib.SUMMARY_JSON)))
-  assert summary['step'] == STEPS
-  assert workdir_lib.REPORT_MD in paths.listdir(workdir_lib.analysis_dir(workdir))
+  analysis = workdir_lib.analysis_dir(workdir)
+  for step in (STEPS - 3, STEPS):  # each step's own analysis, then the report over both
+    out = paths.join(analysis, workdir_lib.STEPS_DIR, str(step))
+    assert json.loads(paths.read_bytes(paths.join(out, workdir_lib.SUMMARY_JSON)))['step'] == step
+    assert workdir_lib.REPORT_MD in paths.listdir(out)
+  over = workdir_lib.read_json(paths.join(analysis, workdir_lib.OVER_TRAINING_JSON))
+  assert [row['step'] for row in over['steps']] == [STEPS - 3, STEPS]
 
   generated = run_module('twotower_jax.generate', f'--workdir={workdir}',
                          '--prompt=Fellow citizens', '--max_new_tokens=4', '--mean_windows=2')

@@ -157,7 +157,23 @@ def run_over_training(config: ml_collections.ConfigDict, workdir: str, steps: st
     config.analysis.step = step
     log.info('analysis over training: step %d of %s', step, chosen)
     run(config, workdir, paths.join(root, workdir_lib.STEPS_DIR, str(step)))
-  return report.write_over_training(root)
+  if not paths.is_remote(root):
+    return report.write_over_training(root)
+  with paths.local_dir() as local:  # the report reads and writes local files: stage them
+    steps_dir = paths.join(root, workdir_lib.STEPS_DIR)
+    for step in paths.listdir(steps_dir):
+      summary = paths.join(steps_dir, step, workdir_lib.SUMMARY_JSON)
+      if step.isdigit() and paths.exists(summary):
+        os.makedirs(os.path.join(local, workdir_lib.STEPS_DIR, step))
+        workdir_lib.write_json(os.path.join(local, workdir_lib.STEPS_DIR, step,
+                                            workdir_lib.SUMMARY_JSON),
+                               workdir_lib.read_json(summary))
+    result = report.write_over_training(local)
+    for name in (workdir_lib.OVER_TRAINING_JSON, workdir_lib.OVER_TRAINING_MD):
+      paths.write_atomic(paths.join(root, name),
+                         paths.read_bytes(os.path.join(local, name)))
+    paths.copy_tree(os.path.join(local, workdir_lib.FIG_DIR), paths.join(root, workdir_lib.FIG_DIR))
+  return result
 
 
 def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]:

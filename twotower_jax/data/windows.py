@@ -64,7 +64,10 @@ def train_dataset(windows: np.ndarray, batch_size: int, seed: int, process_index
     start, stop = rows
     ids = grain.MapDataset.range(len(windows)).shuffle(seed=seed).repeat()
     ids = ids.batch(batch_size, drop_remainder=True)
-    return ids.map(lambda b: windows[b[start:stop]]).to_iter_dataset()
+    # A few batches read ahead, not grain's default 500 in 16 threads (thousands of reads
+    # at the start, competing with the compile); one batch is one call of parallel reads.
+    return ids.map(lambda b: windows[b[start:stop]]).to_iter_dataset(
+        grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
   ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat()
   ds = ds.batch(batch_size, drop_remainder=True)
   if tuple(rows) != (0, batch_size):
