@@ -99,7 +99,9 @@ def main() -> None:
     corpus_bytes = sum(os.path.getsize(f) for f in glob.glob(f'{corpus}/*.txt'))
     data = ['--config=configs/default.py', '--config.data.source=text',
             f'--config.data.text_glob={corpus}/*.txt', '--config.train.log_every=1']
-    cases = [] if a.skip_direct else [('text', [])]
+    cases = [('prepared', [f'--config.data.prepared={os.path.join(a.work, f"prepared{mb}")}'])]
+    if not a.skip_direct:
+      cases.append(('text', []))
     prepared = os.path.join(a.work, f'prepared{mb}')
     if not (a.reuse_prepared and os.path.exists(os.path.join(prepared, 'manifest.json'))):
       shutil.rmtree(prepared, ignore_errors=True)
@@ -112,7 +114,6 @@ def main() -> None:
                    'tokenizer_s': manifest.get('tokenizer_seconds_this_run'),
                    'encode_mb_per_s': manifest.get('encode_mb_per_s_this_run')})
       print(json.dumps(rows[-1]), flush=True)
-    cases.append(('prepared', [f'--config.data.prepared={prepared}']))
     for name, extra in cases:
       workdir = os.path.join(a.work, f'run_{name}{mb}')
       shutil.rmtree(workdir, ignore_errors=True)
