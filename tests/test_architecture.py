@@ -12,7 +12,7 @@ PACKAGE = 'twotower_jax'
 # Bottom to top; a module may import from its own layer or any layer below it. A package
 # name stands for every module in it.
 LAYERS = (
-    ('errors', 'hostmem', 'staging'),
+    ('errors', 'hostmem', 'staging', 'paths'),
     ('config', 'analysis_config', 'config_doc', 'workdir'),
     ('data',),
     ('model',),
@@ -20,7 +20,7 @@ LAYERS = (
     ('run', 'report'),
     ('analysis', 'generation'),
     ('cli',),
-    ('main', 'analyze', 'planted_check', 'validate', 'generate'),
+    ('main', 'analyze', 'planted_check', 'validate', 'generate', 'prepare'),
 )
 MAX_LINES = 520
 

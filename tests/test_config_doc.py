@@ -9,11 +9,14 @@ import sys
 import pytest
 
 from conftest import REPO
+from twotower_jax import analysis_config
 from twotower_jax import config as config_lib
 from twotower_jax import config_doc
 
 with open(config_lib.__file__, encoding='utf-8') as f:
   SOURCE = f.read()
+with open(analysis_config.__file__, encoding='utf-8') as f:
+  ANALYSIS_SOURCE = f.read()  # the analysis section's fields (config.py builds it from there)
 
 
 def test_config_md_is_current():
@@ -48,11 +51,12 @@ def test_a_new_field_without_a_comment_is_refused_by_name():
   config = config_lib.base_config()
   config.data.new_knob = 3
   source = _with_field(SOURCE, 'data.seq_len', '  c.data.new_knob = 3')
-  with pytest.raises(config_doc.ConfigDocError, match=r'without a comment in config.py: '
-                     r'data.new_knob; add one'):
-    config_doc.render(source, config)
+  with pytest.raises(config_doc.ConfigDocError, match=r'without a comment in config.py '
+                     r'\(analysis.\*: in analysis_config.py\): data.new_knob; add one'):
+    config_doc.render(source, config, ANALYSIS_SOURCE)
   text = config_doc.render(_with_field(SOURCE, 'data.seq_len',
-                                       '  c.data.new_knob = 3  # a new knob'), config)
+                                       '  c.data.new_knob = 3  # a new knob'), config,
+                            ANALYSIS_SOURCE)
   assert '| `data.new_knob` | `3` | a new knob |' in text
 
 
@@ -83,3 +87,17 @@ def test_check_command_tells_what_to_regenerate(tmp_path, monkeypatch, capsys):
   assert 'regenerate it: python -m twotower_jax.config_doc' in err
   assert '| `data.seq_len` | `256` |' in stale_doc.read_text()  # --check writes nothing
   assert config_doc.main(['config_doc']) == 0 and stale_doc.read_text() == config_doc.current()
+
+
+def test_an_analysis_field_is_documented_from_analysis_config():
+  """The analysis section lives in analysis_config.py: its fields are read from there."""
+  config = config_lib.base_config()
+  config.analysis.new_knob = 1
+  m = re.search(r'^  a\.min_count = .*\n', ANALYSIS_SOURCE, re.M)
+  bare = ANALYSIS_SOURCE[:m.end()] + '  a.new_knob = 1\n' + ANALYSIS_SOURCE[m.end():]
+  with pytest.raises(config_doc.ConfigDocError, match='analysis.new_knob; add one'):
+    config_doc.render(SOURCE, config, bare)
+  told = bare.replace('  a.new_knob = 1\n', '  a.new_knob = 1  # a new analysis knob\n')
+  text = config_doc.render(SOURCE, config, told)
+  assert '| `analysis.new_knob` | `1` | a new analysis knob |' in text
+  assert '| `analysis.primary` | `' in config_doc.current()

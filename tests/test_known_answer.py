@@ -116,13 +116,25 @@ def test_bad_class_weights_are_one_line_errors(value):
     planted.check(c.data)
 
 
-def _rung(w, auc, lo, hi, p):
-  return {'w': w, 'auc': auc, 'ci': [lo, hi], 'p': p, 'split': p < 0.05}
+def _rung(w, strength, lo, hi, p, auc=0.9):
+  return {'w': w, 'strength': strength, 'strength_ci': [lo, hi], 'auc': auc, 'ci': [0.8, 1.0],
+          'p': p, 'split': p < 0.05}
+
+
+def test_split_strength_is_the_weaker_lean():
+  block = {'test': {'lean_positive': {'n': 30, 'share_positive': 0.9, 'share_negative': 0.1},
+                    'lean_negative': {'n': 20, 'share_positive': 0.4, 'share_negative': 0.6}}}
+  strength, (lo, hi) = checks.split_strength(block)
+  assert strength == pytest.approx(0.6)  # the topic items' lean to tower 1
+  assert lo < 0.6 < hi < 0.9
+  # one tower better at everything: topic items lean to tower 0 as well
+  block['test']['lean_negative'].update(share_positive=0.95, share_negative=0.05)
+  assert checks.split_strength(block)[0] == pytest.approx(0.05)
 
 
 def test_ladder_check_passes_a_rising_ladder_and_fails_what_it_should():
-  good = [_rung(1.0, 0.95, 0.9, 1.0, 1e-4), _rung(0.75, 0.8, 0.7, 0.9, 0.001),
-          _rung(0.5, 0.52, 0.4, 0.64, 0.6)]
+  good = [_rung(1.0, 0.95, 0.85, 1.0, 1e-4), _rung(0.75, 0.8, 0.65, 0.9, 0.001),
+          _rung(0.5, 0.45, 0.3, 0.6, 0.6)]
   assert checks.judge_ladder('l', good, 0.05)['passed']
   # a dip within the intervals is allowed
   dip = [_rung(1.0, 0.8, 0.7, 0.9, 1e-4), _rung(0.75, 0.85, 0.75, 0.95, 1e-4), good[2]]
@@ -132,11 +144,17 @@ def test_ladder_check_passes_a_rising_ladder_and_fails_what_it_should():
   assert not res['passed'] and 'falls from w=0.75 to w=1' in res['why']
   flat = [_rung(1.0, 0.6, 0.4, 0.8, 0.3), good[2]]
   assert 'does not lie above' in checks.judge_ladder('l', flat, 0.05)['why']
-  split_at_half = good[:2] + [_rung(0.5, 0.52, 0.4, 0.64, 0.01)]
+  split_at_half = good[:2] + [_rung(0.5, 0.45, 0.3, 0.6, 0.01)]
   res = checks.judge_ladder('l', split_at_half, 0.05)
   assert not res['passed'] and 'reports a split at w=0.5' in res['why']
   missing = good[:2] + [_rung(0.5, math.nan, math.nan, math.nan, math.nan)]
   assert not checks.judge_ladder('l', missing, 0.05)['passed']
+  # joint: a split at w = 0.5 is reported, not failed; every w > 0.5 needs one
+  joint = good[:2] + [_rung(0.5, 0.7, 0.55, 0.85, 0.001)]
+  assert checks.judge_ladder('l', joint, 0.05, 'joint')['passed']
+  weak = [good[0], _rung(0.75, 0.6, 0.45, 0.75, 0.2), good[2]]
+  res = checks.judge_ladder('l', weak, 0.05, 'joint')
+  assert not res['passed'] and 'no split beyond 0.5 at w = [0.75]' in res['why']
   # the SentencePiece rung: its interval above 0.5
   assert checks.judge_ladder('p', [_rung(0.9, 0.8, 0.6, 0.9, 0.01)], 0.05)['passed']
   assert not checks.judge_ladder('p', [_rung(0.9, 0.6, 0.45, 0.8, 0.2)], 0.05)['passed']
@@ -151,15 +169,17 @@ def test_null_check_counts_false_positives_with_an_interval():
   assert not checks.judge_null('x', [], 0.05, 0.1)['passed']
 
 
-def _summary(est, auc, p, control_p=()):
+def _summary(est, auc, p, control_p=(), share=0.9):
+  test = {'lean_positive': {'n': 40, 'share_positive': share, 'share_negative': 1 - share},
+          'lean_negative': {'n': 40, 'share_positive': 1 - share, 'share_negative': share}}
   return {'per_estimator': {est: {'planted': {'auc': auc, 'ci': [auc - 0.1, auc + 0.05], 'p': p,
-                                              'control_p': list(control_p), 'test': {}}}}}
+                                              'control_p': list(control_p), 'test': test}}}}
 
 
 def test_checks_from_results_group_by_ladder_and_null():
   results = [{'group': {'kind': 'ladder', 'tower_type': 'causal', 'tokens': 'word', 'w': w,
-                        'mode': 'gate'}, 'summary': _summary('probe', auc, p)}
-             for w, auc, p in ((1.0, 0.95, 1e-4), (0.5, 0.5, 0.5))]
+                        'mode': 'gate'}, 'summary': _summary('probe', auc, p, share=share)}
+             for w, auc, p, share in ((1.0, 0.95, 1e-4, 1.0), (0.5, 0.5, 0.5, 0.5))]
   results += [{'group': {'kind': 'null', 'null': null, 'replicate': r},
                'summary': _summary('probe', 0.5, 0.5 if r else 0.01, [0.3, 0.02])}
               for r in range(4) for null in ('seeds', 'quality')]
@@ -176,6 +196,7 @@ def test_markdown_and_figures(tmp_path):
   ladder = checks.judge_ladder('ladder/causal/gate/probe',
                                [_rung(1.0, 0.95, 0.9, 1.0, 1e-4), _rung(0.5, 0.5, 0.4, 0.6, 0.5)],
                                0.05)
+  assert ladder['passed']
   null = checks.judge_null('null/seeds/probe', [0.2, 0.6, 0.01, 0.9], 0.05, 0.1)
   result = {'passed': False, 'failed': [null['name']], 'alpha': 0.05, 'max_fpr': 0.1,
             'checks': [ladder, null],
@@ -185,7 +206,7 @@ def test_markdown_and_figures(tmp_path):
   writeup.write(str(tmp_path), result)
   text = open(tmp_path / 'validation.md').read()
   assert 'FAILED: null/seeds/probe' in text
-  assert '| causal/gate | probe | 1: 0.950 [0.900, 1.000], p 0.0001 split; 0.5: 0.500' in text
+  assert '| causal/gate | probe | 1: 0.95 [0.90, 1.00], 0.90, p 0.0001 split; 0.5: 0.50' in text
   assert '| seeds | probe | 1/4 | 0.250 [' in text and '| FAIL |' in text
   assert '| ladder/causal/w1.00/src0 | 900 | 1.900 | 4.000 | 10 / 9 |' in text
   for name in ('ladder', 'calibration'):

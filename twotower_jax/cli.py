@@ -13,6 +13,7 @@ import errno
 import importlib.util
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -153,7 +154,8 @@ def _where(e: BaseException, path: str) -> str:
 
 
 def setup_logging() -> None:
-  """Our progress lines on stderr; library chatter (Orbax, absl, jax) only from WARNING."""
+  """Our progress lines on stderr; library chatter (Orbax, absl, jax, the Cloud Storage
+  clients) only from WARNING."""
   logger = logging.getLogger('twotower_jax')
   if not logger.handlers:
     handler = logging.StreamHandler(sys.stderr)
@@ -161,7 +163,7 @@ def setup_logging() -> None:
     logger.addHandler(handler)
   logger.setLevel(logging.INFO)
   logger.propagate = False
-  for noisy in ('absl', 'jax'):
+  for noisy in ('absl', 'jax', 'fsspec', 'gcsfs', 'google', 'urllib3'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   sys.unraisablehook = _unraisable
   for name in ('absl', 'asyncio'):
@@ -202,16 +204,25 @@ def _through_orbax(tb) -> bool:
   return False
 
 
+# Orbax's notices that ask nothing of the user: a reading manager says it will not write.
+_ORBAX_NOTICES = re.compile(r'read[ _-]?only', re.I)
+
+
 def _drop_orbax_reports(record: logging.LogRecord) -> bool:
-  """Orbax logs each failed save or read as several tracebacks from its threads, and asyncio
-  logs its failed write tasks as 'Task exception was never retrieved' when they are
-  collected; the train loop and the readers turn every such failure into one error line."""
+  """Orbax's warnings reach the user; dropped is only its known noise. Orbax logs each failed
+  save or read as tracebacks from its threads, and asyncio logs its failed write tasks as
+  'Task exception was never retrieved' when they are collected: the train loop and the
+  readers turn every such failure into one error line. And a read-only notice."""
   if record.levelno >= logging.CRITICAL:
     return True
   if record.name == 'asyncio':
     return (_ORBAX not in record.getMessage()
             and not _through_orbax(record.exc_info[2] if record.exc_info else None))
-  return _ORBAX not in record.pathname
+  if _ORBAX not in record.pathname:
+    return True
+  message = record.getMessage()
+  return not (record.exc_info or 'Traceback (most recent call last)' in message
+              or _ORBAX_NOTICES.search(message))
 
 
 # Errors of the machine rather than the code: a full or read-only disk, no permission.

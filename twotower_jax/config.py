@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'sotu'  # registered source: 'sotu' | 'text' | 'tfds' | 'planted'
+  c.data.prepared = ''  # token shards of `twotower_jax.prepare` (DIR or gs://) to train from
   c.data.text_glob = ''  # source=text: documents, one per file
   c.data.text_val_glob = ''  # source=text: held-out files (default: a fraction of text_glob)
   c.data.tfds_name = ''  # source=tfds: e.g. 'lm1b', or several comma-separated (data/tfds.py)
@@ -145,6 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
   # on_nonfinite=skip gives up (exit non-zero) after this many skipped updates in a row:
   # the state no longer changes, so later batches are unlikely to fare better.
   c.train.max_consecutive_skips = 20
+  c.train.wandb_project = ''  # Weights & Biases project to log to as well ('' = none)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-3  # AdamW peak learning rate (the paper's)

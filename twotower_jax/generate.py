@@ -9,7 +9,6 @@ one line on stderr. See docs/GENERATION.md.
 """
 
 import logging
-import os
 import sys
 
 from absl import flags
@@ -62,6 +61,7 @@ def main(argv):
                            f'--mean_windows={_MEAN_WINDOWS.value} >= 0')
   # Imported here so --help and flag errors answer without loading JAX.
   from twotower_jax import generation  # pylint: disable=g-import-not-at-top
+  from twotower_jax import paths  # pylint: disable=g-import-not-at-top
   from twotower_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   from twotower_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from twotower_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
@@ -89,7 +89,7 @@ def main(argv):
                             restored.step, _SEED.value)
   color = _COLOR.value == 'always' or (_COLOR.value == 'auto' and sys.stdout.isatty())
   print(generation.terminal_view(recs, color))
-  title = f'Generations: {os.path.basename(os.path.abspath(workdir))}, step {restored.step}'
+  title = f'Generations: {paths.absolute(workdir).rsplit("/", 1)[-1]}, step {restored.step}'
   jsonl, page = generation.write(recs, out_dir, title)
   logging.getLogger('twotower_jax').info('generate: wrote %s and %s', jsonl, page)
 

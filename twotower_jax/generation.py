@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import time
 from typing import Sequence
 
@@ -34,6 +33,7 @@ import jax
 import numpy as np
 
 from twotower_jax import errors
+from twotower_jax import paths
 from twotower_jax import run as run_lib
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.analysis import estimators as est_lib
@@ -285,9 +285,9 @@ def html_page(recs: Sequence[dict], title: str) -> str:
 
 def write(recs: Sequence[dict], out_dir: str, title: str) -> tuple[str, str]:
   """DIR/generations.jsonl and DIR/generations.html; returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
-  jsonl = os.path.join(out_dir, workdir_lib.GENERATIONS_JSONL)
+  paths.makedirs(out_dir)
+  jsonl = paths.join(out_dir, workdir_lib.GENERATIONS_JSONL)
   workdir_lib.write_jsonl(jsonl, recs)
-  page = os.path.join(out_dir, workdir_lib.GENERATIONS_HTML)
+  page = paths.join(out_dir, workdir_lib.GENERATIONS_HTML)
   workdir_lib.write_text(page, html_page(recs, title))
   return jsonl, page

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import jax
@@ -20,6 +19,7 @@ import ml_collections
 
 from twotower_jax import config as config_lib
 from twotower_jax import errors
+from twotower_jax import paths
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.train import checkpoints
 from twotower_jax.train import optimizer as optimizer_lib
@@ -59,8 +59,8 @@ def load_config(workdir: str, analysis: ml_collections.ConfigDict | None = None,
   """The run's config.json, with `analysis` (a whole analysis.* section) in place of the
   run's, `analysis_overrides` ({'analysis.x': value}, e.g. the command line's) on top and
   `imports` added to the run's, validated against this version's schema and registries."""
-  if not os.path.isdir(workdir):
-    what = 'is a file, not a directory' if os.path.exists(workdir) else 'does not exist'
+  if not paths.isdir(workdir):
+    what = 'is a file, not a directory' if paths.exists(workdir) else 'does not exist'
     raise RunError(f'workdir {workdir} {what}; pass the --workdir of a training run')
   config = workdir_lib.read_config(workdir)
   if analysis is not None:
@@ -99,10 +99,10 @@ def fit_mesh(config: ml_collections.ConfigDict) -> list[jax.Device]:
 
 def restore(config: ml_collections.ConfigDict, workdir: str, step: int = 0) -> Run:
   """The run at checkpoint `step` (0 = the latest complete one)."""
-  if not os.path.isdir(checkpoints.directory(workdir)):
+  if not paths.isdir(checkpoints.directory(workdir)):
     raise RunError(f'{workdir} has no checkpoints; train it first (python -m '
                    'twotower_jax.main) or pass the right --workdir')
-  if not os.path.exists(workdir_lib.path(workdir, workdir_lib.TOKENIZER)):
+  if not paths.exists(workdir_lib.path(workdir, workdir_lib.TOKENIZER)):
     raise RunError(f'{workdir} has no {workdir_lib.TOKENIZER} next to its checkpoints; '
                    'copy the whole training workdir')
   setup = setup_lib.build(config, workdir, train_tokenizer=False, devices=fit_mesh(config))

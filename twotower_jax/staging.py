@@ -1,5 +1,6 @@
 """Output folders replaced all at once: a staging folder beside the target, renamed into
-place when its writer finishes (the analysis's DIR/analysis, or --out)."""
+place when its writer finishes (the analysis's DIR/analysis, or --out). A gs:// target is
+staged in a local folder and uploaded when its writer finishes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import errno
 import os
 import shutil
 from typing import Iterator, Sequence
+
+from twotower_jax import paths
 
 
 @contextlib.contextmanager
@@ -18,8 +21,13 @@ def staged_dir(final: str, keep: Sequence[str] = ()) -> Iterator[str]:
   (caches such as probe/, carried over as hard links). A failure leaves `final` as it
   was; a kill leaves it as it was or, between the two renames, absent: never the files
   of two runs side by side. Leftover staging folders of dead processes are removed.
-  Raises OSError when the folder cannot be written.
+  Raises OSError when the folder cannot be written. For a gs:// `final` the block writes
+  a local folder, uploaded in place of `final`'s files when it completes (a kill during
+  the upload leaves them partial: rerun the command).
   """
+  if paths.is_remote(final):
+    yield from _staged_remote(paths.absolute(final), keep)
+    return
   final = os.path.abspath(final)
   parent, name = os.path.split(final)
   if os.path.exists(final) and not os.path.isdir(final):
@@ -42,6 +50,18 @@ def staged_dir(final: str, keep: Sequence[str] = ()) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+
+
+def _staged_remote(final: str, keep: Sequence[str]) -> Iterator[str]:
+  with paths.local_dir() as local:
+    staging = os.path.join(local, final.rsplit('/', 1)[-1])
+    os.mkdir(staging)
+    for entry in keep:
+      if paths.isdir(paths.join(final, entry)):
+        paths.copy_tree(paths.join(final, entry), os.path.join(staging, entry))
+    yield staging
+    paths.rmtree(final)
+    paths.copy_tree(staging, final)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -122,14 +122,15 @@ def association(scores_I, labels_I, strata_I, n_perm: int, seed: int) -> dict[st
 
 
 def lean(scores_I: np.ndarray) -> dict[str, Any]:
-  """How one class's items lean: median preference, share above 0, and the one-sided
+  """How one class's items lean: median preference, shares above and below 0, and the one-sided
   Wilcoxon signed-rank p-values of 'they lean to tower 0' (> 0) and 'to tower 1' (< 0)."""
   x = np.asarray(scores_I, np.float64)
   x = x[np.isfinite(x)]
   nan = float('nan')
   if x.size == 0:
     return {'n': 0, 'median': nan, 'share_positive': nan, 'p_positive': nan, 'p_negative': nan}
-  out = {'n': int(x.size), 'median': float(np.median(x)), 'share_positive': float(np.mean(x > 0))}
+  out = {'n': int(x.size), 'median': float(np.median(x)), 'share_positive': float(np.mean(x > 0)),
+         'share_negative': float(np.mean(x < 0))}
   if not np.any(x != 0):  # no item leans at all
     return dict(out, p_positive=1.0, p_negative=1.0)
   for key, alt in (('p_positive', 'greater'), ('p_negative', 'less')):

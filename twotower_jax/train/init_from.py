@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any
 
 import jax
@@ -24,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from twotower_jax import config as config_lib
+from twotower_jax import paths
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.model import lm as model_lib
@@ -54,11 +54,11 @@ def _per_tower(spec) -> bool:
 def source_params(src_dir: str, tokenizer_sha256: str, vocab_size: int,
                   mesh) -> tuple[ml_collections.ConfigDict, dict[str, np.ndarray], dict, int]:
   """(config, {path: array}, {path: spec}, step) of the run in `src_dir` (latest checkpoint)."""
-  if not os.path.isdir(checkpoints.directory(src_dir)):
+  if not paths.isdir(checkpoints.directory(src_dir)):
     raise InitError(f'model.init_towers: {src_dir} has no checkpoints; train that run first or '
                     'fix the path')
   src_tok = workdir_lib.path(src_dir, workdir_lib.TOKENIZER)
-  if not os.path.exists(src_tok) or tokenizer_lib.file_digest(src_tok) != tokenizer_sha256:
+  if not paths.exists(src_tok) or tokenizer_lib.file_digest(src_tok) != tokenizer_sha256:
     raise InitError(f'model.init_towers: {src_tok} is not this run\'s tokenizer (sha256 '
                     'differs, and two separately trained files always do); copy that file into '
                     'this workdir before its first step (a new workdir) so the token ids match')
@@ -109,7 +109,7 @@ def apply(state: state_lib.TrainState, config: ml_collections.ConfigDict, model,
   for k, entry in enumerate(entries):
     if entry is None:
       continue
-    src_dir, k_src = os.path.abspath(entry[0]), entry[1]
+    src_dir, k_src = paths.absolute(entry[0]), entry[1]
     if src_dir not in sources:
       sources[src_dir] = source_params(src_dir, tokenizer_sha256, model.cfg.vocab_size, mesh)
     src_config, src, src_specs, step = sources[src_dir]

@@ -145,7 +145,10 @@ def check_host_memory(memory: dict[str, int], config: ml_collections.ConfigDict,
 def check_disk(ckpt_dir: str, checkpoint_bytes: int, n_checkpoints: int) -> str | None:
   """Logs (and returns) a warning when the disk holding `ckpt_dir` has room for fewer than
   `n_checkpoints` checkpoints of about `checkpoint_bytes` each (kept ones plus the one being
-  written); a save that then fails stops the run with an error, nothing lost."""
+  written); a save that then fails stops the run with an error, nothing lost. A bucket
+  (gs://) has no free-space figure: not checked."""
+  if '://' in ckpt_dir:
+    return None
   target = ckpt_dir
   while not os.path.exists(target):
     target = os.path.dirname(target)

@@ -164,14 +164,16 @@ def train_step(state: TrainState, window_BxL1: jax.Array, *, model: nn.Module,
 
 
 def eval_step(params: Any, window_BxL1: jax.Array, batch_index: jax.Array = 0, *,
-              model: nn.Module, target_weights_V: jax.Array | None = None
-              ) -> dict[str, jax.Array]:
+              model: nn.Module, target_weights_V: jax.Array | None = None,
+              bytes_V: jax.Array | None = None) -> dict[str, jax.Array]:
   """Summed loss and weight, dropout off; masks (if any) from eval batch `batch_index`'s own
   fixed key (fold_in(PRNGKey(0), batch_index): the same at every eval, different per batch).
 
   Fill rows (all PAD; a real window starts with a corpus token) are never scored, whatever
   the PAD target switches say. With `target_weights_V` the loss is over the weighted
   targets (what the run trains on) and `loss_sum_all`/`weight_sum_all` over every target.
+  With `bytes_V` (the text bytes of each piece) `bytes_sum` is the bytes of the loss's
+  targets, for bits per byte.
   """
   example = towers.get(model.cfg.tower_type).make_example(
       window_BxL1, jax.random.fold_in(jax.random.PRNGKey(0), batch_index), model.cfg)
@@ -183,6 +185,8 @@ def eval_step(params: Any, window_BxL1: jax.Array, batch_index: jax.Array = 0, *
   loss_sum, weight_sum = cross_entropy(out['logits_BxLxV'], example['targets'],
                                        weighted['weights'])
   result = {'loss_sum': loss_sum, 'weight_sum': weight_sum}
+  if bytes_V is not None:
+    result['bytes_sum'] = jnp.sum(weighted['weights'] * bytes_V[example['targets']])
   if target_weights_V is not None:
     result['loss_sum_all'], result['weight_sum_all'] = cross_entropy(
         out['logits_BxLxV'], example['targets'], example['weights'])

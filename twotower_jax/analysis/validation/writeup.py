@@ -20,12 +20,12 @@ def _num(x, fmt='.3f') -> str:
   return 'n/a' if x is None or not math.isfinite(float(x)) else format(float(x), fmt)
 
 
-def _ci(pair) -> str:
-  return f'[{_num(pair[0])}, {_num(pair[1])}]' if pair and len(pair) == 2 else 'n/a'
+def _ci(pair, fmt='.3f') -> str:
+  return f'[{_num(pair[0], fmt)}, {_num(pair[1], fmt)}]' if pair and len(pair) == 2 else 'n/a'
 
 
 def ladder_figure(workdir: str, checks: list[dict[str, Any]]) -> str | None:
-  """AUC against w, one panel per ladder and composition, one line per estimator."""
+  """Split strength against w, one panel per ladder and composition, one line per estimator."""
   ladders = [c for c in checks if c['name'].startswith('ladder/') and len(c.get('rungs', [])) > 1]
   if not ladders:
     return None
@@ -34,18 +34,18 @@ def ladder_figure(workdir: str, checks: list[dict[str, Any]]) -> str | None:
   for i, panel in enumerate(panels):
     ax = axes[0, i]
     for j, c in enumerate(c for c in ladders if c['name'].startswith(panel + '/')):
-      rows = [r for r in c['rungs'] if r['auc'] is not None]
+      rows = [r for r in c['rungs'] if r['strength'] is not None]
       w = np.array([r['w'] for r in rows])
-      auc = np.array([r['auc'] for r in rows])
-      lo = np.array([r['ci'][0] for r in rows])
-      hi = np.array([r['ci'][1] for r in rows])
+      auc = np.array([r['strength'] for r in rows])
+      lo = np.array([r['strength_ci'][0] for r in rows])
+      hi = np.array([r['strength_ci'][1] for r in rows])
       color = figures.TOWER_COLORS[j % len(figures.TOWER_COLORS)]
       ax.errorbar(w + 0.004 * j, auc, yerr=[auc - lo, hi - auc], fmt='-o', ms=3, capsize=2,
                   color=color, label=c['name'].rsplit('/', 1)[1])
     ax.axhline(0.5, color='grey', lw=0.8, ls=':')
     ax.set_title(panel.replace('ladder/', ''), fontsize=9)
     ax.set_xlabel('w (class weight of the sources)')
-    ax.set_ylabel('planted-class AUC (stratified)')
+    ax.set_ylabel('split strength L')
     ax.legend(fontsize=7)
   return _save(fig, workdir, 'ladder')
 
@@ -93,18 +93,25 @@ def markdown(result: dict[str, Any]) -> str:
            '## The ladder', '',
            'Sources trained with class weights: tower 0 w on syntax targets and 1 - w on topic '
            'targets, tower 1 the reverse. `gate`: towers frozen, the latent gate trained; '
-           '`joint`: the default concat gate, everything trained. The AUC must rise with w '
-           '(within its intervals) and w = 0.5 must report no split.', '']
+           '`joint`: the default concat gate, everything trained. L, the split strength: the '
+           'smaller of the share of syntax items leaning to tower 0 and the share of topic '
+           'items leaning to tower 1 (95% interval). It must rise with w (within its '
+           'intervals); `gate`: the top rung above w = 0.5, and w = 0.5 no split; `joint`: a '
+           'split at every w > 0.5 (joint training may divide the labour itself, so its '
+           'w = 0.5 is reported, not checked). Beside it the adjusted AUC of the association '
+           'and the class test p.', '']
   if result.get('figures', {}).get('ladder'):
     lines += [f'![ladder]({result["figures"]["ladder"]})', '']
-  lines += ['| ladder | estimator | ' + ' | '.join(['w: AUC [95% CI], p']) + ' | check |',
+  lines += ['| ladder | estimator | w: L [95% CI], adjusted AUC, p | check |',
             '|---|---|---|---|']
   for c in result['checks']:
     if not c['name'].startswith('ladder/'):
       continue
     _, ladder, mode, est = c['name'].split('/')
-    cells = '; '.join(f"{r['w']:g}: {_num(r['auc'])} {_ci(r['ci'])}, p {_num(r['p'], '.4f')}"
-                      f"{' split' if r['split'] else ''}" for r in c['rungs'])
+    cells = '; '.join(f"{r['w']:g}: {_num(r['strength'], '.2f')} "
+                      f"{_ci(r['strength_ci'], '.2f')}, {_num(r['auc'], '.2f')}, "
+                      f"p {_num(r['p'], '.4f')}{' split' if r['split'] else ''}"
+                      for r in c['rungs'])
     lines.append(f'| {ladder}/{mode} | {est} | {cells} | '
                  f'{"pass" if c["passed"] else "FAIL: " + c["why"]} |')
   lines += ['', '## The nulls', '',
