@@ -355,8 +355,19 @@ def _sync(f) -> None:
 
 
 def write_jsonl(file: str, rows: Sequence[Any]) -> None:
-  """One JSON object per line, atomic like write_json."""
-  write_text(file, ''.join(json.dumps(clean(row), ensure_ascii=False) + '\n' for row in rows))
+  """One strictly valid JSON object per line (strict_json), atomic like write_json."""
+  write_text(file, ''.join(json.dumps(strict_json(row), ensure_ascii=False, allow_nan=False) +
+                           '\n' for row in rows))
+
+
+def strict_json(x: Any) -> Any:
+  """clean(x) with NaN and infinities as null: strict JSON (RFC 8259 has no NaN)."""
+  x = clean(x)
+  if isinstance(x, dict):
+    return {k: strict_json(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [strict_json(v) for v in x]
+  return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def write_text(file: str, text: str) -> None:
@@ -454,13 +465,18 @@ def read_preferences(file: str) -> dict[str, Any]:
   if not os.path.exists(file):
     raise WorkdirError(f'{file} is missing; run the analysis first '
                        '(python -m twotower_jax.analyze --workdir=DIR)')
-  with open(file, newline='', encoding='utf-8') as f:
-    reader = csv.DictReader(f)
-    fields = list(reader.fieldnames or [])
-    rows = list(reader)
+  try:
+    with open(file, newline='', encoding='utf-8') as f:
+      reader = csv.DictReader(f)
+      fields = list(reader.fieldnames or [])
+      rows = list(reader)
+  except (UnicodeDecodeError, csv.Error) as e:
+    raise WorkdirError(f'{file} is damaged, not a CSV table ({e}); rerun the analysis to '
+                       'rewrite it') from None
   for need in ('token_id', 'piece', 'count'):
     if need not in fields:
       raise WorkdirError(f'{file} has no {need!r} column; rerun the analysis to rewrite it')
+  _check_rows(file, fields, rows)
   cols: dict[str, Any] = {}
   for name in fields:
     vals = [r.get(name) or '' for r in rows]
@@ -468,6 +484,16 @@ def read_preferences(file: str) -> dict[str, Any]:
   cols['_fields'] = fields
   cols['_estimators'] = estimator_columns(fields, file)
   return cols
+
+
+def _check_rows(file: str, fields: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+  """WorkdirError for a row cut short (fewer or more cells than the header), token ids not
+  0..I-1 in order, or a count that is not a number >= 0: a damaged or truncated file."""
+  for i, row in enumerate(rows):
+    if None in row or None in row.values() or row['token_id'] != str(i) or not _float(
+        row['count']) >= 0:
+      raise WorkdirError(f'{file} is damaged at line {i + 2} (want {len(fields)} cells, token '
+                         f'id {i}, a count >= 0: cut or edited); rerun the analysis to rewrite it')
 
 
 def estimator_columns(fields: Sequence[str], file: str = PREFERENCE_CSV) -> dict[str, int]:
