@@ -29,6 +29,7 @@ from twotower_jax.analysis import summary as summary_lib
 from twotower_jax.analysis import token_view as token_view_lib
 from twotower_jax.analysis import wordclass
 from twotower_jax.data import planted
+from twotower_jax.train import checkpoints
 
 log = logging.getLogger('twotower_jax')
 
@@ -88,6 +89,22 @@ def _estimator_entry(name, res, pieces, classes, config, planted_V) -> dict[str,
   return out
 
 
+# What a re-analysis carries over from the folder it replaces: the trained probe heads, and
+# what --steps and --compare wrote there (a plain analysis never deletes another mode's work).
+OTHER_MODES = (workdir_lib.STEPS_DIR, workdir_lib.COMPARE_DIR, workdir_lib.OVER_TRAINING_JSON,
+               workdir_lib.OVER_TRAINING_MD, os.path.join(workdir_lib.FIG_DIR, 'over_training.png'))
+CARRIED = (workdir_lib.PROBE_DIR,) + OTHER_MODES
+
+
+def check_out(out_dir: str, workdir: str, given: bool = True) -> None:
+  """AnalysisError when `out_dir` may not hold the analysis of `workdir` (staging.refusal):
+  a given --out must be new, empty or hold an earlier analysis of any mode."""
+  markers = (workdir_lib.SUMMARY_JSON,) + OTHER_MODES if given else None
+  why = staging.refusal(out_dir, 'analysis', markers, reads=(workdir,))
+  if why:
+    raise AnalysisError(why)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = None
         ) -> dict[str, Any]:
   """Restores the checkpoint analysis.step, scores the estimators, writes out_dir/* (default
@@ -95,18 +112,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = N
   workdir = os.path.abspath(workdir)
   given = bool(out_dir)
   out_dir = os.path.abspath(out_dir or workdir_lib.analysis_dir(workdir))
-  if (workdir + os.sep).startswith(out_dir + os.sep) or os.path.exists(
-      os.path.join(out_dir, workdir_lib.CONFIG_JSON)):
-    raise AnalysisError(f'--out={out_dir} is a run directory or holds one; the analysis replaces '
-                        'its output folder whole, so give a folder of its own')
-  if given and os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(
-      os.path.join(out_dir, workdir_lib.SUMMARY_JSON)):
-    raise AnalysisError(f'--out={out_dir} holds files that are not an earlier analysis; the '
-                        'analysis replaces its output folder whole, so give a new or empty folder')
+  check_out(out_dir, workdir, given)
   with contextlib.ExitStack() as stack:
     try:  # first, so an unwritable place is reported before minutes of work
-      staged = stack.enter_context(
-          staging.staged_dir(out_dir, keep=(workdir_lib.PROBE_DIR,)))
+      staged = stack.enter_context(staging.staged_dir(out_dir, keep=CARRIED))
     except OSError as e:
       raise AnalysisError(
           f'cannot write the analysis to {out_dir} ({e.strerror}); pass --out=PATH to write '
@@ -119,7 +128,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = N
 
 def kept_steps(workdir: str) -> list[int]:
   """The complete checkpoints of a run, oldest first."""
-  from twotower_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
   mngr = checkpoints.manager(workdir, read_only=True)
   try:
     steps = [s for s in sorted(mngr.all_steps())
@@ -151,12 +159,31 @@ def run_over_training(config: ml_collections.ConfigDict, workdir: str, steps: st
   if missing or not chosen:
     raise AnalysisError(f'--steps: no checkpoint for step(s) {missing}; kept: {kept}')
   root = os.path.abspath(out_dir or workdir_lib.analysis_dir(workdir))
+  check_out(root, workdir, bool(out_dir))
   os.makedirs(root, exist_ok=True)
-  for step in chosen:
+  for i, step in enumerate(chosen):
     config.analysis.step = step
     log.info('analysis over training: step %d of %s', step, chosen)
-    run(config, workdir, os.path.join(root, workdir_lib.STEPS_DIR, str(step)))
+    try:
+      run(config, workdir, os.path.join(root, workdir_lib.STEPS_DIR, str(step)))
+    except (run_lib.RunError, checkpoints.CheckpointError):
+      _raise_if_deleted(workdir, step, chosen[i + 1:], root)
+      raise
   return report.write_over_training(root)
+
+
+def _raise_if_deleted(workdir: str, step: int, rest: list[int], root: str) -> None:
+  """An AnalysisError naming the steps still kept when checkpoint `step` is gone (deleted
+  while --steps ran: a training run's rotation); else returns (the first error stands)."""
+  kept = checkpoints.complete_steps(workdir)
+  if step in kept:
+    return
+  now = [s for s in rest if s in kept]
+  rerun = f'rerun with --steps={",".join(map(str, now))}' if now else 'no later step is kept'
+  raise AnalysisError(
+      f'--steps: checkpoint {step} was deleted while the analysis ran (a training run on this '
+      'workdir keeps only its newest train.keep_checkpoints); the steps analysed before it are '
+      f'in {os.path.join(root, workdir_lib.STEPS_DIR)}; {rerun}') from None
 
 
 def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]:
