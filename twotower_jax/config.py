@@ -295,7 +295,7 @@ def init_tower_entries(text: str) -> list[tuple[str, int] | None]:
       out.append(None)
       continue
     head, sep, tail = entry.rpartition(':')
-    if sep and tail.isdigit() and head:
+    if sep and re.fullmatch(r'-?\d+', tail) and head:  # DIR:-1 is refused, not a folder name
       out.append((head, int(tail)))
     else:
       out.append((entry, 0))
