@@ -163,17 +163,9 @@ def base_config() -> ml_collections.ConfigDict:
   # activations carry the logical names; this table decides where they live.
   c.sharding = ml_collections.ConfigDict()
   c.sharding.rules = (
-      ('batch', ('data', 'fsdp')),
-      ('tower', 'tower'),
-      ('layers', None),
-      ('vocab', None),
-      ('embed', 'fsdp'),
-      ('mlp', None),
-      ('heads', None),
-      ('kv', None),
-      ('length', None),
-      ('gate_in', 'fsdp'),
-  )
+      ('batch', ('data', 'fsdp')), ('tower', 'tower'), ('layers', None), ('vocab', None),
+      ('embed', 'fsdp'), ('mlp', None), ('heads', None), ('kv', None), ('length', None),
+      ('gate_in', 'fsdp'))
 
   # Scale-out (docs/SCALING.md): precision, rematerialisation, accumulation, pre-flight.
   c.model.dtype = 'float32'  # tower matmul compute dtype: 'float32' | 'bfloat16' (params f32)
