@@ -196,6 +196,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state_sh = state_lib.shardings(model, tx, mesh, axis_rules)
   abstract_state = state_lib.abstract(model, tx, state_sh)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+  if jax.local_devices()[0].platform == 'cpu':  # before the state is made
+    preflight_lib.check_state_memory(abstract_state, preflight_lib.host_available_bytes())
   batch_sh = sharding_lib.batch_sharding(mesh, axis_rules)
 
   train_iter = iter(data_lib.train_dataset(splits.train_windows, tc.batch_size, tc.seed,
