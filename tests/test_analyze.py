@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -286,13 +287,16 @@ def test_summary_statistics_on_synthetic_items(small_corpus_dir):
 
 @pytest.mark.slow
 def test_cli_compare(cli_analysis, tmp_path):
-  """--compare DIR1 DIR2 delegates to compare.run_compare (a run against itself: rho = 1)."""
+  """--compare DIR1 DIR2 delegates to compare.run_compare (a run against a copy: rho = 1)."""
   workdir, analysed = cli_analysis
   assert analysed.returncode == 0, analysed.stderr[-3000:]
-  r = run_module('twotower_jax.analyze', '--compare', workdir, workdir, f'--out={tmp_path}',
-                 '--config.analysis.min_count=5', '--config.analysis.n_boot=20')
+  copy = tmp_path / 'copy'
+  shutil.copytree(os.path.join(workdir, 'analysis'), copy / 'analysis')
+  r = run_module('twotower_jax.analyze', '--compare', workdir, str(copy),
+                 f'--out={tmp_path / "cmp"}', '--config.analysis.min_count=5',
+                 '--config.analysis.n_boot=20')
   assert r.returncode == 0, r.stderr[-2000:]
-  out = json.load(open(tmp_path / 'compare.json'))
+  out = json.load(open(tmp_path / 'cmp' / 'compare.json'))
   assert out['pairs']
 
 

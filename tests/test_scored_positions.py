@@ -76,3 +76,16 @@ def test_two_tower_control_flips_signs_of_the_difference():
                              rtol=1e-6)
   signs = np.sign(got['perm_pref_sum_KxV'] / d)
   assert 0.35 < np.mean(signs > 0) < 0.65  # both signs, about half each
+
+
+def test_mask_draws_score_each_window_again_with_new_masks():
+  model, c = _model('mlm')
+  windows = _windows(c, rows=6, fill=0)
+  batches, docs = base.scored_batches(windows, 0, 4, draws=3)
+  assert len(batches) == len(docs) == 2 * 3  # 6 windows in batches of 4, three times
+  np.testing.assert_array_equal(batches[0], batches[2])  # the same windows ...
+  np.testing.assert_array_equal(docs[0], docs[2])  # ... in the same documents ...
+  masks = [np.asarray(base.example(model, batches[i], i)['weights']) for i in (0, 2)]
+  assert not np.array_equal(*masks)  # ... with new masks
+  once, _ = base.scored_batches(windows, 0, 4)
+  assert len(once) == 2

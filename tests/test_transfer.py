@@ -3,6 +3,8 @@ per-source target weights (data.planted_loss_class), model.init_towers and the l
 gate's uniform start."""
 
 import functools
+import hashlib
+import json
 import os
 import shutil
 
@@ -313,6 +315,11 @@ def test_init_towers_copies_one_tower_exactly_and_frozen_towers_stay(tiny, tmp_p
                             'model.init_towers': f'{source_run}:0,',
                             'train.trainable': GATE_ONLY})
   loop.train_and_evaluate(c, wd)
+  (line,) = [l for l in workdir_lib.read_metrics(wd) if l['kind'] == 'init_towers']
+  meta = json.loads(open(os.path.join(source_run, 'checkpoints', '2', 'meta', 'metadata')).read())
+  assert line['towers'] == [{  # which checkpoint of which run gave the tower, by its contents
+      'tower': 0, 'source_tower': 0, 'workdir': source_run, 'step': 2,
+      'checkpoint_sha256': hashlib.sha256(json.dumps(meta['fingerprints']).encode()).hexdigest()}]
   src, dst = _params(source_run), _params(wd)
   per_tower = [p for p in dst if p.startswith(('towers/', 'gate/heads/'))]
   assert len(per_tower) > 10 and any(p.startswith('gate/heads/') for p in per_tower)
@@ -351,9 +358,46 @@ def test_init_towers_refuses_other_shapes_and_missing_towers(tiny, tmp_path, sou
   assert 'tower 1 does not exist' in msg
 
 
+def test_init_towers_refuses_its_own_workdir_and_negative_towers(tiny, tmp_path, source_run):
+  """DIR:-1 said 'DIR:-1 has no checkpoints'; a run naming itself got 'config.json is
+  missing'."""
+  msg = _refused(tiny, tmp_path, source_run, **{'model.init_towers': f'{source_run}:-1,'})
+  assert 'names tower -1; give DIR:K with K >= 0' in msg
+  msg = _refused(tiny, tmp_path, source_run, **{'model.init_towers': f'{tmp_path}/refused,'})
+  assert f"names this run's own workdir {tmp_path}/refused" in msg
+
+
 def test_init_towers_entries_are_checked(tiny):
   c = tiny(**{'model.init_towers': 'a:0,b:1,c'})
   with pytest.raises(config_lib.ConfigError, match='3 entries for model.n_towers=2'):
     setup_lib.check_config(c)
   assert config_lib.init_tower_entries('/x/run:3, ,/y:z') == [('/x/run', 3), None, ('/y:z', 0)]
   assert config_lib.init_tower_entries('') == []
+  assert config_lib.init_tower_entries('/x:-1,') == [('/x', -1), None]
+
+
+def test_a_source_checkpoint_rotated_away_while_read_is_read_again(tiny, tmp_path, source_run,
+                                                                   monkeypatch):
+  """A source still training deletes its older checkpoints: the newest is read again, and
+  the provenance names the step actually taken."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from twotower_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  src = str(tmp_path / 'src')
+  shutil.copytree(source_run, src)
+  config = run_lib.load_config(src)
+  config.train.steps = 4
+  loop.train_and_evaluate(config, src)  # checkpoints 2 and 4
+  real = ocp.CheckpointManager.restore
+  deleted = []
+
+  def rotated(self, step, *args, **kwargs):
+    if not deleted:
+      deleted.append(step)
+      shutil.rmtree(os.path.join(src, 'checkpoints', str(step)))
+    return real(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', rotated)
+  digest = tokenizer_lib.file_digest(os.path.join(src, 'tokenizer.model'))
+  config.mesh.tower = 1
+  mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
+  _, _, _, provenance = init_from.source_params(src, digest, config.data.vocab_size, mesh)
+  assert deleted == [4] and provenance['step'] == 2 and provenance['workdir'] == src

@@ -31,6 +31,7 @@ def fields() -> ml_collections.ConfigDict:
   # Tower preference analysis (python -m twotower_jax.analyze; docs/ANALYSIS.md).
   a.estimators = 'probe,resample,gate'  # comma list (also: ablation); gate: mixture gates
   a.eval_windows = 0  # held-out windows scored, every estimator on the same positions; 0 = all
+  a.mask_draws = 1  # masked LM: score the held-out windows this many times, new masks each
   a.min_count = 20  # items with fewer scored occurrences are left out of the statistics
   a.n_boot = 1000  # bootstrap resamples for confidence intervals
   a.n_control = 999  # shuffled-tower control draws (smallest p of their tests: 1/(n_control+1))
@@ -78,7 +79,7 @@ def validate(a: ml_collections.ConfigDict) -> None:
 def _validate_preference(a: ml_collections.ConfigDict) -> None:
   """The preference analysis's numeric fields (estimator names: analysis.check_config)."""
   for name in ('probe_steps', 'probe_batch_size', 'n_boot', 'n_control', 'ablation_draws',
-               'probe_windows', 'probe_eval_every', 'probe_patience'):
+               'mask_draws', 'probe_windows', 'probe_eval_every', 'probe_patience'):
     if a[name] < 1:
       raise ConfigError(f'analysis.{name}={a[name]} must be >= 1')
   for name in ('eval_windows', 'token_view_passages', 'step', 'probe_warmup',

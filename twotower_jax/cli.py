@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 from twotower_jax import errors
 
@@ -48,7 +49,11 @@ def _parse_flags(argv: list[str], config_files: Sequence[str] = ()) -> list[str]
       except errors.UserError as e:
         _exit_with(_one_line(e))
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    whole = _section_override()
+    if whole:
+      _exit_with(whole)
+    return rest
   except flags.Error as e:
     first = _one_line(str(e).splitlines()[0])
     if first.startswith('flag --config.'):  # a config override whose value has the wrong type
@@ -62,14 +67,35 @@ def _parse_flags(argv: list[str], config_files: Sequence[str] = ()) -> list[str]
   return []
 
 
+def _section_override() -> str | None:
+  """Why an override such as --config.model={'n_towers': 3} is refused: it replaces a whole
+  section by a dict missing every other field (a KeyError later, or ignored by analyze)."""
+  for name in list(flags.FLAGS):
+    try:
+      overrides = config_flags.get_override_values(flags.FLAGS[name])
+    except TypeError:  # not a config flag
+      continue
+    for key, value in overrides.items():
+      if hasattr(value, 'keys'):
+        field = next(iter(value.keys()), None)
+        example = f'{key}.{field}={value[field]!r}' if field else f'{key}.FIELD=VALUE'
+        return (f'--{name}.{key}={{...}} replaces the whole {key} section (every other field '
+                f'would be lost); set its fields one at a time, e.g. --{name}.{example}')
+  return None
+
+
 def _unknown_field(e: BaseException, argv: Sequence[str]) -> str:
   """'unknown config field NAME in --config.A.NAME=...': ml_collections' KeyError, re-raised
   as AttributeError, quotes the name twice; the flag that gave it names its section."""
-  name = _one_line(e).strip('\'" ')
+  text = _one_line(e)
+  name = re.split(r'[\s\'"]+', text.strip('\'" '))[0]  # before ml_collections' 'Did you mean'
   given = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
   flag = next((g for g in given if g.split('.')[-1] == name or f'.{name}.' in g), None)
   where = f' (from {flag})' if flag else ''
-  return (f'unknown config field {name}{where}; every field and its default is in '
+  close = re.search(r'Did you mean "([^"]+)"', text)
+  section = flag[len('--config.'):flag.rindex(f'.{name}') + 1] if flag else ''
+  hint = f'did you mean {section}{close.group(1)}? ' if close else ''
+  return (f'unknown config field {name}{where}; {hint}every field and its default is in '
           'twotower_jax/config.py')
 
 

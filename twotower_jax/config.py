@@ -258,7 +258,7 @@ def init_tower_entries(text: str) -> list[tuple[str, int] | None]:
       out.append(None)
       continue
     head, sep, tail = entry.rpartition(':')
-    if sep and tail.isdigit() and head:
+    if sep and re.fullmatch(r'-?\d+', tail) and head:  # DIR:-1 is refused, not a folder name
       out.append((head, int(tail)))
     else:
       out.append((entry, 0))
@@ -378,13 +378,16 @@ def unknown_name(field: str, value: str, known) -> ConfigError:
 
 
 def _check_finite(config: ml_collections.ConfigDict, prefix: str) -> None:
-  """No field takes NaN or infinity: comparisons with NaN are false, so a range check
-  alone would let it through (and e.g. a NaN weight decay trains NaN probe heads)."""
+  """No field takes NaN or infinity (comparisons with NaN are false, so a range check alone
+  lets it through), nor an integer JAX's 32-bit ints cannot hold (seeds have their own)."""
   for key, value in config.items():
     if isinstance(value, ml_collections.ConfigDict):
       _check_finite(value, f'{prefix}{key}.')
     elif isinstance(value, float) and not math.isfinite(value):
       raise ConfigError(f'{prefix}{key}={value} must be a finite number')
+    elif _is_int(value) and abs(value) >= 2**31 and not key.endswith('seed'):
+      raise ConfigError(f'{prefix}{key}={value} is too large: at most 2**31 - 1 (JAX counts '
+                        'steps and sizes in 32-bit integers)')
 
 
 def _check_known_fields(config: ml_collections.ConfigDict, known: ml_collections.ConfigDict,

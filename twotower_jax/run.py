@@ -21,6 +21,7 @@ from twotower_jax import config as config_lib
 from twotower_jax import errors
 from twotower_jax import paths
 from twotower_jax import workdir as workdir_lib
+from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.train import checkpoints
 from twotower_jax.train import optimizer as optimizer_lib
 from twotower_jax.train import setup as setup_lib
@@ -97,6 +98,16 @@ def fit_mesh(config: ml_collections.ConfigDict) -> list[jax.Device]:
   return devices[:n]
 
 
+def check_tokenizer(workdir: str, meta: dict[str, Any]) -> None:
+  """Refuses a DIR/tokenizer.model other than the one the checkpoint was trained with (its
+  sha256, saved with each checkpoint): with other pieces every id would mean another one."""
+  file = workdir_lib.path(workdir, workdir_lib.TOKENIZER)
+  if meta.get('tokenizer_sha256') not in (None, tokenizer_lib.file_digest(file)):
+    raise RunError(f'{file} is not the tokenizer the checkpoints were trained with (its sha256 '
+                   'differs from the one saved with them), so every token id would mean another '
+                   'piece; put back the run\'s own tokenizer.model')
+
+
 def restore(config: ml_collections.ConfigDict, workdir: str, step: int = 0) -> Run:
   """The run at checkpoint `step` (0 = the latest complete one)."""
   if not paths.isdir(checkpoints.directory(workdir)):
@@ -122,9 +133,10 @@ def restore(config: ml_collections.ConfigDict, workdir: str, step: int = 0) -> R
       if chosen not in mngr.all_steps():
         raise RunError(f'no checkpoint for step {chosen} in {checkpoints.directory(workdir)}; '
                        f'choose one of {sorted(mngr.all_steps())} or 0 for the latest')
-      state, _ = checkpoints.restore(mngr, chosen, abstract, legacy=state_lib.legacy_target(
+      state, meta = checkpoints.restore(mngr, chosen, abstract, legacy=state_lib.legacy_target(
           config, lambda t: state_lib.abstract(setup.model, t, state_lib.shardings(
               setup.model, t, setup.mesh, sharding_lib.rules(config)))))
+      check_tokenizer(workdir, meta)
       return Run(setup, state.params, chosen)
     except checkpoints.CheckpointVanished:
       if int(step) or attempt == _VANISHED_RETRIES:

@@ -1,6 +1,6 @@
 """The workdir: every file a run and its analysis write, their names and formats.
 
-The one owner of the layout. Training, the analysis, the report and `--compare`
+The one owner of the layout (preference.csv's columns: preference_table.py). Training, the analysis, the report and `--compare`
 find files through these names and read or write them through these functions:
 
   DIR/config.json                  the resolved config (`write_config`, `read_config`)
@@ -21,11 +21,9 @@ find files through these names and read or write them through these functions:
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime
 import errno
 import fcntl
-import io
 import json
 import math
 import os
@@ -67,11 +65,6 @@ GENERATE = 'generate'
 GENERATIONS_JSONL = 'generations.jsonl'
 GENERATIONS_HTML = 'generations.html'
 TOP_K = 20  # items per tower in summary.json's top_items (and the report's tables)
-# preference.csv: the leading columns, then per estimator EST_t0..EST_t{N-1}, EST_pref,
-# EST_pref_lo, EST_pref_hi (EST_best for N > 2), EST_<extra> per extra value, and
-# planted_class for planted corpora. An estimator is a prefix that has an EST_pref column.
-LEADING_COLUMNS = ('token_id', 'piece', 'count', 'word_class', 'upos')
-TEXT_COLUMNS = ('piece', 'word_class', 'upos', 'planted_class')
 
 
 class WorkdirError(errors.UserError):
@@ -363,8 +356,19 @@ def write_json(file: str, obj: Any, indent: int = 1, sort_keys: bool = False) ->
 
 
 def write_jsonl(file: str, rows: Sequence[Any]) -> None:
-  """One JSON object per line, atomic like write_json."""
-  write_text(file, ''.join(json.dumps(clean(row), ensure_ascii=False) + '\n' for row in rows))
+  """One strictly valid JSON object per line (strict_json), atomic like write_json."""
+  write_text(file, ''.join(json.dumps(strict_json(row), ensure_ascii=False, allow_nan=False) +
+                           '\n' for row in rows))
+
+
+def strict_json(x: Any) -> Any:
+  """clean(x) with NaN and infinities as null: strict JSON (RFC 8259 has no NaN)."""
+  x = clean(x)
+  if isinstance(x, dict):
+    return {k: strict_json(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [strict_json(v) for v in x]
+  return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def write_text(file: str, text: str) -> None:
@@ -401,104 +405,3 @@ def read_optional_json(file: str) -> Any:
 
 
 # ---------------------------------------------------------------- preference.csv
-
-
-def write_preference_csv(file: str, pieces: Sequence[str], classes: dict[str, np.ndarray],
-                         results: dict[str, dict[str, Any]],
-                         planted_V: np.ndarray | None = None,
-                         item_loss_V: np.ndarray | None = None) -> None:
-  """One row per vocabulary item; values are 'nan' where the item was never scored."""
-  vocab = len(pieces)
-  count = next(iter(results.values()))['count'] if results else np.zeros(vocab)
-  header, cols = list(LEADING_COLUMNS), []
-  if item_loss_V is not None:
-    header.append('item_loss')
-    cols.append(item_loss_V)
-  for est, res in results.items():
-    n = res['mean_NxV'].shape[0]
-    for k in range(n):
-      header.append(f'{est}_t{k}')
-      cols.append(res['mean_NxV'][k])
-    header += [f'{est}_pref', f'{est}_pref_lo', f'{est}_pref_hi']
-    cols += [res['pref'], res['pref_lo'], res['pref_hi']]
-    if 'pref_norm' in res:
-      header.append(f'{est}_pref_norm')
-      cols.append(res['pref_norm'])
-    if n > 2:
-      header.append(f'{est}_best')
-      cols.append(np.where(res['count'] > 0, res['best'], -1))
-    for name, values in res.get('extras', {}).items():
-      header.append(f'{est}_{name}')
-      cols.append(values)
-  if planted_V is not None:
-    header.append('planted_class')
-    cols.append(planted_V)
-  f = io.StringIO(newline='')  # the rows, then one atomic write
-  w = csv.writer(f)
-  w.writerow(header)
-  for v in range(vocab):
-    row = [v, pieces[v], int(count[v]), classes['word_class'][v], classes['upos'][v]]
-    for c in cols:
-      x = c[v]
-      if isinstance(x, (np.integer, int)):
-        row.append(int(x))
-      else:
-        x = float(x)
-        row.append('nan' if (not math.isfinite(x) or count[v] == 0) else f'{x:.6g}')
-    w.writerow(row)
-  paths.write_atomic(file, f.getvalue())
-
-
-def _float(text: Any) -> float:
-  try:
-    return float(text)
-  except (TypeError, ValueError):
-    return float('nan')
-
-
-def read_preferences(file: str) -> dict[str, Any]:
-  """preference.csv as columns: text columns as lists of str, the rest as float arrays.
-
-  Also `_fields` (the header) and `_estimators` ({name: number of towers}).
-  """
-  if not paths.exists(file):
-    raise WorkdirError(f'{file} is missing; run the analysis first '
-                       '(python -m twotower_jax.analyze --workdir=DIR)')
-  with paths.open_file(file, newline='', encoding='utf-8') as f:
-    reader = csv.DictReader(f)
-    fields = list(reader.fieldnames or [])
-    rows = list(reader)
-  for need in ('token_id', 'piece', 'count'):
-    if need not in fields:
-      raise WorkdirError(f'{file} has no {need!r} column; rerun the analysis to rewrite it')
-  cols: dict[str, Any] = {}
-  for name in fields:
-    vals = [r.get(name) or '' for r in rows]
-    cols[name] = vals if name in TEXT_COLUMNS else np.array([_float(v) for v in vals])
-  cols['_fields'] = fields
-  cols['_estimators'] = estimator_columns(fields, file)
-  return cols
-
-
-def estimator_columns(fields: Sequence[str], file: str = PREFERENCE_CSV) -> dict[str, int]:
-  """{estimator: number of towers}: every EST with an EST_pref column and EST_t0..t{N-1}."""
-  out = {}
-  names = set(fields)
-  for name in fields:
-    if not name.endswith('_pref'):
-      continue
-    est = name[:-len('_pref')]
-    n = 0
-    while f'{est}_t{n}' in names:
-      n += 1
-    if n < 2:
-      raise WorkdirError(f'{file}: estimator {est!r} has {n} tower columns ({est}_t0..); '
-                         'rerun the analysis to rewrite it')
-    out[est] = n
-  return out
-
-
-def tower_values(cols: dict[str, Any], est: str) -> np.ndarray:
-  """values_IxN: estimator `est`'s per-tower columns of preference.csv."""
-  n = cols['_estimators'][est]
-  return np.stack([cols[f'{est}_t{k}'] for k in range(n)], axis=1)

@@ -46,26 +46,31 @@ def strata(covariates_CxI: np.ndarray, n_bins: int) -> np.ndarray:
   return np.unique(cell, return_inverse=True)[1]
 
 
-def spline_basis(covariates_CxI: np.ndarray, knots: int = 3) -> np.ndarray:
-  """float[I, 1 + 6C]: an intercept and, per covariate (standardised), a cubic with
-  truncated-power terms at `knots` interior quantiles: an additive cubic spline."""
+ITEMS_PER_TERM = 20  # one term per covariate for every 20 items (at least 1 from 8 items, up to 6)
+
+
+def spline_basis(covariates_CxI: np.ndarray, terms: int = 6) -> np.ndarray:
+  """float[I, 1 + terms * C]: an intercept and, per covariate (standardised), the first
+  `terms` of z, z^2, z^3 and truncated cubics at the quartiles: with 6 terms an additive
+  cubic spline with 3 interior knots, with 1 a straight line."""
   cols = [np.ones(np.shape(covariates_CxI)[1])]
   for x in np.atleast_2d(np.asarray(covariates_CxI, np.float64)):
     sd = x.std()
     z = (x - x.mean()) / (sd if sd > 0 else 1.0)
-    cols += [z, z ** 2, z ** 3]
-    for k in np.quantile(z, np.linspace(0, 1, knots + 2)[1:-1]):
-      cols.append(np.maximum(z - k, 0.0) ** 3)
+    knots = np.quantile(z, [0.25, 0.5, 0.75])
+    cols += ([z, z ** 2, z ** 3] + [np.maximum(z - k, 0.0) ** 3 for k in knots])[:terms]
   return np.stack(cols, axis=1)
 
 
 def residuals(scores_I: np.ndarray, covariates_CxI: np.ndarray) -> np.ndarray:
   """scores minus their least-squares additive-spline fit on the covariates: what frequency
-  and difficulty do not explain (the fit never sees the class labels)."""
+  and difficulty do not explain (the fit never sees the class labels). The spline's size
+  follows the items (ITEMS_PER_TERM), so a few dozen items are not fitted by as many terms."""
   n_items = np.shape(covariates_CxI)[1]
-  if n_items <= 1 + 6 * np.atleast_2d(covariates_CxI).shape[0]:  # too few items for the fit
+  if n_items < 8:  # too few items for any fit
     return scores_I - (scores_I.mean() if n_items else 0.0)
-  basis = spline_basis(covariates_CxI)
+  terms = max(1, min(6, n_items // ITEMS_PER_TERM))
+  basis = spline_basis(covariates_CxI, terms)
   coef = np.linalg.lstsq(basis, scores_I, rcond=None)[0]
   return scores_I - basis @ coef
 

@@ -24,6 +24,7 @@ from twotower_jax import paths
 from twotower_jax import report
 from twotower_jax import run as run_lib
 from twotower_jax import staging
+from twotower_jax import preference_table
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.analysis import estimators as est_lib
 from twotower_jax.analysis import multiplicity
@@ -31,6 +32,7 @@ from twotower_jax.analysis import summary as summary_lib
 from twotower_jax.analysis import token_view as token_view_lib
 from twotower_jax.analysis import wordclass
 from twotower_jax.data import planted
+from twotower_jax.train import checkpoints
 
 log = logging.getLogger('twotower_jax')
 
@@ -104,6 +106,22 @@ def _estimator_entry(name, res, pieces, classes, config, item_loss_V, planted_V,
   return out
 
 
+# What a re-analysis carries over from the folder it replaces: the trained probe heads, and
+# what --steps and --compare wrote there (a plain analysis never deletes another mode's work).
+OTHER_MODES = (workdir_lib.STEPS_DIR, workdir_lib.COMPARE_DIR, workdir_lib.OVER_TRAINING_JSON,
+               workdir_lib.OVER_TRAINING_MD, os.path.join(workdir_lib.FIG_DIR, 'over_training.png'))
+CARRIED = (workdir_lib.PROBE_DIR,) + OTHER_MODES
+
+
+def check_out(out_dir: str, workdir: str, given: bool = True) -> None:
+  """AnalysisError when `out_dir` may not hold the analysis of `workdir` (staging.refusal):
+  a given --out must be new, empty or hold an earlier analysis of any mode."""
+  markers = (workdir_lib.SUMMARY_JSON,) + OTHER_MODES if given else None
+  why = staging.refusal(out_dir, 'analysis', markers, reads=(workdir,))
+  if why:
+    raise AnalysisError(why)
+
+
 def word_classes(a: ml_collections.ConfigDict, sp) -> tuple[dict, dict | None]:
   """The word classes the tests use, and with a treebank the built-in list's beside them
   (the sensitivity check: does the class claim depend on the word-class source?)."""
@@ -123,18 +141,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = N
   workdir = paths.absolute(workdir)
   given = bool(out_dir)
   out_dir = paths.absolute(out_dir or workdir_lib.analysis_dir(workdir))
-  if (workdir + os.sep).startswith(out_dir + os.sep) or paths.exists(
-      paths.join(out_dir, workdir_lib.CONFIG_JSON)):
-    raise AnalysisError(f'--out={out_dir} is a run directory or holds one; the analysis replaces '
-                        'its output folder whole, so give a folder of its own')
-  if given and paths.isdir(out_dir) and paths.listdir(out_dir) and not paths.exists(
-      paths.join(out_dir, workdir_lib.SUMMARY_JSON)):
-    raise AnalysisError(f'--out={out_dir} holds files that are not an earlier analysis; the '
-                        'analysis replaces its output folder whole, so give a new or empty folder')
+  check_out(out_dir, workdir, given)
   with contextlib.ExitStack() as stack:
     try:  # first, so an unwritable place is reported before minutes of work
-      staged = stack.enter_context(
-          staging.staged_dir(out_dir, keep=(workdir_lib.PROBE_DIR,)))
+      staged = stack.enter_context(staging.staged_dir(out_dir, keep=CARRIED))
     except OSError as e:
       raise AnalysisError(
           f'cannot write the analysis to {out_dir} ({e.strerror}); pass --out=PATH to write '
@@ -147,7 +157,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = N
 
 def kept_steps(workdir: str) -> list[int]:
   """The complete checkpoints of a run, oldest first."""
-  from twotower_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
   mngr = checkpoints.manager(workdir, read_only=True)
   try:
     steps = [s for s in sorted(mngr.all_steps())
@@ -179,11 +188,16 @@ def run_over_training(config: ml_collections.ConfigDict, workdir: str, steps: st
   if missing or not chosen:
     raise AnalysisError(f'--steps: no checkpoint for step(s) {missing}; kept: {kept}')
   root = paths.absolute(out_dir or workdir_lib.analysis_dir(workdir))
+  check_out(root, workdir, bool(out_dir))
   paths.makedirs(root)
-  for step in chosen:
+  for i, step in enumerate(chosen):
     config.analysis.step = step
     log.info('analysis over training: step %d of %s', step, chosen)
-    run(config, workdir, paths.join(root, workdir_lib.STEPS_DIR, str(step)))
+    try:
+      run(config, workdir, paths.join(root, workdir_lib.STEPS_DIR, str(step)))
+    except (run_lib.RunError, checkpoints.CheckpointError):
+      _raise_if_deleted(workdir, step, chosen[i + 1:], root)
+      raise
   if not paths.is_remote(root):
     return report.write_over_training(root)
   with paths.local_dir() as local:  # the report reads and writes local files: stage them
@@ -203,6 +217,20 @@ def run_over_training(config: ml_collections.ConfigDict, workdir: str, steps: st
   return result
 
 
+def _raise_if_deleted(workdir: str, step: int, rest: list[int], root: str) -> None:
+  """An AnalysisError naming the steps still kept when checkpoint `step` is gone (deleted
+  while --steps ran: a training run's rotation); else returns (the first error stands)."""
+  kept = checkpoints.complete_steps(workdir)
+  if step in kept:
+    return
+  now = [s for s in rest if s in kept]
+  rerun = f'rerun with --steps={",".join(map(str, now))}' if now else 'no later step is kept'
+  raise AnalysisError(
+      f'--steps: checkpoint {step} was deleted while the analysis ran (a training run on this '
+      'workdir keeps only its newest train.keep_checkpoints); the steps analysed before it are '
+      f'in {paths.join(root, workdir_lib.STEPS_DIR)}; {rerun}') from None
+
+
 def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]:
   config, setup, step = restored.config, restored.setup, restored.step
   a, n_towers = config.analysis, config.model.n_towers
@@ -210,8 +238,9 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
   if len(setup.splits.val_windows) == 0:
     raise AnalysisError('the run has no held-out windows to score; give it more data')
   batch, n_windows, val = config.train.batch_size, int(a.eval_windows), setup.splits.val_windows
+  batches, docs = est_lib.base.scored_batches(val, n_windows, batch, int(a.mask_draws))
   ctx = est_lib.Context(config=config, model=setup.model, params=restored.params,
-                        eval_batches=est_lib.base.eval_batches(val, n_windows, batch),
+                        eval_batches=batches, eval_docs=docs,
                         train_windows=setup.splits.train_windows, analysis_dir=out_dir, step=step)
   names, skipped = estimator_names(config)
   ev = est_lib.base.tower_pass(ctx)
@@ -226,7 +255,7 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
   pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
   classes, alt_classes = word_classes(a, sp)
   planted_V = planted_labels(config, sp)
-  workdir_lib.write_preference_csv(os.path.join(out_dir, workdir_lib.PREFERENCE_CSV), pieces,
+  preference_table.write_preference_csv(paths.join(out_dir, workdir_lib.PREFERENCE_CSV), pieces,
                                    classes, results, planted_V, ctx.item_loss)
   struct = None
   if a.struct_conllu:
@@ -234,7 +263,7 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
     struct = structural_probe.run(setup, restored.params, config, out_dir)
   view = token_view_lib.token_view(ctx, results, pieces,
                                    {name: res['state'] for name, res in results.items()})
-  workdir_lib.write_json(os.path.join(out_dir, workdir_lib.TOKEN_VIEW_JSON), view)
+  workdir_lib.write_json(paths.join(out_dir, workdir_lib.TOKEN_VIEW_JSON), view)
   per_estimator = {name: _estimator_entry(name, res, pieces, classes, config, ctx.item_loss,
                                           planted_V, alt_classes)
                    for name, res in results.items()}
@@ -244,6 +273,7 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
       'n_positions': ev['n_positions'],
       'n_eval_windows': int(min(a.eval_windows or len(setup.splits.val_windows),
                                 len(setup.splits.val_windows))),
+      'mask_draws': int(a.mask_draws),
       'min_count': int(a.min_count), 'estimators': names, 'estimators_skipped': skipped,
       'eval_loss': ev['loss'],
       'eval_tokens_per_s': ev['tokens_per_s'],
@@ -253,6 +283,6 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
       'agreement': summary_lib.agreement(results, a.min_count, a.n_boot, a.seed),
       'structural_probe': struct, 'token_view_estimator': view['estimator'],
   }
-  workdir_lib.write_json(os.path.join(out_dir, workdir_lib.SUMMARY_JSON), summary)
+  workdir_lib.write_json(paths.join(out_dir, workdir_lib.SUMMARY_JSON), summary)
   report.write_report(out_dir)
   return summary

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from twotower_jax import errors
+from twotower_jax import preference_table
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.report import figures
 from twotower_jax.report import render
@@ -33,7 +34,7 @@ def write_report(analysis_dir: str) -> dict[str, Any]:
       raise ReportError(f'{path} is missing; run `python -m twotower_jax.analyze '
                         '--workdir=DIR` first (it writes DIR/analysis/)')
   summary = workdir_lib.read_json(sum_path)
-  prefs = workdir_lib.read_preferences(pref_path)
+  prefs = preference_table.read_preferences(pref_path)
   token_view = workdir_lib.read_optional_json(os.path.join(analysis_dir,
                                                            workdir_lib.TOKEN_VIEW_JSON))
   struct = workdir_lib.read_optional_json(os.path.join(analysis_dir, workdir_lib.STRUCT_JSON))

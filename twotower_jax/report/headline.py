@@ -149,6 +149,8 @@ def coverage(summary: dict[str, Any], ps: dict[str, Any]) -> str:
   return (f"{count(ps.get('n_items'))} vocabulary items seen at least "
           f"{count(summary.get('min_count'))} times, among {count(summary.get('n_positions'))} "
           f"scored positions in {count(summary.get('n_eval_windows'))} held-out windows"
+          + (f" (each scored {count(summary['mask_draws'])} times with new masks)"
+             if (summary.get('mask_draws') or 1) > 1 else '')
           + (f' from {count(docs)} documents' if _finite(docs) else '') +
           f" (checkpoint step {count(summary.get('step'))}). Word classes: {md_escape(source)}. "
           'Adjusted AUC: of two items of different classes with similar frequency and item '

@@ -78,9 +78,34 @@ def remove_interrupted_saves(workdir: str) -> list[str]:
   return removed
 
 
+# What Orbax writes into a step directory (its commit file and our items); a folder named
+# by a number that holds none of them is not a checkpoint, and no save left it.
+_ORBAX_ENTRIES = frozenset(('_CHECKPOINT_METADATA', 'state', 'data', 'meta',
+                           'commit_success.txt'))
+
+
+def refuse_foreign_folders(workdir: str) -> None:
+  """CheckpointError when DIR/checkpoints holds a folder named by a step number that is not
+  a checkpoint (e.g. some command's output): Orbax would take it for one, rotation or
+  resuming would delete it, so it is never touched; the user moves it out."""
+  root = directory(workdir)
+  if jax.process_index() != 0 or not paths.isdir(root):
+    return
+  for name in sorted(paths.listdir(root)):
+    folder = paths.join(root, name)
+    if name.isdigit() and paths.isdir(folder):
+      entries = set(paths.listdir(folder))
+      if entries and not entries & _ORBAX_ENTRIES:
+        raise CheckpointError(
+            f'{folder} is not a checkpoint (it holds {", ".join(sorted(entries)[:3])}), but a '
+            'folder named by a number there is taken for one and deleted when the run resumes '
+            f'or rotates its checkpoints; move it out of {root} and rerun')
+
+
 def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
   """A writing manager (keeps `keep` steps, async saves) or a reading one."""
   if not read_only:
+    refuse_foreign_folders(workdir)
     remove_interrupted_saves(workdir)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,

@@ -201,6 +201,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   old_config = check_workdir(config, workdir)
+  if not checkpoints.complete_steps(workdir):  # a resumed run no longer reads its sources
+    init_from.check_sources(config, workdir)
   setup = setup_lib.build(config, workdir)
   mesh, model, splits, tc = setup.mesh, setup.model, setup.splits, config.train
   axis_rules = sharding_lib.rules(config)
@@ -209,6 +211,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state_sh = state_lib.shardings(model, tx, mesh, axis_rules)
   abstract_state = state_lib.abstract(model, tx, state_sh)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+  if jax.local_devices()[0].platform == 'cpu':  # before the state is made
+    preflight_lib.check_state_memory(abstract_state, preflight_lib.host_available_bytes())
   batch_sh = sharding_lib.batch_sharding(mesh, axis_rules)
 
   train_iter = iter(data_lib.train_dataset(splits.train_windows, tc.batch_size, tc.seed,
@@ -217,7 +221,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tokenizer_digest = tokenizer_lib.file_digest(workdir_lib.path(workdir, workdir_lib.TOKENIZER))
   mngr = checkpoints.manager(workdir, tc.keep_checkpoints)
   start = checkpoints.latest_complete_step(mngr, remove_incomplete=True)
-  meta = None
+  meta, taken = None, []
   if start is not None:  # restore (and fail on a bad checkpoint) before writing anything
     legacy = state_lib.legacy_target(config, lambda t: state_lib.abstract(
         model, t, state_lib.shardings(model, t, mesh, axis_rules)))
@@ -226,7 +230,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   else:
     state = state_lib.create_sharded(model, tx, tc.seed, state_sh)
     if any(config_lib.init_tower_entries(config.model.init_towers)):  # before writing anything
-      state = init_from.apply(state, config, model, tokenizer_digest, mesh)
+      state, taken = init_from.apply(state, config, model, tokenizer_digest, mesh)
   optimizer_lib.check_trainable(tc.trainable, state.params)
   target_weights_V = corpus_lib.target_weights(config.data, setup.tokenizer)
   n_eval = eval_windows(config, meta, old_config)
@@ -268,6 +272,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                          'eval_windows': min(n_eval, len(splits.val_windows)),
                          'host_huge_pages': hostmem.active(), **preflight.summary()})
     writer.write('baseline', {'unigram_loss': unigram, 'unigram_perplexity': np.exp(unigram)})
+    if taken:  # which checkpoint of which run gave each tower (model.init_towers)
+      writer.write('init_towers', {'towers': taken})
   log.info('model: %s params, %d towers, mesh %s', f'{n_params:,}', config.model.n_towers,
            dict(mesh.shape))
 

@@ -91,6 +91,18 @@ def eval_batches(windows: np.ndarray, n_windows: int, batch_size: int) -> list[n
   return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
+def scored_batches(windows: np.ndarray, n_windows: int, batch_size: int,
+                   draws: int = 1) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """(eval_batches, their document ids): the held-out batches `draws` times over. Batch i's
+  example key is its own (`example`), so each repeat draws new masked-LM masks and more
+  positions are scored (a tower type without random masks scores the same positions again:
+  use 1); a repeat keeps its windows' documents, so intervals still cluster by document."""
+  batches = eval_batches(windows, n_windows, batch_size)
+  docs = clusters.window_docs(np.concatenate(batches))
+  docs_list = [docs[i:i + batch_size] for i in range(0, len(docs), batch_size)]
+  return batches * draws, docs_list * draws
+
+
 def example(model, window_BxL1, index=0) -> dict[str, jax.Array]:
   """The scored example of eval batch `index`: inputs, targets and weights, with that
   batch's own key (fold_in of EVAL_KEY, so MLM masks differ from batch to batch) and the

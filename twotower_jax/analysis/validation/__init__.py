@@ -62,7 +62,10 @@ def run(base: ml_collections.ConfigDict, workdir: str,
     records[r.name] = execute.train(r, workdir, first_of_group, prev_runs)
     if not r.composed:
       continue
-    summary, wall, cpu = execute.analyse(r, workdir, analysis)
+    own = ml_collections.ConfigDict(analysis.to_dict())
+    if r.config.model.tower_type == 'mlm':
+      own.mask_draws = plan_lib.MLM_MASK_DRAWS
+    summary, wall, cpu = execute.analyse(r, workdir, own)
     rec = records[r.name]
     if wall:
       rec.update(analysis_wall_s=wall, analysis_cpu_s=cpu)

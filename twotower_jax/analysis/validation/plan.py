@@ -32,6 +32,9 @@ from twotower_jax import errors
 # Dense) and the shared output bias. Towers, tables and each tower's own head stay frozen.
 TRAINABLE = '^gate/(ln_in|gate)/|^embed/output_bias$'
 PRIMARY = 'resample/planted'
+# A masked LM scores 15% of the held-out positions per pass: its analyses score them this
+# many times, with new masks each (analysis.mask_draws), for as many positions as a causal one.
+MLM_MASK_DRAWS = 4
 
 
 class ValidationError(errors.UserError):
