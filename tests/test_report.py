@@ -460,3 +460,17 @@ def test_markdown_it_renders_every_block_as_the_old_renderer_did(tmp_path, monke
       assert _Events(render.block_html(b)).events == _Events(_old_block_html(b)).events, b
     elif b[0] == 'fig':
       assert _Events(render.inline_html(b[2])).events == _Events(_old_inline_html(b[2])).events
+
+
+def test_class_clause_shows_where_each_class_leans():
+  """One tower better for everything: both classes lean to tower 0, so no split, and the
+  sentence says so (each lean from its own median, not from the direction tested)."""
+  from twotower_jax.report import headline  # pylint: disable=import-outside-toplevel
+  block = class_block(0.3, [0.2, 0.4], 1.0)
+  block['test']['lean_positive'].update(median=0.05, p_positive=0.3)
+  block['test']['lean_negative'].update(median=0.6, p_positive=1e-5)
+  text = headline.class_clause(block, {'p': 1.0, 'p_adjusted': 1.0, 'significant': False},
+                               'function words', 'content words', 2)
+  assert text.startswith('no class split between function words and content words shown')
+  assert 'function words to tower 0 (median 0.050, p = 0.300)' in text
+  assert 'content words to tower 0 (median 0.600, p < 0.0001)' in text

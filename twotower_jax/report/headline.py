@@ -48,11 +48,16 @@ def judged(row: dict[str, Any] | None, floor: Any = None) -> str:
   return f"{p_text(row.get('p'), floor)}, Holm-adjusted {p_text(row.get('p_adjusted'))}"
 
 
-def _lean(test: dict[str, Any], which: str, name: str, toward: int) -> str:
-  """'function words to tower 0 (median 0.012, p = 0.03)': one class's lean."""
+def _lean(test: dict[str, Any], which: str, name: str) -> str:
+  """'function words to tower 0 (median 0.012, p = 0.03)': where one class leans (the sign of
+  its median preference) and the one-sided signed-rank p of that lean."""
   lean = test.get(f'lean_{which}') or {}
+  median = lean.get('median')
+  if not _finite(median) or float(median) == 0:
+    return f"{name} to neither tower (median {num(median, 3)})"
+  toward = 0 if float(median) > 0 else 1
   p = lean.get('p_positive' if toward == 0 else 'p_negative')
-  return f"{name} to tower {toward} (median {num(lean.get('median'), 3)}, {p_text(p)})"
+  return f"{name} to tower {toward} (median {num(median, 3)}, {p_text(p)})"
 
 
 def class_clause(block: dict[str, Any] | None, row: dict[str, Any] | None, pos: str, neg: str,
@@ -78,7 +83,7 @@ def class_clause(block: dict[str, Any] | None, row: dict[str, Any] | None, pos: 
     return f'{what} ({stat}; {judged(row)})'
   to0 = test.get('direction') == 'positive->0'
   a, b = (0, 1) if to0 else (1, 0)
-  legs = (f"{_lean(test, 'positive', pos, a)}, {_lean(test, 'negative', neg, b)}")
+  legs = f"{_lean(test, 'positive', pos)}, {_lean(test, 'negative', neg)}"
   if significant:
     what = f'**class split: {pos} lean to tower {a}, {neg} to tower {b}**'
   else:
