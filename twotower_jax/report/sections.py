@@ -41,11 +41,11 @@ def _how_to_read(n_towers: int, meanings: dict[str, str]) -> list:
         'that tower\'s states are replaced); `gate` measures which tower a mixture gate '
         'credits with the item. A tower can carry information the model does not use, and '
         'the reverse.'),
-      P('**Two kinds of test.** (1) *Some items prefer a tower*: the preferences are compared '
+      P('**Two kinds of test.** (1) "Some items prefer a tower": the preferences are compared '
         'with the same estimator when the towers\' values are shuffled at every occurrence, '
         'which removes any preference. It rejects whenever items prefer a tower at all, '
         'including when one tower is simply better for every item; it says nothing about '
-        'word classes. (2) *Class split*: function words (closed class: DET, ADP, AUX, PRON, '
+        'word classes. (2) "Class split": function words (closed class: DET, ADP, AUX, PRON, '
         'CCONJ, SCONJ, PART) and content words (NOUN, PROPN, VERB, ADJ, ADV) lean to '
         'different towers. It is claimed only when three things hold: within strata of '
         'frequency and of the model\'s loss on the item, the classes\' preferences differ '
