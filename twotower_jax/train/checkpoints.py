@@ -144,7 +144,8 @@ def complete_steps(workdir: str) -> list[int]:
 def is_complete(step_dir: str) -> bool:
   """True when Orbax finished the step, asked of Orbax: finalised by its rule for this
   storage (renamed locally, commit file on Cloud Storage), its step metadata recording the
-  commit, and each of our items among that metadata's items and present."""
+  commit, and each of our items among that metadata's items. An item deleted after the
+  commit makes the step damaged, not incomplete: restore says so, and nothing deletes it."""
   path = epath.Path(step_dir)
   if not path.exists() or not ocp.step.is_path_finalized(path):
     return False
@@ -155,7 +156,7 @@ def is_complete(step_dir: str) -> bool:
     return False
   handlers = step_meta.item_handlers
   return (step_meta.commit_timestamp_nsecs is not None and isinstance(handlers, dict)
-          and all(item in handlers and (path / item).exists() for item in ITEMS))
+          and all(item in handlers for item in ITEMS))
 
 
 def latest_complete_step(mngr: ocp.CheckpointManager, remove_incomplete: bool = False
