@@ -116,8 +116,8 @@ def _typed(text: str, like: Any, where: str) -> Any:
     if isinstance(like, float):
       return float(text)
   except ValueError:
-    raise ExperimentError(f'{where}: {text!r} is not a {type(like).__name__}, the type of '
-                          'that field') from None
+    raise ExperimentError(f'{where}: {text!r} is not of type {type(like).__name__}, the '
+                          "field's type") from None
   return text
 
 
@@ -227,7 +227,10 @@ def points(exp: ml_collections.ConfigDict) -> list[Point]:
   for index, (texts, kind) in enumerate(combos):
     spec = _base_path(_base_spec(exp, texts))
     if spec not in cache:
-      cache[spec] = cli.check_config_file(spec, where=f'cannot load base={spec}')
+      try:
+        cache[spec] = cli.check_config_file(spec, where=f'cannot load base={spec}')
+      except errors.UserError as e:
+        raise ExperimentError(str(e)) from None
     config = config_lib.from_dict(config_lib.to_dict(cache[spec]))
     _merge(config, exp.overrides)
     values = {k: _typed(t, _field(config, k, f'axes.{k}'), f'axes.{k}') for k, t in texts.items()}
