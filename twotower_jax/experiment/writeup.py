@@ -61,8 +61,8 @@ def _fig_pooled(root: str, res: dict[str, Any]) -> str | None:
   for y, (label, pts, pooled, ctrl) in enumerate(rows):
     for j, c in enumerate(pts):
       if _finite(c['effect']) and _finite(c['ci'][0]):
-        yy = -y + 0.12 * (j - (len(pts) - 1) / 2) / max(len(pts), 1)
-        ax.errorbar([c['effect']], [yy + 0.2], xerr=[[c['effect'] - c['ci'][0]],
+        yy = -y + 0.15 + 0.3 * (j + 1) / (len(pts) + 1)  # the points above the pooled row
+        ax.errorbar([c['effect']], [yy], xerr=[[c['effect'] - c['ci'][0]],
                                                       [c['ci'][1] - c['effect']]],
                     fmt='o', ms=3, color=figures.TOWER_COLORS[0], alpha=0.6, lw=0.8)
     if _finite(pooled['estimate']):
