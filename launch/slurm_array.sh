@@ -7,7 +7,8 @@
 # line aggregates once every point is done. WORKDIR must be on storage every node sees.
 # Environment (defaults in brackets):
 #   EXPERIMENT   experiment config [configs/experiments/preference.py:paper]
-#   WORKDIR      experiment directory, shared by all tasks [runs/$NAME, NAME from EXPERIMENT]
+#   WORKDIR      experiment directory, shared by all tasks [runs/FILE_SCALE, e.g.
+#                runs/preference_paper]
 #   TWOTOWER_TREEBANK  UD English EWT folder for word classes (docs/EXPERIMENTS.md)
 # The venv (launch/env.sh) is built by the first task on a node that lacks it, under a lock;
 # for GPUs add jax[cuda12] to it once (INSTALL_CUDA=1 bash launch/gpu.sh --dry-run).
@@ -38,6 +39,8 @@ else
 fi
 EXPERIMENT="${EXPERIMENT:-configs/experiments/preference.py:paper}"
 name="$(basename "${EXPERIMENT%%:*}" .py)"
+arg="${EXPERIMENT#*:}"
+if [[ "$EXPERIMENT" == *:* && "$arg" != */* ]]; then name+="_$arg"; fi  # preference_paper
 WORKDIR="${WORKDIR:-runs/$name}"
 if [[ "${1:-}" == "--aggregate" ]]; then
   shift
