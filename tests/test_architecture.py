@@ -20,7 +20,7 @@ LAYERS = (
     ('run', 'report'),
     ('analysis', 'generation'),
     ('cli',),
-    ('main', 'analyze', 'planted_check', 'validate', 'generate', 'prepare'),
+    ('main', 'analyze', 'planted_check', 'validate', 'generate', 'prepare', 'experiment'),
 )
 MAX_LINES = 520
 

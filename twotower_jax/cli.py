@@ -26,7 +26,7 @@ from ml_collections import config_flags
 from twotower_jax import errors
 
 
-def _one_line(message) -> str:
+def one_line(message) -> str:
   """One line of text; undoes the repr() quoting that KeyError puts on its message."""
   text = str(message.args[0] if isinstance(message, KeyError) and message.args else message)
   if len(text) >= 2 and text[0] == text[-1] == "'":
@@ -47,7 +47,7 @@ def _parse_flags(argv: list[str], config_files: Sequence[str] = ()) -> list[str]
       try:
         check_config_file(spec, name)
       except errors.UserError as e:
-        _exit_with(_one_line(e))
+        _exit_with(one_line(e))
   try:
     rest = flags.FLAGS(argv)
     whole = _section_override()
@@ -55,7 +55,7 @@ def _parse_flags(argv: list[str], config_files: Sequence[str] = ()) -> list[str]
       _exit_with(whole)
     return rest
   except flags.Error as e:
-    first = _one_line(str(e).splitlines()[0])
+    first = one_line(str(e).splitlines()[0])
     if first.startswith('flag --config.'):  # a config override whose value has the wrong type
       first = (f'bad config override {first[len("flag "):]}; give a value of the '
                "field's type (defaults in twotower_jax/config.py)")
@@ -63,7 +63,7 @@ def _parse_flags(argv: list[str], config_files: Sequence[str] = ()) -> list[str]
   except (KeyError, AttributeError) as e:  # an override of a field that does not exist
     _exit_with(_unknown_field(e, argv))
   except (TypeError, ValueError) as e:  # an override with a value of the wrong type
-    _exit_with(f'bad config override: {_one_line(e)}')
+    _exit_with(f'bad config override: {one_line(e)}')
   return []
 
 
@@ -87,7 +87,7 @@ def _section_override() -> str | None:
 def _unknown_field(e: BaseException, argv: Sequence[str]) -> str:
   """'unknown config field NAME in --config.A.NAME=...': ml_collections' KeyError, re-raised
   as AttributeError, quotes the name twice; the flag that gave it names its section."""
-  text = _one_line(e)
+  text = one_line(e)
   name = re.split(r'[\s\'"]+', text.strip('\'" '))[0]  # before ml_collections' 'Did you mean'
   given = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
   flag = next((g for g in given if g.split('.')[-1] == name or f'.{name}.' in g), None)
@@ -132,15 +132,16 @@ def _flag_value(argv: Sequence[str], name: str) -> str | None:
   return value
 
 
-def check_config_file(spec: str, flag: str = 'config') -> None:
+def check_config_file(spec: str, flag: str = 'config', where: str = ''):
   """Loads a config file (`path[:arg]`) and calls get_config, as config_flags will, turning
-  each way it can fail into one UserError naming the file and the fix.
+  each way it can fail into one UserError naming the file and the fix; returns the config.
+  `where` replaces the message's 'cannot load config --FLAG=PATH' (a file named elsewhere).
 
   config_flags itself reports these as tracebacks (during flag parsing when an override
   is given) or with a misleading message (no get_config).
   """
   path, *arg = spec.split(':', 1)
-  where = f'cannot load config --{flag}={path}'
+  where = where or f'cannot load config --{flag}={path}'
   example = 'e.g. configs/default.py'
   if not os.path.isfile(path):
     what = 'is a directory' if os.path.isdir(path) else 'does not exist'
@@ -153,7 +154,7 @@ def check_config_file(spec: str, flag: str = 'config') -> None:
     raise errors.UserError(f'{where}: syntax error at line {e.lineno} ({e.msg}); fix the '
                            'file') from None
   except Exception as e:  # pylint: disable=broad-except  # any error running the file
-    raise errors.UserError(f'{where}: {type(e).__name__}: {_one_line(e)}{_where(e, path)}; fix '
+    raise errors.UserError(f'{where}: {type(e).__name__}: {one_line(e)}{_where(e, path)}; fix '
                            'the file') from None
   if not callable(getattr(module, 'get_config', None)):
     raise errors.UserError(f'{where}: it has no get_config(); define get_config() returning '
@@ -162,11 +163,12 @@ def check_config_file(spec: str, flag: str = 'config') -> None:
     config = module.get_config(*arg)
   except Exception as e:  # pylint: disable=broad-except
     raise errors.UserError(f'{where}: get_config({", ".join(map(repr, arg))}) raised '
-                           f'{type(e).__name__}: {_one_line(e)}{_where(e, path)}; fix the file '
+                           f'{type(e).__name__}: {one_line(e)}{_where(e, path)}; fix the file '
                            'or its argument') from None
   if not hasattr(config, 'keys') or not hasattr(config, 'lock'):
     raise errors.UserError(f'{where}: get_config() returned {type(config).__name__}, not a '
                            'ConfigDict; return config_lib.base_config() with your changes')
+  return config
 
 
 def _where(e: BaseException, path: str) -> str:
@@ -300,7 +302,7 @@ def run(main: Callable[[list[str]], None], config_files: Sequence[str] = (),
     try:
       main(argv)
     except errors.UserError as e:
-      _leave(_one_line(e), 2)
+      _leave(one_line(e), 2)
     except KeyboardInterrupt:
       interrupted('interrupted (Ctrl-C)', 130)
     except _Terminated:

@@ -98,6 +98,17 @@ def stratified_auc(scores_I: np.ndarray, labels_I: np.ndarray, strata_I: np.ndar
   return u / pairs if pairs else float('nan')
 
 
+def adjusted_auc(scores_I, labels_I, covariates_CxI, n_bins: int) -> float:
+  """The class test's statistic alone (what `class_test` reports as association.auc): the
+  stratified AUC of the spline residuals, for callers that recompute it on subsets of the
+  items (the experiment's cross-fitted halves) without the permutation null."""
+  scores_I = np.asarray(scores_I, np.float64)
+  keep = np.isfinite(scores_I)
+  cov = np.atleast_2d(np.asarray(covariates_CxI, np.float64))[:, keep]
+  return stratified_auc(residuals(scores_I[keep], cov), np.asarray(labels_I, bool)[keep],
+                        strata(cov, n_bins))
+
+
 def association(scores_I, labels_I, strata_I, n_perm: int, seed: int) -> dict[str, Any]:
   """The stratified AUC and its within-stratum label-permutation null (n_perm draws).
 
