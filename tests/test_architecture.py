@@ -20,7 +20,7 @@ LAYERS = (
     ('run', 'report'),
     ('analysis', 'generation'),
     ('cli',),
-    ('main', 'analyze', 'planted_check', 'validate', 'generate'),
+    ('main', 'analyze', 'planted_check', 'validate', 'generate', 'align'),
 )
 MAX_LINES = 520
 
