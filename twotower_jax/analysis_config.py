@@ -52,6 +52,12 @@ def fields() -> ml_collections.ConfigDict:
   a.probe_input = 'tower'  # 'tower' (own final state) | 'joint_ln' (concat head's 1st LN)
   a.probe_dropout = False  # cache the probes' states with the towers' dropout on
   a.probe_seed_per_tower = False  # head k: seed analysis.seed + k (init, batches, dropout)
+  # Tuned lens per tower and layer (docs/COMPANIONS.md); off by default: it adds minutes.
+  a.lens = False  # True: train and report it (tuned_lens.json, a report section)
+  a.lens_windows = 64  # training windows whose cached per-layer states the lenses train on
+  a.lens_batch = 256  # scored positions per Adam step (all lenses train at once)
+  a.lens_steps = 1000  # cap; stops earlier on the probes' held-out plateau rule
+  a.lens_lr = 1e-3  # Adam, from the identity map
   a.conllu = ''  # CoNLL-U treebank for word classes ('' = built-in function-word list)
   a.word_classes = ''  # or a word<TAB>closed|open list (corpora no treebank covers)
   a.token_view_passages = 4  # held-out passages in token_view.json
@@ -93,7 +99,12 @@ def _validate_preference(a: ml_collections.ConfigDict) -> None:
   if a.probe_input not in ('tower', 'joint_ln'):
     raise ConfigError(f"analysis.probe_input={a.probe_input!r} is unknown; use 'tower' or "
                       "'joint_ln'")
-  for name in ('probe_dropout', 'probe_seed_per_tower'):
+  for name in ('lens_windows', 'lens_batch', 'lens_steps'):
+    if not isinstance(a[name], int) or a[name] < 1:
+      raise ConfigError(f'analysis.{name}={a[name]!r} must be an integer >= 1')
+  if not 0 < a.lens_lr < 1:
+    raise ConfigError(f'analysis.lens_lr={a.lens_lr} must be in (0, 1), e.g. 1e-3')
+  for name in ('probe_dropout', 'probe_seed_per_tower', 'lens'):
     if not isinstance(a[name], bool):
       raise ConfigError(f'analysis.{name}={a[name]!r} must be true or false')
 

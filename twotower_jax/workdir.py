@@ -10,7 +10,7 @@ find files through these names and read or write them through these functions:
   DIR/metrics.jsonl                one JSON object per line with `kind` (`read_metrics`)
   DIR/tensorboard/                 the same scalars as event files
   DIR/analysis/                    preference.csv, summary.json, token_view.json,
-                                   structural_probe.json, probe/, report.md,
+                                   structural_probe.json, tuned_lens.json, probe/, report.md,
                                    report.html, figures/, compare/, steps/<step>/,
                                    over_training.json, over_training.md
   DIR/generate/                    generations.jsonl (one sample per line, `write_jsonl`),
@@ -48,6 +48,7 @@ PREFERENCE_CSV = 'preference.csv'
 SUMMARY_JSON = 'summary.json'
 TOKEN_VIEW_JSON = 'token_view.json'
 STRUCT_JSON = 'structural_probe.json'
+TUNED_LENS_JSON = 'tuned_lens.json'  # analysis.lens (analysis/tuned_lens.py)
 PROBE_DIR = 'probe'
 FIG_DIR = 'figures'
 REPORT_MD = 'report.md'

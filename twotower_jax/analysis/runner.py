@@ -45,6 +45,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not names or unknown:
     raise config_lib.ConfigError(f'analysis.estimators={config.analysis.estimators!r}: use a '
                                  f'comma list of {sorted(est_lib.ESTIMATORS)}')
+  if config.analysis.lens:
+    from twotower_jax.analysis import tuned_lens  # pylint: disable=g-import-not-at-top
+    tuned_lens.check_config(config)
   est, _ = multiplicity.parse_primary(config.analysis.primary)
   if est not in est_lib.ESTIMATORS:
     raise config_lib.ConfigError(f'analysis.primary={config.analysis.primary!r}: {est!r} is not '
@@ -197,6 +200,9 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
                         eval_batches=est_lib.base.eval_batches(val, n_windows, batch),
                         train_windows=setup.splits.train_windows, analysis_dir=out_dir, step=step)
   names, skipped = estimator_names(config)
+  if a.lens:  # its layer widths are checked before minutes of work
+    from twotower_jax.analysis import tuned_lens  # pylint: disable=g-import-not-at-top
+    tuned_lens.states_fn(ctx.model, ctx.params, val.shape[1] - 1)
   ev = est_lib.base.tower_pass(ctx)
   log.info('analysis: step %d, %d scored positions, eval loss %.4f (%.0f tokens/s forward)',
            step, ev['n_positions'], ev['loss'], ev['tokens_per_s'])
@@ -215,6 +221,7 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
   if a.struct_conllu:
     from twotower_jax.analysis import structural_probe  # pylint: disable=g-import-not-at-top
     struct = structural_probe.run(setup, restored.params, config, out_dir)
+  lens = tuned_lens.run(ctx, out_dir) if a.lens else None
   view = token_view_lib.token_view(ctx, results, pieces,
                                    {name: res['state'] for name, res in results.items()})
   workdir_lib.write_json(os.path.join(out_dir, workdir_lib.TOKEN_VIEW_JSON), view)
@@ -235,6 +242,7 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
       'word_class_source': classes['source'],
       'agreement': summary_lib.agreement(results, a.min_count, a.n_boot, a.seed),
       'structural_probe': struct, 'token_view_estimator': view['estimator'],
+      'tuned_lens_seconds': None if lens is None else lens['seconds'],
   }
   workdir_lib.write_json(os.path.join(out_dir, workdir_lib.SUMMARY_JSON), summary)
   report.write_report(out_dir)
