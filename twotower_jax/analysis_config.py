@@ -7,6 +7,7 @@ the estimator names are checked where the registry lives (analysis.check_config)
 from __future__ import annotations
 
 import math
+import re
 
 import ml_collections
 
@@ -31,6 +32,9 @@ def fields() -> ml_collections.ConfigDict:
   # Tower preference analysis (python -m twotower_jax.analyze; docs/ANALYSIS.md).
   a.estimators = 'probe,resample,gate'  # comma list (also: ablation); gate: mixture gates
   a.eval_windows = 0  # held-out windows scored, every estimator on the same positions; 0 = all
+  # Only the held-out documents whose name this regex finds (sotu: '^18' = 1800-1899), packed
+  # alone: e.g. a domain's held-out loss and gate shares. '' = every held-out document.
+  a.eval_documents = ''
   a.min_count = 20  # items with fewer scored occurrences are left out of the statistics
   a.n_boot = 1000  # bootstrap resamples for confidence intervals
   a.n_control = 999  # shuffled-tower control draws (smallest p of their tests: 1/(n_control+1))
@@ -90,6 +94,11 @@ def _validate_preference(a: ml_collections.ConfigDict) -> None:
                'probe_weight_decay', 'probe_min_delta'):
     if a[name] < 0:
       raise ConfigError(f'analysis.{name}={a[name]} must be >= 0')
+  try:
+    re.compile(a.eval_documents)
+  except (re.error, TypeError) as e:
+    raise ConfigError(f'analysis.eval_documents={a.eval_documents!r} is not a regular expression '
+                      f"({e}); e.g. '^18' for the speeches of 1800-1899") from None
   if a.ablation_routing not in ('fixed', 'edited'):
     raise ConfigError(f"analysis.ablation_routing={a.ablation_routing!r}; use 'fixed' (the "
                       "gate's prior reads the unedited states) or 'edited'")
