@@ -1,18 +1,19 @@
 """Tuned lens per tower and layer (Belrose et al. 2023), with each layer's residual update.
 
 For tower k and layer s ('input', 'block_1', ..., 'block_L': the stream before the
-tower's final LayerNorm) an affine translator T(x) = x W + b, started at the identity
-(W = I, b = 0: the "logit lens"), maps the layer's state into the tower's last one; the
+tower's final LayerNorm) an affine translator T(x) = x W + b, started at the least-squares
+map onto the last layer's state (Din et al. 2023), maps the layer's state into it; the
 model decodes it: tower k's own final LayerNorm (when the tower has one), then the gate
 and output layer with the other towers at their final states. Trained on cached states
 (the frozen towers run once over `analysis.lens_windows` training windows) to minimise
 KL(model's final distribution || lens's) at the scored positions, with the probes'
 held-out plateau rule. On the last layer the identity already gives the model's own
-distribution, so the lens there is the model itself (KL 0, the model's loss).
+distribution, so the lens there is the model itself (KL 0, the model's loss) and its map
+stays the identity.
 
 Written to tuned_lens.json: per tower and layer the KL to the final distribution and the
-lens's loss on the scored held-out positions, the held-out KL before (identity) and after
-training, the relative size of each block's update of the residual stream
+lens's loss on the scored held-out positions, the held-out KL of the identity map (the
+"logit lens"), of the least-squares start and after training, the relative size of each block's update of the residual stream
 ||x_s - x_{s-1}|| / ||x_{s-1}||, and per item (count >= min_count) the lens's mean loss
 on it, from which the report shows at which depth each tower's preferred items become
 predictable. Not for tower types whose layer states have read their target
@@ -131,7 +132,8 @@ def _pairs(n: int, s: int) -> tuple[jax.Array, jax.Array]:
 
 
 def mean_kl_fn(model):
-  """Jitted (params, lens, x_NxSxXxH, h_NxXxH, w_X) -> mean KL per lens (NxS), weights w."""
+  """(params, lens, x_NxSxXxH, h_NxXxH, w_X) -> each lens's mean KL over the X positions
+  (NxS), weighted by w; for use inside jit."""
   def fn(params, lens, x, h, w_X):
     n, s = x.shape[:2]
     model_logits = lm.apply_gate(model, params, h[:, None])['logits_BxLxV'][0]
@@ -184,6 +186,9 @@ def train(ctx, forward, n_layers: int) -> tuple[dict[str, jax.Array], dict[str, 
     x, hh = x_NxSxPxH[:, :, idx], h_NxPxH[:, idx]
     loss_fn = lambda p: jnp.sum(kl_fn(ctx.params, p, x, hh, jnp.ones(idx.shape)))
     loss, g = jax.value_and_grad(loss_fn)(lens)
+    # The last layer's map stays the identity: it is the final state. (Its gradient is float
+    # noise, which Adam would scale up to full-size steps.)
+    g = jax.tree.map(lambda x: x.at[:, -1].set(0.0), g)
     updates, opt = tx.update(g, opt, lens)
     return optax.apply_updates(lens, updates), opt, loss / (n * s)
 

@@ -77,8 +77,9 @@ def make_figures(analysis_dir: str, lens: dict[str, Any], summary: dict[str, Any
       axes[0, 2].plot(x, contribution[k], '-o', ms=3, color=c, label=f'tower {k}')
   if _finite(lens.get('model_loss')):
     axes[0, 1].axhline(lens['model_loss'], color='k', ls='--', lw=0.8, label='the model')
+  axes[0, 2].set_yscale('log')  # the first block's update dwarfs the rest (small embeddings)
   for ax, title in zip(axes[0], ('KL(final || lens), nats', 'lens loss on held-out targets',
-                                 '|update| / |stream| of each block')):
+                                 '|update| / |stream| of each block (log)')):
     ax.set_xticks(x)
     ax.set_xticklabels(layers, rotation=45, ha='right', fontsize=7)
     ax.set_title(title, fontsize=8)
@@ -112,10 +113,10 @@ def blocks(lens: dict[str, Any] | None, summary: dict[str, Any], prefs: dict[str
   layers = list(lens.get('layers') or [])
   tr = lens.get('training') or {}
   out.append(P(
-      'For each tower and layer an affine map, started at the identity, translates the '
-      "layer's state into the tower's last one; the tower's final norm, the gate and the "
-      'output layer then read it, with the other towers at their final states. Trained to '
-      'match the model\'s final distribution on '
+      'For each tower and layer an affine map, started at the least-squares map onto the '
+      "tower's last state, translates the layer's state into it; the tower's final norm, the "
+      'gate and the output layer then read it, with the other towers at their final states. '
+      'Trained to match the model\'s final distribution on '
       f"{count(tr.get('n_train_positions'))} cached training positions "
       f"({'converged' if tr.get('converged') else '**did not converge**'} after "
       f"{count(tr.get('steps'))} steps). KL and loss below are on the "
@@ -127,14 +128,18 @@ def blocks(lens: dict[str, Any] | None, summary: dict[str, Any], prefs: dict[str
     out.append(FIG(figs['lens'], 'Per tower and layer: KL to the final distribution, the '
                    'lens\'s loss and the relative size of each block\'s update.'))
   kl, loss, contrib = _arr(lens.get('kl')), _arr(lens.get('loss')), _arr(lens.get('contribution'))
-  ident, tuned = _arr(tr.get('identity_heldout_kl')), _arr(tr.get('heldout_kl'))
+  ident, start = _arr(tr.get('identity_heldout_kl')), _arr(tr.get('least_squares_heldout_kl'))
+  tuned = _arr(tr.get('heldout_kl'))
   rows = []
   for k in range(kl.shape[0] if kl.ndim == 2 else 0):
     for s, name in enumerate(layers):
       cell = lambda a: num(a[k, s]) if a.ndim == 2 and a.shape[1] > s else 'n/a'
-      rows.append([str(k), md_escape(name), cell(kl), cell(loss), cell(ident), cell(tuned),
-                   cell(contrib)])
-  out.append(TABLE(['tower', 'layer', 'KL', 'loss', 'held-out KL, identity', 'held-out KL, '
+      rows.append([str(k), md_escape(name), cell(kl), cell(loss), cell(ident), cell(start),
+                   cell(tuned), cell(contrib)])
+  out.append(P('KL and loss: the trained lens on the scored positions. Held-out KL (on the '
+               "lens's own held-out training windows): the identity map (the \"logit lens\"), "
+               'the least-squares start and the trained lens.'))
+  out.append(TABLE(['tower', 'layer', 'KL', 'loss', 'held-out KL: identity', 'least squares',
                     'tuned', 'update / stream'], rows))
   est, groups = item_groups(lens, summary, prefs)
   out.append(H(3, 'At which depth each tower\'s preferred items become predictable'))
