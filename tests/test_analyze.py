@@ -352,3 +352,67 @@ def test_ablations_on_a_mixture_hold_its_routing_fixed(tmp_path, small_corpus_di
       assert moved < 1e-5, (name, moved)
     else:
       assert moved > 1e-3, (name, moved)
+
+
+def test_eval_documents_scores_only_the_matching_held_out_documents(tmp_path, small_corpus_dir):
+  """analysis.eval_documents: the windows of the held-out documents whose name matches,
+  packed alone (a domain's held-out loss), or a one-line error naming the regex."""
+  from twotower_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  from twotower_jax.data import windows  # pylint: disable=g-import-not-at-top
+  setup = setup_lib.build(analysis_config(small_corpus_dir), str(tmp_path))
+  names = [os.path.basename(n) for n in setup.corpus.val_names]
+  assert names == ['1862-Lincoln-1.txt', '1985-Reagan-1.txt']
+  every, docs = analysis.held_out_windows(setup, '')
+  assert every is setup.splits.val_windows and len(docs) == 2
+  lincoln, docs = analysis.held_out_windows(setup, '1862-')
+  assert [os.path.basename(d) for d in docs] == ['1862-Lincoln-1.txt']
+  alone = windows.pack_windows(tokenizer.encode_docs(setup.tokenizer, setup.corpus.val_docs[:1]),
+                               setup.config.data.seq_len)
+  np.testing.assert_array_equal(lincoln, alone)
+  assert 0 < len(lincoln) < len(every)
+  with pytest.raises(analysis.AnalysisError, match=r"eval_documents='\^18\$' matches none"):
+    analysis.held_out_windows(setup, '^18$')
+  bad = config_lib.base_config()
+  bad.analysis.eval_documents = '(18'
+  with pytest.raises(config_lib.ConfigError, match='not a regular expression'):
+    config_lib.validate(bad)
+
+
+def test_gate_scores_the_argmax_deferral(tmp_path, small_corpus_dir):
+  """The gate estimator's extras: the tower with the largest prior (here always tower 1, by
+  its planted bias) and the loss of taking each token from it, -log p_1(x)."""
+  from twotower_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  config = analysis_config(small_corpus_dir, **{'model.gate': 'latent', 'mesh.tower': 1})
+  config.analysis.eval_windows = 4
+  setup = setup_lib.build(config, str(tmp_path))
+  params = state_lib.init(setup.model, optimizer_lib.make(config), 0).params
+  prior = params['gate']['gate']
+  prior['kernel'] = jnp.zeros_like(prior['kernel'])
+  prior['bias'] = jnp.array([0.0, 3.0])
+  batches = est_lib.base.eval_batches(setup.splits.val_windows, 4, config.train.batch_size)
+  ctx = est_lib.Context(config=config, model=setup.model, params=params, eval_batches=batches,
+                        train_windows=setup.splits.train_windows,
+                        analysis_dir=str(tmp_path / 'analysis'), step=0)
+  res = est_lib.base.score(ctx, 'gate')
+  nll_V, count_V = np.zeros(setup.model.cfg.vocab_size), np.zeros(setup.model.cfg.vocab_size)
+  for i, window in enumerate(batches):
+    ex = est_lib.base.example(setup.model, window, i)
+    out = setup.model.apply({'params': params}, ex['inputs'])
+    logp = np.asarray(est_lib.base.target_log_probs(out['tower_logits_NxBxLxV'][1],
+                                                    ex['targets']))
+    w, t = np.asarray(ex['weights']).ravel(), np.asarray(ex['targets']).ravel()
+    np.add.at(nll_V, t, -logp.ravel() * w)
+    np.add.at(count_V, t, w)
+  seen = count_V > 0
+  np.testing.assert_allclose(res['extras']['argmax_nll'][seen], nll_V[seen] / count_V[seen],
+                             rtol=1e-5)
+  np.testing.assert_array_equal(res['extras']['chosen_t1'][seen], 1.0)
+  np.testing.assert_array_equal(res['extras']['chosen_t0'][seen], 0.0)
+  entry = analysis._estimator_entry('gate', res, [''] * seen.size,
+                                    analysis.word_classes(config.analysis, setup.tokenizer)[0],
+                                    config, ctx.item_loss, None, None)
+  assert entry['extra_means']['chosen_t1'] == 1.0
+  assert entry['extra_means']['argmax_nll'] == pytest.approx(nll_V.sum() / count_V.sum(), 1e-5)
+  assert sum(entry['position_means']) == pytest.approx(1.0, 1e-5)  # responsibilities sum to 1

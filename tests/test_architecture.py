@@ -20,7 +20,8 @@ LAYERS = (
     ('run', 'report'),
     ('analysis', 'generation'),
     ('cli',),
-    ('main', 'analyze', 'planted_check', 'validate', 'generate', 'prepare', 'experiment'),
+    ('main', 'analyze', 'planted_check', 'validate', 'generate', 'prepare', 'experiment',
+     'align'),
 )
 MAX_LINES = 520
 

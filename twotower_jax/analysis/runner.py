@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -32,6 +33,8 @@ from twotower_jax.analysis import summary as summary_lib
 from twotower_jax.analysis import token_view as token_view_lib
 from twotower_jax.analysis import wordclass
 from twotower_jax.data import planted
+from twotower_jax.data import tokenizer as tokenizer_lib
+from twotower_jax.data import windows as windows_lib
 from twotower_jax.train import checkpoints
 
 log = logging.getLogger('twotower_jax')
@@ -48,6 +51,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not names or unknown:
     raise config_lib.ConfigError(f'analysis.estimators={config.analysis.estimators!r}: use a '
                                  f'comma list of {sorted(est_lib.ESTIMATORS)}')
+  if config.analysis.lens:
+    from twotower_jax.analysis import tuned_lens  # pylint: disable=g-import-not-at-top
+    tuned_lens.check_config(config)
   est, _ = multiplicity.parse_primary(config.analysis.primary)
   if est not in est_lib.ESTIMATORS:
     raise config_lib.ConfigError(f'analysis.primary={config.analysis.primary!r}: {est!r} is not '
@@ -96,6 +102,13 @@ def _estimator_entry(name, res, pieces, classes, config, item_loss_V, planted_V,
   out = summary_lib.estimator_summary(res, pieces, classes, config.model.n_towers, config,
                                       item_loss_V, planted_V, alt_classes)
   out['description'] = est.description
+  # Over the scored positions (not items): each tower's mean value and each extra's mean,
+  # e.g. the gate's share of tokens per tower and its argmax deferral's loss.
+  with np.errstate(invalid='ignore'):
+    total = float(np.sum(res['count']))
+    out['position_means'] = [float(np.nansum(res['count'] * m) / total) for m in res['mean_NxV']]
+    out['extra_means'] = {k: float(np.nansum(res['count'] * v) / total)
+                          for k, v in res.get('extras', {}).items()}
   if est.summary is not None:
     out.update(est.summary(res['state']))
   counts = res['state'].get('train_counts_V') if isinstance(res['state'], dict) else None
@@ -231,18 +244,37 @@ def _raise_if_deleted(workdir: str, step: int, rest: list[int], root: str) -> No
       f'in {paths.join(root, workdir_lib.STEPS_DIR)}; {rerun}') from None
 
 
+def held_out_windows(setup, pattern: str) -> tuple[np.ndarray, list[str]]:
+  """The held-out windows to score and the documents they come from: every held-out
+  document, or (analysis.eval_documents) those whose name the regex finds, packed alone."""
+  names = list(setup.corpus.val_names)
+  if not pattern:
+    return setup.splits.val_windows, names
+  keep = [i for i, name in enumerate(names) if re.search(pattern, name)]
+  if not keep:
+    raise AnalysisError(f'analysis.eval_documents={pattern!r} matches none of the '
+                        f'{len(names)} held-out documents (e.g. {", ".join(names[:3])}); '
+                        'fix the regex')
+  ids = tokenizer_lib.encode_docs(setup.tokenizer, [setup.corpus.val_docs[i] for i in keep])
+  return windows_lib.pack_windows(ids, setup.config.data.seq_len), [names[i] for i in keep]
+
+
 def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]:
   config, setup, step = restored.config, restored.setup, restored.step
   a, n_towers = config.analysis, config.model.n_towers
   sp = setup.tokenizer
   if len(setup.splits.val_windows) == 0:
     raise AnalysisError('the run has no held-out windows to score; give it more data')
-  batch, n_windows, val = config.train.batch_size, int(a.eval_windows), setup.splits.val_windows
+  val, eval_docs = held_out_windows(setup, a.eval_documents)
+  batch, n_windows = config.train.batch_size, int(a.eval_windows)
   batches, docs = est_lib.base.scored_batches(val, n_windows, batch, int(a.mask_draws))
   ctx = est_lib.Context(config=config, model=setup.model, params=restored.params,
                         eval_batches=batches, eval_docs=docs,
                         train_windows=setup.splits.train_windows, analysis_dir=out_dir, step=step)
   names, skipped = estimator_names(config)
+  if a.lens:  # its layer widths are checked before minutes of work
+    from twotower_jax.analysis import tuned_lens  # pylint: disable=g-import-not-at-top
+    tuned_lens.states_fn(ctx.model, ctx.params, val.shape[1] - 1)
   ev = est_lib.base.tower_pass(ctx)
   log.info('analysis: step %d, %d scored positions, eval loss %.4f (%.0f tokens/s forward)',
            step, ev['n_positions'], ev['loss'], ev['tokens_per_s'])
@@ -261,6 +293,10 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
   if a.struct_conllu:
     from twotower_jax.analysis import structural_probe  # pylint: disable=g-import-not-at-top
     struct = structural_probe.run(setup, restored.params, config, out_dir)
+  lens = None
+  if a.lens:
+    from twotower_jax.analysis import tuned_lens  # pylint: disable=g-import-not-at-top
+    lens = tuned_lens.run(ctx, out_dir)
   view = token_view_lib.token_view(ctx, results, pieces,
                                    {name: res['state'] for name, res in results.items()})
   workdir_lib.write_json(paths.join(out_dir, workdir_lib.TOKEN_VIEW_JSON), view)
@@ -271,9 +307,8 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
       'workdir': workdir, 'step': int(step), 'n_towers': n_towers,
       'tower_type': config.model.tower_type, 'gate': config.model.gate,
       'n_positions': ev['n_positions'],
-      'n_eval_windows': int(min(a.eval_windows or len(setup.splits.val_windows),
-                                len(setup.splits.val_windows))),
-      'mask_draws': int(a.mask_draws),
+      'n_eval_windows': int(min(a.eval_windows or len(val), len(val))),
+      'mask_draws': int(a.mask_draws), 'eval_documents': eval_docs,
       'min_count': int(a.min_count), 'estimators': names, 'estimators_skipped': skipped,
       'eval_loss': ev['loss'],
       'eval_tokens_per_s': ev['tokens_per_s'],
@@ -282,6 +317,7 @@ def analyze(restored: run_lib.Run, workdir: str, out_dir: str) -> dict[str, Any]
       'word_class_source': classes['source'],
       'agreement': summary_lib.agreement(results, a.min_count, a.n_boot, a.seed),
       'structural_probe': struct, 'token_view_estimator': view['estimator'],
+      'tuned_lens_seconds': None if lens is None else lens['seconds'],
   }
   workdir_lib.write_json(paths.join(out_dir, workdir_lib.SUMMARY_JSON), summary)
   report.write_report(out_dir)

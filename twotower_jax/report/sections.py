@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from twotower_jax.report import headline
+from twotower_jax.report import lens as lens_report
 from twotower_jax.report.format import (FIG, H, P, SPACE_PIECE, TABLE, TOP_K, UL, WHY, _finite,
                                         _tower_keys, ci, count, leaning_items, md_escape, num,
                                         show_piece)
@@ -354,8 +355,8 @@ def _token_view(tv, n_towers) -> list:
 
 
 
-def build_blocks(summary, prefs, token_view, struct, figs) -> list:
-  """The report's content, independent of the output format."""
+def build_blocks(summary, prefs, token_view, struct, figs, lens=None) -> list:
+  """The report's content, independent of the output format (`lens`: tuned_lens.json)."""
   n_towers = int(summary.get('n_towers') or 2)
   per_est = summary.get('per_estimator') or {}
   ests = [e for e in (summary.get('estimators') or list(per_est)) if e in per_est]
@@ -378,5 +379,6 @@ def build_blocks(summary, prefs, token_view, struct, figs) -> list:
     blocks += _estimator_section(e, per_est[e], prefs, n_towers, figs.get(e, {}), summary)
   blocks += _agreement(summary, figs.get('_all', {}))
   blocks += _structural(struct, figs.get('_all', {}))
+  blocks += lens_report.blocks(lens, summary, prefs, figs.get('_lens', {}))
   blocks += _token_view(token_view, n_towers)
   return blocks
