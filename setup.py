@@ -26,5 +26,9 @@ setup(
         'tensorboardX>=2.6,<3',
         'tensorflow-datasets>=4.9.7,<5',
     ],
-    extras_require={'test': ['pytest>=8,<10']},
+    extras_require={
+        'test': ['pytest>=8,<10'],
+        # bench/peer_torch.py: the train step in PyTorch eager, timed against ours (CPU build).
+        'bench': ['torch==2.13.0'],
+    },
 )
