@@ -38,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from twotower_jax import config as config_lib  # pylint: disable=wrong-import-position
+from twotower_jax import hostmem  # pylint: disable=wrong-import-position
 
 PAD_ID = 0  # twotower_jax.data.tokenizer.PAD_ID (its module imports JAX)
 
@@ -364,4 +365,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  hostmem.restart()  # the host settings launch/env.sh gives (twotower_jax/hostmem.py)
   main()
