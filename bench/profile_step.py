@@ -73,7 +73,7 @@ PARTS = (
      'embeddings.py:lookup_table_grad' in i['functions']),
     ('other model elementwise (residual adds)', lambda i: 'TwoTowerLM' in i['op_name']),
     ('gradient norms and finite flags', lambda i: 'nonfinite.py' in i['files'] or
-     'step.py:train_step' in i['functions'] and 'optax' not in i['files']),
+     'step.py:train_step' in i['functions'] and 'optax/' not in i['files']),
     ('optimizer update (clip, AdamW)', lambda i: True),
 )
 
@@ -83,10 +83,19 @@ def _hlo_table(hlo: str, name: str) -> list[str]:
       f'\n{name}\n' in hlo) else []
 
 
+def _short_path(path: str) -> str:
+  """'optax/_src/transform.py', 'twotower_jax/model/attention.py': from the package on."""
+  parts = path.split('/')
+  for anchor in ('site-packages', 'dist-packages'):
+    if anchor in parts:
+      return '/'.join(parts[parts.index(anchor) + 1:])
+  return '/'.join(parts[-3:])
+
+
 def hlo_instructions(hlo: str) -> dict[str, dict]:
   """{instruction name: its op_name, whether it is or fuses a dot, and the files and
   'file:function' names of its source frames} for a compiled module's text."""
-  files = {int(i): f.strip('"').rsplit('/', 1)[-1] for i, f in
+  files = {int(i): _short_path(f.strip('"')) for i, f in
            (l.split(' ', 1) for l in _hlo_table(hlo, 'FileNames'))}
   functions = {int(i): f.strip('"') for i, f in
                (l.split(' ', 1) for l in _hlo_table(hlo, 'FunctionNames'))}
@@ -115,7 +124,7 @@ def hlo_instructions(hlo: str) -> dict[str, dict]:
     out[name] = {'name': name, 'op_name': op_name[1] if op_name else '',
                  'dot': op in ('dot', 'convolution') or bool(calls and calls[1] in dots),
                  'files': ' '.join(f for f, _ in chain),
-                 'functions': ' '.join(f'{f}:{fn}' for f, fn in chain)}
+                 'functions': ' '.join(f'{f.rsplit("/", 1)[-1]}:{fn}' for f, fn in chain)}
   return out
 
 
