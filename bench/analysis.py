@@ -2,10 +2,13 @@
 a probe step (towers re-run inside the step, as before the cache, vs on cached states), and
 the probe heads' output-layer matmuls alone, the part of a step no cache removes.
 
-python bench/analysis.py [--workdir=DIR] [--windows=64] [--repeats=3]
+python bench/analysis.py [--workdir=DIR] [--windows=64] [--repeats=3] [--n_control=100,999]
 Without --workdir: configs/default.py's model, randomly initialised (speed does not depend on
-the weights), on random token windows. Prints a table and appends to
-bench/results/analysis.jsonl. Run it after `source launch/env.sh` (host tuning).
+the weights), on random token windows. Each estimator is scored at every --n_control value
+(shuffled-tower draws), the values alternating within each repeat; with --workdir also the
+statistics of each estimator (summary.json's block: the class tests' permutations and
+bootstraps). Prints a table and appends to bench/results/analysis.jsonl. Run it after
+`source launch/env.sh` (host tuning).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from twotower_jax import config as config_lib  # pylint: disable=wrong-import-po
 from twotower_jax import run as run_lib  # pylint: disable=wrong-import-position
 from twotower_jax.analysis import estimators as est_lib  # pylint: disable=wrong-import-position
 from twotower_jax.analysis import runner  # pylint: disable=wrong-import-position
+from twotower_jax.analysis import summary as summary_lib  # pylint: disable=wrong-import-position
 from twotower_jax.analysis.estimators import probe  # pylint: disable=wrong-import-position
 from twotower_jax.model import lm  # pylint: disable=wrong-import-position
 from twotower_jax.model import towers  # pylint: disable=wrong-import-position
@@ -55,7 +59,8 @@ def default_context(n_windows: int, out_dir: str) -> est_lib.Context:
                          train_windows=windows, analysis_dir=out_dir, step=0)
 
 
-def workdir_context(workdir: str, n_windows: int, out_dir: str) -> est_lib.Context:
+def workdir_context(workdir: str, n_windows: int, out_dir: str):
+  """(the run's analysis Context, its tokenizer)."""
   config = runner.load_config(workdir, config_lib.base_config().analysis)
   restored = run_lib.restore(config, workdir)
   return est_lib.Context(config=config, model=restored.model, params=restored.params,
@@ -63,7 +68,7 @@ def workdir_context(workdir: str, n_windows: int, out_dir: str) -> est_lib.Conte
                              restored.setup.splits.val_windows, n_windows,
                              config.train.batch_size),
                          train_windows=restored.setup.splits.train_windows, analysis_dir=out_dir,
-                         step=restored.step)
+                         step=restored.step), restored.setup.tokenizer
 
 
 def probe_steps(ctx: est_lib.Context, batch_windows: int, repeats: int) -> list[dict]:
@@ -126,10 +131,12 @@ def main() -> None:
   ap.add_argument('--workdir', default='')
   ap.add_argument('--windows', type=int, default=64, help='held-out windows scored')
   ap.add_argument('--repeats', type=int, default=3)
+  ap.add_argument('--n_control', default='999', help='shuffled-tower draws, a comma list')
   args = ap.parse_args()
+  n_controls = [int(x) for x in args.n_control.split(',')]
   out_dir = tempfile.mkdtemp(prefix='bench_analysis_')
-  ctx = (workdir_context(args.workdir, args.windows, out_dir) if args.workdir else
-         default_context(args.windows, out_dir))
+  ctx, sp = (workdir_context(args.workdir, args.windows, out_dir) if args.workdir else
+             (default_context(args.windows, out_dir), None))
   rows = []
   passes = [est_lib.base.tower_pass(ctx) for _ in range(args.repeats)]
   best = max(passes, key=lambda r: r['tokens_per_s'])
@@ -137,10 +144,24 @@ def main() -> None:
                'tokens_per_s': best['tokens_per_s']})
   ctx.config.analysis.probe_steps = 1  # prepare: the cache and one step; the bench times steps
   for name in runner.estimator_names(ctx.config)[0]:
-    runs = [est_lib.base.score(ctx, name) for _ in range(args.repeats)]
-    res = max(runs, key=lambda r: r['tokens_per_s'])
-    rows.append({'what': f'{name} (on cached states)', 'seconds': res['seconds'],
-                 'tokens_per_s': res['tokens_per_s']})
+    runs = {n: [] for n in n_controls}
+    for _ in range(args.repeats):
+      for n in n_controls:  # alternating, so load changes hit every value alike
+        ctx.config.analysis.n_control = n
+        runs[n].append(est_lib.base.score(ctx, name))
+    for n in n_controls:
+      res = max(runs[n], key=lambda r: r['tokens_per_s'])
+      rows.append({'what': f'{name} (on cached states, n_control={n})', 'seconds': res['seconds'],
+                   'tokens_per_s': res['tokens_per_s']})
+    if sp is not None:
+      classes, alt = runner.word_classes(ctx.config.analysis, sp)
+      pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+      seconds = min(harness.timed(lambda: summary_lib.estimator_summary(
+          res, pieces, classes, ctx.model.cfg.n_towers, ctx.config, ctx.item_loss, None, alt),
+          args.repeats))
+      rows.append({'what': f'{name} statistics (n_control={n_controls[-1]}, n_perm='
+                           f'{ctx.config.analysis.n_perm}, n_boot={ctx.config.analysis.n_boot})',
+                   'seconds': seconds})
   batch = int(ctx.config.analysis.probe_batch_size)
   rows += probe_steps(ctx, 16, args.repeats)  # 16 windows: the batch before the cache
   if batch != 16:

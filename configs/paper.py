@@ -24,7 +24,7 @@ Schedule (SCHEDULE; docs/FIDELITY.md, A5): 5,120 windows of 128 tokens per optim
 accumulated over 10 micro-batches, 12,500 steps with a linear warm-up of 1,000 steps and a
 linear decay to zero, AdamW as base_config() (the original's values), a 30,528-piece
 SentencePiece vocabulary, bfloat16 compute. Data (DATA): English Wikipedia from TFDS, read
-from an array_record copy (README, "Data sources"); BookCorpus has no TFDS counterpart:
+from an array_record copy (docs/DATA.md, tfds); BookCorpus has no TFDS counterpart:
 pg19 is the stand-in (data.tfds_name can list both). Sized for accelerators: see the
 time and memory first with --dry_run=TARGET. docs/FIDELITY.md lists what still differs.
 """

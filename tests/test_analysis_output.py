@@ -172,3 +172,69 @@ def test_a_checkpoint_rotated_away_while_read_is_read_again(copy, monkeypatch):
     run_lib.restore(config, copy, step=3)
   message = str(e.value)
   assert 'was deleted while it was read' in message and 'config' not in message
+
+
+# --- round 3 (docs/RELIABILITY.md): modes keep each other's outputs; where --out may go ----
+
+
+def test_a_plain_reanalysis_keeps_what_steps_and_compare_wrote(copy):
+  """A plain analysis replaces DIR/analysis whole but carries over analysis/steps/,
+  over_training.* and its figure (--steps: an hour for 'all') and compare/ (--compare)."""
+  out = workdir_lib.analysis_dir(copy)
+  others = {os.path.join(workdir_lib.STEPS_DIR, '3', workdir_lib.SUMMARY_JSON): '{"step": 3}',
+            os.path.join(workdir_lib.COMPARE_DIR, workdir_lib.COMPARE_JSON): '{"pairs": []}',
+            workdir_lib.OVER_TRAINING_JSON: '{"steps": []}', workdir_lib.OVER_TRAINING_MD: '# x',
+            os.path.join(workdir_lib.FIG_DIR, 'over_training.png'): 'png'}
+  for rel, text in others.items():
+    os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
+    with open(os.path.join(out, rel), 'w') as f:
+      f.write(text)
+  runner.run(analysis_config(copy), copy)
+  assert summary_of(out)['step'] == 6
+  for rel, text in others.items():
+    with open(os.path.join(out, rel)) as f:
+      assert f.read() == text, rel
+  assert os.path.exists(os.path.join(out, workdir_lib.FIG_DIR, 'agreement.png'))  # its own too
+
+
+def test_out_is_never_inside_checkpoints_nor_a_file_in_any_mode(copy, tmp_path):
+  """A training run takes a folder named by a number in checkpoints/ for a checkpoint (and
+  deleted `analyze --out=DIR/checkpoints/99` on resuming); a file is not a folder (tracebacks
+  before). Every mode refuses both before any work, the workdir unchanged."""
+  from twotower_jax import generation  # pylint: disable=g-import-not-at-top
+  from twotower_jax.analysis import compare  # pylint: disable=g-import-not-at-top
+  before = snapshot(copy)
+  inside = os.path.join(checkpoints.directory(copy), '99')
+  a_file = os.path.join(copy, workdir_lib.CONFIG_JSON)
+  other = str(tmp_path / 'other')
+  for out, match in ((inside, 'is inside ' + checkpoints.directory(copy)),
+                     (a_file, 'is a file, not a directory')):
+    with pytest.raises(runner.AnalysisError, match=match):
+      runner.run(analysis_config(copy), copy, out_dir=out)
+    with pytest.raises(runner.AnalysisError, match=match):
+      runner.run_over_training(analysis_config(copy), copy, 'all', out_dir=out)
+    with pytest.raises(compare.CompareError, match=match):
+      compare.run_compare([copy, other], out)
+    with pytest.raises(generation.GenerationError, match=match):
+      generation.check_out(out, copy, given=True)
+  # Inside another run's checkpoints/ too, whichever run is read.
+  with pytest.raises(runner.AnalysisError, match='is inside'):
+    runner.run(analysis_config(copy), copy, out_dir=os.path.join(inside, 'deeper'))
+  assert snapshot(copy) == before
+
+
+def test_a_step_deleted_during_steps_names_the_steps_still_kept(copy, monkeypatch):
+  """--steps over a run whose training rotates checkpoints away: the deleted step is named
+  with the kept ones to rerun with (it offered '0 for the latest', which --steps has not)."""
+  real = runner.run
+
+  def rotated(config, workdir, out_dir=None):
+    if config.analysis.step == 3:  # deleted by the training run's keep_checkpoints
+      shutil.rmtree(os.path.join(checkpoints.directory(copy), '3'))
+    return real(config, workdir, out_dir)
+  monkeypatch.setattr(runner, 'run', rotated)
+  with pytest.raises(runner.AnalysisError) as e:
+    runner.run_over_training(analysis_config(copy), copy, 'all')
+  message = str(e.value)
+  assert message.startswith('--steps: checkpoint 3 was deleted while the analysis ran')
+  assert message.endswith('rerun with --steps=6') and '0 for the latest' not in message

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -248,27 +249,34 @@ def test_three_tower_run_scores_every_tower(tmp_path, small_corpus_dir):
 
 
 def test_summary_statistics_on_synthetic_items(small_corpus_dir):
-  """Closed-class items planted at pref +1, open at -1: AUC 1, bimodal vs the control."""
+  """Function words planted at pref +1, content words at -1 (punctuation near 0): a class
+  split in both tests' senses, the prefer test far beyond its shuffled control."""
   config = analysis_config(small_corpus_dir)
+  config.analysis.n_perm = 999
   rng = np.random.default_rng(0)
-  v = 200
-  wc = np.array(['closed'] * 60 + ['open'] * 100 + [''] * 40)
-  pref = np.where(wc == 'closed', 1.0, -1.0) + 0.1 * rng.normal(size=v)
+  v = 220
+  wc = np.array(['closed'] * 60 + ['open'] * 100 + ['punct'] * 20 + [''] * 20 + ['fragment'] * 20)
+  pref = np.where(wc == 'closed', 1.0, np.where(wc == 'punct', 0.0, -1.0)) + 0.1 * rng.normal(
+      size=v)
   control = 0.1 * rng.normal(size=(20, v))
-  res = {'count': rng.integers(1, 500, size=v).astype(float), 'pref': pref,
+  count = rng.integers(1, 500, size=v).astype(float)
+  res = {'count': count, 'pref': pref, 'pref_norm': np.clip(pref, -1, 1),
          'control_pref': control[0], 'control_pref_KxV': control, 'best': (pref < 0).astype(int),
          'seconds': 1.0, 'prepare_seconds': 0.0, 'tokens_per_s': 1.0}
   classes = {'word_class': wc, 'upos': np.full(v, ''), 'source': 'function_words'}
   pieces = [f'p{i}' for i in range(v)]
   labels = np.where(wc == 'closed', planted.SYNTAX, np.where(wc == 'open', planted.TOPIC, -1))
-  s = summary_lib.estimator_summary(res, pieces, classes, 2, config, labels)
+  item_loss = 8.0 - np.log(count) + 0.1 * rng.normal(size=v)
+  s = summary_lib.estimator_summary(res, pieces, classes, 2, config, item_loss, labels)
   keep = res['count'] >= config.analysis.min_count
-  assert s['n_items'] == keep.sum()
+  assert s['n_items'] == keep.sum() and s['n_fragments'] == (keep & (wc == 'fragment')).sum()
   ce = s['class_enrichment']
-  assert ce['auc'] == 1.0 and ce['ci'][0] == 1.0 and ce['mean_pref_closed'] > 0.8
-  assert ce['null']['p'] == 1 / 21 and ce['null']['effect'] > 5  # beyond every control draw
-  assert abs(ce['null']['null_mean'] - 0.5) < 0.1
-  assert s['planted']['auc'] == 1.0 and s['planted']['n_syntax'] == (keep & (wc == 'closed')).sum()
+  assert ce['auc'] == 1.0 and ce['auc_unadjusted'] == 1.0 and ce['mean_pref_positive'] > 0.8
+  assert ce['p'] <= 2 * 2 / 1000 and ce['test']['direction'] == 'positive->0'
+  assert ce['n_positive'] == (keep & (wc == 'closed')).sum()
+  assert s['punct']['test']['lean_positive']['p_positive'] > 0.01  # punctuation sits at 0
+  assert s['prefer']['null']['p'] == 1 / 21  # beyond every shuffled draw
+  assert s['planted']['auc'] == 1.0 and s['planted']['n_positive'] == ce['n_positive']
   assert s['bimodality'] > 0.8 > s['control']['bimodality']
   assert sum(b['n'] for b in s['frequency']['bins']) == s['n_items']
   assert sum(s['histogram']['counts']) == s['n_items']
@@ -279,13 +287,16 @@ def test_summary_statistics_on_synthetic_items(small_corpus_dir):
 
 @pytest.mark.slow
 def test_cli_compare(cli_analysis, tmp_path):
-  """--compare DIR1 DIR2 delegates to compare.run_compare (a run against itself: rho = 1)."""
+  """--compare DIR1 DIR2 delegates to compare.run_compare (a run against a copy: rho = 1)."""
   workdir, analysed = cli_analysis
   assert analysed.returncode == 0, analysed.stderr[-3000:]
-  r = run_module('twotower_jax.analyze', '--compare', workdir, workdir, f'--out={tmp_path}',
-                 '--config.analysis.min_count=5', '--config.analysis.n_boot=20')
+  copy = tmp_path / 'copy'
+  shutil.copytree(os.path.join(workdir, 'analysis'), copy / 'analysis')
+  r = run_module('twotower_jax.analyze', '--compare', workdir, str(copy),
+                 f'--out={tmp_path / "cmp"}', '--config.analysis.min_count=5',
+                 '--config.analysis.n_boot=20')
   assert r.returncode == 0, r.stderr[-2000:]
-  out = json.load(open(tmp_path / 'compare.json'))
+  out = json.load(open(tmp_path / 'cmp' / 'compare.json'))
   assert out['pairs']
 
 
@@ -341,3 +352,67 @@ def test_ablations_on_a_mixture_hold_its_routing_fixed(tmp_path, small_corpus_di
       assert moved < 1e-5, (name, moved)
     else:
       assert moved > 1e-3, (name, moved)
+
+
+def test_eval_documents_scores_only_the_matching_held_out_documents(tmp_path, small_corpus_dir):
+  """analysis.eval_documents: the windows of the held-out documents whose name matches,
+  packed alone (a domain's held-out loss), or a one-line error naming the regex."""
+  from twotower_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  from twotower_jax.data import windows  # pylint: disable=g-import-not-at-top
+  setup = setup_lib.build(analysis_config(small_corpus_dir), str(tmp_path))
+  names = [os.path.basename(n) for n in setup.corpus.val_names]
+  assert names == ['1862-Lincoln-1.txt', '1985-Reagan-1.txt']
+  every, docs = analysis.held_out_windows(setup, '')
+  assert every is setup.splits.val_windows and len(docs) == 2
+  lincoln, docs = analysis.held_out_windows(setup, '1862-')
+  assert [os.path.basename(d) for d in docs] == ['1862-Lincoln-1.txt']
+  alone = windows.pack_windows(tokenizer.encode_docs(setup.tokenizer, setup.corpus.val_docs[:1]),
+                               setup.config.data.seq_len)
+  np.testing.assert_array_equal(lincoln, alone)
+  assert 0 < len(lincoln) < len(every)
+  with pytest.raises(analysis.AnalysisError, match=r"eval_documents='\^18\$' matches none"):
+    analysis.held_out_windows(setup, '^18$')
+  bad = config_lib.base_config()
+  bad.analysis.eval_documents = '(18'
+  with pytest.raises(config_lib.ConfigError, match='not a regular expression'):
+    config_lib.validate(bad)
+
+
+def test_gate_scores_the_argmax_deferral(tmp_path, small_corpus_dir):
+  """The gate estimator's extras: the tower with the largest prior (here always tower 1, by
+  its planted bias) and the loss of taking each token from it, -log p_1(x)."""
+  from twotower_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  config = analysis_config(small_corpus_dir, **{'model.gate': 'latent', 'mesh.tower': 1})
+  config.analysis.eval_windows = 4
+  setup = setup_lib.build(config, str(tmp_path))
+  params = state_lib.init(setup.model, optimizer_lib.make(config), 0).params
+  prior = params['gate']['gate']
+  prior['kernel'] = jnp.zeros_like(prior['kernel'])
+  prior['bias'] = jnp.array([0.0, 3.0])
+  batches = est_lib.base.eval_batches(setup.splits.val_windows, 4, config.train.batch_size)
+  ctx = est_lib.Context(config=config, model=setup.model, params=params, eval_batches=batches,
+                        train_windows=setup.splits.train_windows,
+                        analysis_dir=str(tmp_path / 'analysis'), step=0)
+  res = est_lib.base.score(ctx, 'gate')
+  nll_V, count_V = np.zeros(setup.model.cfg.vocab_size), np.zeros(setup.model.cfg.vocab_size)
+  for i, window in enumerate(batches):
+    ex = est_lib.base.example(setup.model, window, i)
+    out = setup.model.apply({'params': params}, ex['inputs'])
+    logp = np.asarray(est_lib.base.target_log_probs(out['tower_logits_NxBxLxV'][1],
+                                                    ex['targets']))
+    w, t = np.asarray(ex['weights']).ravel(), np.asarray(ex['targets']).ravel()
+    np.add.at(nll_V, t, -logp.ravel() * w)
+    np.add.at(count_V, t, w)
+  seen = count_V > 0
+  np.testing.assert_allclose(res['extras']['argmax_nll'][seen], nll_V[seen] / count_V[seen],
+                             rtol=1e-5)
+  np.testing.assert_array_equal(res['extras']['chosen_t1'][seen], 1.0)
+  np.testing.assert_array_equal(res['extras']['chosen_t0'][seen], 0.0)
+  entry = analysis._estimator_entry('gate', res, [''] * seen.size,
+                                    analysis.word_classes(config.analysis, setup.tokenizer)[0],
+                                    config, ctx.item_loss, None, None)
+  assert entry['extra_means']['chosen_t1'] == 1.0
+  assert entry['extra_means']['argmax_nll'] == pytest.approx(nll_V.sum() / count_V.sum(), 1e-5)
+  assert sum(entry['position_means']) == pytest.approx(1.0, 1e-5)  # responsibilities sum to 1

@@ -12,15 +12,16 @@ PACKAGE = 'twotower_jax'
 # Bottom to top; a module may import from its own layer or any layer below it. A package
 # name stands for every module in it.
 LAYERS = (
-    ('errors', 'hostmem', 'staging'),
-    ('config', 'workdir'),
+    ('errors', 'hostmem', 'paths'),
+    ('config', 'analysis_config', 'config_doc', 'workdir', 'preference_table', 'staging'),
     ('data',),
     ('model',),
     ('train',),
     ('run', 'report'),
     ('analysis', 'generation'),
     ('cli',),
-    ('main', 'analyze', 'planted_check', 'validate', 'generate'),
+    ('main', 'analyze', 'planted_check', 'validate', 'generate', 'prepare', 'experiment',
+     'align'),
 )
 MAX_LINES = 520
 

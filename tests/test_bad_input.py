@@ -186,6 +186,19 @@ def test_a_batch_beyond_host_memory_is_refused_before_anything_is_written(traine
   refused(huge, str(tmp_path / 'new'), errors.UserError, 'MiB of temporaries on this host')
 
 
+def test_a_model_beyond_host_memory_names_its_largest_parameter(trained, tmp_path):
+  """model.max_len=1e9 (a 10^9-row position table) was blamed on train.batch_size by the
+  temporaries check; the state is measured before it is made, naming the parameter."""
+  config, workdir = copy_of(trained, tmp_path)
+  shutil.rmtree(checkpoints.directory(workdir))
+  os.remove(os.path.join(workdir, workdir_lib.CONFIG_JSON))  # a new run on this tokenizer
+  huge = config_lib.from_dict(config_lib.to_dict(config))
+  huge.model.max_len = 10**9
+  message = refused(huge, workdir, errors.UserError, 'MiB is free on this host')
+  assert "its largest parameter, params['embed']['position'] (1000000000, 32)" in message
+  assert 'lower model.max_len' in message and 'batch_size' not in message
+
+
 def test_host_memory_check_counts_every_local_device():
   from twotower_jax.train import preflight  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()

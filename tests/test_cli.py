@@ -24,6 +24,12 @@ def _main(workdir, *args):
     (['--config.model.n_towers=3', '--config.mesh.tower=2'], 'does not divide model.n_towers'),
     (['--config.data.source=wiki'], "data.source='wiki' is unknown"),
     (['stray'], 'unexpected arguments'),
+    # Round 3 (docs/RELIABILITY.md): these were tracebacks, or a stray quote.
+    (['--config.train.stepz=3'], 'unknown config field stepz (from --config.train.stepz); did '
+                                 'you mean train.steps? every field'),
+    (["--config.model={'n_towers': 3}"], "--config.model={...} replaces the whole model "
+                                         'section (every other field would be lost)'),
+    (['--config.train.steps=3000000000'], 'train.steps=3000000000 is too large: at most 2**31'),
 ])
 def test_bad_config_is_one_line_and_leaves_the_workdir_alone(tmp_path, args, message):
   workdir = tmp_path / 'run'

@@ -165,6 +165,14 @@ def test_an_unknown_override_is_one_line_naming_its_flag(module, args):
   assert 'unknown config field foo (from --config.' in line and '.foo)' in line, line
 
 
+def test_a_whole_section_override_is_refused_by_analyze_too(tmp_path):
+  """analyze dropped --config.analysis={...} without a word (it reads analysis.x fields)."""
+  proc = run_module('twotower_jax.analyze', f'--workdir={tmp_path}',
+                    "--config.analysis={'min_count': 3}", timeout=120)
+  line = one_error_line(proc)
+  assert "replaces the whole analysis section" in line and '--config.analysis.min_count=3' in line
+
+
 def test_training_refuses_analysis_settings_its_job_could_not_use(tmp_path):
   proc = run_module('twotower_jax.main', '--config=configs/default.py',
                     f'--workdir={tmp_path / "run"}', '--config.analysis.estimators=nope',

@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 
+from twotower_jax import preference_table
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.analysis import compare
 from twotower_jax.analysis.estimators import base as est_base
@@ -21,7 +23,7 @@ def write_run(workdir, pieces, counts, est_values):
     results[est] = {'count': np.asarray(counts, float), 'mean_NxV': v_IxN.T, 'pref': pref,
                     'best': best, 'pref_lo': pref - 0.1, 'pref_hi': pref + 0.1}
   classes = {'word_class': [''] * len(pieces), 'upos': [''] * len(pieces)}
-  workdir_lib.write_preference_csv(os.path.join(workdir, 'analysis', 'preference.csv'), pieces,
+  preference_table.write_preference_csv(os.path.join(workdir, 'analysis', 'preference.csv'), pieces,
                                    classes, results)
   return str(workdir)
 
@@ -96,6 +98,7 @@ def test_recovers_known_permutation_of_three_towers(tmp_path):
 
 def test_missing_csv_is_a_user_error(tmp_path):
   d1 = write_run(tmp_path / 'a', ['x', 'y', 'z'], [30] * 3, {'probe': np.ones((3, 2))})
+  (tmp_path / 'never_analyzed').mkdir()
   with pytest.raises(errors.UserError, match='run the analysis first'):
     compare.run_compare([d1, str(tmp_path / 'never_analyzed')], str(tmp_path / 'o'))
   with pytest.raises(errors.UserError, match='at least two'):
@@ -116,10 +119,107 @@ def test_extra_columns_are_not_estimators(tmp_path):
            'pref_lo': pref, 'pref_hi': pref,
            'extras': {'shapley_t0': v[:, 0], 'shapley_t1': v[:, 1]}}
     os.makedirs(tmp_path / name / 'analysis')
-    workdir_lib.write_preference_csv(str(tmp_path / name / 'analysis' / 'preference.csv'), pieces,
+    preference_table.write_preference_csv(str(tmp_path / name / 'analysis' / 'preference.csv'), pieces,
                                      {'word_class': [''] * n, 'upos': [''] * n}, {'ablation': res})
     dirs.append(str(tmp_path / name))
   header = (tmp_path / 'a' / 'analysis' / 'preference.csv').read_text().splitlines()[0]
   assert 'ablation_shapley_t0' in header
   res = compare.run_compare(dirs, str(tmp_path / 'o'), n_boot=20)
   assert res['estimators'] == ['ablation'] and len(res['pairs']) == 1
+
+
+# --- round 3 (docs/RELIABILITY.md) ----------------------------------------------------------
+
+
+def _two_runs(tmp_path, n=30):
+  rng = np.random.default_rng(5)
+  pieces = [f'w{i}' for i in range(n)]
+  return [write_run(tmp_path / name, pieces, [30] * n, {'probe': rng.normal(size=(n, 2))})
+          for name in ('a', 'b')]
+
+
+def test_a_run_named_twice_is_refused(tmp_path):
+  """A run agrees with itself trivially (it reported 1.000, 'run 1 vs run 1')."""
+  a, b = _two_runs(tmp_path)
+  os.symlink(a, tmp_path / 'link')
+  for dirs in ([a, a], [a, b, str(tmp_path / 'link')]):
+    with pytest.raises(compare.CompareError, match=re.escape(f'names {os.path.realpath(a)} twice')):
+      compare.run_compare(dirs, str(tmp_path / 'o'))
+  assert not os.path.exists(tmp_path / 'o')
+
+
+def test_a_missing_folder_or_a_one_tower_run_is_named(tmp_path):
+  a, b = _two_runs(tmp_path)
+  with pytest.raises(compare.CompareError, match='nowhere does not exist'):
+    compare.run_compare([a, str(tmp_path / 'nowhere')], str(tmp_path / 'o'))
+  workdir_lib.write_json(os.path.join(b, 'analysis', 'summary.json'), {'n_towers': 1})
+  with pytest.raises(compare.CompareError, match=f'{b} is a one-tower run'):
+    compare.run_compare([a, b], str(tmp_path / 'o'))
+
+
+@pytest.mark.parametrize('damage, match', [
+    (lambda t: os.urandom(2000), 'is damaged, not a CSV table'),
+    (lambda t: t[:len(t) // 2], 'is damaged at line'),  # cut inside a row
+    (lambda t: t.replace(b'\n10,', b'\n11,', 1), 'is damaged at line 12'),  # a row lost
+    (lambda t: t.replace(b',30,', b',,', 1), 'is damaged at line 2'),  # a count lost
+])
+def test_a_damaged_preference_csv_is_one_error(tmp_path, damage, match):
+  """Garbage was a 34-line traceback and a truncated file was read silently."""
+  a, b = _two_runs(tmp_path)
+  csv_path = os.path.join(b, 'analysis', 'preference.csv')
+  with open(csv_path, 'rb') as f:
+    text = f.read()
+  with open(csv_path, 'wb') as f:
+    f.write(damage(text))
+  with pytest.raises(errors.UserError, match=match) as e:
+    compare.run_compare([a, b], str(tmp_path / 'o'))
+  assert csv_path in str(e.value) and '\n' not in str(e.value)
+
+
+def test_a_file_cut_at_a_row_end_is_found_by_the_vocab_size(tmp_path):
+  from twotower_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  a, b = _two_runs(tmp_path)
+  config = config_lib.base_config()
+  config.data.vocab_size = 40  # the run's vocabulary: 40 rows, of which 30 were written
+  workdir_lib.write_config(config, b)
+  with pytest.raises(compare.CompareError, match='has 30 rows but the run has '
+                     'data.vocab_size=40'):
+    compare.run_compare([a, b], str(tmp_path / 'o'))
+
+
+def test_outputs_are_written_together_strict_and_never_into_a_run(tmp_path, monkeypatch):
+  """compare.json and compare.md are replaced as one staged folder (a failed write leaves
+  the earlier pair); NaN is written as null; --out may not be a file, a run or a folder of
+  other files."""
+  a, b = _two_runs(tmp_path)
+  out = str(tmp_path / 'cmp')
+  compare.run_compare([a, b], out, n_boot=10)
+  before = {n: open(os.path.join(out, n)).read() for n in os.listdir(out)}
+  real = workdir_lib.write_text
+
+  def full_disk(file, text):
+    if file.endswith('compare.md'):
+      raise OSError(28, 'No space left on device')
+    return real(file, text)
+  monkeypatch.setattr(workdir_lib, 'write_text', full_disk)
+  with pytest.raises(compare.CompareError, match=f'cannot write the comparison to {out}'):
+    compare.run_compare([a, b], out, n_boot=20)
+  monkeypatch.undo()
+  assert {n: open(os.path.join(out, n)).read() for n in os.listdir(out)} == before
+  assert sorted(os.listdir(tmp_path)) == ['a', 'b', 'cmp']
+  flat = [write_run(tmp_path / n, ['x', 'y', 'z'], [30] * 3, {'probe': np.ones((3, 2))})
+          for n in ('c', 'd')]  # constant preferences: no correlation (NaN)
+
+  def refuse(constant):
+    raise AssertionError(f'{constant} is not JSON')
+  compare.run_compare(flat, str(tmp_path / 'flat'), n_boot=10)
+  saved = json.loads((tmp_path / 'flat' / 'compare.json').read_text(), parse_constant=refuse)
+  assert saved['pairs'][0]['spearman'] is None
+  (tmp_path / 'mine').mkdir()
+  (tmp_path / 'mine' / 'notes.txt').write_text('keep')
+  for bad, match in ((os.path.join(a, 'analysis', 'preference.csv'), 'is a file'),
+                     (a, 'is a run directory or holds one'),
+                     (str(tmp_path / 'mine'), 'holds files that are not an earlier comparison')):
+    with pytest.raises(compare.CompareError, match=match):
+      compare.run_compare([a, b], bad)
+  assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'keep'

@@ -151,3 +151,40 @@ def test_tfds_missing_dataset_is_a_clear_error(tmp_path):
   c = _data_config(source='tfds', tfds_name='no_such_dataset_xyz', tfds_data_dir=str(tmp_path))
   with pytest.raises(corpus_lib.CorpusError, match='is not prepared'):
     corpus_lib.load(c)
+
+
+def test_sotu_years_keep_one_era_and_the_collections_held_out_speeches():
+  """An era's run trains and is scored only on its speeches; its held-out speeches are the
+  whole collection's that fall in those years, so no era trains on another's held-out one."""
+  full = corpus_lib.load(_data_config(source='sotu'))
+  eras = {}
+  for years in ('1790-1899', '1945-2026', '1790-1899,1945-2026'):
+    eras[years] = corpus_lib.load(_data_config(source='sotu', sotu_years=years))
+  old, new, both = eras['1790-1899'], eras['1945-2026'], eras['1790-1899,1945-2026']
+  assert all(1790 <= int(n[:4]) <= 1899 for n in old.train_names + old.val_names)
+  assert all(int(n[:4]) >= 1945 for n in new.train_names + new.val_names)
+  assert old.val_names and new.val_names
+  for era in eras.values():
+    assert set(era.val_names) <= set(full.val_names)
+    assert set(era.train_names) <= set(full.train_names)
+  assert set(both.val_names) == set(old.val_names) | set(new.val_names)
+  assert set(both.train_names) == set(old.train_names) | set(new.train_names)
+  assert len(full.train_names) > len(both.train_names)  # 1900-1944 left out
+
+
+@pytest.mark.parametrize('fields,match', [
+    ({'sotu_years': '1899-1790'}, 'FROM-TO ranges'),
+    ({'sotu_years': '18th century'}, 'FROM-TO ranges'),
+    ({'sotu_years': '1790-1899,'}, 'FROM-TO ranges'),
+    ({'source': 'text', 'text_glob': '*.txt', 'sotu_years': '1790-1899'},
+     'applies to data.source=sotu'),
+])
+def test_sotu_years_errors_name_the_fix(fields, match):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    corpus_lib.check_config(_data_config(**fields))
+
+
+def test_sotu_years_without_held_out_speeches_is_one_clear_error():
+  # a single year: 1862 has one speech, a training one
+  with pytest.raises(corpus_lib.CorpusError, match='keeps 1 training and 0 held-out'):
+    corpus_lib.load(_data_config(source='sotu', sotu_years='1862'))

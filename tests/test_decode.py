@@ -264,7 +264,8 @@ def test_apply_gate_is_the_models_own_gate():
 @pytest.mark.parametrize('kw, message', [
     (dict(tower_type='mlm'), 'model.tower_type=mlm is not a left-to-right generator'),
     (dict(tower_type='bilstm'), 'model.tower_type=bilstm is not a left-to-right generator'),
-    (dict(temperature=-0.5), '--temperature=-0.5 must be >= 0'),
+    (dict(temperature=-0.5), '--temperature=-0.5 must be a finite number >= 0'),
+    (dict(temperature=float('inf')), '--temperature=inf must be a finite number >= 0'),
     (dict(top_p=0.0), '--top_p=0.0 must be in (0, 1]'),
     (dict(top_p=1.5), '--top_p=1.5 must be in (0, 1]'),
     (dict(top_k=-1), '--top_k=-1 must be >= 0'),

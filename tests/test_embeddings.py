@@ -118,9 +118,14 @@ def test_modes_and_tying_build_run_and_count(mode):
     assert float(m['embed_grad_norm_input']) > 0
     if tied:  # the table is also the output layer, so both paths carry gradient
       assert float(m['embed_grad_norm_output']) > 1e-3 * total
+      assert 'embed_grad_norm_output_matrix' not in m
     else:  # untied: all of the table's gradient arrives through the lookup
       assert float(m['embed_grad_norm_output']) <= 1e-5 * total
       np.testing.assert_allclose(m['embed_grad_norm_input'], total, rtol=1e-5)
+      # the output side's gradient goes to the separate output matrix, logged on its own
+      np.testing.assert_allclose(m['embed_grad_norm_output_matrix'],
+                                 jnp.linalg.norm(grads['embed']['output']), rtol=1e-5)
+      assert float(m['embed_grad_norm_output_matrix']) > 0
 
 
 def test_per_tower_tables_give_each_tower_its_own_input():

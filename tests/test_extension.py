@@ -9,6 +9,7 @@ import pytest
 
 from conftest import run_module
 from twotower_jax import config as config_lib
+from twotower_jax import preference_table
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.analysis import estimators
 from twotower_jax.data import corpus
@@ -63,7 +64,7 @@ def test_toy_parts_train_and_analyse(toy_parts, tmp_path):
   assert summary['estimators'] == ['toy_zero', 'ablation']
   assert 'set to zero' in summary['per_estimator']['toy_zero']['description']
   assert summary['per_estimator']['toy_zero']['n_items'] > 5
-  cols = workdir_lib.read_preferences(os.path.join(out, workdir_lib.PREFERENCE_CSV))
+  cols = preference_table.read_preferences(os.path.join(out, workdir_lib.PREFERENCE_CSV))
   assert cols['_estimators'] == {'toy_zero': 2, 'ablation': 2}
   with open(os.path.join(out, workdir_lib.REPORT_MD)) as f:
     report = f.read()

@@ -1,6 +1,13 @@
 """Generation from a trained run (python -m twotower_jax.generate): samples and their views, the
 same samples from resume-restored params, Co-LLM shares, and one line for each bad input."""
 
+import contextlib
+import errno
+import glob
+import json
+import logging
+import logging.handlers
+import math
 import os
 import re
 import shutil
@@ -11,6 +18,8 @@ import pytest
 from conftest import run_module, snapshot, tiny_config
 from twotower_jax import generation
 from twotower_jax import workdir as workdir_lib
+from twotower_jax.data import tokenizer as tokenizer_lib
+from twotower_jax.model import decode
 from twotower_jax.train import checkpoints
 from twotower_jax.train import loop
 
@@ -117,7 +126,7 @@ def _config_only_workdir(small_corpus_dir, tmp_path, **overrides):
     ('trained', ['--prompt=' + 'Fellow citizens ' * 20], 'longer than model.max_len=32'),
     ('trained', ['--prompt=Hi', '--top_p=0'], '--top_p=0.0 must be in (0, 1]'),
     ('trained', ['--prompt=Hi', '--top_p=1.5'], '--top_p=1.5 must be in (0, 1]'),
-    ('trained', ['--prompt=Hi', '--temperature=-1'], '--temperature=-1.0 must be >= 0'),
+    ('trained', ['--prompt=Hi', '--temperature=-1'], '--temperature=-1.0 must be a finite number'),
     ('trained', ['--prompt=Hi', '--co_llm=argmax'], '--co_llm needs a mixture gate'),
     ('trained', [], 'give exactly one of --prompt'),
     ('trained', ['--prompt=Hi', '--num_samples=0'], '--num_samples=0 must be >= 1'),
@@ -126,9 +135,28 @@ def _config_only_workdir(small_corpus_dir, tmp_path, **overrides):
     ('mlm', ['--prompt=Hi'], 'model.tower_type=mlm is not a left-to-right generator'),
     ('bilstm', ['--prompt=Hi'], 'model.tower_type=bilstm is not a left-to-right generator'),
     ('missing', ['--prompt=Hi'], 'does not exist'),
+    # Round 3 (docs/RELIABILITY.md): numbers, prompt input and --out checked before any work.
+    ('trained', ['--prompt=Hi', '--temperature=inf'], '--temperature=inf must be a finite'),
+    ('trained', ['--prompt=Hi', '--num_samples=1000000'], 'more than the 1024 one call'),
+    ('trained', ['--prompt=Hi', '--seed=-1'], '--seed=-1 must be an integer in [0, 2**32)'),
+    ('trained', ['--prompt=Hi', '--step=-1'], '--step=-1 must be >= 0'),
+    ('trained', ['--prompt_file=/dev/zero'], '--prompt_file=/dev/zero is larger than 1 MiB'),
+    ('trained', ['--prompt_file=TMP/nul.txt'], 'is a binary file, not text (NUL byte at byte 2)'),
+    ('trained', ['--prompt=Hi', '--out=WORKDIR/checkpoints/99'], 'checkpoints, where a training'),
+    ('trained', ['--prompt=Hi', '--out=WORKDIR'], 'is a run directory or holds one'),
+    ('trained', ['--prompt=Hi', '--out=WORKDIR/config.json'], 'is a file, not a directory'),
+    ('other_tokenizer', ['--prompt=Hi'], 'is not the tokenizer the checkpoints were trained'),
 ])
 def test_bad_input_is_one_line(trained, small_corpus_dir, tmp_path, case, args, message):
   workdir = trained[1]
+  (tmp_path / 'nul.txt').write_bytes(b'Hi\0there\n')
+  if case == 'other_tokenizer':  # same size, other pieces: every id would mean another piece
+    workdir = str(tmp_path / 'copy')
+    shutil.copytree(trained[1], workdir)
+    docs = [' '.join(reversed(open(f).read().split())) + ' zyx qwv'
+            for f in sorted(glob.glob(os.path.join(small_corpus_dir, '*.txt')))]
+    tokenizer_lib.train(docs, os.path.join(workdir, workdir_lib.TOKENIZER), 256)
+  args = [a.replace('WORKDIR', workdir).replace('TMP', str(tmp_path)) for a in args]
   if case == 'no_checkpoint':
     workdir = str(tmp_path / 'copy')
     shutil.copytree(trained[1], workdir)
@@ -164,3 +192,121 @@ def test_a_read_only_workdir_is_refused_before_sampling_and_out_writes_elsewhere
     proc = _generate(workdir, '--prompt=Hi', '--max_new_tokens=2', f'--out={out}')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.exists(os.path.join(out, workdir_lib.GENERATIONS_JSONL))
+
+
+def test_the_html_page_shows_a_workdir_name_literally():
+  """The page's heading is Markdown rendered by markdown-it-py: a workdir named like
+  emphasis or HTML is escaped, not formatted."""
+  rec = {'prompt_pieces': ['\u2581a'], 'tokens': [{'piece': '\u2581b', 'lean': 0.5}],
+         'prompt_index': 0, 'sample': 0, 'stop': 'eos', 'tower_share': [0.5, 0.5],
+         'attribution': 'ablation'}
+  page = generation.html_page([rec], 'Generations: run_*1*<i>, step 6')
+  assert '<h1>Generations: run_*1*&lt;i&gt;, step 6</h1>' in page
+  assert 'tokens leaning to (ablation): tower 0 50%, tower 1 50%' in page
+
+
+@contextlib.contextmanager
+def _logged():
+  """The messages the package logs (INFO and up) inside the block."""
+  handler = logging.handlers.BufferingHandler(100)
+  logger = logging.getLogger('twotower_jax')
+  level = logger.level
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  lines = []
+  try:
+    yield lines
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+    lines.extend(r.getMessage() for r in handler.buffer)
+
+
+def _recs(n: int, logp: float = -1.5) -> list[dict]:
+  """Records as generation.records makes them, for the writer alone."""
+  return [{'prompt_index': 0, 'sample': j, 'prompt': 'Hi', 'continuation': ' there',
+           'stop': 'eos', 'attribution': 'ablation', 'prompt_pieces': ['\u2581Hi'],
+           'tower_share': [0.5, 0.5], 'tokens': [{'id': 7, 'piece': '\u2581there', 'logp': logp,
+                                                  'drop': [0.1, 0.2], 'lean': -0.5}]}
+          for j in range(n)]
+
+
+@pytest.mark.parametrize('fault', ['full_disk', 'signal'])
+def test_outputs_are_replaced_as_one_unit(tmp_path, monkeypatch, fault):
+  """generations.jsonl and .html go to a staged folder renamed into place: a full disk or a
+  signal while the page is written leaves the earlier pair whole and no temporary file, and
+  the full disk's line names the folder."""
+  out = str(tmp_path / 'generate')
+  generation.write(_recs(1), out, 'first')
+  before = snapshot(out)
+  real = workdir_lib.write_text
+
+  def failing(file, text):
+    if file.endswith(workdir_lib.GENERATIONS_HTML):
+      if fault == 'signal':
+        raise KeyboardInterrupt  # how cli turns SIGTERM and Ctrl-C into an unwinding exception
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real(file, text)
+  monkeypatch.setattr(workdir_lib, 'write_text', failing)
+  if fault == 'signal':
+    with pytest.raises(KeyboardInterrupt):
+      generation.write(_recs(256), out, 'second')
+  else:
+    with pytest.raises(generation.GenerationError) as e:
+      generation.write(_recs(256), out, 'second')
+    assert f'cannot write the generations to {out} (No space left on device)' in str(e.value)
+  assert snapshot(out) == before and sorted(os.listdir(tmp_path)) == ['generate']
+  monkeypatch.undo()
+  generation.write(_recs(3), out, 'third')
+  assert len(workdir_lib.read_jsonl(os.path.join(out, workdir_lib.GENERATIONS_JSONL))) == 3
+  assert sorted(os.listdir(out)) == [workdir_lib.GENERATIONS_HTML, workdir_lib.GENERATIONS_JSONL]
+
+
+def test_generations_jsonl_is_strict_json(tmp_path):
+  """RFC 8259 JSON has no NaN or Infinity: a non-finite value is written as null."""
+  recs = _recs(1, logp=-math.inf)
+  recs[0]['tower_share'] = [math.nan, math.nan]
+  generation.write(recs, str(tmp_path), 'strict')
+
+  def refuse(constant):
+    raise AssertionError(f'{constant} is not JSON')
+  with open(tmp_path / workdir_lib.GENERATIONS_JSONL, encoding='utf-8') as f:
+    rec = json.loads(f.readline(), parse_constant=refuse)
+  assert rec['tokens'][0]['logp'] is None and rec['tower_share'] == [None, None]
+
+
+def test_max_new_tokens_is_clipped_to_the_window():
+  """The loop's buffers grow with max_new_tokens, but at most max_len + 1 - (shortest
+  prompt) tokens fit: more is clipped, with a note; what fits is kept."""
+  ids = [np.arange(3), np.arange(5)]
+  with _logged() as lines:
+    got = generation.fit_window(decode.Sampling(max_new_tokens=10**10), ids, 32)
+    assert generation.fit_window(decode.Sampling(max_new_tokens=30), ids, 32).max_new_tokens == 30
+  assert got.max_new_tokens == 30
+  assert len(lines) == 1 and '--max_new_tokens=10000000000 clipped to 30' in lines[0]
+
+
+def test_a_huge_max_new_tokens_generates_up_to_the_window(trained, tmp_path):
+  """--max_new_tokens=1e10 gave a 65-line OverflowError (1e9: killed for memory)."""
+  out = tmp_path / 'out'
+  proc = _generate(trained[1], '--prompt=Fellow citizens', '--max_new_tokens=10000000000',
+                   '--nostop_at_eos', '--temperature=0', f'--out={out}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '--max_new_tokens=10000000000 clipped to' in proc.stderr
+  (rec,) = workdir_lib.read_jsonl(str(out / workdir_lib.GENERATIONS_JSONL))
+  assert rec['stop'] == 'max_len' and rec['settings']['max_new_tokens'] == len(rec['tokens'])
+  assert len(rec['prompt_pieces']) + 1 + len(rec['tokens']) == 32 + 1  # the window, full
+
+
+def test_prompts_keep_their_lines_and_control_characters_are_named(trained, tmp_path):
+  """CRLF line ends are not part of a prompt; characters the tokenizer drops are warned of."""
+  file = tmp_path / 'prompts.txt'
+  file.write_bytes(b'Fellow citizens\r\n\r\nThe \x01Congress\x07\r\n')
+  prompts = generation.read_prompts(None, str(file))
+  assert prompts == ['Fellow citizens', 'The \x01Congress\x07']
+  sp = tokenizer_lib.load(os.path.join(trained[1], workdir_lib.TOKENIZER))
+  with _logged() as lines:
+    generation.encode_prompts(sp, prompts, 32)
+  (warning,) = lines
+  assert "prompt 2 ('The \\x01Congress\\x07')" in warning
+  assert 'U+0001 at character 5, U+0007 at character 14' in warning

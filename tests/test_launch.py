@@ -32,7 +32,7 @@ def _dry(*args, **env):
 def test_tpu_dry_run_prints_the_gcloud_commands():
   env = {'TPU_NAME': 'tt', 'ZONE': 'us-east5-a', 'PROJECT': 'proj', 'ACCELERATOR_TYPE': 'v4-32',
          'RUNTIME_VERSION': 'tpu-ubuntu2204-base', 'REPO_URL': 'https://example.com/t.git',
-         'BRANCH': 'dev', 'WORKDIR': 'gs://bkt/runs/a', 'SPOT': '1'}
+         'BRANCH': 'dev', 'WORKDIR': 'gs://bkt/runs/a', 'SPOT': '1', 'GCSFUSE': '1'}
   out = _dry('create', **env)
   assert out.startswith('gcloud compute tpus tpu-vm create tt --zone=us-east5-a --project=proj '
                         '--accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot')
@@ -40,7 +40,8 @@ def test_tpu_dry_run_prints_the_gcloud_commands():
   assert out.startswith('gcloud compute tpus tpu-vm ssh tt --zone=us-east5-a --project=proj '
                         '--worker=all')
   for piece in ('git clone -q https://example.com/t.git twotower_jax', 'checkout -q dev',
-                'gcsfuse --implicit-dirs bkt ~/gcs/bkt', 'source launch/env.sh', 'jax[tpu]=='):
+                'gcsfuse --implicit-dirs --rename-dir-limit=200000 bkt ~/gcs/bkt',
+                'source launch/env.sh', 'jax[tpu]=='):
     assert piece in out, piece
   out = _dry('train', '--config.train.steps=7', **env)
   assert '--worker=all' in out
@@ -55,6 +56,39 @@ def test_tpu_dry_run_prints_the_gcloud_commands():
   # Single host, local workdir, defaults: no project flag, no gcsfuse.
   out = _dry('train', TPU_NAME='one', CONFIG='configs/default.py')
   assert '--workdir=runs/one' in out and 'gcsfuse' not in out and '--project' not in out
+
+
+@pytest.mark.parametrize('accelerator, image', [
+    ('v4-32', 'tpu-ubuntu2204-base'), ('v5litepod-16', 'v2-alpha-tpuv5-lite'),
+    ('v5p-8', 'v2-alpha-tpuv5'), ('v6e-8', 'v2-alpha-tpuv6e')])
+def test_tpu_image_follows_the_accelerator_type(accelerator, image):
+  out = _dry('create', TPU_NAME='tt', ACCELERATOR_TYPE=accelerator)
+  assert out.strip() == ('gcloud compute tpus tpu-vm create tt --zone=us-central2-b '
+                         f'--accelerator-type={accelerator} --version={image}')
+  out = _dry('create', TPU_NAME='tt', ACCELERATOR_TYPE=accelerator, RUNTIME_VERSION='my-image')
+  assert out.strip().endswith('--version=my-image')  # overridable
+
+
+def test_tpu_queued_resources_keep_spot_and_delete_the_vm():
+  env = {'TPU_NAME': 'tt', 'ACCELERATOR_TYPE': 'v6e-16', 'QUEUED': '1', 'SPOT': '1'}
+  prefix = 'gcloud compute tpus queued-resources '
+  assert _dry('create', **env).strip() == (
+      prefix + 'create tt-qr --zone=us-central2-b --node-id=tt --accelerator-type=v6e-16 '
+      '--runtime-version=v2-alpha-tpuv6e --spot')
+  assert _dry('status', **env).strip() == prefix + 'describe tt-qr --zone=us-central2-b'
+  assert _dry('delete', **env, QUEUED_ID='q1').strip() == (
+      prefix + 'delete q1 --zone=us-central2-b --force --quiet')
+
+
+def test_tpu_gs_workdir_is_used_directly_and_prepare_runs_on_worker_0():
+  env = {'TPU_NAME': 'tt', 'WORKDIR': 'gs://bkt/runs/a'}
+  out = _dry('train', **env)
+  assert '--workdir=gs://bkt/runs/a' in out and 'gcsfuse' not in out
+  assert 'gcsfuse' not in _dry('setup', **env, REPO_URL='https://example.com/t.git')
+  out = _dry('prepare', 'gs://bkt/data/lm1b', '--workers=8', **env)
+  assert '--worker=0' in out
+  assert ('python -m twotower_jax.prepare --config=configs/tpu_pod.py --out=gs://bkt/data/lm1b '
+          '--workers=8') in out
 
 
 def _pinned_venv_env() -> dict:

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 
 from conftest import REPO, run_module
+from twotower_jax import preference_table
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.train import loop
 
@@ -27,7 +28,7 @@ def test_old_workdir_analyses_to_the_same_values(tmp_path):
   summary = workdir_lib.read_json(os.path.join(out, workdir_lib.SUMMARY_JSON))
   assert summary['step'] == EXPECTED['step'] and summary['n_positions'] == EXPECTED['n_positions']
   assert summary['eval_loss'] == EXPECTED['eval_loss']
-  cols = workdir_lib.read_preferences(os.path.join(out, workdir_lib.PREFERENCE_CSV))
+  cols = preference_table.read_preferences(os.path.join(out, workdir_lib.PREFERENCE_CSV))
   np.testing.assert_array_equal(cols['count'], EXPECTED['count'])
   for name in ('ablation_t0', 'ablation_t1', 'gate_t0', 'gate_t1'):
     want = np.array([np.nan if v is None else v for v in EXPECTED[name]])

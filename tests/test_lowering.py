@@ -100,7 +100,7 @@ def evaluate(**overrides):
     config = _config(**overrides)
     model, mesh, tx, state_sh, batch_sh = _sharded(config, platform)
     fn = loop.jit_eval_step(config, model, mesh, state_sh.params, batch_sh)
-    args = (state_lib.abstract(model, tx, state_sh).params, _windows(config, batch_sh))
+    args = (state_lib.abstract(model, tx, state_sh).params, _windows(config, batch_sh), _INDEX)
     flops = flops_lib.train_flops_per_step(model, config.train.batch_size, config.data.seq_len)
     return Case(fn, args, mesh.size, model, flops / 3)
   return case
@@ -115,10 +115,11 @@ def _context(platform):
 
 def analysis(make_fn: Callable, *extra: Callable):
   """An analysis pass, single device as the analysis runs: make_fn(ctx) is the jitted
-  pass; its arguments are the params, then extra(ctx) ..., then the window batch."""
+  pass; its arguments are the params, then extra(ctx) ..., then the window batch and its
+  index (the batch's own example key)."""
   def case(platform):
     ctx = _context(platform)
-    args = (ctx.params, *(e(ctx) for e in extra), _windows(ctx.config))
+    args = (ctx.params, *(e(ctx) for e in extra), _windows(ctx.config), _INDEX)
     return Case(make_fn(ctx), args, 1, ctx.model)
   return case
 
@@ -130,6 +131,7 @@ def _probe_heads(ctx):
 
 
 _KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)
+_INDEX = jax.ShapeDtypeStruct((), jnp.int32)  # an eval batch's index
 _MEAN_STATES = lambda ctx: jax.ShapeDtypeStruct((ctx.model.cfg.n_towers, ctx.model.cfg.d_model),
                                                 jnp.float32)
 
@@ -142,11 +144,12 @@ def _states(ctx, batch=None):
 
 
 def _scored(name, state):
-  """base.score's per-batch pass of estimator `name` (params, state, window, states, key)."""
+  """base.score's per-batch pass of estimator `name` (params, state, window, its index,
+  states, key)."""
   def case(platform):
     ctx = _context(platform)
     return Case(base.batch_sums_fn(ctx, name), (ctx.params, state(ctx), _windows(ctx.config),
-                                                _states(ctx), _KEY), 1, ctx.model,
+                                                _INDEX, _states(ctx), _KEY), 1, ctx.model,
                 runs_towers=False)
   return case
 

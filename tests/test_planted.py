@@ -138,16 +138,28 @@ def test_token_classes_on_a_trained_tokenizer(tmp_path):
   assert (classes_V >= 0).sum() == len(lang.word_class)
   for special in tokenizer_lib.SPECIAL_IDS:
     assert classes_V[special] == planted.UNKNOWN
-  # A subword tokenizer: fragments and characters are UNKNOWN, whole-word pieces keep classes.
+  # A subword tokenizer: whole-word pieces keep their class; a fragment has one when every
+  # word it is part of has that class ('▁t' and 'tB' only in topic words); a fragment of both
+  # classes' words (a lower-case suffix) and the specials are UNKNOWN.
   path_u = str(tmp_path / 'bpe.model')
   tokenizer_lib.train(corpus.train_docs, path_u, 60, 'bpe')
   sp_u = tokenizer_lib.load(path_u)
   classes_u = planted.token_classes(c, sp_u)
+  in_words: dict[int, set] = {}
+  for word, cls in lang.word_class.items():
+    for i in sp_u.encode(word):
+      in_words.setdefault(i, set()).add(cls)
   for i in range(sp_u.get_piece_size()):
     piece = sp_u.id_to_piece(i)
-    want = lang.word_class.get(piece[1:], -1) if piece.startswith('\u2581') else -1
-    assert classes_u[i] == want, piece
-  assert (classes_u >= 0).any() and (classes_u == planted.UNKNOWN).sum() > 5 + 10
+    if piece.startswith('\u2581') and piece[1:] in lang.word_class:
+      assert classes_u[i] == lang.word_class[piece[1:]], piece
+    elif i in tokenizer_lib.SPECIAL_IDS or len(in_words.get(i, ())) != 1:
+      assert classes_u[i] == planted.UNKNOWN, piece
+    else:
+      assert classes_u[i] == next(iter(in_words[i])), piece
+  fragments = [i for i in range(sp_u.get_piece_size())
+               if classes_u[i] >= 0 and sp_u.id_to_piece(i)[1:] not in lang.word_class]
+  assert fragments and (classes_u == planted.UNKNOWN).sum() > 5
 
 
 def _auc_pairwise(scores, labels):
@@ -193,19 +205,31 @@ def test_planted_source_builds_train_and_val_like_the_main_job(tmp_path):
   assert tokenizer_lib.UNK_ID not in set(setup.splits.val_windows.ravel().tolist())
 
 
-def test_class_separation_selects_items_and_orients_auc():
+def test_planted_class_test_selects_items_and_orients_auc(small_corpus_dir):
+  """summary's planted block: classified items with count >= min_count; syntax positive, so
+  syntax leaning to tower 0 gives an AUC above 0.5, and flipping the towers flips it."""
+  from conftest import file_config  # pylint: disable=g-import-not-at-top
+  config = file_config('planted')
+  config.analysis.min_count, config.analysis.n_perm, config.analysis.n_boot = 2, 199, 50
   classes_V = np.asarray([-1, -1, 0, 0, 0, 1, 1, 1, 1, 0], np.int32)
   pref_V = np.asarray([9.0, -9.0, 2.0, 1.0, np.nan, -1.0, 0.5, -2.0, 3.0, -5.0])
-  counts_V = np.asarray([100, 100, 50, 50, 50, 50, 50, 50, 50, 1])
-  out = summary_lib.class_separation(pref_V, classes_V, counts_V, min_count=2, n_boot=200)
+  counts_V = np.asarray([100, 100, 50, 50, 50, 50, 50, 50, 50, 1], float)
+
+  def planted_block(pref):
+    res = {'count': counts_V, 'pref': pref, 'pref_norm': np.clip(pref, -1, 1),
+           'control_pref_KxV': np.zeros((3, 10)), 'best': (pref < 0).astype(int),
+           'seconds': 0.0, 'prepare_seconds': 0.0, 'tokens_per_s': 0.0}
+    classes = {'word_class': np.full(10, ''), 'upos': np.full(10, ''), 'source': 'word_list'}
+    return summary_lib.estimator_summary(res, [str(i) for i in range(10)], classes, 2, config,
+                                         np.ones(10), classes_V)['planted']
+  out = planted_block(pref_V)
   # Kept: syntax {2.0, 1.0}, topic {-1.0, 0.5, -2.0, 3.0}: 6 of 8 pairs won.
-  assert out['n_syntax'] == 2 and out['n_topic'] == 4
-  assert out['auc'] == pytest.approx(_auc_pairwise([2.0, 1.0, -1.0, 0.5, -2.0, 3.0],
-                                                   [1, 1, 0, 0, 0, 0]))
-  assert out['auc'] == pytest.approx(6 / 8)
-  lo, hi = out['ci']
-  assert 0.0 <= lo <= out['auc'] <= hi <= 1.0
-  flipped = summary_lib.class_separation(-pref_V, classes_V, counts_V, min_count=2, n_boot=200)
+  assert out['n_positive'] == 2 and out['n_negative'] == 4
+  assert out['auc_unadjusted'] == pytest.approx(_auc_pairwise([2.0, 1.0, -1.0, 0.5, -2.0, 3.0],
+                                                              [1, 1, 0, 0, 0, 0]))
+  assert out['auc_unadjusted'] == pytest.approx(6 / 8)
+  flipped = planted_block(-pref_V)
+  assert flipped['auc_unadjusted'] == pytest.approx(1 - out['auc_unadjusted'])
   assert flipped['auc'] == pytest.approx(1 - out['auc'])
 
 

@@ -181,8 +181,9 @@ def test_seed_per_tower_gives_each_head_its_own_seed():
                       ctx_shared.params)
   np.testing.assert_array_equal(o[1], cached_states(ctx_seed6, window)[1])
   # Training runs with per-head batches, and repeats exactly.
-  p1, r1 = probe.train_probes(ctx_own)
-  p2, r2 = probe.train_probes(ctx_own)
+  p1, r1, c1 = probe.train_probes(ctx_own)
+  p2, r2, c2 = probe.train_probes(ctx_own)
+  np.testing.assert_array_equal(c1, c2)
   assert r1['curve'] == r2['curve'] and r1['steps'] == 2
   np.testing.assert_array_equal(np.asarray(p1['out_NxVxH']), np.asarray(p2['out_NxVxH']))
 

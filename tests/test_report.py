@@ -1,6 +1,8 @@
 """The report from synthetic analysis files (the analysis contract), no model needed."""
 
 import csv
+import html
+from html import parser as html_parser
 import json
 import math
 import os
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 from twotower_jax import report
+from twotower_jax.analysis import multiplicity
 from twotower_jax.report import figures
 from twotower_jax.report import format as fmt
 from twotower_jax.report import render
@@ -20,6 +23,24 @@ ODD_PIECE = '<b>|'
 def _pieces(v):
   base = ['\u2581the', ',', '\u2581of', '\u2581people', ODD_PIECE, '\u2581war', 's', '&amp;']
   return [base[i] if i < len(base) else f'\u2581w{i}' for i in range(v)]
+
+
+def class_block(auc, interval, p, two_towers=True, n=(18, 17)):
+  """A class test block as the analysis writes it (summary.class_block): the adjusted AUC,
+  both classes' leans and the test's p."""
+  up = auc > 0.5
+  test = {'auc_unadjusted': auc - 0.02, 'p': p,
+          'association': {'auc': auc, 'ci': interval, 'p_greater': p / 2, 'p_less': 1.0},
+          'direction': ('positive->0' if up else 'positive->1') if two_towers else
+                       ('positive_sharper' if up else 'negative_sharper')}
+  if two_towers:
+    test['lean_positive'] = {'median': 0.2 if up else -0.2, 'p_positive': p / 2 if up else 0.9,
+                             'p_negative': 0.9 if up else p / 2}
+    test['lean_negative'] = {'median': -0.1 if up else 0.1, 'p_positive': 0.9 if up else p / 2,
+                             'p_negative': p / 2 if up else 0.9}
+  return {'n_positive': n[0], 'n_negative': n[1], 'mean_pref_positive': 0.2,
+          'mean_pref_negative': -0.1, 'auc_normalized': auc + 0.01, 'test': test, 'auc': auc,
+          'ci': interval, 'auc_unadjusted': auc - 0.02, 'p': p}
 
 
 def make_analysis(root, n_towers=2, estimators=('probe', 'ablation'), struct=True,
@@ -82,17 +103,18 @@ def make_analysis(root, n_towers=2, estimators=('probe', 'ablation'), struct=Tru
                       'bins': [{'lo': 2, 'hi': 10, 'n': 12, 'mean_pref': 0.1, 'auc_closed': 0.6},
                                {'lo': 10, 'hi': 100, 'n': 20, 'mean_pref': float('nan'),
                                 'auc_closed': float('nan')}]},
-        'class_enrichment': {'source': 'function_words', 'auc': auc, 'ci': interval,
-                             'n_closed': 18, 'n_open': 17, 'mean_pref_closed': 0.2,
-                             'mean_pref_open': -0.1,
-                             'null': {'null_mean': 0.5, 'null_sd': 0.03, 'n_null': 100,
-                                      'p': 0.0099 if abs(auc - 0.5) > 0.1 else 0.52,
-                                      'effect': (auc - 0.5) / 0.03}},
+        'prefer': {'statistic': 0.3, 'null': {'null_mean': 0.1, 'null_sd': 0.01, 'p': 0.001,
+                                              'n_null': 999}},
+        'class_enrichment': dict(class_block(auc, interval, 0.0004 if abs(auc - 0.5) > 0.1
+                                             else 0.52, n_towers <= 2), source='function_words'),
+        'punct': dict(class_block(0.55, [0.3, 0.8], 0.7, n_towers <= 2, (3, 17)),
+                      source='function_words'),
+        'n_fragments': 1,
         'top_items': top[est], 'seconds': 1.5, 'tokens_per_s': 1234.0,
         'description': f'what {est} measures',
     }
     if planted:
-      per[est]['planted'] = {'auc': 0.93, 'ci': [0.88, 0.97], 'n_syntax': 13, 'n_topic': 13}
+      per[est]['planted'] = class_block(0.93, [0.88, 0.97], 0.0002, n_towers <= 2, (13, 13))
   agreement = {}
   for a in range(len(estimators)):
     for b in range(a + 1, len(estimators)):
@@ -111,6 +133,8 @@ def make_analysis(root, n_towers=2, estimators=('probe', 'ablation'), struct=Tru
              'estimators_skipped': ({} if 'gate' in estimators else
                                     {'gate': 'needs a mixture gate (this run: concat)'}),
              'eval_loss': 4.2, 'per_estimator': per, 'agreement': agreement,
+             'tests': multiplicity.family(per, f'{estimators[-1]}/class', 0.05),
+             'word_class_source': 'function_words',
              'structural_probe': sp, 'token_view_estimator': estimators[0]}
   with open(os.path.join(out, 'summary.json'), 'w') as f:
     json.dump(summary, f)
@@ -150,15 +174,22 @@ def test_markdown_two_towers_headline_and_tables(two_towers):
   assert '34 vocabulary items seen at least 2 times, among 4000 scored positions in 8' in md
   for est in summary['estimators']:
     ce = summary['per_estimator'][est]['class_enrichment']
-    stat = f"AUC {ce['auc']:.2f} [{ce['ci'][0]:.2f}, {ce['ci'][1]:.2f}]"
+    stat = f"adjusted AUC {ce['auc']:.3f} [{ce['ci'][0]:.3f}, {ce['ci'][1]:.3f}]"
     line = _headline(md, est)
     assert stat in line, (stat, line)
+    assert 'some items prefer a tower: mean squared preference 0.3000, 3.0x' in line
   probe_line = _headline(md, 'probe')
-  assert 'tower 0 prefers closed-class items' in probe_line
+  assert '**class split: function words lean to tower 0, content words to tower 1**' in probe_line
+  assert 'p = 0.0004, Holm-adjusted p = 0.002' in probe_line
+  assert 'function words to tower 0 (median 0.200, p = 0.0002)' in probe_line
+  assert '(p \u2264 0.001, Holm-adjusted p = 0.004)' in probe_line  # the shuffled-tower floor
   abl_line = _headline(md, 'ablation')
-  assert 'within what the control shows' in abl_line and 'prefers closed' not in abl_line
-  assert '(control 0.50 \u00b1 0.03, p \u2264 0.010, 7.0 SD)' in probe_line
-  assert '| 0.710 | [0.660, 0.760] | 0.500 \u00b1 0.030 | 0.010 | 18 | 17 |' in md
+  assert 'no class split between function words and content words shown' in abl_line
+  assert 'p = 0.520 (the primary test)' in abl_line and 'split: function' not in abl_line
+  assert 'Primary test `ablation/class`' in md and 'not rejected' in md
+  assert ('| function vs content words | 0.710 | [0.660, 0.760] | 0.690 | 0.720 | 18 / 17 | '
+          '0.200 / -0.100 | 0.0004 |') in md
+  assert '| ablation/class (primary) |' in md  # the table of tests
   # The odd piece is escaped in tables: its pipe never splits a cell.
   assert '\\<b\\>\\|' in md
   for line in md.splitlines():
@@ -174,7 +205,7 @@ def test_markdown_two_towers_headline_and_tables(two_towers):
   assert prefs1 and all(p < 0 for p in prefs1)  # tower-0 items never pad the tower-1 list
   assert f'Only {len(prefs1)} items with count >= min_count lean to this tower.' in tower1
   assert 'Best UUAS per tower: tower 0 0.500 (layer\\_1); tower 1 0.550 (layer\\_1).' in md
-  assert 'bimodality 0.61 vs 0.34 in the control' in _headline(md, 'probe')
+  assert '| this model | 0.610 |' in md  # the bimodality against its control
   assert 'baseline' in md.lower() and '| 1 | layer\\_0 | 0.450 | n/a |' in md
 
 
@@ -195,10 +226,10 @@ def test_three_towers_and_gate(tmp_path):
   report.write_report(out)
   md = _md(out)
   gate_line = _headline(md, 'gate')
-  assert 'open-class items have sharper tower preferences' in gate_line
-  assert 'AUC 0.27 [0.20, 0.33]' in gate_line
+  assert 'content words have sharper tower preferences than function words' in gate_line
+  assert 'adjusted AUC 0.270 [0.200, 0.330]' in gate_line
   assert '**tower 2**' in md
-  assert 'Planted classes' in md and '| 0.930 | [0.880, 0.970] | n/a | n/a | 13 | 13 |' in md
+  assert 'Planted classes' in md and '| syntax vs topic items | 0.930 | [0.880, 0.970] |' in md
   assert 'did not run' not in md
   assert list(summary['agreement']) == ['probe~gate'] and '| probe~gate |' in md
 
@@ -212,7 +243,7 @@ def test_number_formatting():
   assert fmt.num(float('nan')) == 'n/a' and fmt.num(None) == 'n/a'
   assert fmt.num(0.12345) == '0.123' and fmt.num(3) == '3'
   assert fmt.ci([0.1, float('nan')]) == 'n/a' and fmt.ci([0.1, 0.2], 2) == '[0.10, 0.20]'
-  assert fmt.md_escape('a|b*c') == 'a\\|b\\*c'
+  assert fmt.md_escape('a|b*c&amp;') == 'a\\|b\\*c\\&amp;'
   assert math.isnan(render._lean(None))  # pylint: disable=protected-access
 
 
@@ -275,14 +306,15 @@ def test_html_self_contained_escaped_with_token_view(two_towers):
   assert 'title="not scored"' in page and 'rgba(31,119,180,0.90)' in page
   assert 'rgba(255,127,14,1.00)' in page
   ce = summary['per_estimator']['probe']['class_enrichment']
-  assert f"AUC {ce['auc']:.2f} [{ce['ci'][0]:.2f}, {ce['ci'][1]:.2f}]" in page
-  assert '<b>' in page and '**' not in page
+  assert f"AUC {ce['auc']:.3f} [{ce['ci'][0]:.3f}, {ce['ci'][1]:.3f}]" in page
+  assert '<strong>' in page and '**' not in page
   md = _md(out)
   assert 'The\u2070<b>|\u00b9 wars.' in md and 'of\u00b9&amp; people\u2070' in md
 
 
 def test_inline_html():
-  assert render.inline_html('**a** `b` c\\|d <x>') == '<b>a</b> <code>b</code> c|d &lt;x&gt;'
+  assert render.inline_html('**a** `b` c\\|d <x>') == ('<strong>a</strong> <code>b</code> c|d '
+                                                      '&lt;x&gt;')
   assert render.lean_style(None)[0] == 'tok ns' and render.lean_style(float('nan'))[0] == 'tok ns'
 
 
@@ -291,14 +323,13 @@ def test_one_tower_split_control_model(tmp_path):
   summary['n_towers'] = 1
   summary['per_estimator']['ablation']['control']['kind'] = 'split_single_tower'
   summary['per_estimator']['ablation']['class_enrichment']['ci'] = [None, None]
-  summary['per_estimator']['ablation']['class_enrichment']['null'] = {}  # written before tests
   with open(os.path.join(out, 'summary.json'), 'w') as f:
     json.dump(summary, f)
   report.write_report(out)
   md = _md(out)
   assert 'This is a one-tower model' in md and 'split\\_single\\_tower' in md
   line = _headline(md, 'ablation')
-  assert 'no confidence interval, so no claim either way: AUC 0.52 n/a' in line
+  assert 'adjusted AUC 0.520 n/a' in line and 'no class split' in line
   assert '**tower 1 (most negative preference)**' in md
 
 
@@ -319,9 +350,9 @@ def test_degenerate_estimator_does_not_fail(tmp_path):
   res = report.write_report(out)
   md = _md(out)
   assert res['figures']['probe'] == {} and os.listdir(os.path.join(out, 'figures')) == []
-  assert 'no class split measurable (AUC n/a' in _headline(md, 'probe')
+  assert 'no class test in summary.json' in _headline(md, 'probe')
   for why in ('no histogram in summary.json', 'no frequency statistics in summary.json',
-              'no class enrichment in summary.json', 'no top items in summary.json'):
+              'no class test in summary.json', 'no top items in summary.json'):
     assert f'Not shown: {why}' in md
   assert os.path.getsize(res['report_html']) > 1000
 
@@ -346,3 +377,100 @@ def test_probe_training_and_cautions(tmp_path):
   assert '**did not converge** (step cap reached) after 3000 steps' in md
   assert 'tower 0 6.200, tower 1 6.300; the model itself 5.800' in md
   assert res['figures']['probe']['training'] == 'figures/probe_training.png'
+
+
+_OLD_INLINE = re.compile(r'\\(.)|\*\*|`')
+
+
+def _old_inline_html(text):
+  """The hand-written inline Markdown renderer report.html used before markdown-it-py."""
+  out, bold, code, pos = [], False, False, 0
+  for m in _OLD_INLINE.finditer(text):
+    out.append(html.escape(text[pos:m.start()]))
+    pos = m.end()
+    if m.group(1) is not None:
+      out.append(html.escape(m.group(1)))
+    elif m.group(0) == '**':
+      out.append('</b>' if bold else '<b>')
+      bold = not bold
+    else:
+      out.append('</code>' if code else '<code>')
+      code = not code
+  out.append(html.escape(text[pos:]))
+  return ''.join(out + ['</code>'] * code + ['</b>'] * bold)
+
+
+def _old_block_html(b):
+  """The hand-written block renderer of the same version."""
+  if b[0] == 'h':
+    return f'<h{b[1]}>{_old_inline_html(b[2])}</h{b[1]}>'
+  if b[0] == 'p':
+    return f'<p>{_old_inline_html(b[1])}</p>'
+  if b[0] == 'ul':
+    return '<ul>' + ''.join(f'<li>{_old_inline_html(t)}</li>' for t in b[1]) + '</ul>'
+  head = ''.join(f'<th>{_old_inline_html(h)}</th>' for h in b[1])
+  rows = ''.join('<tr>' + ''.join(f'<td>{_old_inline_html(c)}</td>' for c in r) + '</tr>'
+                 for r in b[2])
+  return f'<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+class _Events(html_parser.HTMLParser):
+  """An HTML fragment as the tags and text a browser shows (<b> and <strong> alike)."""
+
+  def __init__(self, fragment):
+    super().__init__()
+    self.events = []
+    self.feed(fragment)
+    self.close()
+
+  def handle_starttag(self, tag, attrs):
+    self.events.append(('<', 'strong' if tag == 'b' else tag, sorted(attrs)))
+
+  def handle_endtag(self, tag):
+    self.events.append(('>', 'strong' if tag == 'b' else tag))
+
+  def handle_data(self, data):
+    if data.strip():
+      self.events.append(('text', data))
+
+
+@pytest.mark.parametrize('variant', [
+    dict(planted=True), dict(n_towers=3, estimators=('probe', 'gate'), planted=True),
+    dict(estimators=('probe',), struct=False, token_view=False), dict(n_towers=1)])
+def test_markdown_it_renders_every_block_as_the_old_renderer_did(tmp_path, monkeypatch, variant):
+  """report.html through markdown-it-py shows the same tags and text as the hand-written
+  renderer it replaced, block by block, on the report of each analysis fixture."""
+  n_towers = variant.pop('n_towers', 2)
+  out, summary = make_analysis(tmp_path, n_towers=max(n_towers, 2), **variant)
+  if n_towers == 1:
+    summary['n_towers'] = 1
+    with open(os.path.join(out, 'summary.json'), 'w') as f:
+      json.dump(summary, f)
+  seen, to_html = [], render.to_html
+  monkeypatch.setattr(render, 'to_html',
+                      lambda blocks, d: seen.extend(blocks) or to_html(blocks, d))
+  report.write_report(out)
+  kinds = {b[0] for b in seen}
+  assert {'h', 'p', 'ul', 'table'} <= kinds
+  odd = ['&amp;', ODD_PIECE, '*x*', '_y_', '\\', '`', '# h', '[a](b)', '<!-- c -->', '\u2581-']
+  seen += [fmt.TABLE(['piece', 'x'], [[fmt.md_escape(fmt.show_piece(p)), '1'] for p in odd]),
+           fmt.P('pieces ' + ', '.join(fmt.md_escape(p) for p in odd))]
+  for b in seen:
+    if b[0] in ('h', 'p', 'ul', 'table'):
+      assert _Events(render.block_html(b)).events == _Events(_old_block_html(b)).events, b
+    elif b[0] == 'fig':
+      assert _Events(render.inline_html(b[2])).events == _Events(_old_inline_html(b[2])).events
+
+
+def test_class_clause_shows_where_each_class_leans():
+  """One tower better for everything: both classes lean to tower 0, so no split, and the
+  sentence says so (each lean from its own median, not from the direction tested)."""
+  from twotower_jax.report import headline  # pylint: disable=import-outside-toplevel
+  block = class_block(0.3, [0.2, 0.4], 1.0)
+  block['test']['lean_positive'].update(median=0.05, p_positive=0.3)
+  block['test']['lean_negative'].update(median=0.6, p_positive=1e-5)
+  text = headline.class_clause(block, {'p': 1.0, 'p_adjusted': 1.0, 'significant': False},
+                               'function words', 'content words', 2)
+  assert text.startswith('no class split between function words and content words shown')
+  assert 'function words to tower 0 (median 0.050, p = 0.300)' in text
+  assert 'content words to tower 0 (median 0.600, p < 0.0001)' in text

@@ -67,6 +67,47 @@ def test_mst_matches_brute_force(seed):
   assert sprobe.mst_edges(d) == brute_force_mst(d)
 
 
+def prim_mst(d):
+  """The hand-written Prim's algorithm mst_edges used before scipy's (the reference)."""
+  n = d.shape[0]
+  in_tree, best, parent, edges = np.zeros(n, bool), d[0].copy(), np.zeros(n, np.int64), set()
+  in_tree[0] = True
+  for _ in range(n - 1):
+    j = int(np.argmin(np.where(in_tree, np.inf, best)))
+    edges.add((min(int(parent[j]), j), max(int(parent[j]), j)))
+    in_tree[j] = True
+    closer = (d[j] < best) & ~in_tree
+    best[closer], parent[closer] = d[j][closer], j
+  return edges
+
+
+def _weight(d, edges):
+  return sum(d[i, j] for i, j in edges)
+
+
+def test_scipy_mst_matches_the_old_prim_on_zero_tiny_and_tied_weights():
+  """scipy's MST, as mst_edges calls it, gives the old Prim's tree: on distinct weights the
+  same edges; with ties a tree of the same weight. Zero distances (two words with the same
+  state) and ones below 1e-8 are edges too (scipy alone drops them and returns a forest)."""
+  rng = np.random.default_rng(0)
+  heads = random_tree(rng, 12)
+  states = tree_geometry_states(heads, 12) @ rng.normal(size=(12, 6))
+  states[3] = states[7]  # two words with the same state: distance 0
+  planted = ((states[:, None] - states[None]) ** 2).sum(-1)
+  a = rng.random((9, 9))
+  distinct = {'planted': planted, 'random': a + a.T, 'tiny': (a + a.T) * 1e-9}
+  tied = {'integer': sprobe.tree_distances(heads).astype(float),
+          'zeros': np.zeros((5, 5)), 'ties': rng.integers(0, 3, (8, 8)) + 0.0}
+  tied['ties'] = np.minimum(tied['ties'], tied['ties'].T)
+  for name, d in {**distinct, **tied}.items():
+    new, old = sprobe.mst_edges(d), prim_mst(d)
+    assert len(new) == d.shape[0] - 1, name  # a spanning tree, not a forest
+    assert _weight(d, new) == pytest.approx(_weight(d, old), abs=1e-12), name
+    if name in distinct:
+      assert new == old, name
+  assert sprobe.mst_edges(np.zeros((1, 1))) == set()
+
+
 def brute_force_uuas(pred, heads, upos):
   keep = [i for i in range(len(heads)) if upos[i] != 'PUNCT']
   gold = {(min(i, h - 1), max(i, h - 1)) for i, h in enumerate(heads)

@@ -3,6 +3,8 @@ per-source target weights (data.planted_loss_class), model.init_towers and the l
 gate's uniform start."""
 
 import functools
+import hashlib
+import json
 import os
 import shutil
 
@@ -14,10 +16,12 @@ import pytest
 
 from twotower_jax import config as config_lib
 from twotower_jax import run as run_lib
+from twotower_jax import workdir as workdir_lib
 from twotower_jax.data import corpus as corpus_lib
 from twotower_jax.data import planted
 from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.model import towers
+from twotower_jax.train import checkpoints
 from twotower_jax.train import init_from
 from twotower_jax.train import loop
 from twotower_jax.train import optimizer as optimizer_lib
@@ -35,11 +39,15 @@ def _paths(tree) -> dict:
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _steps(config, n=3, target_weights_V=None, model_kw=None):
-  """Params before and after n jitted train steps of a tiny latent model on fixed windows."""
+def _steps(config, n=3, target_weights_V=None, model_kw=None, tx=None, negative_zero=''):
+  """Params before and after n jitted train steps of a tiny latent model on fixed windows
+  (`tx`: in place of optimizer.make's; `negative_zero`: a leaf whose first entry is -0.0)."""
   model = _family.tiny_model(gate='latent', **(model_kw or {}))
-  tx = optimizer_lib.make(config)
+  tx = tx or optimizer_lib.make(config)
   state = state_lib.init(model, tx, 0)
+  state = state.replace(params=jax.tree_util.tree_map_with_path(
+      lambda p, x: x.at[(0,) * x.ndim].set(-0.0) if optimizer_lib.param_path(p) == negative_zero
+      else x, state.params))
   before = _paths(state.params)
   step = jax.jit(functools.partial(
       step_lib.train_step, model=model, tx=tx, lr_schedule=optimizer_lib.schedule(config),
@@ -78,6 +86,82 @@ def test_frozen_parameters_stay_bit_identical_and_get_no_decay():
   changed = {p for p in before if not np.array_equal(before[p], after[p])}
   assert changed == {'gate/gate/kernel', 'gate/gate/bias', 'gate/ln_in/scale', 'gate/ln_in/bias'}
   assert float(metrics['embed_grad_norm_input']) == 0.0  # the frozen table's gradient is zero
+
+
+def _old_frozen_chain(c):
+  """The hand-written freeze optimizer.make built up to 88fe442: frozen gradients zeroed by
+  a mask, then the clip and AdamW (with moments for every leaf, weight decay masked)."""
+  o, pattern = c.optimizer, c.train.trainable
+
+  def zero(grads, _):
+    return jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads,
+                        optimizer_lib.trainable_mask(grads, pattern))
+
+  def decayed(params):
+    return jax.tree.map(lambda d, t: d and t, optimizer_lib.decay_mask(params),
+                        optimizer_lib.trainable_mask(params, pattern))
+
+  return optax.chain(optax.stateless(zero), optax.clip_by_global_norm(o.clip_norm),
+                     optax.adamw(optimizer_lib.schedule(c), b1=o.b1, b2=o.b2, eps=1e-8,
+                                 weight_decay=o.weight_decay, mask=decayed))
+
+
+def _bits(x):
+  return np.asarray(x).view(np.uint32)
+
+
+def _adam_moments(opt_state):
+  """{'mu/PATH' or 'nu/PATH': array} of the AdamW moments in an optimizer state."""
+  adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(
+      x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+  assert len(adam) == 1
+  return {f'{m}/{p}': x for m in ('mu', 'nu') for p, x in _paths(getattr(adam[0], m)).items()}
+
+
+def test_multi_transform_freeze_updates_as_the_old_mask_and_keeps_no_state_for_frozen_leaves():
+  """optax.multi_transform + set_to_zero against the hand-written mask it replaced, 3 steps
+  at a large lr and weight decay: every parameter bit for bit the same (a frozen -0.0 too),
+  the trained leaves' AdamW moments the same, and no moments at all for the frozen leaves
+  (the old chain kept them, at zero)."""
+  c = _opt_config(**{'train.trainable': GATE_ONLY})
+  kw = dict(negative_zero='towers/ln_final/bias')
+  before, old, old_state, _ = _steps(c, tx=_old_frozen_chain(c), **kw)
+  _, new, new_state, _ = _steps(c, **kw)
+  for p in before:
+    assert np.array_equal(_bits(new[p]), _bits(old[p])), p
+    if not optimizer_lib.selects(GATE_ONLY, p):
+      assert np.array_equal(_bits(new[p]), _bits(before[p])), p
+  assert np.signbit(new['towers/ln_final/bias'].flat[0])
+  old_m, new_m = _adam_moments(old_state.opt_state), _adam_moments(new_state.opt_state)
+  trained = {k for k in old_m if optimizer_lib.selects(GATE_ONLY, k.split('/', 1)[1])}
+  assert set(new_m) == trained and len(trained) == 8
+  for k in old_m:
+    if k in trained:
+      assert np.array_equal(_bits(new_m[k]), _bits(old_m[k])), k
+    else:
+      assert not np.any(old_m[k]), k  # the old chain's frozen moments: zeros, never touched
+
+
+FROZEN_88FE442 = os.path.join(os.path.dirname(__file__), 'data', 'workdir_frozen_88fe442')
+
+
+@pytest.mark.slow
+def test_a_frozen_run_written_before_multi_transform_restores_and_resumes(tmp_path):
+  """A train.trainable workdir of 88fe442 (the old optimizer-state layout) is read by the
+  analysis's restore, and resumed from its step 2 it reaches the step-4 parameters that
+  88fe442 itself wrote, bit for bit: the AdamW state carried over."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(FROZEN_88FE442, workdir)
+  written = run_lib.restore(workdir_lib.read_config(workdir), workdir, 4)
+  assert written.step == 4
+  shutil.rmtree(os.path.join(checkpoints.directory(workdir), '4'))
+  result = loop.train_and_evaluate(workdir_lib.read_config(workdir), workdir)
+  assert result['step'] == 4
+  resumed = run_lib.restore(workdir_lib.read_config(workdir), workdir, 4)
+  old, new = _paths(written.params), _paths(resumed.params)
+  assert old.keys() == new.keys()
+  for p in old:
+    assert np.array_equal(_bits(new[p]), _bits(old[p])), p
 
 
 @pytest.fixture(scope='module')
@@ -231,6 +315,11 @@ def test_init_towers_copies_one_tower_exactly_and_frozen_towers_stay(tiny, tmp_p
                             'model.init_towers': f'{source_run}:0,',
                             'train.trainable': GATE_ONLY})
   loop.train_and_evaluate(c, wd)
+  (line,) = [l for l in workdir_lib.read_metrics(wd) if l['kind'] == 'init_towers']
+  meta = json.loads(open(os.path.join(source_run, 'checkpoints', '2', 'meta', 'metadata')).read())
+  assert line['towers'] == [{  # which checkpoint of which run gave the tower, by its contents
+      'tower': 0, 'source_tower': 0, 'workdir': source_run, 'step': 2,
+      'checkpoint_sha256': hashlib.sha256(json.dumps(meta['fingerprints']).encode()).hexdigest()}]
   src, dst = _params(source_run), _params(wd)
   per_tower = [p for p in dst if p.startswith(('towers/', 'gate/heads/'))]
   assert len(per_tower) > 10 and any(p.startswith('gate/heads/') for p in per_tower)
@@ -269,9 +358,46 @@ def test_init_towers_refuses_other_shapes_and_missing_towers(tiny, tmp_path, sou
   assert 'tower 1 does not exist' in msg
 
 
+def test_init_towers_refuses_its_own_workdir_and_negative_towers(tiny, tmp_path, source_run):
+  """DIR:-1 said 'DIR:-1 has no checkpoints'; a run naming itself got 'config.json is
+  missing'."""
+  msg = _refused(tiny, tmp_path, source_run, **{'model.init_towers': f'{source_run}:-1,'})
+  assert 'names tower -1; give DIR:K with K >= 0' in msg
+  msg = _refused(tiny, tmp_path, source_run, **{'model.init_towers': f'{tmp_path}/refused,'})
+  assert f"names this run's own workdir {tmp_path}/refused" in msg
+
+
 def test_init_towers_entries_are_checked(tiny):
   c = tiny(**{'model.init_towers': 'a:0,b:1,c'})
   with pytest.raises(config_lib.ConfigError, match='3 entries for model.n_towers=2'):
     setup_lib.check_config(c)
   assert config_lib.init_tower_entries('/x/run:3, ,/y:z') == [('/x/run', 3), None, ('/y:z', 0)]
   assert config_lib.init_tower_entries('') == []
+  assert config_lib.init_tower_entries('/x:-1,') == [('/x', -1), None]
+
+
+def test_a_source_checkpoint_rotated_away_while_read_is_read_again(tiny, tmp_path, source_run,
+                                                                   monkeypatch):
+  """A source still training deletes its older checkpoints: the newest is read again, and
+  the provenance names the step actually taken."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from twotower_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  src = str(tmp_path / 'src')
+  shutil.copytree(source_run, src)
+  config = run_lib.load_config(src)
+  config.train.steps = 4
+  loop.train_and_evaluate(config, src)  # checkpoints 2 and 4
+  real = ocp.CheckpointManager.restore
+  deleted = []
+
+  def rotated(self, step, *args, **kwargs):
+    if not deleted:
+      deleted.append(step)
+      shutil.rmtree(os.path.join(src, 'checkpoints', str(step)))
+    return real(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', rotated)
+  digest = tokenizer_lib.file_digest(os.path.join(src, 'tokenizer.model'))
+  config.mesh.tower = 1
+  mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
+  _, _, _, provenance = init_from.source_params(src, digest, config.data.vocab_size, mesh)
+  assert deleted == [4] and provenance['step'] == 2 and provenance['workdir'] == src

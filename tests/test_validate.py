@@ -1,12 +1,11 @@
-"""python -m twotower_jax.validate end to end at a CPU-friendly size (slow).
+"""python -m twotower_jax.validate end to end at a CPU-test size (slow).
 
-The size: planted language with 160 documents (20% held out), 4 topics x 12 content
-words (86 pieces), window 32; towers of 1 layer, d=32; 200 steps per one-tower run,
-100 gate steps. Measured at this size (2-core CPU): gate AUC 1.00, probe 0.99,
-resample 1.00, mean ablation 0.975 [0.94, 0.99] (0.65 before the ablations held the
-gate's routing fixed) on the known-answer model; on the null model gate and ablation
-are exactly 0 (symmetry) and probe/resample p = 0.49/0.37. So the thresholds here are
-0.9 for every estimator; at configs/planted.py sizes see docs/ANALYSIS.md.
+The size (the machinery, not the published numbers): the planted language with 160
+documents, 4 topics x 12 content words, window 32; towers of 1 layer with d=32, 200 steps;
+a two-rung ladder (w = 1, 0.5) of causal towers, the SentencePiece rung and two replicates
+of the nulls; 60 steps of composed training. At this size two seeds do not learn the same
+things (one may learn the topics and the other not), so the nulls' verdicts are not asserted
+here; the published validation runs at configs/planted.py:small (docs/ANALYSIS.md).
 """
 
 import json
@@ -27,10 +26,13 @@ SMALL = ('--config.data.planted_docs=160', '--config.data.planted_topics=4',
          '--config.model.n_layers=1', '--config.model.d_model=32', '--config.model.n_heads=2',
          '--config.model.d_mlp=64', '--config.train.steps=200', '--config.train.log_every=50',
          '--config.train.eval_every=100', '--config.train.checkpoint_every=100',
-         '--config.analysis.min_count=10', '--config.analysis.n_boot=200',
-         '--config.analysis.n_control=50', '--config.analysis.probe_windows=64',
-         '--gate_steps=100', '--min_auc=0.9')
-THRESHOLDS = {'gate': 0.9, 'probe': 0.9, 'resample': 0.9, 'ablation': 0.9}
+         '--config.analysis.min_count=10', '--config.analysis.n_boot=100',
+         '--config.analysis.probe_windows=64', '--config.analysis.n_perm=999',
+         '--gate_steps=60', '--ladder=1,0.5', '--tower_types=causal', '--replicates=2',
+         '--pieces_vocab=28')
+COMPOSED = ['ladder/causal/w1.00/gate', 'ladder/causal/w1.00/joint', 'ladder/causal/w0.50/gate',
+            'ladder/causal/w0.50/joint', 'ladder/pieces/w0.90/gate', 'nulls/r00/seeds',
+            'nulls/r00/quality', 'nulls/r01/seeds', 'nulls/r01/quality']
 
 
 def _params(wd):
@@ -48,58 +50,70 @@ def validated(tmp_path_factory):
     return wd, proc, json.load(f)
 
 
-def test_known_and_null_outcomes_and_exit_status(validated):
+def test_checks_files_and_exit_status(validated):
   wd, proc, result = validated
-  checks = {c['name']: c for c in result['checks']}
-  assert set(checks) == {f'{m}/{e}' for m in ('known', 'null')
-                         for e in ('ablation', 'gate', 'probe', 'resample')}
-  for est, low in THRESHOLDS.items():
-    assert checks[f'known/{est}']['auc'] >= low, checks[f'known/{est}']
-  for est in THRESHOLDS:
-    assert checks[f'null/{est}']['passed'], checks[f'null/{est}']
-  # The null model is exactly symmetric: gate and ablation prefer nothing at all.
-  for est in ('gate', 'ablation'):
-    assert checks[f'null/{est}']['auc'] == 0.5 and checks[f'null/{est}']['ci'] == [0.5, 0.5]
-  # The exit status and the named failures follow the checks (min_auc=0.9).
-  failed = [n for n, c in checks.items() if not c['passed']]
+  names = {c['name'] for c in result['checks']}
+  for est in ('ablation', 'gate', 'probe', 'resample'):
+    assert f'ladder/causal/gate/{est}' in names and f'ladder/pieces/gate/{est}' in names
+    assert {f'null/{n}/{est}' for n in ('seeds', 'quality', 'shuffled')} <= names
+  assert 'ladder/causal/joint/gate' not in names  # concat: no gate estimator
+  assert {'ladder/causal/joint/probe', 'ladder/causal/joint/resample'} <= names
+  by_name = {c['name']: c for c in result['checks']}
+  assert by_name['null/shuffled/probe']['n'] == 4 * 5  # 4 null models x 5 shuffled draws
+  # The known answer at w = 1 is found by every estimator of the frozen composition.
+  for est in ('ablation', 'gate', 'probe', 'resample'):
+    top = by_name[f'ladder/causal/gate/{est}']['rungs'][0]
+    assert top['w'] == 1.0 and top['auc'] >= 0.9 and top['split'], (est, top)
+  failed = [c['name'] for c in result['checks'] if not c['passed']]
   assert result['failed'] == failed and result['passed'] == (not failed)
   assert proc.returncode == (1 if failed else 0), proc.stderr[-2000:]
   if failed:
     assert 'validation failed: ' + ', '.join(failed) in proc.stderr
-  with open(os.path.join(wd, 'validation.md')) as f:
-    assert '| known | gate |' in f.read()
+  text = open(os.path.join(wd, 'validation.md')).read()
+  assert '| causal/gate | gate | 1: ' in text and '| seeds | probe |' in text
+  for fig in ('ladder', 'calibration'):
+    assert os.path.getsize(os.path.join(wd, 'figures', f'{fig}.png')) > 1000
 
 
-def test_composed_models_hold_their_sources_towers_bit_identical(validated):
+def test_composed_models_hold_their_sources_towers(validated):
   wd = validated[0]
-  known, null = _params(os.path.join(wd, 'known')), _params(os.path.join(wd, 'null'))
-  sources = {name: _params(os.path.join(wd, name)) for name in ('syntax', 'topic', 'all')}
-  per_tower = [p for p in known if p.startswith(('towers/', 'gate/heads/', 'embed/token',
-                                                 'embed/position'))]
+  gate, joint = (_params(os.path.join(wd, f'ladder/causal/w1.00/{m}')) for m in ('gate', 'joint'))
+  src = [_params(os.path.join(wd, f'ladder/causal/w1.00/src{k}')) for k in (0, 1)]
+  per_tower = [p for p in gate if p.startswith(('towers/', 'gate/heads/', 'embed/token',
+                                                'embed/position'))]
   assert len(per_tower) > 10
   for p in per_tower:  # copied at init, then frozen through gate training
-    np.testing.assert_array_equal(known[p][0], sources['syntax'][p][0], err_msg=p)
-    np.testing.assert_array_equal(known[p][1], sources['topic'][p][0], err_msg=p)
-    np.testing.assert_array_equal(null[p][0], sources['all'][p][0], err_msg=p)
-    np.testing.assert_array_equal(null[p][1], sources['all'][p][0], err_msg=p)
-  assert not np.any(null['gate/gate/kernel'])  # no gradient ever reached the null's prior
-  assert np.any(known['gate/gate/kernel'])  # the known model's prior learnt to route
+    for k in (0, 1):
+      np.testing.assert_array_equal(gate[p][k], src[k][p][0], err_msg=p)
+  assert np.any(gate['gate/gate/kernel'])  # the prior learnt to route
+  moved = [p for p in per_tower if p in joint and p.startswith('towers/')
+           and not np.array_equal(joint[p][0], src[0][p][0])]
+  assert moved  # the joint composition trains its towers
+  null = _params(os.path.join(wd, 'nulls/r00/quality'))
+  short, a = (_params(os.path.join(wd, f'nulls/r00/{s}')) for s in ('short', 'a'))
+  for p in per_tower:
+    np.testing.assert_array_equal(null[p][0], a[p][0], err_msg=p)
+    np.testing.assert_array_equal(null[p][1], short[p][0], err_msg=p)
 
 
-def test_target_weights_split_the_targets(validated):
+def test_class_weights_split_the_eval_targets(validated):
   runs = validated[2]['runs']
-  syntax, topic, every = (runs[n]['eval'] for n in ('syntax', 'topic', 'all'))
-  # The eval counts only the weighted targets: syntax + topic = all targets except EOS.
-  assert 0.9 * every['tokens'] < syntax['tokens'] + topic['tokens'] < every['tokens']
+  syntax, topic = (runs[f'ladder/causal/w1.00/src{k}']['eval'] for k in (0, 1))
+  half = runs['ladder/causal/w0.50/src0']['eval']
+  # weights (1, 0) and (0, 1) count only their class; (0.5, 0.5) half of every classed target
+  assert syntax['tokens'] + topic['tokens'] == pytest.approx(2 * half['tokens'], rel=1e-6)
   assert syntax['loss'] < syntax['loss_all'] and topic['loss'] < topic['loss_all']
-  assert 'loss_all' not in every
+  assert runs['nulls/r00/short']['step'] == 33  # 200 // 6
 
 
 def test_rerun_resumes_without_training_again(validated):
   wd, _, first = validated
   proc = run_module('twotower_jax.validate', f'--workdir={wd}', *SMALL, timeout=1200)
-  assert proc.stderr.count('is trained') == 5 and proc.stderr.count('is analysed, kept') == 2
+  n_runs = len(first['runs'])
+  assert proc.stderr.count('is trained') == n_runs
+  assert proc.stderr.count('is analysed, kept') == len(COMPOSED)
   with open(os.path.join(wd, 'validation.json')) as f:
     again = json.load(f)
   assert again['checks'] == first['checks']
-  assert again['runs']['known']['train_wall_s'] == first['runs']['known']['train_wall_s']
+  assert again['runs']['nulls/r00/seeds']['train_wall_s'] == (
+      first['runs']['nulls/r00/seeds']['train_wall_s'])

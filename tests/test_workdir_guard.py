@@ -167,3 +167,17 @@ def test_the_default_eval_set_is_128_windows():
   old = config.copy_and_resolve_references()
   old.train.batch_size = 4
   assert train.eval_windows(config, {}, old) == 32  # a checkpoint from before the field
+
+
+def test_a_folder_in_checkpoints_that_is_no_checkpoint_is_refused_and_kept(copy):
+  """A folder named by a number in checkpoints/ that Orbax did not write (an analysis written
+  there) was deleted on resume as an 'incomplete checkpoint', the log saying its steps would
+  be trained again; it is refused, named and left where it is."""
+  config, workdir = copy
+  foreign = os.path.join(workdir, workdir_lib.CHECKPOINTS, '99')
+  os.makedirs(foreign)
+  with open(os.path.join(foreign, workdir_lib.SUMMARY_JSON), 'w') as f:
+    f.write('{"step": 2}')
+  config.train.steps = 4
+  message = refused(config, workdir, errors.UserError, f'{foreign} is not a checkpoint')
+  assert 'move it out of' in message

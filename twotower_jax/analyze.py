@@ -46,7 +46,8 @@ def main(argv):
       raise errors.UserError('--compare needs at least two run directories')
     out = _OUT.value or os.path.join(workdir_lib.analysis_dir(dirs[0]), workdir_lib.COMPARE_DIR)
     compare.run_compare(dirs, out, min_count=config.analysis.min_count,
-                        n_boot=config.analysis.n_boot, seed=config.analysis.seed)
+                        n_boot=config.analysis.n_boot, seed=config.analysis.seed,
+                        given=bool(_OUT.value))
     return
   if len(argv) > 1:
     raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}; every setting is a '

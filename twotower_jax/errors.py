@@ -7,3 +7,7 @@ is a bug and keeps its traceback.
 
 class UserError(Exception):
   """Bad config, data, checkpoint or command line; the message says how to fix it."""
+
+
+class ConfigError(UserError):
+  """A bad config value; the message names the field and the fix."""

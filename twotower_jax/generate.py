@@ -9,7 +9,6 @@ one line on stderr. See docs/GENERATION.md.
 """
 
 import logging
-import os
 import sys
 
 from absl import flags
@@ -60,14 +59,20 @@ def main(argv):
   if _NUM_SAMPLES.value < 1 or _MEAN_WINDOWS.value < 0:
     raise errors.UserError(f'--num_samples={_NUM_SAMPLES.value} must be >= 1 and '
                            f'--mean_windows={_MEAN_WINDOWS.value} >= 0')
+  if not 0 <= _SEED.value < 2**32:
+    raise errors.UserError(f'--seed={_SEED.value} must be an integer in [0, 2**32)')
+  if _STEP.value < 0:
+    raise errors.UserError(f'--step={_STEP.value} must be >= 0 (0 = the latest checkpoint)')
   # Imported here so --help and flag errors answer without loading JAX.
   from twotower_jax import generation  # pylint: disable=g-import-not-at-top
+  from twotower_jax import paths  # pylint: disable=g-import-not-at-top
   from twotower_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   from twotower_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from twotower_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from twotower_jax.model import decode  # pylint: disable=g-import-not-at-top
   from twotower_jax.model import layers  # pylint: disable=g-import-not-at-top
   prompts = generation.read_prompts(_PROMPT.value, _PROMPT_FILE.value)
+  generation.check_rows(len(prompts), _NUM_SAMPLES.value)
   sampling = decode.Sampling(
       max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
       top_p=_TOP_P.value, co_llm=_CO_LLM.value, co_llm_tower=_CO_LLM_TOWER.value,
@@ -76,6 +81,7 @@ def main(argv):
   workdir = _WORKDIR.value
   config = run_lib.load_config(workdir)
   out_dir = _OUT.value or workdir_lib.generate_dir(workdir)
+  generation.check_out(out_dir, workdir, given=bool(_OUT.value))
   workdir_lib.check_writable(out_dir)  # before the restore and the sampling
   # Everything that needs no checkpoint is checked before the (slow) restore.
   decode.check(layers.model_config(config.model, config.data.vocab_size), sampling)
@@ -83,13 +89,14 @@ def main(argv):
   prompt_ids = generation.encode_prompts(sp, prompts, config.model.max_len)
   logging.getLogger('absl').setLevel(logging.ERROR)  # Orbax's notices on read-only restores
   restored = run_lib.restore(config, workdir, _STEP.value)
+  sampling = generation.fit_window(sampling, prompt_ids, config.model.max_len)
   result = generation.generate(restored, prompt_ids, sampling, _SEED.value, _NUM_SAMPLES.value,
                                _MEAN_WINDOWS.value)
   recs = generation.records(result, prompts, prompt_ids, sp, sampling, config.model.n_towers,
-                            restored.step, _SEED.value)
+                            restored.step, _SEED.value, config.model.max_len)
   color = _COLOR.value == 'always' or (_COLOR.value == 'auto' and sys.stdout.isatty())
   print(generation.terminal_view(recs, color))
-  title = f'Generations: {os.path.basename(os.path.abspath(workdir))}, step {restored.step}'
+  title = f'Generations: {paths.absolute(workdir).rsplit("/", 1)[-1]}, step {restored.step}'
   jsonl, page = generation.write(recs, out_dir, title)
   logging.getLogger('twotower_jax').info('generate: wrote %s and %s', jsonl, page)
 

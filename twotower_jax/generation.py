@@ -26,15 +26,17 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import time
+import unicodedata
 from typing import Sequence
 
 import jax
 import numpy as np
 
 from twotower_jax import errors
+from twotower_jax import paths
 from twotower_jax import run as run_lib
+from twotower_jax import staging
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.analysis import estimators as est_lib
 from twotower_jax.data import tokenizer as tokenizer_lib
@@ -42,7 +44,7 @@ from twotower_jax.model import decode
 from twotower_jax.model import gates
 from twotower_jax.model import partitioning
 from twotower_jax.report import render
-from twotower_jax.report.format import SPACE_PIECE
+from twotower_jax.report.format import SPACE_PIECE, md_escape
 from twotower_jax.train import sharding as sharding_lib
 
 log = logging.getLogger('twotower_jax')
@@ -53,8 +55,13 @@ class GenerationError(errors.UserError):
   """Prompts that cannot be generated from; the message says what to change."""
 
 
+MAX_PROMPT_BYTES = 2**20  # --prompt_file is read up to this size (a prompt fits a window)
+MAX_ROWS = 1024  # samples per call (prompts x --num_samples), generated as one batch
+
+
 def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
-  """The prompts of --prompt or --prompt_file (one per line, blank lines skipped)."""
+  """The prompts of --prompt or --prompt_file (one per line, blank lines skipped; at most
+  MAX_PROMPT_BYTES are read, so /dev/zero or a huge file is refused, not read whole)."""
   if (prompt is None) == (not prompt_file):
     raise GenerationError('give exactly one of --prompt="TEXT" and --prompt_file=FILE (one '
                           'prompt per line)')
@@ -63,24 +70,55 @@ def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
       raise GenerationError('the prompt is empty; give some text to continue, e.g. '
                             '--prompt="The state of the Union"')
     return [prompt]
+  where = f'--prompt_file={prompt_file}'
   try:
-    with open(prompt_file, encoding='utf-8') as f:
-      prompts = [line.rstrip('\n') for line in f if line.strip()]
+    with open(prompt_file, 'rb') as f:
+      raw = f.read(MAX_PROMPT_BYTES + 1)
   except OSError as e:
-    raise GenerationError(f'cannot read --prompt_file={prompt_file} ({e.strerror})') from None
-  except UnicodeDecodeError:
-    raise GenerationError(f'--prompt_file={prompt_file} is not UTF-8 text') from None
+    raise GenerationError(f'cannot read {where} ({e.strerror})') from None
+  if len(raw) > MAX_PROMPT_BYTES:
+    raise GenerationError(f'{where} is larger than {MAX_PROMPT_BYTES // 2**20} MiB; give a file '
+                          f'of prompts, one per line (at most {MAX_ROWS} samples per call)')
+  nul = raw.find(b'\0')
+  if nul >= 0:
+    raise GenerationError(f'{where} is a binary file, not text (NUL byte at byte {nul}); give a '
+                          'text file of prompts, one per line')
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise GenerationError(f'{where} is not UTF-8 text (byte {e.start}); convert it with '
+                          'iconv') from None
+  prompts = [line.rstrip('\r') for line in text.split('\n') if line.strip()]
   if not prompts:
-    raise GenerationError(f'--prompt_file={prompt_file} holds no prompt (one per line)')
+    raise GenerationError(f'{where} holds no prompt (one per line)')
   return prompts
 
 
+def check_rows(n_prompts: int, num_samples: int) -> None:
+  """GenerationError when the call asks for more than MAX_ROWS samples (one batch)."""
+  if n_prompts * num_samples > MAX_ROWS:
+    raise GenerationError(f'{n_prompts} prompt(s) x --num_samples={num_samples} = '
+                          f'{n_prompts * num_samples} samples, more than the {MAX_ROWS} one call '
+                          'generates; lower --num_samples or split the prompts over several calls')
+
+
+def _control_chars(text: str) -> str:
+  """'U+0001 at character 3, ...' for the control characters (tab aside) SentencePiece drops."""
+  found = [f'U+{ord(c):04X} at character {i + 1}' for i, c in enumerate(text)
+           if unicodedata.category(c) == 'Cc' and c != '\t']
+  return ', '.join(found[:3]) + (f' and {len(found) - 3} more' if len(found) > 3 else '')
+
+
 def encode_prompts(sp, prompts: Sequence[str], max_len: int) -> list[np.ndarray]:
-  """Each prompt's ids after the document-start EOS; refuses one the window cannot hold."""
+  """Each prompt's ids after the document-start EOS; refuses one the window cannot hold and
+  warns of control characters, which the tokenizer drops."""
   out = []
   for i, text in enumerate(prompts):
     ids = np.asarray([tokenizer_lib.EOS_ID] + list(sp.encode(text)), np.int32)
     where = f'prompt {i + 1} ({text[:40]!r}{"..." if len(text) > 40 else ""})'
+    if _control_chars(text):
+      log.warning('generate: %s has control characters (%s); the tokenizer drops them, so the '
+                  'model reads the prompt without them', where, _control_chars(text))
     if len(ids) == 1:
       raise GenerationError(f'{where} is empty after tokenization; give some text')
     if len(ids) > max_len:
@@ -89,6 +127,19 @@ def encode_prompts(sp, prompts: Sequence[str], max_len: int) -> list[np.ndarray]
                             f'{max_len - 1} tokens')
     out.append(ids)
   return out
+
+
+def fit_window(sampling: decode.Sampling, prompt_ids: Sequence[np.ndarray], max_len: int
+               ) -> decode.Sampling:
+  """`sampling` with max_new_tokens clipped to what the window lets the shortest prompt
+  produce (max_len + 1 - its length), with a note: the loop's buffers grow with it."""
+  room = max_len + 1 - min(len(ids) for ids in prompt_ids)
+  if sampling.max_new_tokens <= room:
+    return sampling
+  log.info('generate: --max_new_tokens=%d clipped to %d, the most the window leaves after the '
+           'shortest prompt (model.max_len=%d positions and the token after the last)',
+           sampling.max_new_tokens, room, max_len)
+  return dataclasses.replace(sampling, max_new_tokens=room)
 
 
 MEAN_WINDOWS = 64  # held-out windows averaged for the ablation mean (0: all)
@@ -161,10 +212,11 @@ def _share(winner_T: np.ndarray, n: int) -> list[float]:
 
 
 def records(result: Result, prompts: Sequence[str], prompt_ids: Sequence[np.ndarray], sp,
-            sampling: decode.Sampling, n_towers: int, step: int, seed: int) -> list[dict]:
-  """One JSON-ready record per sample: prompt, continuation, why it stopped, per-token values,
-  `lean` and `tower_share` (Co-LLM: the share of tokens each tower wrote; else the share
-  each tower's attribution ranks first)."""
+            sampling: decode.Sampling, n_towers: int, step: int, seed: int,
+            max_len: int | None = None) -> list[dict]:
+  """One JSON-ready record per sample: prompt, continuation, why it stopped (`max_len`: the
+  window, given model.max_len), per-token values, `lean` and `tower_share` (Co-LLM: the
+  share of tokens each tower wrote; else the share each tower's attribution ranks first)."""
   a = result.arrays
   attribution = ('co_llm' if 'tower_BxM' in a else 'posterior' if 'posterior_BxMxN' in a
                  else 'ablation' if 'drop_BxMxN' in a else None)
@@ -193,8 +245,9 @@ def records(result: Result, prompts: Sequence[str], prompt_ids: Sequence[np.ndar
         if n_towers == 2:
           entry['lean'] = float(np.clip((values[0] - values[1]) / scale, -1, 1))
       tokens.append(entry)
+    full = max_len is not None and m >= max_len + 1 - len(prompt_ids[i])
     stop = ('eos' if ids and ids[-1] == tokenizer_lib.EOS_ID and sampling.stop_at_eos else
-            'max_new_tokens' if m == sampling.max_new_tokens else 'max_len')
+            'max_new_tokens' if m == sampling.max_new_tokens and not full else 'max_len')
     text_ids = [t for t in ids if t not in (tokenizer_lib.EOS_ID, tokenizer_lib.PAD_ID)]
     out.append({'prompt_index': i, 'sample': j, 'prompt': prompts[i],
                 'continuation': sp.decode(text_ids), 'stop': stop, 'step': int(step),
@@ -277,17 +330,34 @@ def html_page(recs: Sequence[dict], title: str) -> str:
           'tower 1, paler: weaker; the prompt is grey, "not scored"); with more than two towers '
           'the leading tower follows the piece in brackets. Per-token values are in '
           f'{workdir_lib.GENERATIONS_JSONL}; docs/GENERATION.md defines them.')
-  blocks = [('h', 1, title), ('p', note),
+  blocks = [('h', 1, md_escape(title)), ('p', note),
             ('table', ['prompt', 'sample', 'new tokens', 'stop', 'towers'], rows),
             ('tokens', passages)]
   return render.to_html(blocks, '', title=title)
 
 
+def check_out(out_dir: str, workdir: str, given: bool) -> None:
+  """GenerationError when `out_dir` may not hold the generations (staging.refusal): a given
+  --out must be new, empty or hold earlier generations."""
+  why = staging.refusal(out_dir, 'generation',
+                        (workdir_lib.GENERATIONS_JSONL,) if given else None, reads=(workdir,))
+  if why:
+    raise GenerationError(why)
+
+
 def write(recs: Sequence[dict], out_dir: str, title: str) -> tuple[str, str]:
-  """DIR/generations.jsonl and DIR/generations.html; returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
-  jsonl = os.path.join(out_dir, workdir_lib.GENERATIONS_JSONL)
-  workdir_lib.write_jsonl(jsonl, recs)
-  page = os.path.join(out_dir, workdir_lib.GENERATIONS_HTML)
-  workdir_lib.write_text(page, html_page(recs, title))
-  return jsonl, page
+  """OUT/generations.jsonl and OUT/generations.html, written as one unit: a staged folder
+  renamed over OUT, so a signal or a failed write (a full disk) leaves the earlier outputs
+  whole and no temporary file. Returns their paths."""
+  out_dir = paths.absolute(out_dir)
+  try:
+    with staging.staged_dir(out_dir) as staged:
+      workdir_lib.write_jsonl(paths.join(staged, workdir_lib.GENERATIONS_JSONL), recs)
+      workdir_lib.write_text(paths.join(staged, workdir_lib.GENERATIONS_HTML),
+                             html_page(recs, title))
+  except OSError as e:
+    raise GenerationError(f'cannot write the generations to {out_dir} ({e.strerror}); the '
+                          'earlier ones there are unchanged: free space or pass --out=DIR, a '
+                          'writable folder') from None
+  return (paths.join(out_dir, workdir_lib.GENERATIONS_JSONL),
+          paths.join(out_dir, workdir_lib.GENERATIONS_HTML))

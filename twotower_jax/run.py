@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import jax
@@ -20,7 +19,9 @@ import ml_collections
 
 from twotower_jax import config as config_lib
 from twotower_jax import errors
+from twotower_jax import paths
 from twotower_jax import workdir as workdir_lib
+from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.train import checkpoints
 from twotower_jax.train import optimizer as optimizer_lib
 from twotower_jax.train import setup as setup_lib
@@ -59,8 +60,8 @@ def load_config(workdir: str, analysis: ml_collections.ConfigDict | None = None,
   """The run's config.json, with `analysis` (a whole analysis.* section) in place of the
   run's, `analysis_overrides` ({'analysis.x': value}, e.g. the command line's) on top and
   `imports` added to the run's, validated against this version's schema and registries."""
-  if not os.path.isdir(workdir):
-    what = 'is a file, not a directory' if os.path.exists(workdir) else 'does not exist'
+  if not paths.isdir(workdir):
+    what = 'is a file, not a directory' if paths.exists(workdir) else 'does not exist'
     raise RunError(f'workdir {workdir} {what}; pass the --workdir of a training run')
   config = workdir_lib.read_config(workdir)
   if analysis is not None:
@@ -97,12 +98,22 @@ def fit_mesh(config: ml_collections.ConfigDict) -> list[jax.Device]:
   return devices[:n]
 
 
+def check_tokenizer(workdir: str, meta: dict[str, Any]) -> None:
+  """Refuses a DIR/tokenizer.model other than the one the checkpoint was trained with (its
+  sha256, saved with each checkpoint): with other pieces every id would mean another one."""
+  file = workdir_lib.path(workdir, workdir_lib.TOKENIZER)
+  if meta.get('tokenizer_sha256') not in (None, tokenizer_lib.file_digest(file)):
+    raise RunError(f'{file} is not the tokenizer the checkpoints were trained with (its sha256 '
+                   'differs from the one saved with them), so every token id would mean another '
+                   'piece; put back the run\'s own tokenizer.model')
+
+
 def restore(config: ml_collections.ConfigDict, workdir: str, step: int = 0) -> Run:
   """The run at checkpoint `step` (0 = the latest complete one)."""
-  if not os.path.isdir(checkpoints.directory(workdir)):
+  if not paths.isdir(checkpoints.directory(workdir)):
     raise RunError(f'{workdir} has no checkpoints; train it first (python -m '
                    'twotower_jax.main) or pass the right --workdir')
-  if not os.path.exists(workdir_lib.path(workdir, workdir_lib.TOKENIZER)):
+  if not paths.exists(workdir_lib.path(workdir, workdir_lib.TOKENIZER)):
     raise RunError(f'{workdir} has no {workdir_lib.TOKENIZER} next to its checkpoints; '
                    'copy the whole training workdir')
   setup = setup_lib.build(config, workdir, train_tokenizer=False, devices=fit_mesh(config))
@@ -122,7 +133,10 @@ def restore(config: ml_collections.ConfigDict, workdir: str, step: int = 0) -> R
       if chosen not in mngr.all_steps():
         raise RunError(f'no checkpoint for step {chosen} in {checkpoints.directory(workdir)}; '
                        f'choose one of {sorted(mngr.all_steps())} or 0 for the latest')
-      state, _ = checkpoints.restore(mngr, chosen, abstract)
+      state, meta = checkpoints.restore(mngr, chosen, abstract, legacy=state_lib.legacy_target(
+          config, lambda t: state_lib.abstract(setup.model, t, state_lib.shardings(
+              setup.model, t, setup.mesh, sharding_lib.rules(config)))))
+      check_tokenizer(workdir, meta)
       return Run(setup, state.params, chosen)
     except checkpoints.CheckpointVanished:
       if int(step) or attempt == _VANISHED_RETRIES:

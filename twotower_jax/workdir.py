@@ -1,6 +1,6 @@
 """The workdir: every file a run and its analysis write, their names and formats.
 
-The one owner of the layout. Training, the analysis, the report and `--compare`
+The one owner of the layout (preference.csv's columns: preference_table.py). Training, the analysis, the report and `--compare`
 find files through these names and read or write them through these functions:
 
   DIR/config.json                  the resolved config (`write_config`, `read_config`)
@@ -9,8 +9,9 @@ find files through these names and read or write them through these functions:
   DIR/checkpoints/<step>/          Orbax: state, data, meta (train/checkpoints.py)
   DIR/metrics.jsonl                one JSON object per line with `kind` (`read_metrics`)
   DIR/tensorboard/                 the same scalars as event files
+  DIR/wandb_run_id                 the Weights & Biases run (train.wandb_project) a resume continues
   DIR/analysis/                    preference.csv, summary.json, token_view.json,
-                                   structural_probe.json, probe/, report.md,
+                                   structural_probe.json, tuned_lens.json, probe/, report.md,
                                    report.html, figures/, compare/, steps/<step>/,
                                    over_training.json, over_training.md
   DIR/generate/                    generations.jsonl (one sample per line, `write_jsonl`),
@@ -20,7 +21,6 @@ find files through these names and read or write them through these functions:
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime
 import errno
 import fcntl
@@ -35,6 +35,7 @@ import numpy as np
 
 from twotower_jax import config as config_lib
 from twotower_jax import errors
+from twotower_jax import paths
 
 CONFIG_JSON = 'config.json'
 LOCK = 'train.lock'
@@ -42,12 +43,14 @@ TOKENIZER = 'tokenizer.model'
 CHECKPOINTS = 'checkpoints'
 METRICS = 'metrics.jsonl'
 TENSORBOARD = 'tensorboard'
+WANDB_ID = 'wandb_run_id'
 ANALYSIS = 'analysis'
 # Inside DIR/analysis/.
 PREFERENCE_CSV = 'preference.csv'
 SUMMARY_JSON = 'summary.json'
 TOKEN_VIEW_JSON = 'token_view.json'
 STRUCT_JSON = 'structural_probe.json'
+TUNED_LENS_JSON = 'tuned_lens.json'  # analysis.lens (analysis/tuned_lens.py)
 PROBE_DIR = 'probe'
 FIG_DIR = 'figures'
 REPORT_MD = 'report.md'
@@ -63,11 +66,6 @@ GENERATE = 'generate'
 GENERATIONS_JSONL = 'generations.jsonl'
 GENERATIONS_HTML = 'generations.html'
 TOP_K = 20  # items per tower in summary.json's top_items (and the report's tables)
-# preference.csv: the leading columns, then per estimator EST_t0..EST_t{N-1}, EST_pref,
-# EST_pref_lo, EST_pref_hi (EST_best for N > 2), EST_<extra> per extra value, and
-# planted_class for planted corpora. An estimator is a prefix that has an EST_pref column.
-LEADING_COLUMNS = ('token_id', 'piece', 'count', 'word_class', 'upos')
-TEXT_COLUMNS = ('piece', 'word_class', 'upos', 'planted_class')
 
 
 class WorkdirError(errors.UserError):
@@ -75,7 +73,8 @@ class WorkdirError(errors.UserError):
 
 
 def path(workdir: str, *names: str) -> str:
-  return os.path.join(os.path.abspath(workdir), *names)
+  """DIR/name/...: a local path made absolute, or a gs:// URL (paths.py)."""
+  return paths.join(workdir, *names)
 
 
 def analysis_dir(workdir: str) -> str:
@@ -101,12 +100,12 @@ WRITTEN_SECTIONS = ('model', 'data', 'train')
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir was trained with (base_config() + config.json)."""
   file = path(workdir, CONFIG_JSON)
-  if not os.path.exists(file):
+  if not paths.exists(file):
     raise WorkdirError(f'{file} is missing; --workdir must be a directory written by '
                        'python -m twotower_jax.main')
   fix = 'put back the config.json of the run that wrote this workdir, or use a new --workdir'
   try:
-    with open(file, encoding='utf-8') as f:
+    with paths.open_file(file, encoding='utf-8') as f:
       raw = json.load(f)
   except OSError as e:
     raise WorkdirError(f'cannot read {file} ({e.strerror}); {fix}') from None
@@ -155,8 +154,10 @@ class WorkdirBusy(WorkdirError):
 def lock_holder(workdir: str) -> str | None:
   """Who holds DIR/train.lock ('pid N on HOST since T'), or None when no run holds it.
 
-  Reads only: a reader never creates the lock file.
+  Reads only: a reader never creates the lock file. A gs:// workdir has none.
   """
+  if paths.is_remote(workdir):
+    return None
   file = path(workdir, LOCK)
   try:
     fd = os.open(file, os.O_RDONLY)
@@ -186,9 +187,19 @@ def training_lock(workdir: str) -> Iterator[None]:
   The OS releases it when the process ends in any way (kill -9 included), so a lock
   is never stale; a second run is refused at once, naming the holder written in the
   file. The file is removed on exit, and a workdir this call created is removed again
-  when nothing else was written to it (bad input leaves no trace).
+  when nothing else was written to it (bad input leaves no trace). Cloud Storage has no
+  locks: a gs:// workdir is not guarded against a second run (docs/SCALING.md).
   """
-  workdir = os.path.abspath(workdir)
+  workdir = paths.absolute(workdir)
+  if paths.is_remote(workdir):
+    created = not paths.exists(workdir)
+    try:
+      yield
+    except BaseException:
+      if created:
+        _remove_unstarted(workdir)
+      raise
+    return
   created = not os.path.exists(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -220,12 +231,13 @@ def _remove_unstarted(workdir: str) -> None:
   checkpoint: refused by the pre-flight, a bad value found late, Ctrl-C) takes back what it
   wrote first, the tokenizer and Orbax's empty checkpoints/, so bad input leaves no trace."""
   ckpt = path(workdir, CHECKPOINTS)
-  if os.path.exists(path(workdir, CONFIG_JSON)) or (os.path.isdir(ckpt) and os.listdir(ckpt)):
+  if paths.exists(path(workdir, CONFIG_JSON)) or (paths.isdir(ckpt) and paths.listdir(ckpt)):
     return
   with contextlib.suppress(OSError):
-    os.rmdir(ckpt)
+    if not paths.is_remote(ckpt):
+      os.rmdir(ckpt)
   with contextlib.suppress(OSError):
-    os.remove(path(workdir, TOKENIZER))
+    paths.remove(path(workdir, TOKENIZER))
 
 
 def _locked_fd(file: str) -> int:
@@ -258,7 +270,10 @@ def _unwritable(target: str, e: OSError) -> WorkdirError:
 
 def check_writable(target: str, flag: str = '--out') -> None:
   """WorkdirError before any work when `target` (a folder, made later) cannot be written:
-  it or its nearest existing parent is read-only or not ours."""
+  it or its nearest existing parent is read-only or not ours. A URL is checked by its
+  first write."""
+  if paths.is_remote(target):
+    return
   probe = os.path.abspath(target)
   while not os.path.exists(probe):
     probe = os.path.dirname(probe)
@@ -274,9 +289,9 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """All complete lines of DIR/metrics.jsonl (a torn last line is skipped)."""
   out = []
   file = path(workdir, METRICS)
-  if not os.path.exists(file):
+  if not paths.exists(file):
     return out
-  with open(file) as f:
+  with paths.open_file(file) as f:
     for raw in f:
       try:
         out.append(json.loads(raw))
@@ -303,19 +318,17 @@ def metrics_line(kind: str, values: dict[str, Any], step: int | None = None) -> 
 
 
 def append_metrics(workdir: str, line: dict[str, Any]) -> None:
+  """Appends one line; a Cloud Storage object cannot be appended to, so it is rewritten."""
+  if paths.is_remote(workdir):
+    rewrite_metrics(workdir, [*read_metrics(workdir), line])
+    return
   with open(path(workdir, METRICS), 'a') as f:
     f.write(json.dumps(line) + '\n')
 
 
 def rewrite_metrics(workdir: str, lines: Sequence[dict[str, Any]]) -> None:
   """Replaces DIR/metrics.jsonl atomically (a resumed run drops the lines it will redo)."""
-  file = path(workdir, METRICS)
-  tmp = file + '.tmp'
-  with open(tmp, 'w') as f:
-    for line in lines:
-      f.write(json.dumps(line) + '\n')
-    _sync(f)
-  os.replace(tmp, file)
+  paths.write_atomic(path(workdir, METRICS), ''.join(json.dumps(line) + '\n' for line in lines))
 
 
 # ---------------------------------------------------------------- JSON outputs
@@ -339,39 +352,35 @@ def clean(x):
 
 
 def write_json(file: str, obj: Any, indent: int = 1, sort_keys: bool = False) -> None:
-  """Atomic: written beside the target and renamed over it."""
-  tmp = file + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(clean(obj), f, indent=indent, sort_keys=sort_keys)
-    f.write('\n')
-    _sync(f)
-  os.replace(tmp, file)
-
-
-def _sync(f) -> None:
-  """Data on disk before the rename, so a crash leaves the old file or the new, never empty."""
-  f.flush()
-  os.fsync(f.fileno())
+  """Atomic: written beside the target and renamed over it (paths.write_atomic)."""
+  paths.write_atomic(file, json.dumps(clean(obj), indent=indent, sort_keys=sort_keys) + '\n')
 
 
 def write_jsonl(file: str, rows: Sequence[Any]) -> None:
-  """One JSON object per line, atomic like write_json."""
-  write_text(file, ''.join(json.dumps(clean(row), ensure_ascii=False) + '\n' for row in rows))
+  """One strictly valid JSON object per line (strict_json), atomic like write_json."""
+  write_text(file, ''.join(json.dumps(strict_json(row), ensure_ascii=False, allow_nan=False) +
+                           '\n' for row in rows))
+
+
+def strict_json(x: Any) -> Any:
+  """clean(x) with NaN and infinities as null: strict JSON (RFC 8259 has no NaN)."""
+  x = clean(x)
+  if isinstance(x, dict):
+    return {k: strict_json(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [strict_json(v) for v in x]
+  return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def write_text(file: str, text: str) -> None:
   """Atomic like write_json: an interrupted write leaves the old file, never half a page."""
-  tmp = file + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-    _sync(f)
-  os.replace(tmp, file)
+  paths.write_atomic(file, text)
 
 
 def read_jsonl(file: str) -> list[Any]:
   """The objects of a JSON-lines file written by write_jsonl."""
   try:
-    with open(file, encoding='utf-8') as f:
+    with paths.open_file(file, encoding='utf-8') as f:
       return [json.loads(line) for line in f if line.strip()]
   except OSError as e:
     raise WorkdirError(f'cannot read {file} ({e.strerror})') from None
@@ -382,7 +391,7 @@ def read_jsonl(file: str) -> list[Any]:
 
 def read_json(file: str) -> Any:
   try:
-    with open(file, encoding='utf-8') as f:
+    with paths.open_file(file, encoding='utf-8') as f:
       return json.load(f)
   except OSError as e:
     raise WorkdirError(f'cannot read {file} ({e.strerror})') from None
@@ -393,102 +402,7 @@ def read_json(file: str) -> Any:
 
 def read_optional_json(file: str) -> Any:
   """The file's JSON, or None when it does not exist."""
-  return read_json(file) if os.path.exists(file) else None
+  return read_json(file) if paths.exists(file) else None
 
 
 # ---------------------------------------------------------------- preference.csv
-
-
-def write_preference_csv(file: str, pieces: Sequence[str], classes: dict[str, np.ndarray],
-                         results: dict[str, dict[str, Any]],
-                         planted_V: np.ndarray | None = None) -> None:
-  """One row per vocabulary item; values are 'nan' where the item was never scored."""
-  vocab = len(pieces)
-  count = next(iter(results.values()))['count'] if results else np.zeros(vocab)
-  header, cols = list(LEADING_COLUMNS), []
-  for est, res in results.items():
-    n = res['mean_NxV'].shape[0]
-    for k in range(n):
-      header.append(f'{est}_t{k}')
-      cols.append(res['mean_NxV'][k])
-    header += [f'{est}_pref', f'{est}_pref_lo', f'{est}_pref_hi']
-    cols += [res['pref'], res['pref_lo'], res['pref_hi']]
-    if n > 2:
-      header.append(f'{est}_best')
-      cols.append(np.where(res['count'] > 0, res['best'], -1))
-    for name, values in res.get('extras', {}).items():
-      header.append(f'{est}_{name}')
-      cols.append(values)
-  if planted_V is not None:
-    header.append('planted_class')
-    cols.append(planted_V)
-  tmp = file + '.tmp'
-  with open(tmp, 'w', newline='', encoding='utf-8') as f:
-    w = csv.writer(f)
-    w.writerow(header)
-    for v in range(vocab):
-      row = [v, pieces[v], int(count[v]), classes['word_class'][v], classes['upos'][v]]
-      for c in cols:
-        x = c[v]
-        if isinstance(x, (np.integer, int)):
-          row.append(int(x))
-        else:
-          x = float(x)
-          row.append('nan' if (not math.isfinite(x) or count[v] == 0) else f'{x:.6g}')
-      w.writerow(row)
-  os.replace(tmp, file)
-
-
-def _float(text: Any) -> float:
-  try:
-    return float(text)
-  except (TypeError, ValueError):
-    return float('nan')
-
-
-def read_preferences(file: str) -> dict[str, Any]:
-  """preference.csv as columns: text columns as lists of str, the rest as float arrays.
-
-  Also `_fields` (the header) and `_estimators` ({name: number of towers}).
-  """
-  if not os.path.exists(file):
-    raise WorkdirError(f'{file} is missing; run the analysis first '
-                       '(python -m twotower_jax.analyze --workdir=DIR)')
-  with open(file, newline='', encoding='utf-8') as f:
-    reader = csv.DictReader(f)
-    fields = list(reader.fieldnames or [])
-    rows = list(reader)
-  for need in ('token_id', 'piece', 'count'):
-    if need not in fields:
-      raise WorkdirError(f'{file} has no {need!r} column; rerun the analysis to rewrite it')
-  cols: dict[str, Any] = {}
-  for name in fields:
-    vals = [r.get(name) or '' for r in rows]
-    cols[name] = vals if name in TEXT_COLUMNS else np.array([_float(v) for v in vals])
-  cols['_fields'] = fields
-  cols['_estimators'] = estimator_columns(fields, file)
-  return cols
-
-
-def estimator_columns(fields: Sequence[str], file: str = PREFERENCE_CSV) -> dict[str, int]:
-  """{estimator: number of towers}: every EST with an EST_pref column and EST_t0..t{N-1}."""
-  out = {}
-  names = set(fields)
-  for name in fields:
-    if not name.endswith('_pref'):
-      continue
-    est = name[:-len('_pref')]
-    n = 0
-    while f'{est}_t{n}' in names:
-      n += 1
-    if n < 2:
-      raise WorkdirError(f'{file}: estimator {est!r} has {n} tower columns ({est}_t0..); '
-                         'rerun the analysis to rewrite it')
-    out[est] = n
-  return out
-
-
-def tower_values(cols: dict[str, Any], est: str) -> np.ndarray:
-  """values_IxN: estimator `est`'s per-tower columns of preference.csv."""
-  n = cols['_estimators'][est]
-  return np.stack([cols[f'{est}_t{k}'] for k in range(n)], axis=1)

@@ -3,7 +3,8 @@
 Towers have no identity across runs (tower 0 of one seed may play the role of
 tower 1 of another), so before comparing, each run's towers are permuted to
 agree best with the first run's. Reads DIR/analysis/preference.csv of every run
-(through workdir.py, which owns its columns), writes OUT/compare.json and OUT/compare.md.
+(through workdir.py, which owns its columns), writes OUT/compare.json and OUT/compare.md
+together (a staged folder renamed into place).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import Any
 import numpy as np
 
 from twotower_jax import errors
+from twotower_jax import paths
+from twotower_jax import staging
+from twotower_jax import preference_table
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.analysis import stats
 
@@ -28,12 +32,52 @@ class CompareError(errors.UserError):
 
 def read_preferences(workdir: str) -> dict[str, Any]:
   """{'pieces': [I], 'count': [I], 'towers': {est: [I, N]}, 'pref': {est: [I]}} of a run."""
-  cols = workdir_lib.read_preferences(
-      os.path.join(workdir_lib.analysis_dir(workdir), workdir_lib.PREFERENCE_CSV))
+  if not paths.isdir(workdir):
+    what = 'is a file, not a run directory' if paths.exists(workdir) else 'does not exist'
+    raise CompareError(f'--compare: {workdir} {what}; give the workdirs of analysed runs')
+  file = paths.join(workdir_lib.analysis_dir(workdir), workdir_lib.PREFERENCE_CSV)
+  cols = preference_table.read_preferences(file)
   ests = cols['_estimators']
+  summary = workdir_lib.read_optional_json(
+      paths.join(workdir_lib.analysis_dir(workdir), workdir_lib.SUMMARY_JSON)) or {}
+  if not ests or summary.get('n_towers') == 1:  # one tower: only the split-unit control
+    why = (f'{workdir} is a one-tower run' if summary.get('n_towers') == 1 else
+           f'{file} has no estimator columns')
+    raise CompareError(f'--compare: {why}, so it has no tower preference to compare; compare '
+                       'runs of two or more towers')
+  vocab = _vocab_size(workdir)
+  if vocab is not None and len(cols['piece']) != vocab:
+    raise CompareError(f'{file} has {len(cols["piece"])} rows but the run has data.vocab_size='
+                       f'{vocab} (a truncated copy?); rerun the analysis of {workdir}')
   return {'pieces': cols['piece'], 'count': cols['count'],
-          'towers': {est: workdir_lib.tower_values(cols, est) for est in ests},
+          'towers': {est: preference_table.tower_values(cols, est) for est in ests},
           'pref': {est: cols[f'{est}_pref'] for est in ests}}
+
+
+def _vocab_size(workdir: str) -> int | None:
+  """data.vocab_size from the run's config.json (None when the folder has none)."""
+  if not paths.exists(workdir_lib.path(workdir, workdir_lib.CONFIG_JSON)):
+    return None
+  return int(workdir_lib.read_config(workdir).data.vocab_size)
+
+
+def check_runs(workdirs: list[str], out_dir: str, given: bool = True) -> None:
+  """CompareError before any reading: fewer than two runs, a run given twice (the trivial
+  agreement 1 of a run with itself), or an output folder staging.refusal refuses."""
+  if len(workdirs) < 2:
+    raise CompareError('--compare needs at least two workdirs')
+  seen = {}
+  for d in workdirs:
+    real = paths.absolute(d) if paths.is_remote(d) else os.path.realpath(d)
+    if real in seen:
+      same = f' ({seen[real]} and {d} are one folder)' if seen[real] != d else ''
+      raise CompareError(f'--compare names {real} twice{same}; a run agrees with itself '
+                         'trivially (1.000): give different runs, e.g. other seeds')
+    seen[real] = d
+  why = staging.refusal(out_dir, 'comparison', (workdir_lib.COMPARE_JSON,) if given else None,
+                        reads=workdirs)
+  if why:
+    raise CompareError(why)
 
 
 def _centred(values_IxN: np.ndarray) -> np.ndarray:
@@ -101,15 +145,15 @@ def _fmt(x: float) -> str:
 
 
 def run_compare(workdirs: list[str], out_dir: str, min_count: int = 20, n_boot: int = 1000,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, given: bool = True) -> dict[str, Any]:
   """Aligns every run's towers to the first run's and correlates their preferences.
 
   Items: pieces present in every run with count >= min_count in each. For each
   pair of runs and each shared estimator: Spearman and Pearson of the aligned
-  preferences with bootstrap CIs over items.
+  preferences with bootstrap CIs over items. OUT (`out_dir`, `given` by --out or the
+  default DIR1/analysis/compare) is replaced whole: compare.json and compare.md together.
   """
-  if len(workdirs) < 2:
-    raise CompareError('--compare needs at least two workdirs')
+  check_runs(workdirs, out_dir, given)
   runs = [read_preferences(d) for d in workdirs]
   common = set(runs[0]['pieces'])
   for r in runs[1:]:
@@ -151,10 +195,14 @@ def run_compare(workdirs: list[str], out_dir: str, min_count: int = 20, n_boot: 
 
   result = {'workdirs': list(workdirs), 'min_count': min_count, 'n_items': len(items),
             'estimators': ests, 'n_boot': n_boot, 'alignment': alignment, 'pairs': pairs}
-  os.makedirs(out_dir, exist_ok=True)
-  workdir_lib.write_json(os.path.join(out_dir, workdir_lib.COMPARE_JSON), result, indent=2)
-  with open(os.path.join(out_dir, workdir_lib.COMPARE_MD), 'w') as f:
-    f.write(_markdown(result))
+  try:
+    with staging.staged_dir(out_dir) as staged:
+      workdir_lib.write_json(paths.join(staged, workdir_lib.COMPARE_JSON),
+                             workdir_lib.strict_json(result), indent=2)
+      workdir_lib.write_text(paths.join(staged, workdir_lib.COMPARE_MD), _markdown(result))
+  except OSError as e:
+    raise CompareError(f'cannot write the comparison to {paths.absolute(out_dir)} '
+                       f'({e.strerror}); free space or pass --out=DIR, a writable folder') from None
   return result
 
 

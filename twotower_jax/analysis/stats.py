@@ -90,12 +90,12 @@ def _paired_finite(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
-  """Pearson correlation over pairs where both are finite; NaN if either is constant."""
+  """Pearson correlation over pairs where both are finite (scipy.stats.pearsonr); NaN if
+  either is constant."""
   a, b = _paired_finite(a, b)
   if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
     return float('nan')
-  a, b = a - a.mean(), b - b.mean()
-  return float(np.clip((a @ b) / np.sqrt((a @ a) * (b @ b)), -1.0, 1.0))
+  return float(sp_stats.pearsonr(a, b).statistic)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -117,43 +117,78 @@ def row_spearman(a_RxC: np.ndarray, b_RxC: np.ndarray) -> np.ndarray:
     return np.where(denom > 0, np.sum(ra * rb, axis=1) / denom, np.nan)
 
 
-def permutation_test(statistic: Callable[[np.ndarray, np.ndarray], float], x: np.ndarray,
-                     labels: np.ndarray, n_perm: int = 1000, seed: int = 0) -> dict[str, float]:
-  """Shuffled-label control: the statistic's null distribution when labels are permuted.
-
-  Returns the observed value, the null mean and 2.5/97.5 percentiles, and a
-  two-sided p-value (distance from the null mean), with the +1 correction so a
-  p-value is never 0.
-  """
-  x, labels = np.asarray(x), np.asarray(labels)
-  observed = float(statistic(x, labels))
-  rng = np.random.default_rng(seed)
-  null = np.array([statistic(x, rng.permutation(labels)) for _ in range(n_perm)], np.float64)
-  null = null[np.isfinite(null)]
-  if null.size == 0 or not np.isfinite(observed):
-    nan = float('nan')
-    return {'observed': observed, 'null_mean': nan, 'null_lo': nan, 'null_hi': nan, 'p': nan}
-  centre = null.mean()
-  extreme = np.sum(np.abs(null - centre) >= abs(observed - centre))
-  lo, hi = np.percentile(null, [2.5, 97.5])
-  return {'observed': observed, 'null_mean': float(centre), 'null_lo': float(lo),
-          'null_hi': float(hi), 'p': float((extreme + 1) / (null.size + 1))}
-
-
-def null_test(observed: float, null_K: np.ndarray) -> dict[str, float]:
+def null_test(observed: float, null_K: np.ndarray,
+              alternative: str = 'two-sided') -> dict[str, float]:
   """The observed statistic against its distribution under a control (K draws).
 
-  p: two-sided, the share of draws at least as far from the null's mean as the observed
-  value, with the +1 correction (never 0; the smallest is 1/(K+1)). effect: the distance
-  from the null's mean in null standard deviations. NaN where either is undefined.
+  p: the share of draws at least as extreme as the observed value, with the +1 correction
+  (never 0; the smallest is 1/(K+1)): 'two-sided' measures distance from the draws' mean,
+  'greater' counts draws >= the observed value. effect: the distance from the draws' mean
+  in their standard deviations. NaN where either is undefined.
   """
   null_K = np.asarray(null_K, np.float64)
   null_K = null_K[np.isfinite(null_K)]
   nan = float('nan')
   if null_K.size < 2 or not np.isfinite(observed):
-    return {'null_mean': nan, 'null_sd': nan, 'p': nan, 'effect': nan, 'n_null': int(null_K.size)}
+    return {'null_mean': nan, 'null_sd': nan, 'p': nan, 'effect': nan, 'n_null': int(null_K.size),
+            'alternative': alternative}
   centre, sd = float(null_K.mean()), float(null_K.std(ddof=1))
-  extreme = np.sum(np.abs(null_K - centre) >= abs(observed - centre))
+  if alternative == 'greater':
+    extreme = np.sum(null_K >= observed)
+  else:
+    extreme = np.sum(np.abs(null_K - centre) >= abs(observed - centre))
   return {'null_mean': centre, 'null_sd': sd, 'p': float((extreme + 1) / (null_K.size + 1)),
           'effect': float((observed - centre) / sd) if sd > 0 else nan,
-          'n_null': int(null_K.size)}
+          'n_null': int(null_K.size), 'alternative': alternative}
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+  """Holm's step-down adjustment of a family of p-values (NaN ones are left out and stay NaN).
+
+  Written here because scipy.stats offers only the Benjamini-Hochberg procedure
+  (false_discovery_control); Holm controls the family-wise error, which a yes/no claim needs.
+  """
+  finite = sorted((p, k) for k, p in p_values.items() if np.isfinite(p))
+  m, out, running = len(finite), {k: float('nan') for k in p_values}, 0.0
+  for i, (p, k) in enumerate(finite):
+    running = max(running, min(1.0, (m - i) * p))
+    out[k] = running
+  return out
+
+
+def binomial_ci(k: int, n: int, level: float = 0.95) -> list[float]:
+  """Clopper-Pearson interval of a rate k/n (scipy.stats.binomtest); NaN for n = 0."""
+  if n == 0:
+    return [float('nan'), float('nan')]
+  ci = sp_stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method='exact')
+  return [float(ci.low), float(ci.high)]
+
+
+def cluster_mean_ci(sum_GxI: np.ndarray, count_GxI: np.ndarray,
+                    level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per item: the mean of its values and a cluster-robust interval, clusters = documents.
+
+  sum_GxI, count_GxI: each item's summed value and number of values per cluster G (dense or
+  scipy.sparse). The variance of a ratio mean is CR1, (G_i/(G_i-1)) sum_g (S_g - n_g m)^2 / n^2
+  over the G_i clusters holding the item, and the interval uses Student's t with G_i - 1
+  degrees of freedom: occurrences within one document are not independent. NaN for an item
+  seen in fewer than two documents. Returns (mean_I, lo_I, hi_I).
+  """
+  s_sum = np.asarray(sum_GxI.sum(0), np.float64).reshape(-1)
+  n_sum = np.asarray(count_GxI.sum(0), np.float64).reshape(-1)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    mean = s_sum / n_sum
+    s2 = np.asarray(sum_GxI.multiply(sum_GxI).sum(0) if hasattr(sum_GxI, 'multiply')
+                    else (sum_GxI ** 2).sum(0), np.float64).reshape(-1)
+    sn = np.asarray(sum_GxI.multiply(count_GxI).sum(0) if hasattr(sum_GxI, 'multiply')
+                    else (sum_GxI * count_GxI).sum(0), np.float64).reshape(-1)
+    n2 = np.asarray(count_GxI.multiply(count_GxI).sum(0) if hasattr(count_GxI, 'multiply')
+                    else (count_GxI ** 2).sum(0), np.float64).reshape(-1)
+    g = np.asarray((count_GxI > 0).sum(0), np.float64).reshape(-1)
+    resid = np.maximum(s2 - 2 * mean * sn + mean ** 2 * n2, 0.0)
+    se = np.sqrt(g / (g - 1) * resid) / n_sum
+    half = sp_stats.t.ppf(0.5 + level / 2, np.maximum(g - 1, 1)) * se
+  few = ~(g >= 2)
+  lo, hi = mean - half, mean + half
+  lo[few], hi[few] = np.nan, np.nan
+  return mean, lo, hi

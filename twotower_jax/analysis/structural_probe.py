@@ -55,26 +55,24 @@ def tree_distances(heads: Sequence[int]) -> np.ndarray:
 
 
 def mst_edges(dist_WxW: np.ndarray) -> set[tuple[int, int]]:
-  """Edges (i < j) of a minimum spanning tree of the complete graph (Prim, O(W^2))."""
+  """Edges (i < j) of a minimum spanning tree of the complete graph on a symmetric matrix.
+
+  scipy's minimum_spanning_tree drops zero-weight edges (and rounds dense entries below
+  1e-8 to zero), so it gets each edge's rank 1..E instead of its weight: Kruskal's tree
+  depends only on the order of the weights, and ranks that break ties by position make
+  it one tree on every scipy version. NaN weights rank last.
+  """
   d = np.asarray(dist_WxW, np.float64)
   n = d.shape[0]
   if n < 2:
     return set()
-  in_tree = np.zeros(n, bool)
-  in_tree[0] = True
-  best = d[0].copy()
-  parent = np.zeros(n, np.int64)
-  edges = set()
-  for _ in range(n - 1):
-    cand = np.where(in_tree, np.inf, best)
-    j = int(np.argmin(cand))
-    i = int(parent[j])
-    edges.add((min(i, j), max(i, j)))
-    in_tree[j] = True
-    closer = (d[j] < best) & ~in_tree
-    best[closer] = d[j][closer]
-    parent[closer] = j
-  return edges
+  rows, cols = np.triu_indices(n, k=1)
+  order = np.argsort(np.nan_to_num(d[rows, cols], nan=np.inf), kind='stable')
+  rank_E = np.empty(order.size, np.float64)
+  rank_E[order] = np.arange(1, order.size + 1)
+  tree = csgraph.minimum_spanning_tree(sparse.csr_matrix((rank_E, (rows, cols)), shape=(n, n)))
+  tree = tree.tocoo()
+  return {(int(min(i, j)), int(max(i, j))) for i, j in zip(tree.row, tree.col)}
 
 
 def gold_edges(heads: Sequence[int], keep: np.ndarray) -> set[tuple[int, int]]:

@@ -37,11 +37,15 @@ def token_view(ctx: base.Context, results: dict[str, Any], pieces, states: dict[
   passages = []
   batch = ctx.eval_batches[0].shape[0]
   cached = base.ensure_states(ctx)
-  for j, window in enumerate(np.concatenate(ctx.eval_batches)[:n_pass]):
-    ex = base.example(ctx.model, window[None])
+  for j in range(min(n_pass, batch * len(ctx.eval_batches))):
+    i, row = divmod(j, batch)  # the window's row of its scored batch (the same masks)
+    ex = jax.tree.map(lambda x: x[row:row + 1],
+                      base.example(ctx.model, ctx.eval_batches[i], i))
     targets = np.asarray(ex['targets'][0])
+    if np.asarray(ctx.eval_batches[i])[row, 0] == tokenizer_lib.PAD_ID:
+      break  # a fill row: no more held-out windows
     if per_token:
-      h_NxBxLxH = cached[j // batch][:, j % batch:j % batch + 1]
+      h_NxBxLxH = cached[i][:, row:row + 1]
       v_NxBxL, _ = values_fn(ctx.params, states.get(est), ex, h_NxBxLxH,
                              jax.random.PRNGKey(int(ctx.config.analysis.seed)))
       v_NxL = np.asarray(v_NxBxL)[:, 0]

@@ -22,8 +22,12 @@ import numpy as np
 
 from twotower_jax import errors
 
-CLOSED_UPOS = ('DET', 'ADP', 'AUX', 'PRON', 'CCONJ', 'SCONJ', 'PART', 'PUNCT')
+CLOSED_UPOS = ('DET', 'ADP', 'AUX', 'PRON', 'CCONJ', 'SCONJ', 'PART')  # function words
 OPEN_UPOS = ('NOUN', 'PROPN', 'VERB', 'ADJ', 'ADV')
+# The classes a piece can have: function word, content word, punctuation (tested apart from
+# function words), word-internal piece (most occurrences inside a word, e.g. 'ing': no class
+# of its own, left out of the class tests), '' (NUM, INTJ, SYM, X, digits, specials).
+CLASSES = ('closed', 'open', 'punct', 'fragment', '')
 SPIECE_SPACE = '\u2581'  # SentencePiece's word-boundary mark
 
 # English function words (closed classes: determiners, prepositions, pronouns,
@@ -180,7 +184,8 @@ def tokenize_sentence(sp, sentence: Sentence) -> tuple[np.ndarray, np.ndarray]:
 
 
 def upos_class(upos: str) -> str:
-  return 'closed' if upos in CLOSED_UPOS else 'open' if upos in OPEN_UPOS else ''
+  return ('closed' if upos in CLOSED_UPOS else 'open' if upos in OPEN_UPOS else
+          'punct' if upos == 'PUNCT' else '')
 
 
 def _is_special(sp, i: int) -> bool:
@@ -215,20 +220,22 @@ def read_word_classes(path: str) -> dict[str, str]:
 
 def piece_classes(sp, conllu_path: str | None,
                   word_classes_path: str | None = None) -> dict[str, np.ndarray]:
-  """Per vocabulary item: 'upos' ([V] str, '' unknown) and 'word_class' ('closed'|'open'|'').
+  """Per vocabulary item: 'upos' ([V] str, '' unknown) and 'word_class' (one of CLASSES).
 
-  With a treebank (`conllu_path`: file, directory or glob): every treebank
-  sentence is tokenized as running text; each piece occurrence takes the gold
-  UPOS of the word it is part of (all pieces of a word, not only the first); a
-  piece's UPOS is the majority over its occurrences (ties: alphabetical), and
-  its class follows from that UPOS (NUM, INTJ, SYM, X: ''). Also returns
-  'upos_count' (occurrences seen) and 'upos_share' (majority fraction).
-  With a word-class list instead (`word_classes_path`, read_word_classes): a piece
-  that is a whole listed word (word-initial mark + the word) takes its class, for
-  corpora no treebank covers (e.g. a constructed language). Without either: pieces
-  that are a whole function word (word-initial mark + a word of FUNCTION_WORDS) are
-  closed, punctuation-only pieces closed (UPOS PUNCT), other word-initial alphabetic
-  pieces open; the rest (word-internal fragments, digits, special symbols) unknown.
+  With a treebank (`conllu_path`: file, directory or glob): every treebank sentence is
+  tokenized as running text and each piece occurrence is attributed to the word it
+  overlaps most. A piece whose occurrences are mostly word-internal (not the first piece
+  of its word) is a 'fragment'; otherwise its UPOS is the majority gold UPOS over its
+  word-initial occurrences (ties: alphabetical) and its class follows from that UPOS
+  (PUNCT: 'punct'; NUM, INTJ, SYM, X: ''). Also returns 'upos_count' (word-initial
+  occurrences the UPOS rests on) and 'upos_share' (the majority's fraction of them).
+  With a word-class list instead (`word_classes_path`, read_word_classes): a piece that is
+  a whole listed word (word-initial mark + the word) takes its class, for corpora no
+  treebank covers (e.g. a constructed language). Without either: a punctuation-only
+  piece is 'punct' (UPOS PUNCT), a word-initial piece whose word is in FUNCTION_WORDS
+  'closed', another word-initial alphabetic piece 'open', an alphabetic piece without the
+  word-initial mark a 'fragment'; the rest (digits, special symbols) ''. The list cannot
+  tell a word-initial fragment (the first piece of a longer word) from a word.
   """
   vocab = sp.get_piece_size()
   upos_V = np.full(vocab, '', dtype=object)
@@ -238,17 +245,25 @@ def piece_classes(sp, conllu_path: str | None,
   special = np.array([_is_special(sp, i) for i in range(vocab)])
   if conllu_path:
     counts: list[collections.Counter] = [collections.Counter() for _ in range(vocab)]
+    internal = np.zeros(vocab, np.int64)
     for sentence in read_treebank(conllu_path):
       ids, owner = tokenize_sentence(sp, sentence)
+      previous = -1
       for piece_id, word in zip(ids.tolist(), owner.tolist()):
         if word >= 0 and not special[piece_id]:
-          counts[piece_id][sentence.upos[word]] += 1
+          if word == previous:
+            internal[piece_id] += 1
+          else:
+            counts[piece_id][sentence.upos[word]] += 1
+        previous = word
     for i, c in enumerate(counts):
-      if c:
+      initial = sum(c.values())
+      if internal[i] > initial:
+        class_V[i] = 'fragment'
+      elif c:
         tag, n = sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0]
         upos_V[i], class_V[i] = tag, upos_class(tag)
-        count_V[i] = sum(c.values())
-        share_V[i] = n / count_V[i]
+        count_V[i], share_V[i] = initial, n / initial
   elif word_classes_path:
     listed = read_word_classes(word_classes_path)
     for i in range(vocab):
@@ -262,11 +277,13 @@ def piece_classes(sp, conllu_path: str | None,
       piece = sp.id_to_piece(i)
       word = piece[1:] if piece.startswith(SPIECE_SPACE) else None
       if _is_punct(piece.lstrip(SPIECE_SPACE)):
-        upos_V[i], class_V[i] = 'PUNCT', 'closed'
+        upos_V[i], class_V[i] = 'PUNCT', 'punct'
       elif word is not None and word.lower() in FUNCTION_WORDS:
         class_V[i] = 'closed'
       elif word is not None and word.isalpha():
         class_V[i] = 'open'
+      elif word is None and piece.isalpha():
+        class_V[i] = 'fragment'
   return {'upos': upos_V.astype(str), 'word_class': class_V.astype(str),
           'upos_count': count_V, 'upos_share': share_V}
 

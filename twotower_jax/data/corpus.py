@@ -1,7 +1,8 @@
 """Corpora: whole documents, split into training and held-out documents.
 
 A data source is a function `config.data -> Corpus` registered by name (`register`);
-`data.source` selects it. A source may also register a `check` of its own config
+`data.source` selects it. A source may also register `documents`, the same split as names
+read one at a time, so preparation (data/preparation.py) streams corpora larger than memory. A source may also register a `check` of its own config
 fields, run with the rest of the config validation, and `target_weights`: a training
 loss weight per token id (e.g. the planted source's `data.planted_loss_class`). The
 built-in sources are one module each (sotu.py, text.py, tfds.py, planted.py); a new
@@ -35,6 +36,14 @@ class Corpus:
 
 
 @dataclasses.dataclass(frozen=True)
+class Documents:
+  """A corpus's split as document names, each read when needed (`read(name)` -> text)."""
+  train_names: list[str]
+  val_names: list[str]
+  read: Callable[[str], str]
+
+
+@dataclasses.dataclass(frozen=True)
 class Source:
   """A registered data source: `load` builds the corpus, `check` validates its fields,
   `target_weights(config.data, sp)` optionally gives a training-loss weight per token id
@@ -42,6 +51,7 @@ class Source:
   load: Callable[[ml_collections.ConfigDict], Corpus]
   check: Callable[[ml_collections.ConfigDict], None] | None = None
   target_weights: Callable[[ml_collections.ConfigDict, Any], np.ndarray | None] | None = None
+  documents: Callable[[ml_collections.ConfigDict], Documents] | None = None
 
 
 SOURCES: dict[str, Source] = {}
@@ -49,12 +59,25 @@ SOURCES: dict[str, Source] = {}
 
 def register(name: str, check: Callable[[ml_collections.ConfigDict], None] | None = None,
              target_weights: Callable[[ml_collections.ConfigDict, Any], np.ndarray | None]
-             | None = None):
+             | None = None,
+             documents: Callable[[ml_collections.ConfigDict], Documents] | None = None):
   """Decorator: `@register('name')` on a function config.data -> Corpus."""
   def wrap(fn):
-    SOURCES[name] = Source(fn, check, target_weights)
+    SOURCES[name] = Source(fn, check, target_weights, documents)
     return fn
   return wrap
+
+
+def documents(data_config: ml_collections.ConfigDict) -> Documents:
+  """The source's documents one at a time where it streams them, else its loaded corpus."""
+  if data_config.source not in SOURCES:
+    raise config_lib.unknown_name('data.source', data_config.source, SOURCES)
+  source = SOURCES[data_config.source]
+  if source.documents is not None:
+    return source.documents(data_config)
+  corpus = load(data_config)
+  texts = dict(zip(corpus.train_names + corpus.val_names, corpus.train_docs + corpus.val_docs))
+  return Documents(list(corpus.train_names), list(corpus.val_names), texts.__getitem__)
 
 
 def target_weights(data_config: ml_collections.ConfigDict, sp) -> np.ndarray | None:

@@ -205,6 +205,13 @@ def check(d: ml_collections.ConfigDict) -> None:
         f'data.planted_loss_class={d.planted_loss_class!r} needs data.source=planted with '
         f"data.tokenizer_type='word' (one piece per word, so each target has a class); this "
         f'run has source={d.source!r}, tokenizer_type={d.tokenizer_type!r}')
+  class_weights(d)  # its format
+  if d.planted_class_weights and d.planted_loss_class:
+    raise config_lib.ConfigError('data.planted_class_weights and data.planted_loss_class both set; '
+                                 'use one (planted_loss_class=syntax is weights 1,0)')
+  if d.planted_class_weights and d.source != 'planted':
+    raise config_lib.ConfigError(f'data.planted_class_weights needs data.source=planted (this '
+                                 f'run: {d.source!r})')
   if d.source == 'planted' and d.tokenizer_type == 'word':
     need = required_vocab_size(d)
     if d.vocab_size != need:
@@ -213,12 +220,34 @@ def check(d: ml_collections.ConfigDict) -> None:
           f"tokenizer_type='word' (one piece per word); set data.vocab_size={need}")
 
 
-def target_weights(d: ml_collections.ConfigDict, sp) -> np.ndarray | None:
-  """float32[V]: 1 on the pieces of class data.planted_loss_class, 0 elsewhere (specials
-  and EOS included); None when it is '' (every target trains)."""
-  if not d.planted_loss_class:
+def class_weights(d: ml_collections.ConfigDict) -> tuple[float, float] | None:
+  """(syntax, topic) loss weights from data.planted_class_weights, or None when it is ''."""
+  text = str(d.planted_class_weights).strip()
+  if not text:
     return None
-  return (piece_classes(d, sp) == CLASS_NAMES.index(d.planted_loss_class)).astype(np.float32)
+  try:
+    w = tuple(float(x) for x in text.split(','))
+  except ValueError:
+    w = ()
+  if len(w) != 2 or not all(np.isfinite(x) and 0.0 <= x <= 1.0 for x in w) or sum(w) == 0:
+    raise config_lib.ConfigError(f'data.planted_class_weights={d.planted_class_weights!r} must be '
+                                 "two weights in [0, 1], not both 0: 'W_SYNTAX,W_TOPIC', e.g. "
+                                 "'0.9,0.1'")
+  return w
+
+
+def target_weights(d: ml_collections.ConfigDict, sp) -> np.ndarray | None:
+  """float32[V]: with data.planted_loss_class, 1 on the pieces of that class and 0 elsewhere;
+  with data.planted_class_weights, each class's weight (specials, EOS and pieces of no
+  class: 0); None when neither is set (every target trains)."""
+  classes = piece_classes(d, sp)
+  if d.planted_loss_class:
+    return (classes == CLASS_NAMES.index(d.planted_loss_class)).astype(np.float32)
+  w = class_weights(d)
+  if w is None:
+    return None
+  return np.where(classes == SYNTAX, w[0], np.where(classes == TOPIC, w[1], 0.0)).astype(
+      np.float32)
 
 
 @corpus_lib.register('planted', check=check, target_weights=target_weights)
@@ -233,9 +262,10 @@ def corpus(d: ml_collections.ConfigDict) -> corpus_lib.Corpus:
 def token_classes(config: ml_collections.ConfigDict, sp) -> np.ndarray:
   """int32[V]: each SentencePiece id's planted class (SYNTAX, TOPIC; UNKNOWN otherwise).
 
-  A piece gets a class when it is exactly one whole word ('▁' + word: SentencePiece
-  marks every word start, the first included); special pieces, characters and word
-  fragments (a bare 'tA1' may be the start of 'tA12' after '▁') are UNKNOWN.
+  A piece has a class when every word of the language whose pieces (the word tokenized
+  alone, as after a space) include it has that class: a whole word ('▁' + word) always,
+  a fragment only when one class holds all its words (e.g. '▁tA' of topic words; a
+  suffix shared by both classes is UNKNOWN). Special pieces are UNKNOWN.
   """
   return piece_classes(config.data, sp)
 
@@ -243,13 +273,14 @@ def token_classes(config: ml_collections.ConfigDict, sp) -> np.ndarray:
 def piece_classes(d: ml_collections.ConfigDict, sp) -> np.ndarray:
   """token_classes from the data section alone."""
   word_class = language(d).word_class
+  seen: dict[int, set[int]] = {}
+  for word, cls in word_class.items():
+    for i in sp.encode(word):
+      seen.setdefault(i, set()).add(cls)
   out = np.full(sp.get_piece_size(), UNKNOWN, np.int32)
-  for i in range(sp.get_piece_size()):
-    if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-      continue
-    piece = sp.id_to_piece(i)
-    if piece.startswith('\u2581') and piece[1:] in word_class:
-      out[i] = word_class[piece[1:]]
+  for i, classes in seen.items():
+    if len(classes) == 1 and not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)):
+      out[i] = next(iter(classes))
   return out
 
 

@@ -44,7 +44,7 @@ def _tfds_split(data_config: ml_collections.ConfigDict, name: str, key: str, spl
     raise CorpusError(
         f'TFDS dataset {name!r} split {split!r} is not prepared in '
         f'{data_config.tfds_data_dir or "the TFDS data dir"} ({type(e).__name__}); prepare it '
-        'on a machine with internet (README, "Data sources", tfds)') from None
+        'on a machine with internet (docs/DATA.md, tfds)') from None
   n = len(source) if not limit else min(limit, len(source))
   docs = []
   for i in range(n):

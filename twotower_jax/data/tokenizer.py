@@ -17,6 +17,7 @@ import numpy as np
 import sentencepiece as spm
 
 from twotower_jax import errors
+from twotower_jax import paths
 from twotower_jax import workdir as workdir_lib
 
 log = logging.getLogger('twotower_jax')
@@ -41,9 +42,10 @@ def _sentences(docs: Iterable[str], max_bytes: int) -> Iterable[str]:
 
 
 def train(docs: Sequence[str], path: str, vocab_size: int, model_type: str = 'unigram') -> None:
-  """Trains on `docs` and writes the model to `path` atomically."""
+  """Trains on `docs` and writes the model to `path` (local or gs://) atomically."""
   max_bytes = 16384
-  with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
+  local_dir = None if paths.is_remote(path) else os.path.dirname(os.path.abspath(path))
+  with tempfile.TemporaryDirectory(dir=local_dir) as tmp:
     prefix = os.path.join(tmp, 'spm')
     try:
       spm.SentencePieceTrainer.train(
@@ -56,7 +58,11 @@ def train(docs: Sequence[str], path: str, vocab_size: int, model_type: str = 'un
     except RuntimeError as e:
       msg = str(e).splitlines()[-1] if str(e) else type(e).__name__
       raise TokenizerError(_training_error(msg.strip(), vocab_size)) from None
-    os.replace(prefix + '.model', path)
+    if paths.is_remote(path):
+      with open(prefix + '.model', 'rb') as f:
+        paths.write_atomic(path, f.read())
+    else:
+      os.replace(prefix + '.model', path)
 
 
 # SentencePiece's two vocabulary-size failures: fewer pieces than the corpus's characters
@@ -89,11 +95,11 @@ def _training_error(msg: str, vocab_size: int) -> str:
 
 
 def load(path: str) -> spm.SentencePieceProcessor:
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise TokenizerError(f'{path} is missing; train first (python -m twotower_jax.main)')
   sp = spm.SentencePieceProcessor()
   try:
-    sp.load(path)
+    sp.LoadFromSerializedProto(paths.read_bytes(path))
   except (OSError, RuntimeError):
     raise TokenizerError(f'{path} is not a SentencePiece model; restore it from the run '
                          'that wrote the checkpoints') from None
@@ -106,7 +112,7 @@ def train_or_load(docs: Sequence[str], workdir: str, vocab_size: int,
                   model_type: str = 'unigram') -> spm.SentencePieceProcessor:
   """Reuses DIR/tokenizer.model when present, so a resumed run keeps its ids."""
   path = workdir_lib.path(workdir, workdir_lib.TOKENIZER)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     log.info('training the tokenizer: %d %s pieces on %d documents', vocab_size, model_type,
              len(docs))
     train(docs, path, vocab_size, model_type)
@@ -119,8 +125,7 @@ def train_or_load(docs: Sequence[str], workdir: str, vocab_size: int,
 
 def file_digest(path: str) -> str:
   """sha256 of the tokenizer file, saved with each checkpoint."""
-  with open(path, 'rb') as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  return hashlib.sha256(paths.read_bytes(path)).hexdigest()
 
 
 def check_digest(digest: str, saved: str | None, workdir: str) -> None:
@@ -129,6 +134,19 @@ def check_digest(digest: str, saved: str | None, workdir: str) -> None:
     raise TokenizerError(f'{workdir_lib.path(workdir, workdir_lib.TOKENIZER)} is not the tokenizer the '
                          'checkpoints were trained with; put the original file back or use a '
                          'new workdir')
+
+
+def piece_bytes(sp: spm.SentencePieceProcessor) -> np.ndarray:
+  """float32[V]: the UTF-8 bytes of text each piece stands for, the denominator of bits per
+  byte: '▁' is one space, a byte-fallback piece one byte, EOS one (the break between
+  documents), UNK one (a character the vocabulary lacks), PAD, BOS and MASK none."""
+  out = np.zeros(sp.get_piece_size(), np.float32)
+  for i in range(sp.get_piece_size()):
+    if i in (EOS_ID, UNK_ID) or sp.is_byte(i):
+      out[i] = 1.0
+    elif not (sp.is_control(i) or i == MASK_ID):
+      out[i] = len(sp.id_to_piece(i).replace('\u2581', ' ').encode('utf-8'))
+  return out
 
 
 def encode_docs(sp: spm.SentencePieceProcessor, docs: Sequence[str]) -> list[np.ndarray]:

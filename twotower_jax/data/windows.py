@@ -50,7 +50,9 @@ def train_dataset(windows: np.ndarray, batch_size: int, seed: int, process_index
   Global batch b is rows [b*B, (b+1)*B) of the shuffled, repeated stream; process p
   takes `rows` (the block its devices hold, sharding.process_rows) or by default its
   contiguous block of B/process_count rows, so the global batch is the same
-  whatever the number of processes.
+  whatever the number of processes. Windows that are not an array in memory (prepared
+  shards, data/shards.py) are read a batch at a time, only this process's rows: the same
+  shuffle over window indices picks the same rows.
   """
   if batch_size % process_count:
     raise ValueError(f'train.batch_size={batch_size} is not divisible by the '
@@ -58,6 +60,14 @@ def train_dataset(windows: np.ndarray, batch_size: int, seed: int, process_index
   local = batch_size // process_count
   if rows is None:
     rows = (process_index * local, (process_index + 1) * local)
+  if not isinstance(windows, np.ndarray):
+    start, stop = rows
+    ids = grain.MapDataset.range(len(windows)).shuffle(seed=seed).repeat()
+    ids = ids.batch(batch_size, drop_remainder=True)
+    # A few batches read ahead, not grain's default 500 in 16 threads (thousands of reads
+    # at the start, competing with the compile); one batch is one call of parallel reads.
+    return ids.map(lambda b: windows[b[start:stop]]).to_iter_dataset(
+        grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
   ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat()
   ds = ds.batch(batch_size, drop_remainder=True)
   if tuple(rows) != (0, batch_size):

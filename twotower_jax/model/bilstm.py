@@ -130,4 +130,5 @@ def original_elmo(size: str) -> dict:
 
 towers.register('bilstm', BiLSTM, bilstm_example, paper_embedding_mode='projected',
                 paper_fields=original_elmo, allows_pondering=False, backward_stream=True,
-                input_shifts=input_shifts)
+                input_shifts=input_shifts,
+                layer_states_see_target=lambda cfg: not cfg.bilstm.input_shift)

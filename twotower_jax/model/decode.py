@@ -78,8 +78,8 @@ def check(cfg: layers.ModelConfig, sampling: Sampling) -> None:
   s = sampling
   if s.max_new_tokens < 1:
     raise DecodeError(f'--max_new_tokens={s.max_new_tokens} must be >= 1')
-  if not s.temperature >= 0:
-    raise DecodeError(f'--temperature={s.temperature} must be >= 0 (0 = greedy)')
+  if not 0 <= s.temperature < float('inf'):
+    raise DecodeError(f'--temperature={s.temperature} must be a finite number >= 0 (0 = greedy)')
   if s.top_k < 0:
     raise DecodeError(f'--top_k={s.top_k} must be >= 0 (0 = off)')
   if not 0.0 < s.top_p <= 1.0:

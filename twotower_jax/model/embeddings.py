@@ -235,7 +235,13 @@ def lookup_table_grad(cfg: layers.ModelConfig, table: jax.Array, lookup_grads: j
 
 
 def grad_norm_metrics(params_grads, input_part: jax.Array) -> dict[str, jax.Array]:
-  """Norms of the token table's gradient through the input lookup and through the rest."""
+  """Norms of the token table's gradient through the input lookup and through the rest;
+  untied, also of the output matrix's (the output side's gradient, which a tied table gets
+  through the output layer)."""
   total = params_grads['embed']['token']
-  return {'embed_grad_norm_input': jnp.linalg.norm(input_part.reshape(-1)),
-          'embed_grad_norm_output': jnp.linalg.norm((total - input_part).reshape(-1))}
+  out = {'embed_grad_norm_input': jnp.linalg.norm(input_part.reshape(-1)),
+         'embed_grad_norm_output': jnp.linalg.norm((total - input_part).reshape(-1))}
+  if 'output' in params_grads['embed']:
+    out['embed_grad_norm_output_matrix'] = jnp.linalg.norm(
+        params_grads['embed']['output'].reshape(-1))
+  return out

@@ -15,7 +15,11 @@ and the structural probe read these fields and never name a type):
   docs/FIDELITY.md B1-B4);
 - `allows_pondering`: False where feeding predictions back would leak the target;
 - `layer_states`: the per-layer states the tower sowed ('intermediates'), by name
-  ('input', 'block_1', ...), for the structural probe;
+  ('input', 'block_1', ...), for the structural probe and the tuned lens;
+- `layer_states_see_target`: (cfg) -> whether the state at position t of those layers has
+  read the token the tower predicts at t (bilstm without its input shift: only the final
+  states are shifted), so that no per-layer readout of the target (the tuned lens) may
+  use them;
 - `attention_layers`: attention layers applied per token (FLOPs);
 - `left_to_right`: whether it generates text token by token (causal);
 - `backward_stream`: whether it has ELMo's backward stream (model.released.zero_backward);
@@ -89,6 +93,7 @@ class TowerType:
   paper_fields: Callable[[str], dict[str, Any]] = lambda size: {}
   allows_pondering: bool = True
   layer_states: Callable[[dict[str, Any]], dict[str, jax.Array]] = sown_layers
+  layer_states_see_target: Callable[[layers.ModelConfig], bool] = lambda cfg: False
   attention_layers: Callable[[layers.ModelConfig], int] = lambda cfg: 0
   left_to_right: bool = False
   backward_stream: bool = False

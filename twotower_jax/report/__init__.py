@@ -13,8 +13,10 @@ import os
 from typing import Any
 
 from twotower_jax import errors
+from twotower_jax import preference_table
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.report import figures
+from twotower_jax.report import lens as lens_report
 from twotower_jax.report import render
 from twotower_jax.report import sections
 from twotower_jax.report.trajectory import write_over_training  # noqa: F401  (analyze --steps)
@@ -33,14 +35,17 @@ def write_report(analysis_dir: str) -> dict[str, Any]:
       raise ReportError(f'{path} is missing; run `python -m twotower_jax.analyze '
                         '--workdir=DIR` first (it writes DIR/analysis/)')
   summary = workdir_lib.read_json(sum_path)
-  prefs = workdir_lib.read_preferences(pref_path)
+  prefs = preference_table.read_preferences(pref_path)
   token_view = workdir_lib.read_optional_json(os.path.join(analysis_dir,
                                                            workdir_lib.TOKEN_VIEW_JSON))
   struct = workdir_lib.read_optional_json(os.path.join(analysis_dir, workdir_lib.STRUCT_JSON))
   if struct is None:
     struct = summary.get('structural_probe')
+  lens = workdir_lib.read_optional_json(os.path.join(analysis_dir, workdir_lib.TUNED_LENS_JSON))
   figs = figures.make_figures(analysis_dir, summary, prefs, struct)
-  blocks = sections.build_blocks(summary, prefs, token_view, struct, figs)
+  if lens:
+    figs['_lens'] = lens_report.make_figures(analysis_dir, lens, summary, prefs)
+  blocks = sections.build_blocks(summary, prefs, token_view, struct, figs, lens)
   md_path = os.path.join(analysis_dir, workdir_lib.REPORT_MD)
   with open(md_path, 'w', encoding='utf-8') as f:
     f.write(render.to_markdown(blocks))

@@ -149,12 +149,12 @@ def fig_classes(d, est, ps, prefs, scored):
   ax = ax[0, 0]
   vals = pref[closed | opn]
   edges = np.linspace(vals.min(), vals.max() + 1e-9, 26)
-  for m, c, lab in ((closed, '#9b59b6', 'closed class'), (opn, '#2ca02c', 'open class')):
+  for m, c, lab in ((closed, '#9b59b6', 'function words'), (opn, '#2ca02c', 'content words')):
     if m.any():
       ax.hist(pref[m], bins=edges, density=True, histtype='stepfilled', alpha=0.45, color=c,
               label=f'{lab} (n={int(m.sum())}, mean {num(pref[m].mean(), 2)})')
   ax.axvline(0, color='grey', lw=0.8, ls=':')
-  ax.set_title(f"{est}: closed vs open class, AUC {num(ce.get('auc'), 2)} "
+  ax.set_title(f"{est}: function vs content words, adjusted AUC {num(ce.get('auc'), 2)} "
                f"{ci(ce.get('ci'), 2)}", fontsize=9)
   ax.set_xlabel('preference')
   ax.set_ylabel('density')
@@ -204,8 +204,8 @@ def fig_planted(d, est, ps, prefs, scored):
             color=TOWER_COLORS[(i + 2) % len(TOWER_COLORS)],
             label=_plain(f'{lab} (n={int(m.sum())})'))
   pl = ps['planted']
-  ax.set_title(f"{est}: planted classes, AUC {num(pl.get('auc'), 2)} {ci(pl.get('ci'), 2)}",
-               fontsize=9)
+  ax.set_title(f"{est}: planted classes, adjusted AUC {num(pl.get('auc'), 2)} "
+               f"{ci(pl.get('ci'), 2)}", fontsize=9)
   ax.set_xlabel('preference')
   ax.set_ylabel('items')
   ax.legend(fontsize=7)

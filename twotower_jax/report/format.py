@@ -49,7 +49,7 @@ def ci(pair: Any, digits: int = 3) -> str:
 def md_escape(text: str) -> str:
   """Makes arbitrary text (a piece) safe inside a Markdown table cell or paragraph."""
   text = str(text).replace('\\', '\\\\').replace('\n', ' ').replace('\r', ' ')
-  return re.sub(r'([|`*_<>\[\]#])', r'\\\1', text)
+  return re.sub(r'([|`*_<>\[\]#&])', r'\\\1', text)
 
 
 def show_piece(piece: str) -> str:

@@ -1,4 +1,9 @@
-"""Rendering the report's blocks: GitHub-flavoured Markdown and one self-contained HTML page."""
+"""Rendering the report's blocks: GitHub-flavoured Markdown and one self-contained HTML page.
+
+The HTML page is the Markdown rendered by markdown-it-py (CommonMark with GitHub's tables,
+raw HTML off), so report.html shows what report.md shows on GitHub; figures become base64
+images and the token view coloured spans, which Markdown cannot express.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import math
 import os
 import re
 from typing import Any, Sequence
+
+import markdown_it
 
 from twotower_jax.report.format import SPACE_PIECE, _finite
 
@@ -64,7 +71,8 @@ def to_markdown(blocks: Sequence[tuple]) -> str:
 
 # ---------------------------------------------------------------- rendering: html
 
-_INLINE = re.compile(r'\\(.)|\*\*|`')
+# CommonMark + GFM tables; 'html': False escapes any raw HTML in a piece or a name.
+_MARKDOWN = markdown_it.MarkdownIt('commonmark', {'html': False}).enable('table')
 LEAN_RGB = {0: (31, 119, 180), 1: (255, 127, 14)}  # blue = tower 0, orange = tower 1
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;
@@ -81,22 +89,13 @@ figure{margin:1em 0}figure img{max-width:100%}figcaption{font-size:.85em;color:#
 
 
 def inline_html(text: str) -> str:
-  """The report's inline Markdown (**bold**, `code`, backslash escapes) as escaped HTML."""
-  out, bold, code, pos = [], False, False, 0
-  for m in _INLINE.finditer(text):
-    out.append(html.escape(text[pos:m.start()]))
-    pos = m.end()
-    if m.group(1) is not None:
-      out.append(html.escape(m.group(1)))
-    elif m.group(0) == '**':
-      out.append('</b>' if bold else '<b>')
-      bold = not bold
-    else:
-      out.append('</code>' if code else '<code>')
-      code = not code
-  out.append(html.escape(text[pos:]))
-  out += ['</code>'] * code + ['</b>'] * bold
-  return ''.join(out)
+  """One line of the report's Markdown (**bold**, `code`, backslash escapes) as HTML."""
+  return _MARKDOWN.renderInline(text)
+
+
+def block_html(block: tuple) -> str:
+  """A heading, paragraph, list or table block: its Markdown (to_markdown) as HTML."""
+  return _MARKDOWN.render(to_markdown([block])).strip()
 
 
 def lean_style(lean: Any) -> tuple[str, str]:
@@ -139,17 +138,8 @@ def to_html(blocks: Sequence[tuple], analysis_dir: str,
   body = []
   for b in blocks:
     kind = b[0]
-    if kind == 'h':
-      body.append(f'<h{b[1]}>{inline_html(b[2])}</h{b[1]}>')
-    elif kind == 'p':
-      body.append(f'<p>{inline_html(b[1])}</p>')
-    elif kind == 'ul':
-      body.append('<ul>' + ''.join(f'<li>{inline_html(t)}</li>' for t in b[1]) + '</ul>')
-    elif kind == 'table':
-      head = ''.join(f'<th>{inline_html(h)}</th>' for h in b[1])
-      rows = ''.join('<tr>' + ''.join(f'<td>{inline_html(c)}</td>' for c in r) + '</tr>'
-                     for r in b[2])
-      body.append(f'<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>')
+    if kind in ('h', 'p', 'ul', 'table'):
+      body.append(block_html(b))
     elif kind == 'fig':
       with open(os.path.join(analysis_dir, b[1]), 'rb') as f:
         data = base64.b64encode(f.read()).decode('ascii')

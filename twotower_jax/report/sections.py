@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from twotower_jax.report import headline
+from twotower_jax.report import lens as lens_report
 from twotower_jax.report.format import (FIG, H, P, SPACE_PIECE, TABLE, TOP_K, UL, WHY, _finite,
                                         _tower_keys, ci, count, leaning_items, md_escape, num,
                                         show_piece)
@@ -32,113 +34,51 @@ def _how_to_read(n_towers: int, meanings: dict[str, str]) -> list:
         f'"{SPACE_PIECE}" marks the start of a word) the analysis measures which tower the '
         'prediction of that item relies on. That number is the item\'s **preference**.'),
       P(sign),
-      UL([f'`{est}`: per-tower value = {meaning}.' for est, meaning in meanings.items()] +
-         ['Each estimator measures the same thing a different way; when they agree (see '
-          '"Agreement between estimators"), the split is real rather than an artefact of one '
-          'method.']),
-      P('**Control.** A preference distribution only means something next to a control: the '
-        'same statistic when there is no real split (the labels shuffled, or a one-tower model '
-        'split into two random halves). A split shows as a wider or two-humped histogram than '
-        'the control, i.e. a higher bimodality coefficient (a normal curve gives about 0.33; '
-        'above 0.555 suggests two modes).'),
-      P('**AUC.** The class enrichment asks whether closed-class items (function words and '
-        'punctuation: DET, ADP, AUX, PRON, CCONJ, SCONJ, PART, PUNCT) have higher preference '
-        'than open-class items (NOUN, PROPN, VERB, ADJ, ADV). AUC = probability that a random '
-        'closed-class item has a higher preference than a random open-class item. **AUC 0.5 '
-        'means no enrichment**; above 0.5 closed-class items lean to tower 0 '
-        '(or, with more than two towers, have sharper preferences), below 0.5 to tower 1. '
-        'The bracket is a 95% bootstrap confidence interval over items. A split is claimed '
-        'only when the AUC is further from the control\'s than the control\'s own draws '
-        '(the same estimator with the towers shuffled at each occurrence) would put it: p '
-        'below 0.05. The control is not always at 0.5, so "the interval excludes 0.5" alone '
-        'is not the test.'),
+      UL([f'`{est}`: per-tower value = {meaning}.' for est, meaning in meanings.items()]),
+      P('The estimators measure different things, so they can disagree without either being '
+        'wrong: `probe` measures what can be decoded about the next item from one tower\'s '
+        'states alone (a fresh head trained on them); `ablation` and `resample` measure how '
+        'much the trained model\'s own prediction of the item uses each tower (the loss when '
+        'that tower\'s states are replaced); `gate` measures which tower a mixture gate '
+        'credits with the item. A tower can carry information the model does not use, and '
+        'the reverse.'),
+      P('**Two kinds of test.** (1) "Some items prefer a tower": the preferences are compared '
+        'with the same estimator when the towers\' values are shuffled at every occurrence, '
+        'which removes any preference. It rejects whenever items prefer a tower at all, '
+        'including when one tower is simply better for every item; it says nothing about '
+        'word classes. (2) "Class split": function words (closed class: DET, ADP, AUX, PRON, '
+        'CCONJ, SCONJ, PART) and content words (NOUN, PROPN, VERB, ADJ, ADV) lean to '
+        'different towers. It is claimed only when three things hold: within strata of '
+        'frequency and of the model\'s loss on the item, the classes\' preferences differ '
+        '(the adjusted AUC, tested by permuting the class labels within strata, so '
+        'frequency and difficulty alone cannot produce it), and each class on its own leans '
+        'to its tower (a signed-rank test of its preferences against 0, so a tower that is '
+        'better for everything is not a split). Punctuation is tested the same way, apart '
+        'from function words; word-internal pieces (e.g. "ing") have no class and are left '
+        'out.'),
+      P('**AUC.** The adjusted AUC is the probability that, of a function word and a '
+        'content word in the same stratum, the function word has the higher preference '
+        '(leans more to tower 0). 0.5 = no difference. The bracket is a 95% interval from '
+        'resampling held-out documents, then items. The plain AUC (no strata) and the AUC of '
+        'the normalised preference, (v0 - v1) / (|v0| + |v1|), are shown beside it.'),
+      P('**Multiplicity.** One test, `analysis.primary`, is fixed before the data is seen and '
+        'judged on its own p; every other test is judged on its Holm-adjusted p, listed in '
+        '"The tests".'),
+      P('**Bimodality.** A normal curve gives about 0.33 and 0.555 or more suggests two '
+        'modes; it is compared with the shuffled-tower control, so it too only says that '
+        'items prefer towers, not why.'),
       P('**Token view.** At the end, held-out text with each piece marked by the tower it leans '
         'to; report.html shows it in colour (blue = tower 0, orange = tower 1). '
         'docs/REPORT.md explains every figure.'),
       P('Counts are occurrences of the item among the scored evaluation positions; statistics '
-        'use items seen at least `min_count` times. "n/a" marks a number that could not be '
-        'computed (too few items, one class empty, constant values).'),
+        'use items seen at least `min_count` times. An item\'s interval treats the held-out '
+        'documents as clusters (occurrences in one document are not independent). "n/a" marks '
+        'a number that could not be computed (too few items, one class empty, constant '
+        'values).'),
   ]
 
 
-ALPHA = 0.05  # a split is reported when its test against the control gives p below this
 LOW_AGREEMENT = 0.3  # an estimator whose best Spearman with the others is below this is flagged
-
-
-def _null(test: Any) -> str:
-  """'control 0.50 ± 0.02, p = 0.010 (4.1 SD)' from a stats.null_test result, or ''."""
-  if not isinstance(test, dict) or not _finite(test.get('null_mean')):
-    return ''
-  effect = f", {num(test.get('effect'), 1)} SD" if _finite(test.get('effect')) else ''
-  return (f"control {num(test['null_mean'], 2)} \u00b1 {num(test.get('null_sd'), 2)}, "
-          f"{p_value(test)}{effect}")
-
-
-def p_value(test: Any) -> str:
-  """'p = 0.031', or 'p <= 0.010' when no control draw was as extreme (the smallest p)."""
-  if not isinstance(test, dict) or not _finite(test.get('p')):
-    return 'p = n/a'
-  p, n = float(test['p']), test.get('n_null')
-  if _finite(n) and p * (float(n) + 1) <= 1.0 + 1e-9:
-    return f'p \u2264 {num(p, 3)}'
-  return f'p = {num(p, 3)}'
-
-
-def _significant(ce: dict[str, Any]) -> bool | None:
-  """Whether the class AUC differs from the control's (p < ALPHA); None when untested."""
-  test = ce.get('null')
-  if isinstance(test, dict) and _finite(test.get('p')):
-    return float(test['p']) < ALPHA
-  return None
-
-
-def _direction(ce: dict[str, Any]) -> float | None:
-  """AUC minus its reference (the control's mean, else 0.5)."""
-  auc, test = ce.get('auc'), ce.get('null') or {}
-  ref = test.get('null_mean') if _finite(test.get('null_mean')) else 0.5
-  return float(auc) - float(ref) if _finite(auc) else None
-
-
-def headline(est: str, ps: dict[str, Any], n_towers: int) -> str:
-  """One sentence per estimator: the class split, its AUC and interval, tested against the
-  estimator's own control distribution (shuffled towers), and the bimodality."""
-  ce = ps.get('class_enrichment') or {}
-  auc, interval = ce.get('auc'), ce.get('ci')
-  control = ps.get('control') or {}
-  bimod = (f'bimodality {num(ps.get("bimodality"), 2)} vs {num(control.get("bimodality"), 2)} '
-           'in the control')
-  if _null(control.get('null')):
-    bimod += f" ({p_value(control['null'])})"
-  if not _finite(auc):
-    return (f'`{est}`: no class split measurable (AUC n/a: too few closed- or open-class '
-            f'items); {bimod}.')
-  stat = f'AUC {num(auc, 2)} {ci(interval, 2)}'
-  if _null(ce.get('null')):
-    stat += f' ({_null(ce.get("null"))})'
-  stat += f'; {bimod}'
-  significant = _significant(ce)
-  if significant is None:  # no control test: fall back to the interval
-    lo, hi = (interval if isinstance(interval, (list, tuple)) and len(interval) == 2
-              else (float('nan'), float('nan')))
-    if not (_finite(lo) and _finite(hi)):
-      return f'`{est}`: no confidence interval, so no claim either way: {stat}.'
-    significant = lo > 0.5 or hi < 0.5
-  up = _direction(ce) > 0
-  if n_towers > 2:
-    if significant:
-      what = ('closed-class items have sharper tower preferences than open-class items' if up
-              else 'open-class items have sharper tower preferences than closed-class items')
-    else:
-      what = 'no clear difference between closed- and open-class items'
-    return f'`{est}`: {what}: {stat}.'
-  if significant:
-    what = ('tower 0 prefers closed-class items (tower 1 open-class)' if up else
-            'tower 1 prefers closed-class items (tower 0 open-class)')
-  else:
-    what = (f'no clear split between closed- and open-class items (at most a weak lean of '
-            f'closed-class items to {"tower 0" if up else "tower 1"}, within what the control '
-            'shows)')
-  return f'`{est}`: {what}: {stat}.'
 
 
 def warnings_for(est: str, ps: dict[str, Any], agreement: dict[str, Any]) -> list[str]:
@@ -153,19 +93,9 @@ def warnings_for(est: str, ps: dict[str, Any], agreement: dict[str, Any]) -> lis
           if est in k.split('~') and _finite(v.get('spearman'))]
   if rhos and max(rhos) < LOW_AGREEMENT:
     out.append(f'`{est}` agrees weakly with the other estimators (best Spearman '
-               f'{num(max(rhos), 2)} < {LOW_AGREEMENT}): its split may be an artefact of how it '
-               'measures preference')
+               f'{num(max(rhos), 2)} < {LOW_AGREEMENT}): it ranks the items differently, so '
+               'a claim from it alone is a claim about what it measures')
   return out
-
-
-def _coverage(summary: dict[str, Any], per_est: dict[str, Any], ests: list[str]) -> str:
-  """What the statistics rest on: items, positions, windows."""
-  items = per_est[ests[0]].get('n_items')
-  return (f"{count(items)} vocabulary items seen at least {count(summary.get('min_count'))} "
-          f"times, among {count(summary.get('n_positions'))} scored positions in "
-          f"{count(summary.get('n_eval_windows'))} held-out windows (checkpoint step "
-          f"{count(summary.get('step'))}). Each split is tested against the same estimator on "
-          'shuffled towers (p: the share of control draws at least as extreme).')
 
 
 def _overview(summary: dict[str, Any]) -> list:
@@ -193,8 +123,9 @@ def _distribution(est, ps, figs) -> list:
   ]))
   if 'hist' in figs:
     out.append(FIG(figs['hist'], f'Histogram of `{est}` preference over items with count >= '
-                   'min_count (bars) and the control (line). A split shows as a wider or '
-                   'two-humped histogram than the control.'))
+                   'min_count (bars) and one shuffled-tower control draw (line). Any item-to-item '
+                   'difference in preference makes the bars wider than the line; only the class '
+                   'tests say whether it follows word classes.'))
   elif not (ps.get('histogram') or {}).get('counts'):
     out.append(WHY('no histogram in summary.json for this estimator'))
   return out
@@ -224,34 +155,47 @@ def _frequency(est, ps, figs) -> list:
   return out
 
 
-def _enrichment(est, ps, figs) -> list:
-  out = [H(3, 'Closed vs open class')]
+def _class_rows(block: dict[str, Any] | None, rows: dict[str, Any], name: str, label: str):
+  """One table row per class test: its statistics and verdict."""
+  if not block or 'test' not in block:
+    return []
+  t = block['test']
+  assoc = t.get('association') or {}
+  lp, ln = t.get('lean_positive') or {}, t.get('lean_negative') or {}
+  row = rows.get(name) or {}
+  return [[md_escape(label), num(assoc.get('auc')), ci(assoc.get('ci')),
+           num(block.get('auc_unadjusted')), num(block.get('auc_normalized')),
+           f"{count(block.get('n_positive'))} / {count(block.get('n_negative'))}",
+           f"{num(lp.get('median'))} / {num(ln.get('median'))}",
+           num(block.get('p'), 4), num(row.get('p_adjusted'), 4) if not row.get('primary')
+           else 'primary', 'yes' if row.get('significant') else 'no']]
+
+
+def _enrichment(est, ps, figs, summary=None) -> list:
+  out = [H(3, 'Word classes')]
   ce = ps.get('class_enrichment')
   if not ce:
-    return out + [WHY('no class enrichment in summary.json (no word classes known)')]
-  src = {'treebank': 'gold UPOS from a CoNLL-U treebank',
-         'word_list': 'the word-class list analysis.word_classes',
-         'function_words': 'the built-in English function-word list'}.get(ce.get('source'),
-                                                                          str(ce.get('source')))
-  out.append(P(f'Word classes from {md_escape(src)}. The control column is the AUC of the '
-               'same estimator with the towers shuffled at each occurrence (mean ± sd over the '
-               'control draws); p is the share of draws at least as far from its mean.'))
-  out.append(TABLE(['AUC', '95% CI', 'control', 'p', 'closed items', 'open items',
-                    'mean pref closed', 'mean pref open'],
-                   [[num(ce.get('auc')), ci(ce.get('ci')), _control_cell(ce.get('null')),
-                     num((ce.get('null') or {}).get('p')), count(ce.get('n_closed')),
-                     count(ce.get('n_open')), num(ce.get('mean_pref_closed')),
-                     num(ce.get('mean_pref_open'))]]))
+    return out + [WHY('no class test in summary.json (no word classes known)')]
+  rows = headline.tests_by_name(summary or {})
+  src = headline.SOURCES.get(ce.get('source'), str(ce.get('source')))
+  table = (_class_rows(ce, rows, f'{est}/class', 'function vs content words') +
+           _class_rows(ps.get('punct'), rows, f'{est}/punct', 'punctuation vs content words'))
+  for source, block in (ps.get('class_sensitivity') or {}).items():
+    table += _class_rows(block, rows, f'{est}/class@{source}',
+                         f'function vs content words ({headline.SOURCES.get(source, source)})')
+  out.append(P(f'Word classes from {md_escape(src)}; {count(ps.get("n_fragments"))} scored items '
+               'are word-internal pieces and belong to no class. Stratified AUC: within strata '
+               'of frequency and item loss (95% interval over documents and items); p: the '
+               'class test (association within strata and both classes leaning to their own '
+               'tower).'))
+  if not table:
+    return out + [WHY('summary.json was written before the class test existed; rerun the '
+                      'analysis')]
+  out.append(TABLE(['classes', 'adjusted AUC', '95% CI', 'plain AUC', 'normalised AUC',
+                    'items', 'median pref', 'p', 'Holm p', 'split'], table))
   if 'class' in figs:
-    out.append(FIG(figs['class'], f'`{est}` preference of closed-class vs open-class items. '
-                   'Separated distributions = a syntax/semantics split between towers.'))
+    out.append(FIG(figs['class'], f'`{est}` preference of function words vs content words.'))
   return out
-
-
-def _control_cell(test: Any) -> str:
-  if not isinstance(test, dict) or not _finite(test.get('null_mean')):
-    return 'n/a'
-  return f"{num(test['null_mean'])} \u00b1 {num(test.get('null_sd'))}"
 
 
 def _training(est, ps, figs) -> list:
@@ -267,7 +211,11 @@ def _training(est, ps, figs) -> list:
            f" after {count(tr.get('steps'))} steps. Held-out loss per head: "
            f"{', '.join(f'tower {k} {num(v)}' for k, v in enumerate(heads)) or 'n/a'}; the "
            f"model itself {num(tr.get('model_heldout_loss'))} on the same positions (a head "
-           'reads one tower only, so it is expected to be worse).')]
+           'reads one tower only, so it is expected to be worse).' + (
+               f" Of the scored items, {count(tr.get('scored_items_seen'))} occur at least "
+               f"{count(tr.get('seen_threshold'))} times as targets in the heads' training "
+               'positions; the probe values of the others rest on little training.'
+               if _finite(tr.get('scored_items_seen')) else ''))]
   if 'training' in figs:
     out.append(FIG(figs['training'], f'`{est}` heads: held-out loss during training.'))
   return out
@@ -307,23 +255,24 @@ def _top_items(est, ps, prefs, n_towers, figs) -> list:
   return out
 
 
-def _planted(est, ps, figs) -> list:
+def _planted(est, ps, figs, summary=None) -> list:
   pl = ps.get('planted')
   if not pl:
     return []
-  out = [H(3, 'Planted classes')]
-  out.append(P('The corpus was built with planted "syntax" and "topic" items; a model that '
-               'splits them gives an AUC far from 0.5.'))
-  out.append(TABLE(['AUC', '95% CI', 'control', 'p', 'syntax items', 'topic items'],
-                   [[num(pl.get('auc')), ci(pl.get('ci')), _control_cell(pl.get('null')),
-                     num((pl.get('null') or {}).get('p')), count(pl.get('n_syntax')),
-                     count(pl.get('n_topic'))]]))
+  out = [H(3, 'Planted classes'),
+         P('The corpus was built with planted "syntax" and "topic" items; the class test asks '
+           'whether they lean to different towers, as for word classes.')]
+  table = _class_rows(pl, headline.tests_by_name(summary or {}), f'{est}/planted',
+                      'syntax vs topic items')
+  if table:
+    out.append(TABLE(['classes', 'adjusted AUC', '95% CI', 'plain AUC', 'normalised AUC',
+                      'items', 'median pref', 'p', 'Holm p', 'split'], table))
   if 'planted' in figs:
     out.append(FIG(figs['planted'], f'`{est}` preference by planted class.'))
   return out
 
 
-def _estimator_section(est, ps, prefs, n_towers, figs) -> list:
+def _estimator_section(est, ps, prefs, n_towers, figs, summary=None) -> list:
   out = [H(2, f'Estimator `{est}`'),
          P(f"Per-tower value: {ps.get('description') or 'see docs/ANALYSIS.md'}. "
            f"Items with count >= min_count: {count(ps.get('n_items'))}. "
@@ -333,9 +282,9 @@ def _estimator_section(est, ps, prefs, n_towers, figs) -> list:
   out += _training(est, ps, figs)
   out += _distribution(est, ps, figs)
   out += _frequency(est, ps, figs)
-  out += _enrichment(est, ps, figs)
+  out += _enrichment(est, ps, figs, summary)
   out += _top_items(est, ps, prefs, n_towers, figs)
-  out += _planted(est, ps, figs)
+  out += _planted(est, ps, figs, summary)
   return out
 
 
@@ -406,16 +355,15 @@ def _token_view(tv, n_towers) -> list:
 
 
 
-def build_blocks(summary, prefs, token_view, struct, figs) -> list:
-  """The report's content, independent of the output format."""
+def build_blocks(summary, prefs, token_view, struct, figs, lens=None) -> list:
+  """The report's content, independent of the output format (`lens`: tuned_lens.json)."""
   n_towers = int(summary.get('n_towers') or 2)
   per_est = summary.get('per_estimator') or {}
   ests = [e for e in (summary.get('estimators') or list(per_est)) if e in per_est]
   blocks = [H(1, 'Tower preference report')]
   blocks.append(H(2, 'Headline'))
   if ests:
-    blocks.append(P(_coverage(summary, per_est, ests)))
-    blocks.append(UL([headline(e, per_est[e], n_towers) for e in ests]))
+    blocks += headline.blocks(summary, ests, n_towers)
     flags = [w for e in ests for w in warnings_for(e, per_est[e], summary.get('agreement'))]
     if flags:
       blocks.append(P('**Caution.** ' + ' '.join(f'{w}.' for w in flags)))
@@ -426,9 +374,11 @@ def build_blocks(summary, prefs, token_view, struct, figs) -> list:
   blocks += _how_to_read(n_towers, {e: per_est[e].get('description') or 'see docs/ANALYSIS.md'
                                     for e in ests})
   blocks += _overview(summary)
+  blocks += headline.tests_table(summary)
   for e in ests:
-    blocks += _estimator_section(e, per_est[e], prefs, n_towers, figs.get(e, {}))
+    blocks += _estimator_section(e, per_est[e], prefs, n_towers, figs.get(e, {}), summary)
   blocks += _agreement(summary, figs.get('_all', {}))
   blocks += _structural(struct, figs.get('_all', {}))
+  blocks += lens_report.blocks(lens, summary, prefs, figs.get('_lens', {}))
   blocks += _token_view(token_view, n_towers)
   return blocks

@@ -14,6 +14,11 @@ from twotower_jax.report import render
 from twotower_jax.report.format import FIG, H, P, TABLE, _finite, ci, count, num
 
 
+def _p(block: dict[str, Any]) -> Any:
+  """A class block's test p (summaries before the class test: its shuffled-tower p)."""
+  return block.get('p', (block.get('null') or {}).get('p'))
+
+
 def collect(analysis_dir: str) -> list[dict[str, Any]]:
   """One row per analysed step: per estimator the class and planted AUC with their tests,
   the bimodality against its control, and the agreement between estimators."""
@@ -29,9 +34,9 @@ def collect(analysis_dir: str) -> list[dict[str, Any]]:
     for est, ps in (summary.get('per_estimator') or {}).items():
       ce, pl = ps.get('class_enrichment') or {}, ps.get('planted') or {}
       per[est] = {'n_items': ps.get('n_items'), 'class_auc': ce.get('auc'),
-                  'class_ci': ce.get('ci'), 'class_p': (ce.get('null') or {}).get('p'),
+                  'class_ci': ce.get('ci'), 'class_p': _p(ce),
                   'planted_auc': pl.get('auc'), 'planted_ci': pl.get('ci'),
-                  'planted_p': (pl.get('null') or {}).get('p'),
+                  'planted_p': _p(pl),
                   'bimodality': ps.get('bimodality'),
                   'control_bimodality': (ps.get('control') or {}).get('bimodality')}
     rows.append({'step': step, 'eval_loss': summary.get('eval_loss'), 'per_estimator': per,
@@ -67,7 +72,8 @@ def _figure(analysis_dir: str, rows: list[dict[str, Any]]) -> str | None:
           ax.plot(steps, [v if _finite(v) else np.nan for v in ctrl], ':', color=color)
       if panel != 'bimodality':
         ax.axhline(0.5, color='grey', lw=0.8, ls=':')
-      ax.set_title({'class_auc': 'closed-class AUC', 'planted_auc': 'planted-class AUC',
+      ax.set_title({'class_auc': 'function-word AUC (adjusted)',
+                    'planted_auc': 'planted-class AUC (adjusted)',
                     'bimodality': 'bimodality (dotted: control)'}[panel], fontsize=9)
     ax.set_xlabel('training step', fontsize=8)
     ax.legend(fontsize=6)
@@ -82,9 +88,10 @@ def write_over_training(analysis_dir: str) -> dict[str, Any]:
   os.makedirs(os.path.join(analysis_dir, workdir_lib.FIG_DIR), exist_ok=True)
   fig = _figure(analysis_dir, rows)
   blocks = [H(1, 'Tower preference over training'),
-            P('Each checkpoint analysed on its own (full reports in steps/<step>/). p tests the '
-              'AUC against the same estimator on shuffled towers; an AUC far from 0.5 with a '
-              'small p from some step on is when the split emerged.')]
+            P('Each checkpoint analysed on its own (full reports in steps/<step>/). The AUCs are adjusted '
+              'for frequency and item loss; p is the class test of each step '
+              '(not adjusted for multiplicity: each step is its own analysis, and testing many steps multiplies '
+              'the chances of a false positive; read the curve, not a single small p).')]
   if fig:
     blocks.append(FIG(fig, 'Class AUC, planted-class AUC (planted corpora), bimodality and '
                       'agreement between estimators against the training step.'))
@@ -95,7 +102,8 @@ def write_over_training(analysis_dir: str) -> dict[str, Any]:
                     f"{num(v['class_auc'])} {ci(v['class_ci'])}", num(v['class_p']),
                     f"{num(v['planted_auc'])} {ci(v['planted_ci'])}",
                     f"{num(v['bimodality'])} / {num(v['control_bimodality'])}"])
-  blocks.append(TABLE(['step', 'eval loss', 'estimator', 'items', 'class AUC [95% CI]', 'p',
+  blocks.append(TABLE(['step', 'eval loss', 'estimator', 'items', 'class AUC [95% CI]',
+                       'class test p',
                        'planted AUC [95% CI]', 'bimodality / control'], table))
   path = os.path.join(analysis_dir, workdir_lib.OVER_TRAINING_MD)
   with open(path, 'w', encoding='utf-8') as f:

@@ -1,9 +1,11 @@
 """Orbax checkpoints of a run: train state, data iterator position and metadata.
 
-Layout: DIR/checkpoints/<step>/{state,data,meta}. Saves are asynchronous; Orbax
-writes a step into `<step>.orbax-checkpoint-tmp` and renames it only when every item
-is written, so an interrupted save is never restored (leftover tmp dirs are removed
-when a manager opens the directory for writing). On top of that every checkpoint
+Layout: DIR/checkpoints/<step>/{state,data,meta}, DIR local or gs://. Saves are
+asynchronous; Orbax finalises a step only when every item is written (locally it writes
+`<step>.orbax-checkpoint-tmp` and renames it; on Cloud Storage it writes the step in
+place and adds a commit file last), so an interrupted save is never restored. Which
+steps are finished is asked of Orbax (`is_complete`), and leftover unfinished saves are
+removed when a manager opens the directory for writing. On top of that every checkpoint
 carries a fingerprint of each state leaf, checked on restore, because Orbax itself
 restores a bit-flipped data file without complaint.
 
@@ -15,6 +17,7 @@ directory and the cause (free space when the disk is full).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -22,20 +25,20 @@ import os
 import re
 import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
+from etils import epath
 import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from twotower_jax import errors
+from twotower_jax import paths
 
 log = logging.getLogger('twotower_jax')
 
-# Files Orbax writes into a step directory before committing it by rename.
-_COMMITTED_MARKERS = ('_CHECKPOINT_METADATA',)
-_TMP_MARKER = '.orbax-checkpoint-tmp'  # in the name of a save Orbax has not finalized
+ITEMS = ('state', 'data', 'meta')  # the items of every step
 # TensorStore status codes and messages that mean unreadable bytes, not a model mismatch.
 _DAMAGE_RE = re.compile(r'OUT_OF_RANGE|DATA_LOSS|Error reading|Error opening|NOT_FOUND|'
                         r'Unterminated|Expecting|was not found in the checkpoint|'
@@ -55,7 +58,7 @@ class CheckpointVanished(CheckpointError):
 
 
 def directory(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return paths.join(workdir, 'checkpoints')
 
 
 def remove_interrupted_saves(workdir: str) -> list[str]:
@@ -65,33 +68,66 @@ def remove_interrupted_saves(workdir: str) -> list[str]:
   save; doing it here first leaves the workdir settled when a run resumes.
   """
   root = directory(workdir)
-  if jax.process_index() != 0 or not os.path.isdir(root):
+  if jax.process_index() != 0 or not paths.isdir(root):
     return []
-  removed = [os.path.join(root, n) for n in sorted(os.listdir(root)) if _TMP_MARKER in n]
+  removed = [paths.join(root, n) for n in paths.listdir(root)
+             if ocp.step.is_path_temporary(epath.Path(paths.join(root, n)))]
   for path in removed:
     log.warning('removing the unfinished save %s', path)
-    shutil.rmtree(path, ignore_errors=True)
+    paths.rmtree(path)
   return removed
+
+
+# What Orbax writes into a step directory (its commit file and our items); a folder named
+# by a number that holds none of them is not a checkpoint, and no save left it.
+_ORBAX_ENTRIES = frozenset(('_CHECKPOINT_METADATA', 'state', 'data', 'meta',
+                           'commit_success.txt'))
+
+
+def refuse_foreign_folders(workdir: str) -> None:
+  """CheckpointError when DIR/checkpoints holds a folder named by a step number that is not
+  a checkpoint (e.g. some command's output): Orbax would take it for one, rotation or
+  resuming would delete it, so it is never touched; the user moves it out."""
+  root = directory(workdir)
+  if jax.process_index() != 0 or not paths.isdir(root):
+    return
+  for name in sorted(paths.listdir(root)):
+    folder = paths.join(root, name)
+    if name.isdigit() and paths.isdir(folder):
+      entries = set(paths.listdir(folder))
+      if entries and not entries & _ORBAX_ENTRIES:
+        raise CheckpointError(
+            f'{folder} is not a checkpoint (it holds {", ".join(sorted(entries)[:3])}), but a '
+            'folder named by a number there is taken for one and deleted when the run resumes '
+            f'or rotates its checkpoints; move it out of {root} and rerun')
 
 
 def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
   """A writing manager (keeps `keep` steps, async saves) or a reading one."""
   if not read_only:
+    refuse_foreign_folders(workdir)
     remove_interrupted_saves(workdir)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
       enable_async_checkpointing=not read_only, create=not read_only, read_only=read_only,
       cleanup_tmp_directories=not read_only)
-  absl_logger = logging.getLogger('absl')
-  level = absl_logger.level
-  if read_only:  # Orbax warns that a reading manager reads; nothing a user can act on
-    absl_logger.setLevel(logging.ERROR)
-  try:
+  # Orbax warns that a reading manager reads; nothing a user can act on.
+  with _absl_quiet() if read_only else contextlib.nullcontext():
     return ocp.CheckpointManager(
         directory(workdir), options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()})
+
+
+@contextlib.contextmanager
+def _absl_quiet():
+  """Orbax's absl log records below ERROR dropped for the block (its known notices)."""
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    yield
   finally:
     absl_logger.setLevel(level)
 
@@ -99,19 +135,28 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
 def complete_steps(workdir: str) -> list[int]:
   """The committed steps in DIR/checkpoints, read from the directory (no manager needed)."""
   root = directory(workdir)
-  if not os.path.isdir(root):
+  if not paths.isdir(root):
     return []
-  return sorted(int(n) for n in os.listdir(root)
-                if n.isdigit() and is_complete(os.path.join(root, n)))
+  return sorted(int(n) for n in paths.listdir(root)
+                if n.isdigit() and is_complete(paths.join(root, n)))
 
 
 def is_complete(step_dir: str) -> bool:
-  """True when Orbax finished the step: its metadata file and every item's are there."""
-  if not all(os.path.isfile(os.path.join(step_dir, m)) for m in _COMMITTED_MARKERS):
+  """True when Orbax finished the step, asked of Orbax: finalised by its rule for this
+  storage (renamed locally, commit file on Cloud Storage), its step metadata recording the
+  commit, and each of our items among that metadata's items. An item deleted after the
+  commit makes the step damaged, not incomplete: restore says so, and nothing deletes it."""
+  path = epath.Path(step_dir)
+  if not path.exists() or not ocp.step.is_path_finalized(path):
     return False
-  state = os.path.join(step_dir, 'state')
-  return os.path.isfile(os.path.join(state, '_METADATA')) and os.path.isdir(
-      os.path.join(step_dir, 'meta'))
+  try:
+    with _absl_quiet():  # Orbax warns of a missing metadata file: here an answer, not a fault
+      step_meta = ocp.metadata.get_step_metadata(path)
+  except ValueError:  # missing or unreadable: Orbax never finished the step
+    return False
+  handlers = step_meta.item_handlers
+  return (step_meta.commit_timestamp_nsecs is not None and isinstance(handlers, dict)
+          and all(item in handlers for item in ITEMS))
 
 
 def latest_complete_step(mngr: ocp.CheckpointManager, remove_incomplete: bool = False
@@ -123,7 +168,7 @@ def latest_complete_step(mngr: ocp.CheckpointManager, remove_incomplete: bool = 
   """
   found, removed = None, False
   for step in sorted(mngr.all_steps(), reverse=True):
-    step_dir = os.path.join(str(mngr.directory), str(step))
+    step_dir = paths.join(str(mngr.directory), str(step))
     if is_complete(step_dir):
       found = step
       break
@@ -131,7 +176,7 @@ def latest_complete_step(mngr: ocp.CheckpointManager, remove_incomplete: bool = 
       log.warning('removing incomplete checkpoint %s: it lacks the commit files of a finished '
                   'save (interrupted while saving, or parts deleted); its steps are trained '
                   'again', step_dir)
-      shutil.rmtree(step_dir, ignore_errors=True)
+      paths.rmtree(step_dir)
       removed = True
     else:
       log.warning('ignoring incomplete checkpoint %s (it lacks the commit files of a finished '
@@ -254,13 +299,13 @@ class Saver:
       pass
 
   def _failed(self, step: int | None, e: BaseException) -> CheckpointError:
-    where = os.path.join(directory(self.workdir), str(step)) if step is not None else (
+    where = paths.join(directory(self.workdir), str(step)) if step is not None else (
         directory(self.workdir))
     code, what = _os_error(e)
     self.abandon()  # the partial save's tmp dir is removed when the run is resumed
     last = self.latest()
     detail = what
-    if code in (errno.ENOSPC, errno.EDQUOT):
+    if code in (errno.ENOSPC, errno.EDQUOT) and not paths.is_remote(self.workdir):
       free = shutil.disk_usage(directory(self.workdir)).free
       detail += f'; {free / 2**20:.1f} MiB free there'
       if self.state_bytes:
@@ -299,13 +344,32 @@ def _check_fingerprints(state: Any, meta: dict[str, Any], where: str) -> None:
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
-            data_iter: Any | None = None) -> tuple[Any, dict[str, Any]]:
+            data_iter: Any | None = None,
+            legacy: tuple[Any, Callable[[Any], Any]] | None = None) -> tuple[Any, dict[str, Any]]:
   """State restored onto the shardings in `abstract_state`; data_iter positioned in place.
 
   Any mismatch (shape, tree structure, unreadable or corrupted file) is a CheckpointError;
   Orbax refuses a target tree whose structure differs, so nothing restores partially.
+  `legacy` (target, convert): an older layout of the same state, tried when the current
+  one does not restore; the state read in it is returned converted.
   """
-  where = os.path.join(str(mngr.directory), str(step))
+  where = paths.join(str(mngr.directory), str(step))
+  try:
+    return _restore(mngr, step, abstract_state, data_iter)
+  except CheckpointError as e:
+    if legacy is None or isinstance(e, CheckpointVanished):
+      raise
+    try:
+      state, meta = _restore(mngr, step, legacy[0], data_iter)
+    except CheckpointError:
+      raise e from None  # not the older layout either: the first error says why
+    log.info('checkpoint %s has an earlier optimizer layout; converted on restore', where)
+    return legacy[1](state), meta
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
+             data_iter: Any | None) -> tuple[Any, dict[str, Any]]:
+  where = paths.join(str(mngr.directory), str(step))
   items = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
   if data_iter is not None:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iter)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
+import math
 import time
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from twotower_jax import config as config_lib
 from twotower_jax import hostmem
+from twotower_jax import paths
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.data import corpus as corpus_lib
 from twotower_jax.data import tokenizer as tokenizer_lib
@@ -48,7 +49,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str
   """Refuses a workdir whose earlier run had a different model or data config, or whose
   checkpoints lost a file they need; returns that run's config (None: a new workdir)."""
   steps = checkpoints.complete_steps(workdir)
-  if not os.path.exists(workdir_lib.path(workdir, workdir_lib.CONFIG_JSON)):
+  if not paths.exists(workdir_lib.path(workdir, workdir_lib.CONFIG_JSON)):
     if steps:
       raise workdir_lib.WorkdirError(
           f'{workdir} has checkpoints (up to step {steps[-1]}) but no config.json, so this run '
@@ -68,7 +69,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str
         f'{workdir} holds a run with a different config ({"; ".join(diffs[:4])}); '
         'use a new --workdir for a new run, or the original values to resume')
   tokenizer = workdir_lib.path(workdir, workdir_lib.TOKENIZER)
-  if steps and not os.path.exists(tokenizer):
+  if steps and not paths.exists(tokenizer):
     raise tokenizer_lib.TokenizerError(
         f'{tokenizer} is missing but the checkpoints in {workdir} were trained with it; put '
         'the file back (a newly trained one would not match them), or use a new --workdir')
@@ -86,15 +87,26 @@ def eval_windows(config: ml_collections.ConfigDict, meta: dict[str, Any] | None,
   return tc.batch_size * tc.eval_batches
 
 
-def evaluate(eval_fn, params, batches: list[np.ndarray], batch_sh, batch_size: int) -> dict:
-  """Loss over the eval batches; with target weights also `loss_all` over every target."""
+def evaluate(eval_fn, params, batches: list[np.ndarray], batch_sh, batch_size: int,
+             per_word: bool = False) -> dict:
+  """Loss over the eval batches; with target weights also `loss_all` over every target.
+
+  Also in units that compare across tokenizers: `bits_per_byte` of the targets' text, and
+  with `per_word` (tokenizer_type='word': each target a word or EOS) `bits_per_word`.
+  """
   sums = {'loss_sum': 0.0, 'weight_sum': 0.0}
-  for rows in batches:
+  for i, rows in enumerate(batches):
     local = _local_rows(rows, batch_sh)
-    out = eval_fn(params, sharding_lib.global_batch(local, batch_sh, batch_size))
+    out = eval_fn(params, sharding_lib.global_batch(local, batch_sh, batch_size),
+                  np.int32(i))  # batch i's own example key (masked LM: masks vary by batch)
     sums = {k: sums.get(k, 0.0) + v for k, v in out.items()}
   loss = float(sums['loss_sum']) / max(float(sums['weight_sum']), 1.0)
   result = {'loss': loss, 'perplexity': float(np.exp(loss)), 'tokens': float(sums['weight_sum'])}
+  if 'bytes_sum' in sums:
+    result['bits_per_byte'] = float(sums['loss_sum']) / max(float(sums['bytes_sum']), 1.0) / (
+        math.log(2))
+  if per_word:
+    result['bits_per_word'] = loss / math.log(2)
   if 'loss_sum_all' in sums:
     result['loss_all'] = float(sums['loss_sum_all']) / max(float(sums['weight_sum_all']), 1.0)
   return result
@@ -162,12 +174,15 @@ def _constant(x_V: np.ndarray | None):
 
 
 def jit_eval_step(config: ml_collections.ConfigDict, model, mesh, params_sh, batch_sh,
-                  target_weights_V: np.ndarray | None = None) -> Any:
+                  target_weights_V: np.ndarray | None = None,
+                  bytes_V: np.ndarray | None = None) -> Any:
   """The jitted eval step with explicit shardings (summed loss and weight, replicated)."""
   step = functools.partial(step_lib.eval_step, model=model,
-                           target_weights_V=_constant(target_weights_V))
+                           target_weights_V=_constant(target_weights_V),
+                           bytes_V=_constant(bytes_V))
   return jax.jit(partitioning.with_rules(step, mesh, sharding_lib.rules(config)),
-                 in_shardings=(params_sh, batch_sh), out_shardings=sharding_lib.replicated(mesh))
+                 in_shardings=(params_sh, batch_sh, sharding_lib.replicated(mesh)),
+                 out_shardings=sharding_lib.replicated(mesh))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -176,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Process 0 holds DIR/train.lock for the whole run: a second run on DIR is refused.
   """
   setup_lib.check_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = paths.absolute(workdir)
   if jax.process_index() != 0:
     return _train(config, workdir)
   with workdir_lib.training_lock(workdir):
@@ -186,6 +201,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   old_config = check_workdir(config, workdir)
+  if not checkpoints.complete_steps(workdir):  # a resumed run no longer reads its sources
+    init_from.check_sources(config, workdir)
   setup = setup_lib.build(config, workdir)
   mesh, model, splits, tc = setup.mesh, setup.model, setup.splits, config.train
   axis_rules = sharding_lib.rules(config)
@@ -194,6 +211,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state_sh = state_lib.shardings(model, tx, mesh, axis_rules)
   abstract_state = state_lib.abstract(model, tx, state_sh)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+  if jax.local_devices()[0].platform == 'cpu':  # before the state is made
+    preflight_lib.check_state_memory(abstract_state, preflight_lib.host_available_bytes())
   batch_sh = sharding_lib.batch_sharding(mesh, axis_rules)
 
   train_iter = iter(data_lib.train_dataset(splits.train_windows, tc.batch_size, tc.seed,
@@ -202,27 +221,32 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tokenizer_digest = tokenizer_lib.file_digest(workdir_lib.path(workdir, workdir_lib.TOKENIZER))
   mngr = checkpoints.manager(workdir, tc.keep_checkpoints)
   start = checkpoints.latest_complete_step(mngr, remove_incomplete=True)
-  meta = None
+  meta, taken = None, []
   if start is not None:  # restore (and fail on a bad checkpoint) before writing anything
-    state, meta = checkpoints.restore(mngr, start, abstract_state, train_iter)
+    legacy = state_lib.legacy_target(config, lambda t: state_lib.abstract(
+        model, t, state_lib.shardings(model, t, mesh, axis_rules)))
+    state, meta = checkpoints.restore(mngr, start, abstract_state, train_iter, legacy)
     tokenizer_lib.check_digest(tokenizer_digest, meta.get('tokenizer_sha256'), workdir)
   else:
     state = state_lib.create_sharded(model, tx, tc.seed, state_sh)
     if any(config_lib.init_tower_entries(config.model.init_towers)):  # before writing anything
-      state = init_from.apply(state, config, model, tokenizer_digest, mesh)
+      state, taken = init_from.apply(state, config, model, tokenizer_digest, mesh)
   optimizer_lib.check_trainable(tc.trainable, state.params)
   target_weights_V = corpus_lib.target_weights(config.data, setup.tokenizer)
   n_eval = eval_windows(config, meta, old_config)
   # Compiled before anything is written: a step that cannot run leaves the workdir as it was.
   train_fn = jit_train_step(config, model, tx, mesh, state_sh, batch_sh, target_weights_V)
-  eval_fn = jit_eval_step(config, model, mesh, state_sh.params, batch_sh, target_weights_V)
+  eval_fn = jit_eval_step(config, model, mesh, state_sh.params, batch_sh, target_weights_V,
+                          tokenizer_lib.piece_bytes(setup.tokenizer))
+  per_word = config.data.tokenizer_type == 'word'
   preflight = preflight_lib.run(train_fn, state, batch_sh, config, model)
   train_fn = preflight.compiled  # the loop runs the executable compiled ahead of time
   if is_main:
     workdir_lib.write_config(config, workdir)
     preflight_lib.check_disk(checkpoints.directory(workdir), state_bytes, tc.keep_checkpoints + 1)
   saver = checkpoints.Saver(mngr, workdir, state_bytes)
-  writer = metrics_lib.Writer(workdir, enabled=is_main)
+  writer = metrics_lib.Writer(workdir, enabled=is_main, wandb_project=tc.wandb_project,
+                              config=config_lib.to_dict(config))
   if start is not None:
     writer.truncate_after(start)
     log.info('resumed from %s at step %d', checkpoints.directory(workdir), start)
@@ -248,6 +272,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                          'eval_windows': min(n_eval, len(splits.val_windows)),
                          'host_huge_pages': hostmem.active(), **preflight.summary()})
     writer.write('baseline', {'unigram_loss': unigram, 'unigram_perplexity': np.exp(unigram)})
+    if taken:  # which checkpoint of which run gave each tower (model.init_towers)
+      writer.write('init_towers', {'towers': taken})
   log.info('model: %s params, %d towers, mesh %s', f'{n_params:,}', config.model.n_towers,
            dict(mesh.shape))
 
@@ -292,11 +318,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             log.warning('skipped %d non-finite update(s) up to step %d', mean['skipped'], step)
         pending, checked, t_last, step_last = [], 0, now, step
       if at_eval:
-        final_eval = evaluate(eval_fn, state.params, eval_rows, batch_sh, tc.batch_size)
+        final_eval = evaluate(eval_fn, state.params, eval_rows, batch_sh, tc.batch_size, per_word)
         writer.write('eval', final_eval, step)
         if is_main:
-          log.info('eval step %d | loss %.4f | perplexity %.2f', step, final_eval['loss'],
-                   final_eval['perplexity'])
+          log.info('eval step %d | loss %.4f | perplexity %.2f | bits/byte %.4f', step,
+                   final_eval['loss'], final_eval['perplexity'], final_eval['bits_per_byte'])
       if at_save:
         saver.save(step, state, train_iter, dict(meta, step=step))
       if stop:
@@ -311,5 +337,5 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return {'step': step, 'eval': None, 'workdir': workdir, 'preempted': True,
             'signal': stopped_by}
   if final_eval is None:  # nothing left to train: report the checkpoint's eval
-    final_eval = evaluate(eval_fn, state.params, eval_rows, batch_sh, tc.batch_size)
+    final_eval = evaluate(eval_fn, state.params, eval_rows, batch_sh, tc.batch_size, per_word)
   return {'step': step, 'eval': final_eval, 'workdir': workdir}

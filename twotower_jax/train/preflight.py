@@ -142,10 +142,29 @@ def check_host_memory(memory: dict[str, int], config: ml_collections.ConfigDict,
       'train.batch_size, or raise train.grad_accum_steps (same batch in micro-batches)')
 
 
+def check_state_memory(abstract_state: Any, available: int | None) -> None:
+  """UserError on CPU when the train state alone (parameters and AdamW moments, sized by
+  the model's shapes) cannot fit in this host's free memory, naming its largest parameter;
+  the temporaries check after the compile would blame train.batch_size instead."""
+  need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+  if available is None or need <= available:
+    return
+  leaves = jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
+  path, big = max(leaves, key=lambda leaf: leaf[1].size)
+  raise errors.UserError(
+      f'the train state (parameters and optimizer moments) takes {need / 2**20:,.0f} MiB but '
+      f'only {available / 2**20:,.0f} MiB is free on this host; its largest parameter, '
+      f'params{jax.tree_util.keystr(path)} {tuple(big.shape)}, is sized by the model: lower '
+      'model.max_len, model.d_model, data.vocab_size or the layer count')
+
+
 def check_disk(ckpt_dir: str, checkpoint_bytes: int, n_checkpoints: int) -> str | None:
   """Logs (and returns) a warning when the disk holding `ckpt_dir` has room for fewer than
   `n_checkpoints` checkpoints of about `checkpoint_bytes` each (kept ones plus the one being
-  written); a save that then fails stops the run with an error, nothing lost."""
+  written); a save that then fails stops the run with an error, nothing lost. A bucket
+  (gs://) has no free-space figure: not checked."""
+  if '://' in ckpt_dir:
+    return None
   target = ckpt_dir
   while not os.path.exists(target):
     target = os.path.dirname(target)

@@ -8,15 +8,17 @@ so a checkpoint restores onto whatever mesh the current run uses.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from twotower_jax.train import optimizer as optimizer_lib
 from twotower_jax.train import sharding as sharding_lib
 
 
@@ -54,10 +56,10 @@ def shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
   param_sh = sharding_lib.logical_shardings(param_logical_specs(model), mesh, axis_rules)
   abstract = jax.eval_shape(functools.partial(init, model, tx, 0))
   replicated = sharding_lib.replicated(mesh)
-  opt_sh = optax.tree_map_params(
-      tx, lambda _, s: s, abstract.opt_state, param_sh,
+  opt_sh = optax.tree_map_params(  # a frozen leaf's MaskedNode (train.trainable) stays
+      tx, lambda x, s: x if isinstance(x, optax.MaskedNode) else s, abstract.opt_state, param_sh,
       transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, NamedSharding))
+      is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)))
   return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
 
 
@@ -74,3 +76,16 @@ def create_sharded(model: nn.Module, tx: optax.GradientTransformation, seed: int
   """Initialises each parameter directly on its devices (never whole on one)."""
   return jax.jit(functools.partial(init, model, tx, seed),
                  out_shardings=state_shardings)()
+
+
+def legacy_target(config: ml_collections.ConfigDict,
+                  abstract_of: Callable[[optax.GradientTransformation], TrainState]
+                  ) -> tuple[TrainState, Callable[[TrainState], TrainState]] | None:
+  """checkpoints.restore's `legacy`: the restore target `abstract_of(tx)` in the optimizer
+  layout of older train.trainable checkpoints (optimizer.legacy) and the conversion to
+  today's; None where the layout never changed."""
+  tx = optimizer_lib.legacy(config)
+  if tx is None:
+    return None
+  return abstract_of(tx), lambda s: s.replace(
+      opt_state=optimizer_lib.from_legacy(s.opt_state, config))

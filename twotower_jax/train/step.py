@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.model import embeddings
 from twotower_jax.model import towers
 from twotower_jax.train import nonfinite
@@ -162,21 +163,30 @@ def train_step(state: TrainState, window_BxL1: jax.Array, *, model: nn.Module,
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, window_BxL1: jax.Array, *, model: nn.Module,
-              target_weights_V: jax.Array | None = None) -> dict[str, jax.Array]:
-  """Summed loss and weight, dropout off; masks (if any) from a fixed key.
+def eval_step(params: Any, window_BxL1: jax.Array, batch_index: jax.Array = 0, *,
+              model: nn.Module, target_weights_V: jax.Array | None = None,
+              bytes_V: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Summed loss and weight, dropout off; masks (if any) from eval batch `batch_index`'s own
+  fixed key (fold_in(PRNGKey(0), batch_index): the same at every eval, different per batch).
 
-  With `target_weights_V` the loss is over the weighted targets (what the run trains on)
-  and `loss_sum_all`/`weight_sum_all` are over every target.
+  Fill rows (all PAD; a real window starts with a corpus token) are never scored, whatever
+  the PAD target switches say. With `target_weights_V` the loss is over the weighted
+  targets (what the run trains on) and `loss_sum_all`/`weight_sum_all` over every target.
+  With `bytes_V` (the text bytes of each piece) `bytes_sum` is the bytes of the loss's
+  targets, for bits per byte.
   """
   example = towers.get(model.cfg.tower_type).make_example(
-      window_BxL1, jax.random.PRNGKey(0), model.cfg)
+      window_BxL1, jax.random.fold_in(jax.random.PRNGKey(0), batch_index), model.cfg)
+  real_B = (window_BxL1[:, 0] != tokenizer_lib.PAD_ID).astype(example['weights'].dtype)
+  example = dict(example, weights=example['weights'] * real_B[:, None])
   weighted = weight_targets(example, target_weights_V)
   out = model.apply({'params': params}, example['inputs'], weights_BxL=weighted['weights'],
                     deterministic=True)
   loss_sum, weight_sum = cross_entropy(out['logits_BxLxV'], example['targets'],
                                        weighted['weights'])
   result = {'loss_sum': loss_sum, 'weight_sum': weight_sum}
+  if bytes_V is not None:
+    result['bytes_sum'] = jnp.sum(weighted['weights'] * bytes_V[example['targets']])
   if target_weights_V is not None:
     result['loss_sum_all'], result['weight_sum_all'] = cross_entropy(
         out['logits_BxLxV'], example['targets'], example['weights'])

@@ -34,8 +34,8 @@ POOL_SIZE = 16384  # scored positions kept as the pool `resample` draws replacem
 def _weighted_states(ctx: Context):
   """(h_NxPxH of every scored position, their weights w_P), over all eval batches."""
   hs, ws = [], []
-  for window, h_NxBxLxH in zip(ctx.eval_batches, base.ensure_states(ctx)):
-    ex = base.example(ctx.model, window)
+  for i, (window, h_NxBxLxH) in enumerate(zip(ctx.eval_batches, base.ensure_states(ctx))):
+    ex = base.example(ctx.model, window, i)
     hs.append(h_NxBxLxH.reshape(h_NxBxLxH.shape[0], -1, h_NxBxLxH.shape[-1]))
     ws.append(ex['weights'].reshape(-1))
   return jnp.concatenate(hs, axis=1), jnp.concatenate(ws)

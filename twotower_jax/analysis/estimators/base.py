@@ -22,10 +22,11 @@ import ml_collections
 import numpy as np
 
 from twotower_jax import config as config_lib
+from twotower_jax.analysis import clusters
 from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.model import towers
 
-EVAL_KEY = 0  # make_example key for scored positions: MLM masks are fixed
+EVAL_KEY = 0  # make_example key of scored batch i: fold_in(PRNGKey(EVAL_KEY), i) (MLM masks)
 
 
 @dataclasses.dataclass
@@ -39,6 +40,8 @@ class Context:
   analysis_dir: str
   step: int
   states: list[jax.Array] | None = None  # h_NxBxLxH per eval batch (tower_pass)
+  eval_docs: list[np.ndarray] | None = None  # docs_BxL1: each token's held-out document
+  item_loss: np.ndarray | None = None  # float[V]: the model's mean NLL per item (tower_pass)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +81,8 @@ def get(name: str) -> Estimator:
 
 
 def eval_batches(windows: np.ndarray, n_windows: int, batch_size: int) -> list[np.ndarray]:
-  """The first n_windows (0: all) held-out windows in fixed batches; PAD rows (weight 0)
-  fill the last."""
+  """The first n_windows (0: all) held-out windows in fixed batches; PAD rows (never
+  scored) fill the last."""
   rows = windows[:n_windows] if n_windows else windows
   short = (-len(rows)) % batch_size
   if short:
@@ -88,10 +91,39 @@ def eval_batches(windows: np.ndarray, n_windows: int, batch_size: int) -> list[n
   return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
-def example(model, window_BxL1) -> dict[str, jax.Array]:
-  """The scored example of a window: inputs, targets, weights with the fixed eval key."""
-  return towers.get(model.cfg.tower_type).make_example(
-      jnp.asarray(window_BxL1), jax.random.PRNGKey(EVAL_KEY), model.cfg)
+def scored_batches(windows: np.ndarray, n_windows: int, batch_size: int,
+                   draws: int = 1) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """(eval_batches, their document ids): the held-out batches `draws` times over. Batch i's
+  example key is its own (`example`), so each repeat draws new masked-LM masks and more
+  positions are scored (a tower type without random masks scores the same positions again:
+  use 1); a repeat keeps its windows' documents, so intervals still cluster by document."""
+  batches = eval_batches(windows, n_windows, batch_size)
+  docs = clusters.window_docs(np.concatenate(batches))
+  docs_list = [docs[i:i + batch_size] for i in range(0, len(docs), batch_size)]
+  return batches * draws, docs_list * draws
+
+
+def example(model, window_BxL1, index=0) -> dict[str, jax.Array]:
+  """The scored example of eval batch `index`: inputs, targets and weights, with that
+  batch's own key (fold_in of EVAL_KEY, so MLM masks differ from batch to batch) and the
+  fill rows (all-PAD windows: a real window starts with a corpus token) never scored."""
+  window_BxL1 = jnp.asarray(window_BxL1)
+  key = jax.random.fold_in(jax.random.PRNGKey(EVAL_KEY), index)
+  ex = towers.get(model.cfg.tower_type).make_example(window_BxL1, key, model.cfg)
+  real_B = (window_BxL1[:, 0] != tokenizer_lib.PAD_ID).astype(ex['weights'].dtype)
+  return dict(ex, weights=ex['weights'] * real_B[:, None])
+
+
+def position_docs(ctx: 'Context', index: int) -> np.ndarray:
+  """docs_BxL of eval batch `index`: the document of each position's target (ctx.eval_docs,
+  computed from the batches on first use: fill rows get the last document, never scored)."""
+  if ctx.eval_docs is None:
+    docs = clusters.window_docs(np.concatenate(ctx.eval_batches))
+    b = ctx.eval_batches[0].shape[0]
+    ctx.eval_docs = [docs[i:i + b] for i in range(0, len(docs), b)]
+  docs_BxL1 = ctx.eval_docs[index]
+  return docs_BxL1[:, 1:] if towers.get(ctx.model.cfg.tower_type).left_to_right else (
+      docs_BxL1[:, :-1])
 
 
 def target_log_probs(logits_XxV: jax.Array, targets: jax.Array) -> jax.Array:
@@ -120,23 +152,29 @@ def item_sums(v_NxP: jax.Array, targets_P: jax.Array, mask_P: jax.Array, vocab: 
               key: jax.Array, n_control: int = 1) -> dict[str, jax.Array]:
   """Per item: count, sum and cross-product sums of the tower values, and the control.
 
-  `perm_sum_KxNxV` sums the values after K independent random per-position
-  permutations of the towers (the shuffled-label control: towers exchangeable at each
-  occurrence); the K draws give each statistic's distribution under that null.
+  The control: K independent random per-position permutations of the towers (towers
+  exchangeable at each occurrence); the K draws give each statistic's distribution under
+  that null. `perm_sum_KxNxV` sums the permuted values; with two towers a permutation only
+  flips the sign of v0 - v1, so `perm_pref_sum_KxV` sums the flipped differences instead.
   """
   n = v_NxP.shape[0]
   w_P = mask_P.astype(jnp.float32)
   seg = lambda x: jax.ops.segment_sum(x, targets_P, num_segments=vocab)
   v_NxP = jnp.where(mask_P[None], v_NxP.astype(jnp.float32), 0.0)
 
-  def shuffled(k):
-    perm_NxP = jnp.argsort(jax.random.uniform(k, v_NxP.shape), axis=0)
-    return jax.vmap(seg)(jnp.take_along_axis(v_NxP, perm_NxP, axis=0))
-
   cross_PxNxN = v_NxP.T[:, :, None] * v_NxP.T[:, None, :]
-  return {'count_V': seg(w_P), 'sum_NxV': jax.vmap(seg)(v_NxP),
-          'cross_VxNxN': seg(cross_PxNxN.reshape(-1, n, n)),
-          'perm_sum_KxNxV': jax.lax.map(shuffled, jax.random.split(key, n_control))}
+  out = {'count_V': seg(w_P), 'sum_NxV': jax.vmap(seg)(v_NxP),
+         'cross_VxNxN': seg(cross_PxNxN.reshape(-1, n, n))}
+  # All K draws at once, one scatter (a loop over the draws was 3x slower at K = 999 on CPU).
+  if n == 2:  # shuffling two towers flips the sign of v0 - v1: sum the flipped differences
+    sign_KxP = jnp.where(jax.random.bernoulli(key, 0.5, (n_control, v_NxP.shape[1])), -1.0, 1.0)
+    out['perm_pref_sum_KxV'] = seg((sign_KxP * (v_NxP[0] - v_NxP[1])).T).T
+  else:
+    perm_KxNxP = jnp.argsort(jax.random.uniform(key, (n_control, n, v_NxP.shape[1])), axis=1)
+    shuffled_KxNxP = jnp.take_along_axis(jnp.broadcast_to(v_NxP, perm_KxNxP.shape), perm_KxNxP,
+                                         axis=1)
+    out['perm_sum_KxNxV'] = seg(shuffled_KxNxP.transpose(2, 0, 1)).transpose(1, 2, 0)
+  return out
 
 
 def preference(mean_NxV: np.ndarray):
@@ -153,6 +191,15 @@ def preference(mean_NxV: np.ndarray):
   return pref, best, w
 
 
+def normalized(mean_NxV: np.ndarray, weights_VxN: np.ndarray) -> np.ndarray:
+  """pref_V / sum_k |w_k| |v_k|: two towers (v0 - v1) / (|v0| + |v1|), in [-1, 1]; NaN
+  where every value is 0. Comparable across estimators and items of any difficulty."""
+  with np.errstate(invalid='ignore', divide='ignore'):
+    num = np.einsum('vn,nv->v', weights_VxN, mean_NxV)
+    den = np.einsum('vn,nv->v', np.abs(weights_VxN), np.abs(mean_NxV))
+    return np.where(den > 0, num / den, np.nan)
+
+
 def finish(sums: dict[str, np.ndarray], z: float = 1.959964) -> dict[str, np.ndarray]:
   """Per item means, preference, its 95% interval over occurrences (normal), control pref."""
   count = sums['count_V']
@@ -163,12 +210,17 @@ def finish(sums: dict[str, np.ndarray], z: float = 1.959964) -> dict[str, np.nda
     cov = second - mean.T[:, :, None] * mean.T[:, None, :]
     var = np.einsum('vn,vnm,vm->v', w, cov, w) * count / (count - 1)
     se = np.sqrt(np.maximum(var, 0.0) / count)
-    ctrl_KxV = np.stack([preference(perm_NxV / count)[0] for perm_NxV in sums['perm_sum_KxNxV']])
+    if 'perm_pref_sum_KxV' in sums:  # two towers: the shuffled t0 - t1 directly
+      ctrl_KxV = sums['perm_pref_sum_KxV'] / count
+    else:
+      ctrl_KxV = np.stack([preference(perm_NxV / count)[0]
+                           for perm_NxV in sums['perm_sum_KxNxV']])
   few = count < 2
   lo, hi = pref - z * se, pref + z * se
   lo[few], hi[few] = np.nan, np.nan
   out = {'count': count, 'mean_NxV': mean, 'pref': pref, 'best': best, 'pref_lo': lo,
-         'pref_hi': hi, 'control_pref': ctrl_KxV[0], 'control_pref_KxV': ctrl_KxV, 'extras': {}}
+         'pref_hi': hi, 'control_pref': ctrl_KxV[0], 'control_pref_KxV': ctrl_KxV, 'extras': {},
+         'weights_VxN': w, 'pref_norm': normalized(mean, w)}
   for k, s in sums.items():
     if k.startswith('extra_'):
       with np.errstate(invalid='ignore', divide='ignore'):
@@ -177,15 +229,16 @@ def finish(sums: dict[str, np.ndarray], z: float = 1.959964) -> dict[str, np.nda
 
 
 def batch_sums_fn(ctx: Context, name: str) -> Callable:
-  """Estimator `name`'s jitted pass over one batch: (params, state, window_BxL1, h_NxBxLxH,
-  key) -> per-item sums (`item_sums`, plus `extra_*` of its extras)."""
+  """Estimator `name`'s jitted pass over one batch: (params, state, window_BxL1, index,
+  h_NxBxLxH, key) -> (per-item sums (`item_sums`, plus `extra_*` of its extras), the
+  per-position values v_NxBxL, the scored mask_BxL, the targets_BxL)."""
   values_fn = get(name).values(ctx)
   vocab = ctx.model.cfg.vocab_size
   n_control = int(ctx.config.analysis.n_control)
 
   @jax.jit
-  def batch_sums(params, state, window_BxL1, h_NxBxLxH, key):
-    ex = example(ctx.model, window_BxL1)
+  def batch_sums(params, state, window_BxL1, index, h_NxBxLxH, key):
+    ex = example(ctx.model, window_BxL1, index)
     v_NxBxL, extras = values_fn(params, state, ex, h_NxBxLxH, jax.random.fold_in(key, 1))
     n = v_NxBxL.shape[0]
     targets_P = ex['targets'].reshape(-1)
@@ -194,7 +247,7 @@ def batch_sums_fn(ctx: Context, name: str) -> Callable:
     for k, x_BxL in extras.items():
       out['extra_' + k] = jax.ops.segment_sum(jnp.where(mask_P, x_BxL.reshape(-1), 0.0),
                                               targets_P, num_segments=vocab)
-    return out
+    return out, v_NxBxL, ex['weights'] > 0, ex['targets']
   return batch_sums
 
 
@@ -209,17 +262,25 @@ def score(ctx: Context, name: str) -> dict[str, Any]:
   states = ensure_states(ctx)
   batch_sums = batch_sums_fn(ctx, name)
 
-  jax.block_until_ready(batch_sums(ctx.params, state, ctx.eval_batches[0], states[0],
+  jax.block_until_ready(batch_sums(ctx.params, state, ctx.eval_batches[0], 0, states[0],
                                    jax.random.PRNGKey(seed)))  # compile outside the timing
   t1 = time.perf_counter()
   total = None
+  per_doc = clusters.DocItemSums(ctx.model.cfg.vocab_size)
   for i, window in enumerate(ctx.eval_batches):
     key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-    out = batch_sums(ctx.params, state, window, states[i], key)
+    out, v_NxBxL, mask_BxL, targets_BxL = batch_sums(ctx.params, state, window, i, states[i],
+                                                     key)
     total = out if total is None else jax.tree.map(jnp.add, total, out)
+    mask_BxL = np.asarray(mask_BxL)
+    per_doc.add(position_docs(ctx, i)[mask_BxL], np.asarray(targets_BxL)[mask_BxL],
+                np.asarray(v_NxBxL)[:, mask_BxL])
   sums = {k: np.asarray(v, np.float64) for k, v in jax.device_get(total).items()}
   seconds = time.perf_counter() - t1
   res = finish(sums)
+  res['doc_sums'] = per_doc.result()
+  # per-item intervals with documents as clusters (replacing the per-occurrence ones)
+  res['pref_lo'], res['pref_hi'] = clusters.pref_intervals(res['doc_sums'], res['weights_VxN'])
   n_pos = int(sums['count_V'].sum())
   res.update(seconds=seconds, prepare_seconds=t_prep, n_positions=n_pos,
              tokens_per_s=n_pos / max(seconds, 1e-9), state=state)
@@ -227,15 +288,20 @@ def score(ctx: Context, name: str) -> dict[str, Any]:
 
 
 def tower_pass_fn(ctx: Context) -> Callable:
-  """The model's jitted forward pass over one batch: (params, window_BxL1) -> (final tower
-  states h_NxBxLxH, [summed negative log-likelihood of the scored targets, their weight])."""
+  """The model's jitted forward pass over one batch: (params, window_BxL1, index) -> (final
+  tower states h_NxBxLxH, [summed negative log-likelihood of the scored targets, their
+  weight], per item the summed NLL and weight 2xV)."""
+  vocab = ctx.model.cfg.vocab_size
+
   @jax.jit
-  def forward(params, window_BxL1):
-    ex = example(ctx.model, window_BxL1)
+  def forward(params, window_BxL1, index):
+    ex = example(ctx.model, window_BxL1, index)
     out = ctx.model.apply({'params': params}, ex['inputs'], deterministic=True)
-    ll_BxL = target_log_probs(out['logits_BxLxV'], ex['targets'])
-    return (out['tower_states_NxBxLxH'],
-            jnp.stack([-jnp.sum(ll_BxL * ex['weights']), jnp.sum(ex['weights'])]))
+    nll_BxL = -target_log_probs(out['logits_BxLxV'], ex['targets']) * ex['weights']
+    seg = lambda x: jax.ops.segment_sum(x.reshape(-1), ex['targets'].reshape(-1),
+                                        num_segments=vocab)
+    return (out['tower_states_NxBxLxH'], jnp.stack([jnp.sum(nll_BxL), jnp.sum(ex['weights'])]),
+            jnp.stack([seg(nll_BxL), seg(ex['weights'])]))
   return forward
 
 
@@ -243,11 +309,14 @@ def tower_pass(ctx: Context) -> dict[str, float]:
   """Runs the model once over the scored windows: caches every batch's final tower states
   in ctx.states and returns the model's own CE on the scored positions with the speed."""
   forward = tower_pass_fn(ctx)
-  jax.block_until_ready(forward(ctx.params, ctx.eval_batches[0]))  # compile outside the timing
+  jax.block_until_ready(forward(ctx.params, ctx.eval_batches[0], 0))  # compile outside timing
   t = time.perf_counter()
-  outs = [forward(ctx.params, w) for w in ctx.eval_batches]
-  ctx.states = [h for h, _ in outs]
-  loss, n = np.sum(np.asarray(jax.device_get([s for _, s in outs]), np.float64), axis=0)
+  outs = [forward(ctx.params, w, i) for i, w in enumerate(ctx.eval_batches)]
+  ctx.states = [h for h, _, _ in outs]
+  loss, n = np.sum(np.asarray(jax.device_get([s for _, s, _ in outs]), np.float64), axis=0)
+  nll_V, count_V = np.sum(np.asarray(jax.device_get([x for _, _, x in outs]), np.float64), 0)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    ctx.item_loss = nll_V / count_V
   seconds = time.perf_counter() - t
   return {'loss': float(loss / max(n, 1)), 'n_positions': int(n), 'seconds': seconds,
           'tokens_per_s': float(n / max(seconds, 1e-9))}

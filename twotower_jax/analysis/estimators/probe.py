@@ -83,6 +83,8 @@ def split_units(config, h_NxBxLxH: jax.Array) -> jax.Array:
   return jnp.stack([h_NxBxLxH[0] * half, h_NxBxLxH[0] * (1.0 - half)])
 
 
+TRAIN_COUNTS = 'train_counts_V'  # per item: targets in the heads' training positions
+_NOT_HEADS = ('meta', TRAIN_COUNTS)
 DROPOUT_STREAM = 1  # fold_in tag of the probes' dropout keys (apart from the mlm mask keys)
 INPUT_DEFAULTS = {'probe_input': 'tower', 'probe_dropout': False, 'probe_seed_per_tower': False}
 
@@ -114,8 +116,10 @@ def _probe_meta(ctx: Context) -> dict[str, Any]:
   # The input options only where they differ from the default, so heads saved before they
   # existed (always the default input) are still reused.
   inputs = {f: a[f] for f, default in INPUT_DEFAULTS.items() if a[f] != default}
+  # 'heldout_split': heads trained when the held-out windows were the last ones in corpus
+  # order (before it existed) are not reused.
   return {'checkpoint_step': int(ctx.step), 'n_probes': probe_towers(ctx.config),
-          **{f: a[f] for f in fields}, **inputs}
+          'heldout_split': 'random', **{f: a[f] for f in fields}, **inputs}
 
 
 def probe_path(analysis_dir: str, step: int) -> str:
@@ -194,6 +198,15 @@ def probe_step_fn(tx: optax.GradientTransformation) -> Callable:
   return step
 
 
+def heldout_windows(n_rows: int, share: float, rng: np.random.Generator) -> np.ndarray:
+  """bool[n_rows]: the probes' stopping set, a random `share` of the cached windows (at least
+  one, never all): a random sample, not the last windows (the corpora are in date order)."""
+  n_held = min(max(1, int(round(n_rows * share))), n_rows - 1)
+  held = np.zeros(n_rows, bool)
+  held[rng.choice(n_rows, n_held, replace=False)] = True
+  return held
+
+
 def cache_training_states(ctx: Context) -> dict[str, Any]:
   """The frozen towers' states on the probe's training windows, split by window into
   `train` and `heldout` (each h_NxWxLxH, targets_WxL, weights_WxL), and the model's own
@@ -210,11 +223,15 @@ def cache_training_states(ctx: Context) -> dict[str, Any]:
            for i in range(0, len(rows), batch)]
   h, targets, weights, ce_W = (jnp.concatenate([q[j] for q in parts], axis=1 if j == 0 else 0)
                                for j in range(4))
-  n_held = min(max(1, int(round(len(rows) * float(a.probe_heldout)))), len(rows) - 1)
-  model_loss = float(jnp.sum(ce_W[-n_held:]) / jnp.maximum(jnp.sum(weights[-n_held:]), 1.0))
-  return {'train': (h[:, :-n_held], targets[:-n_held], weights[:-n_held]),
-          'heldout': (h[:, -n_held:], targets[-n_held:], weights[-n_held:]),
-          'model_heldout_loss': model_loss}
+  held = heldout_windows(len(rows), float(a.probe_heldout), rng)
+  tr, he = jnp.asarray(np.flatnonzero(~held)), jnp.asarray(np.flatnonzero(held))
+  model_loss = float(jnp.sum(ce_W[he]) / jnp.maximum(jnp.sum(weights[he]), 1.0))
+  train_counts = np.bincount(np.asarray(targets[tr]).reshape(-1),
+                             weights=np.asarray(weights[tr]).reshape(-1),
+                             minlength=ctx.model.cfg.vocab_size)
+  return {'train': (h[:, tr], targets[tr], weights[tr]),
+          'heldout': (h[:, he], targets[he], weights[he]),
+          'model_heldout_loss': model_loss, 'train_counts_V': train_counts}
 
 
 def init_heads(config, h: int, vocab: int) -> dict[str, jax.Array]:
@@ -231,11 +248,12 @@ def _decay_mask(p):
   return {k: k in ('dense_NxHxH', 'out_NxVxH') for k in p}
 
 
-def train_probes(ctx: Context) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+def train_probes(ctx: Context) -> tuple[dict[str, jax.Array], dict[str, Any], np.ndarray]:
   """Trains every tower's head on cached states until its held-out loss plateaus.
 
-  Returns the best heads (lowest mean held-out loss) and the training record: the curve,
-  the final held-out loss per head next to the model's own, and whether it converged.
+  Returns the best heads (lowest mean held-out loss), the training record (the curve, the
+  final held-out loss per head next to the model's own, whether it converged) and how often
+  each item is a target in the heads' training positions.
   """
   a, cfg = ctx.config.analysis, ctx.model.cfg
   cache = cache_training_states(ctx)
@@ -291,7 +309,7 @@ def train_probes(ctx: Context) -> tuple[dict[str, jax.Array], dict[str, Any]]:
             'model_heldout_loss': cache['model_heldout_loss'],
             'n_train_positions': int(jnp.sum(w_train)), 'n_heldout_positions': int(jnp.sum(w_held)),
             'curve': curve}
-  return best_p, record
+  return best_p, record, cache['train_counts_V']
 
 
 def _probe_prepare(ctx: Context) -> dict[str, Any]:
@@ -303,11 +321,11 @@ def _probe_prepare(ctx: Context) -> dict[str, Any]:
       saved = json.loads(str(f['meta']))
       if saved.get('settings') == meta:
         log.info('probe: reusing heads from %s', path)
-        return {'params': {k: jnp.asarray(f[k]) for k in f.files if k != 'meta'},
-                'record': saved['record']}
+        return {'params': {k: jnp.asarray(f[k]) for k in f.files if k not in _NOT_HEADS},
+                'record': saved['record'], TRAIN_COUNTS: np.asarray(f[TRAIN_COUNTS])}
     log.info('probe: %s was trained with other settings; retraining', path)
   t = time.perf_counter()
-  p, record = train_probes(ctx)
+  p, record, train_counts_V = train_probes(ctx)
   record['seconds'] = time.perf_counter() - t
   log.info('probe: trained %d heads for %d steps in %.1fs (%s); held-out loss per head %s, '
            'the model %.3f', meta['n_probes'], record['steps'], record['seconds'],
@@ -316,9 +334,9 @@ def _probe_prepare(ctx: Context) -> dict[str, Any]:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + '.tmp.npz'
   np.savez(tmp, meta=json.dumps(workdir_lib.clean({'settings': meta, 'record': record})),
-           **{k: np.asarray(v) for k, v in p.items()})
+           **{TRAIN_COUNTS: train_counts_V}, **{k: np.asarray(v) for k, v in p.items()})
   os.replace(tmp, path)
-  return {'params': p, 'record': record}
+  return {'params': p, 'record': record, TRAIN_COUNTS: train_counts_V}
 
 
 def _probe_values(ctx: Context):
@@ -333,4 +351,4 @@ def _probe_values(ctx: Context):
 base.register('probe', Estimator(
     prepare=_probe_prepare, values=_probe_values,
     description='mean log-likelihood of the item under a probe head trained on one tower alone',
-    summary=lambda prepared: {'training': {k: v for k, v in prepared['record'].items()}}))
+    summary=lambda prepared: {'training': dict(prepared['record'])}))

@@ -1,0 +1,166 @@
+"""One point of an experiment: trained, analysed (and over training), resumable.
+
+In this process, through the train loop and the analysis runner. A point whose run reached
+its steps is not trained again; a half-trained one resumes from its last complete
+checkpoint (the loop's own resume, kill -9 safe). Each analysis writes through the
+runner's staged folder and then a mark file of the settings and step it was made with, so
+an analysis is redone only when it is missing, unfinished or made with other settings. The
+point's own mark (DIR/<point>/experiment_point.json), written last, says it is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+from twotower_jax import config as config_lib
+from twotower_jax import report
+from twotower_jax import staging
+from twotower_jax import workdir as workdir_lib
+from twotower_jax.analysis import runner as analysis_runner
+from twotower_jax.experiment import spec as spec_lib
+from twotower_jax.train import checkpoints
+from twotower_jax.train import loop
+
+log = logging.getLogger('twotower_jax')
+
+POINT_MARK = 'experiment_point.json'  # DIR/<point>/: the point is done (settings, times)
+ANALYSIS_MARK = 'experiment_analysis.json'  # in each analysis folder: made with what, at which step
+COPIED = (workdir_lib.SUMMARY_JSON, workdir_lib.PREFERENCE_CSV)  # final step's over-training row
+
+
+class Stopped(Exception):
+  """Training stopped by a signal after saving (the loop's preemption path); rerun resumes."""
+
+  def __init__(self, point: str, signal_name: str):
+    super().__init__(f'stopped by {signal_name} while training {point}; its checkpoint is '
+                     'saved: rerun the same command to resume')
+    self.signal_name = signal_name
+
+
+def point_dir(root: str, point: spec_lib.Point) -> str:
+  return os.path.join(os.path.abspath(root), point.name)
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest complete checkpoint of a run, or None."""
+  if not os.path.isdir(checkpoints.directory(workdir)):
+    return None
+  return (checkpoints.complete_steps(workdir) or [None])[-1]
+
+
+def _mark(point: spec_lib.Point, step: int) -> dict[str, Any]:
+  return workdir_lib.clean({'analysis': config_lib.to_dict(point.config.analysis),
+                            'step': int(step)})
+
+
+def _is_marked(folder: str, mark: dict[str, Any]) -> bool:
+  file = os.path.join(folder, ANALYSIS_MARK)
+  return (os.path.exists(os.path.join(folder, workdir_lib.SUMMARY_JSON)) and
+          os.path.exists(file) and workdir_lib.read_optional_json(file) == mark)
+
+
+def expected_mark(point: spec_lib.Point, over_training: bool) -> dict[str, Any]:
+  """What DIR/<point>/experiment_point.json holds once the point is done (times aside)."""
+  return {'name': point.name, 'steps': int(point.config.train.steps),
+          'analysis': config_lib.to_dict(point.config.analysis),
+          'over_training': bool(over_training)}
+
+
+def status(root: str, point: spec_lib.Point, over_training: bool) -> str:
+  """'done', 'trained' (analysis to do), 'partial' (training to resume) or 'new'."""
+  wd = point_dir(root, point)
+  mark = workdir_lib.read_optional_json(os.path.join(wd, POINT_MARK)) if os.path.isdir(wd) else None
+  if mark is not None and {k: mark.get(k) for k in expected_mark(point, over_training)} == (
+      workdir_lib.clean(expected_mark(point, over_training))):
+    return 'done'
+  step = latest_step(wd) if os.path.isdir(wd) else None
+  if step is None:
+    return 'new'
+  return 'trained' if step >= int(point.config.train.steps) else 'partial'
+
+
+def _timed(fn, *args, **kwargs):
+  w, c = time.perf_counter(), time.process_time()
+  out = fn(*args, **kwargs)
+  return out, time.perf_counter() - w, time.process_time() - c
+
+
+def train(point: spec_lib.Point, wd: str) -> dict[str, float]:
+  """Trains or resumes the point's run to its steps; its wall and CPU seconds (0 if kept)."""
+  steps = int(point.config.train.steps)
+  done = latest_step(wd)
+  if done is not None and done > steps:
+    raise spec_lib.ExperimentError(f'{wd} is trained to step {done}, beyond the {steps} steps '
+                                   'the experiment asks for; use a new --workdir')
+  if done == steps and os.path.exists(workdir_lib.path(wd, workdir_lib.CONFIG_JSON)):
+    loop.check_workdir(point.config, wd)  # refuses a finished run of another config
+    log.info('experiment: %s is trained (%d steps), kept', point.name, steps)
+    return {'train_wall_s': 0.0, 'train_cpu_s': 0.0}
+  log.info('experiment: training %s', point.name)
+  result, wall, cpu = _timed(loop.train_and_evaluate, point.config, wd)
+  if result.get('preempted'):
+    raise Stopped(point.name, str(result.get('signal')))
+  return {'train_wall_s': wall, 'train_cpu_s': cpu}
+
+
+def _analyse(point: spec_lib.Point, wd: str, step: int, out_dir: str | None) -> float:
+  """One analysis of the point's run at `step` into out_dir (None: DIR/analysis), kept when
+  marked with the same settings and step; its wall seconds (0 when kept)."""
+  folder = out_dir or workdir_lib.analysis_dir(wd)
+  mark = _mark(point, step)
+  if _is_marked(folder, mark):
+    return 0.0
+  config = analysis_runner.load_config(wd, point.config.analysis)
+  config.analysis.step = int(step)
+  log.info('experiment: analysing %s at step %d', point.name, step)
+  _, wall, _ = _timed(analysis_runner.run, config, wd, out_dir)
+  workdir_lib.write_json(os.path.join(folder, ANALYSIS_MARK), mark)
+  return wall
+
+
+def _copy_final(wd: str, step: int, mark: dict[str, Any]) -> None:
+  """steps/<final>/ holds the final analysis's summary.json and preference.csv (the same
+  analysis, not run twice), staged like any analysis folder."""
+  root = workdir_lib.analysis_dir(wd)
+  target = os.path.join(root, workdir_lib.STEPS_DIR, str(step))
+  if _is_marked(target, mark):
+    return
+  with staging.staged_dir(target) as staged:
+    for name in COPIED:
+      shutil.copy2(os.path.join(root, name), os.path.join(staged, name))
+    workdir_lib.write_json(os.path.join(staged, ANALYSIS_MARK), mark)
+
+
+def analyse(point: spec_lib.Point, wd: str, over_training: bool) -> dict[str, float]:
+  """The final analysis into DIR/analysis, then (over_training) every other kept checkpoint
+  into DIR/analysis/steps/<step>/ and over_training.json; the wall seconds spent."""
+  final = latest_step(wd)
+  wall = _analyse(point, wd, final, None)  # first: it replaces DIR/analysis whole
+  if over_training:
+    root = workdir_lib.analysis_dir(wd)
+    for step in analysis_runner.kept_steps(wd):
+      if step == final:
+        _copy_final(wd, step, _mark(point, step))
+      else:
+        wall += _analyse(point, wd, step, os.path.join(root, workdir_lib.STEPS_DIR, str(step)))
+    report.write_over_training(root)
+  return {'analysis_wall_s': wall}
+
+
+def run(root: str, point: spec_lib.Point, over_training: bool, commit: dict[str, Any]
+        ) -> dict[str, Any]:
+  """Trains and analyses one point (keeping what is done); returns its mark."""
+  wd = point_dir(root, point)
+  mark_file = os.path.join(wd, POINT_MARK)
+  if status(root, point, over_training) == 'done':
+    log.info('experiment: %s is done, kept', point.name)
+    return workdir_lib.read_json(mark_file)
+  times = train(point, wd)
+  times.update(analyse(point, wd, over_training))
+  mark = dict(expected_mark(point, over_training), commit=commit, seconds=times)
+  workdir_lib.write_json(mark_file, mark)
+  return workdir_lib.clean(mark)
