@@ -7,6 +7,7 @@
   python bench/train_step.py --huge_pages=on --huge_pages=off --rounds=3
   python bench/train_step.py --config=configs/gpu.py --sweep=attention   # a preset; cuDNN vs XLA
   python bench/train_step.py --peer=torch --rounds=5         # against PyTorch eager (ratio)
+  python bench/train_step.py --sweep=loss_chunk --huge_pages=on --huge_pages=off --rounds=3
 
 Each point runs in its own process, so compile time and peak memory are its own.
 MFU = analytic model FLOP/s / device peak; on CPU the peak is a large f32 matmul
@@ -45,6 +46,7 @@ SWEEPS = {
     'vocab': [{'data.vocab_size': v} for v in (2000, 8000, 32000)],
     'towers': [{'model.n_towers': n} for n in (1, 2, 4)],
     'attention': [{'model.attention': a} for a in ('auto', 'xla')],  # cuDNN on GPU vs XLA
+    'loss_chunk': [{'train.loss_chunk': 0}],  # all logits at once: the target's loss before
 }
 
 COLUMNS = ('label', 'attention', 'tokens_per_s', 'ms_per_step', 'gflop_per_token',
