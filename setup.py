@@ -30,10 +30,14 @@ setup(
         'wandb>=0.19,<1',  # train.wandb_project
     ],
     # gcp-storage-emulator: the gs:// tests' local Cloud Storage (tests/_gcs.py)
-    extras_require={'test': [
-        'gcp-storage-emulator>=2024.8',
-        'ipykernel>=6.29,<8',  # the kernel nbclient runs examples/quickstart.ipynb in
-        'nbclient>=0.10,<0.12',  # tests/test_notebook.py executes the notebook
-        'pytest>=8,<10',
-    ]},
+    extras_require={
+        'test': [
+            'gcp-storage-emulator>=2024.8',
+            'ipykernel>=6.29,<8',  # the kernel nbclient runs examples/quickstart.ipynb in
+            'nbclient>=0.10,<0.12',  # tests/test_notebook.py executes the notebook
+            'pytest>=8,<10',
+        ],
+        # bench/peer_torch.py: the train step in PyTorch eager, timed against ours (CPU build).
+        'bench': ['torch==2.13.0'],
+    },
 )

@@ -177,4 +177,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  harness.hostmem.restart()  # the host settings launch/env.sh gives (twotower_jax/hostmem.py)
   main()

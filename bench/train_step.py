@@ -6,16 +6,23 @@
   python bench/train_step.py --xla_flags= --xla_flags=--xla_cpu_use_xnnpack=false --rounds=3
   python bench/train_step.py --huge_pages=on --huge_pages=off --rounds=3
   python bench/train_step.py --config=configs/gpu.py --sweep=attention   # a preset; cuDNN vs XLA
+  python bench/train_step.py --peer=torch --rounds=5         # against PyTorch eager (ratio)
+  python bench/train_step.py --sweep=loss_chunk --huge_pages=on --huge_pages=off --rounds=3
 
 Each point runs in its own process, so compile time and peak memory are its own.
 MFU = analytic model FLOP/s / device peak; on CPU the peak is a large f32 matmul
 measured in the same process. Results are appended to --out as JSON lines.
+--peer=torch times bench/peer_torch.py's step (the same model in PyTorch eager, dropout
+off on both sides) in its own process after each point, the order alternating by round,
+with the point's huge-page setting and as many threads; each round prints the ratio of
+the two tokens/s, and the end the median ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import json
 import os
 import statistics
@@ -39,6 +46,7 @@ SWEEPS = {
     'vocab': [{'data.vocab_size': v} for v in (2000, 8000, 32000)],
     'towers': [{'model.n_towers': n} for n in (1, 2, 4)],
     'attention': [{'model.attention': a} for a in ('auto', 'xla')],  # cuDNN on GPU vs XLA
+    'loss_chunk': [{'train.loss_chunk': 0}],  # all logits at once: the target's loss before
 }
 
 COLUMNS = ('label', 'attention', 'tokens_per_s', 'ms_per_step', 'gflop_per_token',
@@ -56,8 +64,7 @@ def measure(overrides: dict, steps: int, repeats: int, preset: str = '') -> dict
   """
   import harness  # pylint: disable=g-import-not-at-top
   from twotower_jax.model import attention  # pylint: disable=g-import-not-at-top
-  base = harness.load_config(preset) if preset else None
-  config = harness.config_with(base, **{'mesh.data': -1, 'mesh.tower': 1, **overrides})
+  config = point_config(overrides, preset)
   dtype = config.model.dtype  # the peak of the compute dtype (a preset sets it too)
   bench = harness.StepBench(config, config.data.vocab_size)
   bench.run(2)  # warm-up: first executions allocate
@@ -76,7 +83,16 @@ def measure(overrides: dict, steps: int, repeats: int, preset: str = '') -> dict
           'achieved_gflops': achieved / 1e9, 'peak_gflops': max(peaks) / 1e9,
           'peaks_gflops': [x / 1e9 for x in peaks], 'peak_how': peak_how,
           'mfu': achieved / max(peaks), 'mfu_median_peak': achieved / statistics.median(peaks),
-          'compile_s': bench.compile_s, 'peak_mem_mb': harness.peak_memory_mb()}
+          'compile_s': bench.compile_s, 'peak_mem_mb': harness.peak_memory_mb(),
+          'loadavg': os.getloadavg()}
+
+
+def point_config(overrides: dict, preset: str = ''):
+  """The config of a point: `preset` (a config file, PATH or PATH:ARG) or base_config(),
+  one data-parallel device, with the overrides on top."""
+  import harness  # pylint: disable=g-import-not-at-top
+  base = harness.load_config(preset) if preset else None
+  return harness.config_with(base, **{'mesh.data': -1, 'mesh.tower': 1, **overrides})
 
 
 def point_env(xla_flags: str | None, huge_pages: str | None) -> dict:
@@ -101,6 +117,34 @@ def run_point(overrides: dict, steps: int, repeats: int, xla_flags: str | None =
   if out.returncode:
     raise SystemExit(f'benchmark point {overrides} failed:\n{out.stderr[-2000:]}')
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_peer_point(overrides: dict, steps: int, repeats: int, huge_pages: str | None = None,
+                   preset: str = '') -> dict:
+  """bench/peer_torch.py's row for the same config, timed in its own process (no JAX
+  there); its MFU is against the torch.mm peak that process measured."""
+  import harness  # pylint: disable=g-import-not-at-top
+  from twotower_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax.model import lm as model_lib  # pylint: disable=g-import-not-at-top
+  from twotower_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  config = point_config(overrides, preset)
+  env = point_env(None, huge_pages)
+  out = subprocess.run([sys.executable, os.path.join(HERE, 'peer_torch.py'), '--point',
+                        json.dumps(config_lib.to_dict(config)), f'--steps={steps}',
+                        f'--repeats={repeats}'],
+                       capture_output=True, text=True, check=False, env=env)
+  if out.returncode:
+    raise SystemExit(f'peer point {overrides} failed:\n{out.stderr[-2000:]}')
+  row = json.loads(out.stdout.strip().splitlines()[-1])
+  b, l = config.train.batch_size, config.data.seq_len
+  flops = flops_lib.train_flops_per_step(model_lib.build(config, config.data.vocab_size), b, l)
+  achieved = flops / (row['ms_per_step'] / 1e3)
+  machine = {k: v for k, v in harness.machine().items() if k not in ('jax', 'device')}
+  return {**machine, **row, 'huge_pages': hostmem.active(env), 'overrides': overrides,
+          'preset': preset, 'attention': 'torch sdpa', 'flops_per_step': flops,
+          'gflop_per_token': flops / (b * l) / 1e9, 'achieved_gflops': achieved / 1e9,
+          'mfu': achieved / (row['peak_gflops'] * 1e9),
+          'mfu_median_peak': achieved / (statistics.median(row['peaks_gflops']) * 1e9)}
 
 
 def parse_set(items: list[str]) -> dict:
@@ -131,6 +175,9 @@ def main() -> None:
                       'points decide)')
   p.add_argument('--rounds', type=int, default=1,
                  help='repeat every point this many times, alternating the A/B arms')
+  p.add_argument('--peer', choices=('torch',), default=None,
+                 help='also time the same step in PyTorch eager (bench/peer_torch.py) after '
+                      'each point, alternating, and print the ratio; sets model.dropout=0')
   p.add_argument('--out', default=os.path.join(HERE, 'results', 'train_step.jsonl'))
   p.add_argument('--point', help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -147,6 +194,10 @@ def main() -> None:
   base = {**({} if args.config else TARGET), **parse_set(args.set)}
   if args.dtype:
     base['model.dtype'] = args.dtype
+  if args.peer:
+    if importlib.util.find_spec('torch') is None:
+      p.error('--peer=torch needs PyTorch: pip install -e .[bench] (torch==2.13.0)')
+    base.setdefault('model.dropout', 0.0)  # the peer has none; a --set value it refuses
   points = [(os.path.basename(args.config) or 'target', base)]
   for name in filter(None, args.sweep.split(',')):
     if name not in SWEEPS:
@@ -158,24 +209,51 @@ def main() -> None:
   rows = []
   sys.path.insert(0, HERE)
   import harness  # pylint: disable=g-import-not-at-top
+  if args.peer:  # before anything runs: every point must be one the peer models
+    import peer_torch  # pylint: disable=g-import-not-at-top
+    for label, overrides in points:
+      problem = peer_torch.unsupported(point_config(overrides, args.config))
+      if problem:
+        p.error(f'--peer=torch cannot run point {label}: {problem}')
   arms = [(flags, pages) for flags in args.xla_flags or [None]
           for pages in args.huge_pages or [None]]
-  columns = (('xla_flags',) if args.xla_flags is not None else ()) + (
+  columns = (('side',) if args.peer else ()) + (
+      ('xla_flags',) if args.xla_flags is not None else ()) + (
       ('huge_pages',) if args.huge_pages is not None else ()) + COLUMNS
-  for _ in range(args.rounds):
+  ratios = {}
+  for round_i in range(args.rounds):
     for label, overrides in points:
       for flags, pages in arms:  # alternated, so a slow patch hits every arm
-        row = {'label': label, 'bench': 'train_step',
-               **run_point(overrides, args.steps, args.repeats, flags, pages, args.config)}
-        if flags is not None:
-          row['xla_flags'] = flags
-        rows.append(row)
-        harness.print_table([row], columns)
+        sides = ['jax', args.peer] if args.peer else ['jax']
+        got = {}
+        for side in sides[::-1] if round_i % 2 else sides:  # who goes first alternates too
+          if side == 'jax':
+            point = run_point(overrides, args.steps, args.repeats, flags, pages, args.config)
+          else:
+            point = run_peer_point(overrides, args.steps, args.repeats, pages, args.config)
+          row = got[side] = {'label': label, 'bench': 'train_step', **point}
+          if args.peer:
+            row['side'] = side
+          if flags is not None:
+            row['xla_flags'] = flags
+          rows.append(row)
+          harness.print_table([row], columns)
+        if args.peer:
+          ratio = got['jax']['tokens_per_s'] / got[args.peer]['tokens_per_s']
+          got['jax']['peer_ratio'] = ratio
+          ratios.setdefault((label, flags, pages), []).append(ratio)
+          print(f'round {round_i + 1}: {label}: jax / {args.peer} tokens/s = {ratio:.3f}')
   print()
   harness.print_table(rows, columns)
+  for (label, flags, pages), values in ratios.items():
+    arm = ''.join(f', {k}={v}' for k, v in (('xla_flags', flags), ('huge_pages', pages))
+                  if v is not None)
+    print(f'{label}{arm}: jax / {args.peer} tokens/s, median of {len(values)} rounds: '
+          f'{statistics.median(values):.3f} (rounds: {", ".join(f"{r:.3f}" for r in values)})')
   harness.write_jsonl(args.out, rows)
   print(f'\nwrote {len(rows)} rows to {args.out}')
 
 
 if __name__ == '__main__':
+  hostmem.restart()  # the host settings launch/env.sh gives (twotower_jax/hostmem.py)
   main()

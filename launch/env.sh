@@ -13,6 +13,15 @@ if [[ ! -x "$VENV/bin/python" || "$(cat "$VENV/.installed" 2>/dev/null)" != "$st
   "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements.lock"
   "$VENV/bin/python" -m pip install --quiet --no-deps -e "$ROOT"
   echo "$stamp" > "$VENV/.installed"
+  rm -f "$VENV/.installed_extras"
+fi
+# TWOTOWER_EXTRAS=bench (as .ci/run sets it) adds setup.py's extra: torch==2.13.0 for the
+# PyTorch peer of bench/train_step.py --peer=torch and its test; the lock pins the rest.
+extras="${TWOTOWER_EXTRAS:-}"
+if [[ -n "$extras" && "$(cat "$VENV/.installed_extras" 2>/dev/null)" != "$stamp $extras" ]]; then
+  echo "installing the [$extras] extra into $VENV (setup.py)" >&2
+  "$VENV/bin/python" -m pip install --quiet -c "$ROOT/requirements.lock" -e "$ROOT[$extras]"
+  echo "$stamp $extras" > "$VENV/.installed_extras"
 fi
 export PATH="$VENV/bin:$PATH"
 cd "$ROOT"

@@ -117,3 +117,29 @@ def test_profile_reads_a_cpu_trace_of_a_jitted_function(tmp_path):
   assert names and not any(profile_step.CONTAINERS.match(n) for n in names)
   assert summary['kernel_ms_per_step'] > 0
   assert {row['kind'] for row in summary['kinds']} <= {'matmul', 'ynnpack', 'copy', 'other'}
+
+
+def test_profile_parts_of_a_cpu_train_step():
+  """profile_step.py's CPU table: every thunk of the compiled train step (configs/tiny.py)
+  gets a part from its HLO name stack and source frames; the step's matmuls, attention,
+  norms, loss and optimizer each land in their own part."""
+  import harness  # pylint: disable=g-import-not-at-top
+  config = train_step.point_config({'model.n_layers': 1}, os.path.join(
+      os.path.dirname(BENCH), 'configs', 'tiny.py'))
+  hlo = harness.StepBench(config, config.data.vocab_size).compiled.as_text()
+  index = profile_step.hlo_instructions(hlo)
+  by_part = {}
+  for info in index.values():
+    by_part.setdefault(profile_step.part(info), []).append(info)
+  dots = lambda label: [i for i in by_part.get(label, []) if i['dot']]
+  assert len(dots('output layer matmuls')) >= 3  # logits, and both gradients
+  assert {'qkv', 'attn_out', 'mlp_in', 'mlp_out'} <= {
+      name for i in dots('tower and gate matmuls') for name in i['op_name'].split('/')}
+  assert dots('attention') and by_part['LayerNorm and GELU']
+  assert any('optax/' in i['files'] for i in by_part['optimizer update (clip, AdamW)'])
+  assert any('nonfinite.py' in i['files'] for i in by_part['gradient norms and finite flags'])
+  trace = {'traceEvents': [{'ph': 'X', 'name': name, 'dur': 1000.0, 'args': {'hlo_op': name}}
+                           for name in index]}
+  rows = profile_step.summarize_parts(trace, hlo, steps=1)
+  assert sum(r['per_step'] for r in rows) == len(index)
+  assert sum(r['ms_per_step'] for r in rows) == pytest.approx(len(index))

@@ -1,5 +1,6 @@
 """Huge-page host buffers: when the tunable applies, how the environment is edited,
-that the launch scripts export it, and that it puts XLA:CPU temporaries on huge pages."""
+that the launch scripts export it and entry points restart with it, and that it puts
+XLA:CPU temporaries on huge pages."""
 
 import os
 import subprocess
@@ -49,15 +50,44 @@ def test_export_line_only_where_the_tunable_applies():
   assert hostmem.export_line({}, **{**LINUX_MADVISE, 'mode': 'never'}) == ''
 
 
+def test_restart_replaces_the_process_with_the_tunable_once(monkeypatch):
+  """An entry point started without launch/ restarts itself with the tunable (arguments
+  and interpreter options kept); one that has it, or opted out, runs on."""
+  calls = []
+  monkeypatch.setattr(os, 'execve', lambda path, argv, env: calls.append((path, argv, env)))
+  monkeypatch.setattr(hostmem, 'unsupported', lambda **machine: None)
+  monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+  monkeypatch.delenv(hostmem.OPT_OUT, raising=False)
+  hostmem.restart()
+  ((path, argv, env),) = calls
+  assert path == sys.executable and argv == [sys.executable, *sys.orig_argv[1:]]
+  assert hostmem.active(env) and hostmem.reason(env) == 'already set'
+  monkeypatch.setenv(hostmem.OPT_OUT, '0')
+  hostmem.restart()
+  monkeypatch.delenv(hostmem.OPT_OUT)
+  monkeypatch.setenv('GLIBC_TUNABLES', hostmem.TUNABLE)
+  hostmem.restart()
+  assert len(calls) == 1
+
+
+def test_a_failed_restart_runs_on_without_the_tunable(monkeypatch, capsys):
+  def fail(*args):
+    raise OSError('exec format error')
+  monkeypatch.setattr(hostmem, 'reason', lambda: None)
+  monkeypatch.setattr(os, 'execve', fail)
+  hostmem.restart()  # returns instead of raising
+  assert 'could not restart with glibc.malloc.hugetlb=1' in capsys.readouterr().err
+
+
 def _python(code: str, env: dict) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env,
                         capture_output=True, text=True, check=True, timeout=300)
 
 
 @pytest.mark.skipif(hostmem.unsupported() is not None, reason=str(hostmem.unsupported()))
-def test_launch_env_exports_the_tunable_unless_opted_out():
-  """The line launch/env.sh runs gives the processes it starts the tunable; the library
-  itself never restarts a process (entry points run as started)."""
+def test_launch_env_and_entry_points_set_the_tunable_unless_opted_out():
+  """The line launch/env.sh runs gives the processes it starts the tunable, and an entry
+  point started without it restarts with it; importing the library changes nothing."""
   with open(os.path.join(REPO, 'launch', 'env.sh')) as f:
     (line,) = [l for l in f.read().splitlines() if 'twotower_jax.hostmem' in l]
   script = line + '; python -c "import os; print(os.environ.get(\'GLIBC_TUNABLES\', \'\'))"'
@@ -70,9 +100,16 @@ def test_launch_env_exports_the_tunable_unless_opted_out():
   off = subprocess.run(['bash', '-c', script], env={**base, hostmem.OPT_OUT: '0'},
                        capture_output=True, text=True, check=True)
   assert hostmem.TUNABLE not in off.stdout
+  imported = _python("import os; from twotower_jax import cli; "
+                     "print(os.environ.get('GLIBC_TUNABLES', ''))", {**base})
+  assert hostmem.TUNABLE not in imported.stdout  # importing the entry plumbing changes nothing
   started = _python("import os; from twotower_jax import cli; "
-                    "print(os.environ.get('GLIBC_TUNABLES', ''))", {**base})
-  assert hostmem.TUNABLE not in started.stdout  # importing the entry plumbing changes nothing
+                    "cli.run(lambda argv: print(os.environ.get('GLIBC_TUNABLES', '')))", base)
+  assert hostmem.TUNABLE in started.stdout  # an entry point (cli.run) restarts with it
+  opted_out = _python("import os; from twotower_jax import cli; "
+                      "cli.run(lambda argv: print(os.environ.get('GLIBC_TUNABLES', '')))",
+                      {**base, hostmem.OPT_OUT: '0'})
+  assert hostmem.TUNABLE not in opted_out.stdout
 
 
 @pytest.mark.skipif(hostmem.unsupported() is not None, reason=str(hostmem.unsupported()))

@@ -24,6 +24,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from twotower_jax import errors
+from twotower_jax import hostmem
 
 
 def one_line(message) -> str:
@@ -291,7 +292,10 @@ def run(main: Callable[[list[str]], None], config_files: Sequence[str] = (),
   `rerun` says what rerunning the command does after Ctrl-C (130) or SIGTERM (143).
   `sigterm`: turn SIGTERM into that one line; the trainer leaves it to its own handler
   (train/preemption.py, or JAX's preemption service on several hosts).
+  For `__main__` blocks only: it first restarts the process with the host settings
+  launch/env.sh would give it (hostmem.restart), which replaces the running process.
   """
+  hostmem.restart()
   def interrupted(name: str, code: int) -> None:
     _leave(f'{name}; rerun the same command {rerun}', code)
 

@@ -150,6 +150,9 @@ def base_config() -> ml_collections.ConfigDict:
   # the state no longer changes, so later batches are unlikely to fare better.
   c.train.max_consecutive_skips = 20
   c.train.wandb_project = ''  # Weights & Biases project to log to as well ('' = none)
+  # Rows of logits at a time in the fused output layer + cross-entropy of the concat gate
+  # (model/output_loss.py, docs/PERFORMANCE.md); 0: all B*L x V logits at once, then the loss.
+  c.train.loss_chunk = 512
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-3  # AdamW peak learning rate (the paper's)
@@ -225,9 +228,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_model_options(m)
   if t.on_nonfinite not in ('stop', 'skip'):
     raise ConfigError(f"train.on_nonfinite={t.on_nonfinite!r} is unknown; use 'stop' or 'skip'")
-  if not _is_int(t.max_consecutive_skips) or t.max_consecutive_skips < 1:
-    raise ConfigError(f'train.max_consecutive_skips={t.max_consecutive_skips!r} must be an '
-                      'integer >= 1')
+  for name, low in (('max_consecutive_skips', 1), ('loss_chunk', 0)):
+    if not _is_int(t[name]) or t[name] < low:
+      raise ConfigError(f'train.{name}={t[name]!r} must be an integer >= {low}')
   _validate_optimizer(config.optimizer)
   if not 0.0 <= m.dropout < 1.0:
     raise ConfigError(f'model.dropout={m.dropout} must be in [0, 1)')

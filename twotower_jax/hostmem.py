@@ -8,8 +8,10 @@ CPU time and 12% of the step's wall time on a 2-core VM. glibc's
 `glibc.malloc.hugetlb=1` tunable asks the kernel for 2 MiB transparent huge pages on
 those blocks (512x fewer faults) when the kernel's THP mode is `madvise`, the usual
 default. Tunables are read only at process start, so this is host tuning set in the
-environment before Python starts, never by the library: the launch scripts
-(launch/env.sh) export it where it applies, and TWOTOWER_HUGE_PAGES=0 turns that off.
+environment before Python starts: the launch scripts (launch/env.sh) export it where it
+applies, and an entry point started without them (`python -m twotower_jax.main`, the
+bench scripts) restarts itself once with it (`restart`, called first in their
+`__main__`; library code never restarts a process). TWOTOWER_HUGE_PAGES=0 turns both off.
 
   python -m twotower_jax.hostmem            # prints whether it applies here, and why
   eval "$(python -m twotower_jax.hostmem --export)"   # what launch/env.sh runs
@@ -98,6 +100,24 @@ def without_tunable(env: Mapping[str, str]) -> dict[str, str]:
   return out
 
 
+def restart() -> None:
+  """Replaces this process by itself with the tunable where it applies (else returns): a
+  command started without launch/ gets the host settings of one started through it.
+
+  For entry points' `__main__` only, before any JAX use (never library code or tests: the
+  running process is replaced). Interpreter options and arguments are kept
+  (sys.orig_argv); the new process has the tunable, so it does not restart again.
+  """
+  if reason() is not None or not sys.executable:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  try:
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], with_tunable(os.environ))
+  except OSError as e:  # run on with glibc's defaults: slower on CPU, the same results
+    sys.stderr.write(f'warning: could not restart with {TUNABLE} ({e}); continuing without\n')
+
+
 def export_line(env: Mapping[str, str] = os.environ, **machine) -> str:
   """A shell line exporting GLIBC_TUNABLES with the tunable where it applies, else ''."""
   if reason(env, **machine) is not None:
@@ -113,6 +133,7 @@ if __name__ == '__main__':
   elif active():
     print(f'on: GLIBC_TUNABLES has {TUNABLE}')
   elif reason() is None:
-    print(f'applies: launch/env.sh exports GLIBC_TUNABLES={TUNABLE} (off: TWOTOWER_HUGE_PAGES=0)')
+    print(f'applies: launch/env.sh exports GLIBC_TUNABLES={TUNABLE} and entry points restart '
+          'with it (off: TWOTOWER_HUGE_PAGES=0)')
   else:
     print(f'off: {reason()}')

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.model import layers
+from twotower_jax.model import output_loss
 
 MODES = ('shared', 'projected', 'per_tower')
 # Choices of the projected mode's options, the first the default (and the only one the
@@ -210,6 +211,15 @@ class Embedder(nn.Module):
     if _has_out_proj(self.cfg):  # else z is already table-wide (or the table H-wide)
       z_BxLxH = z_BxLxH @ self.out_proj_HxW
     return jnp.einsum('blh,vh->blv', z_BxLxH, self.output_matrix()) + self.output_bias_V
+
+  def decode_loss(self, z_BxLxH: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array,
+                  chunk: int) -> jax.Array:
+    """sum w * CE(decode(z), targets) in float32, `chunk` rows of logits at a time: the
+    whole B x L x V logits are never formed (model/output_loss.py)."""
+    if _has_out_proj(self.cfg):
+      z_BxLxH = z_BxLxH @ self.out_proj_HxW
+    return output_loss.batch_cross_entropy_sum(z_BxLxH, self.output_matrix(), self.output_bias_V,
+                                               targets_BxL, weights_BxL, chunk)
 
   def decode_towers(self, z_NxBxLxH: jax.Array) -> jax.Array:
     """logits_NxBxLxV: tower k's head output through the output layer (its own table

@@ -9,7 +9,9 @@ the positions that carry loss). It returns a dict with `logits_BxLxV` (log_softm
 of it is the model's next-token distribution) plus optional extras: `aux_loss`
 (added to the loss), `metrics` (scalars to log) and per-tower arrays for the
 analysis (`tower_logits_NxBxLxV`; a `mixture` gate also `gate_log_weights_NxBxL`,
-the log prior log pi_NxBxL of its per-token mixture). Register a new gate with
+the log prior log pi_NxBxL of its per-token mixture; a gate whose logits are
+`decode(z)` also `output_in_BxLxZ`, that z, so the train step's loss can skip forming
+the logits). Register a new gate with
 `@register(name)`; the model and the train loop never change.
 """
 
@@ -127,7 +129,7 @@ class ConcatGate(nn.Module):
     z_BxLxZ = layers.dense(embeddings.output_width(self.cfg), ('gate_in', 'embed'), name='dense',
                            init=head.init, fan_in=x_BxLxC.shape[-1])(x_BxLxC)
     z_BxLxZ = layers.layer_norm(name='ln_out', eps=head.ln_eps)(layers.gelu(z_BxLxZ, head.gelu))
-    return {'logits_BxLxV': decode(z_BxLxZ)}
+    return {'logits_BxLxV': decode(z_BxLxZ), 'output_in_BxLxZ': z_BxLxZ}
 
 
 class TowerHead(nn.Module):

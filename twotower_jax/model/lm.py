@@ -34,7 +34,8 @@ class TwoTowerLM(nn.Module):
                states_fn: Callable[[jax.Array], jax.Array] | None = None,
                tower_states: jax.Array | None = None,
                cache: dict[str, dict[str, jax.Array]] | None = None,
-               positions_BxL: jax.Array | None = None):
+               positions_BxL: jax.Array | None = None,
+               targets_BxL: jax.Array | None = None, loss_chunk: int = 0):
     """`weights_BxL`: the loss weights, for the gate's averages (None: every position).
     `states_fn` (analysis hook) edits the tower states h_NxBxLxH before the gate.
     `tower_states` (analysis): h_NxBxLxH computed before from these tokens; the towers
@@ -42,6 +43,10 @@ class TwoTowerLM(nn.Module):
     Decoding (model/decode.py): with a `cache` (decode.init_cache: per pondering pass
     `pass_p`, the tower type's cache stacked along the tower axis) the tokens sit at
     `positions_BxL` of each row and the result also holds the updated `cache`.
+    With `targets_BxL` and `loss_chunk` > 0, where the gate returns its output layer's
+    input, the result also holds `loss_sum` = sum of weights_BxL * CE(logits, targets),
+    computed `loss_chunk` rows at a time (Embedder.decode_loss): a step that reads only
+    it never forms the whole logits_BxLxV (XLA drops them).
     """
     cfg = self.cfg
     embedder = embeddings.Embedder(cfg, name='embed')
@@ -105,6 +110,10 @@ class TwoTowerLM(nn.Module):
       out = forward(x_NxBxLxH)
     if cache is not None:
       out['cache'] = constrain_cache(cfg, {f'pass_{p}': c for p, c in enumerate(new_caches)})
+    if targets_BxL is not None and loss_chunk > 0 and 'output_in_BxLxZ' in out:
+      weights = jnp.ones(targets_BxL.shape, jnp.float32) if weights_BxL is None else weights_BxL
+      out['loss_sum'] = embedder.decode_loss(out['output_in_BxLxZ'], targets_BxL, weights,
+                                             loss_chunk)
     out.setdefault('aux_loss', jnp.zeros((), jnp.float32))
     out.setdefault('metrics', {})
     return out

@@ -163,7 +163,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model, tx, mesh, state_sh,
                            lr_schedule=optimizer_lib.schedule(config),
                            grad_accum_steps=tc.grad_accum_steps, on_nonfinite=tc.on_nonfinite,
                            target_weights_V=_constant(target_weights_V),
-                           trainable=tc.trainable)
+                           trainable=tc.trainable, loss_chunk=tc.loss_chunk)
   return jax.jit(partitioning.with_rules(step, mesh, sharding_lib.rules(config)),
                  in_shardings=(state_sh, batch_sh),
                  out_shardings=(state_sh, sharding_lib.replicated(mesh)), donate_argnums=0)

@@ -42,18 +42,24 @@ def step_rngs(state: TrainState) -> tuple[jax.Array, jax.Array]:
 def loss_fn(params: Any, model: nn.Module, example: dict[str, jax.Array],
             dropout_rng: jax.Array, perturbations: Any = None,
             total_weight: jax.Array | None = None,
-            aux_scale: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+            aux_scale: float = 1.0, loss_chunk: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """CE normalised by `total_weight` (default: this batch's weight) plus scaled aux loss.
 
   `perturbations` (zeros) expose activation gradients, e.g. of the embedding lookup.
+  `loss_chunk` (train.loss_chunk) > 0: the CE from the output layer's input in chunks of
+  rows where the gate allows it (TwoTowerLM's `loss_sum`), else from the logits.
   """
   variables = {'params': params}
   if perturbations is not None:
     variables['perturbations'] = perturbations
   out = model.apply(variables, example['inputs'], weights_BxL=example['weights'],
-                    deterministic=False, rngs={'dropout': dropout_rng})
-  loss_sum, weight_sum = cross_entropy(out['logits_BxLxV'], example['targets'],
-                                       example['weights'])
+                    deterministic=False, rngs={'dropout': dropout_rng},
+                    targets_BxL=example['targets'], loss_chunk=loss_chunk)
+  if 'loss_sum' in out:
+    loss_sum, weight_sum = out['loss_sum'], jnp.sum(example['weights'])
+  else:
+    loss_sum, weight_sum = cross_entropy(out['logits_BxLxV'], example['targets'],
+                                         example['weights'])
   ce = loss_sum / jnp.maximum(weight_sum if total_weight is None else total_weight, 1.0)
   loss = ce + aux_scale * out['aux_loss']
   return loss, {'ce': ce, 'aux_loss': out['aux_loss'], 'n_tokens': weight_sum,
@@ -69,11 +75,12 @@ def zero_perturbations(model: nn.Module, params: Any, inputs_BxL: jax.Array) -> 
 
 def grads_and_lookup(params: Any, model: nn.Module, example: dict[str, jax.Array],
                      dropout_rng: jax.Array, total_weight: jax.Array | None = None,
-                     aux_scale: float = 1.0) -> tuple[jax.Array, dict, Any, jax.Array]:
+                     aux_scale: float = 1.0,
+                     loss_chunk: int = 0) -> tuple[jax.Array, dict, Any, jax.Array]:
   """(loss, aux, grads, table gradient through the input lookup) of one batch."""
   perturbations = zero_perturbations(model, params, example['inputs'])
   (loss, aux), (grads, pert_grads) = jax.value_and_grad(loss_fn, argnums=(0, 4), has_aux=True)(
-      params, model, example, dropout_rng, perturbations, total_weight, aux_scale)
+      params, model, example, dropout_rng, perturbations, total_weight, aux_scale, loss_chunk)
   lookup_part = embeddings.lookup_table_grad(model.cfg, grads['embed']['token'],
                                              pert_grads['embed']['lookup'], example['inputs'])
   return loss, aux, grads, lookup_part
@@ -91,7 +98,8 @@ _SUMMED = ('ce', 'n_tokens')
 
 
 def accumulated_grads(params: Any, model: nn.Module, example: dict[str, jax.Array],
-                      dropout_rng: jax.Array, k: int) -> tuple[jax.Array, dict, Any, jax.Array]:
+                      dropout_rng: jax.Array, k: int,
+                      loss_chunk: int = 0) -> tuple[jax.Array, dict, Any, jax.Array]:
   """grads_and_lookup of the whole batch from k scanned micro-batches.
 
   Each micro-batch's CE is divided by the whole batch's token weight, so the summed
@@ -103,7 +111,7 @@ def accumulated_grads(params: Any, model: nn.Module, example: dict[str, jax.Arra
   def body(acc, xs):
     i, ex = xs
     loss, aux, grads, lookup_part = grads_and_lookup(
-        params, model, ex, jax.random.fold_in(dropout_rng, i), total_weight, 1.0 / k)
+        params, model, ex, jax.random.fold_in(dropout_rng, i), total_weight, 1.0 / k, loss_chunk)
     return jax.tree.map(jnp.add, acc, (grads, lookup_part)), (loss, aux)
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -125,7 +133,7 @@ def train_step(state: TrainState, window_BxL1: jax.Array, *, model: nn.Module,
                tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                grad_accum_steps: int = 1, on_nonfinite: str = 'stop',
                target_weights_V: jax.Array | None = None,
-               trainable: str = '') -> tuple[TrainState, dict[str, jax.Array]]:
+               trainable: str = '', loss_chunk: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One AdamW update on one global batch of packed windows (optionally accumulated).
 
   metrics[nonfinite.FLAGS_KEY] flags the loss, each gradient leaf, each updated parameter
@@ -134,16 +142,17 @@ def train_step(state: TrainState, window_BxL1: jax.Array, *, model: nn.Module,
   `target_weights_V` (the data source's, e.g. data.planted_loss_class) scales each
   target's loss weight. With `trainable` (train.trainable) the frozen parameters'
   gradients are zeros here already, so XLA drops their backward pass (and the metrics
-  count only the trained ones); the optimizer zeroes them as well.
+  count only the trained ones); the optimizer zeroes them as well. `loss_chunk`: see loss_fn.
   """
   dropout_rng, example_rng = step_rngs(state)
   example = towers.get(model.cfg.tower_type).make_example(window_BxL1, example_rng, model.cfg)
   example = weight_targets(example, target_weights_V)
   if grad_accum_steps > 1:
     loss, aux, grads, lookup_part = accumulated_grads(state.params, model, example, dropout_rng,
-                                                      grad_accum_steps)
+                                                      grad_accum_steps, loss_chunk)
   else:
-    loss, aux, grads, lookup_part = grads_and_lookup(state.params, model, example, dropout_rng)
+    loss, aux, grads, lookup_part = grads_and_lookup(state.params, model, example, dropout_rng,
+                                                     loss_chunk=loss_chunk)
   if trainable:
     grads = optimizer_lib.zero_frozen(grads, trainable)
     if not optimizer_lib.selects(trainable, 'embed/token'):
