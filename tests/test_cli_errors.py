@@ -198,6 +198,9 @@ def test_an_interrupt_python_had_to_drop_is_delivered_again(monkeypatch, exc):
   as 'Exception ignored' and training ran to the end (exit 0, not 130)."""
   monkeypatch.setattr(sys, 'unraisablehook', cli._unraisable)  # pylint: disable=protected-access
   previous = signal.signal(signal.SIGTERM, cli._raise_terminated)  # pylint: disable=protected-access
+  # Python's own SIGINT handler, whatever an earlier test left (interrupt_main does nothing
+  # for a signal set to SIG_DFL or SIG_IGN)
+  previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
     with pytest.raises(exc):
       _RaisesInDel(exc())  # dropped at once: the hook re-delivers it to this thread
@@ -206,6 +209,7 @@ def test_an_interrupt_python_had_to_drop_is_delivered_again(monkeypatch, exc):
         time.sleep(0.001)
   finally:
     signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGINT, previous_int)
 
 
 _COLLECT_FAILED_TASKS = """
