@@ -190,6 +190,10 @@ def test_checks_from_results_group_by_ladder_and_null():
   assert out['ladder/causal/gate/probe']['passed']
   assert out['null/seeds/probe']['fpr'] == 0.25 and not out['null/seeds/probe']['passed']
   assert out['null/shuffled/probe']['n'] == 16 and out['null/shuffled/probe']['fpr'] == 0.5
+  marked = {c['name']: c['required'] for c in checks.mark_required(list(out.values()), 'probe')}
+  assert all(marked.values())
+  marked = {c['name']: c['required'] for c in checks.mark_required(list(out.values()), 'gate')}
+  assert not any(marked.values())  # 'gate' is not the probe: every check secondary
 
 
 def test_markdown_and_figures(tmp_path):
@@ -198,8 +202,11 @@ def test_markdown_and_figures(tmp_path):
                                0.05)
   assert ladder['passed']
   null = checks.judge_null('null/seeds/probe', [0.2, 0.6, 0.01, 0.9], 0.05, 0.1)
+  other = dict(checks.judge_null('null/seeds/gate', [0.01, 0.02, 0.5, 0.9], 0.05, 0.1),
+               required=False)
   result = {'passed': False, 'failed': [null['name']], 'alpha': 0.05, 'max_fpr': 0.1,
-            'checks': [ladder, null],
+            'primary': 'probe/planted', 'secondary_failed': [other['name']],
+            'checks': [ladder, dict(null, required=True), other],
             'runs': {'ladder/causal/w1.00/src0': {'step': 900, 'eval': {'loss': 1.9,
                                                                          'loss_all': 4.0},
                                                   'train_wall_s': 10.0, 'train_cpu_s': 9.0}}}
@@ -208,6 +215,9 @@ def test_markdown_and_figures(tmp_path):
   assert 'FAILED: null/seeds/probe' in text
   assert '| causal/gate | probe | 1: 0.95 [0.90, 1.00], 0.90, p 0.0001 split; 0.5: 0.50' in text
   assert '| seeds | probe | 1/4 | 0.250 [' in text and '| FAIL |' in text
+  assert '| seeds | gate | 2/4 | 0.500 [' in text and '| fail (secondary) |' in text
+  assert 'Required: the checks of `probe`' in text
+  assert 'Secondary checks failed: null/seeds/gate.' in text
   assert '| ladder/causal/w1.00/src0 | 900 | 1.900 | 4.000 | 10 / 9 |' in text
   for name in ('ladder', 'calibration'):
     assert f'](figures/{name}.png)' in text

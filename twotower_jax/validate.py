@@ -7,7 +7,8 @@ class weights w / 1 - w (the AUC must rise with w; w = 0.5 must report no split)
 replicated nulls (two seeds; a tower trained far longer than the other; shuffled towers:
 the false-positive rate must stay at most --max_fpr). Writes DIR/validation.json,
 validation.md and figures/ (twotower_jax/analysis/validation/; docs/ANALYSIS.md,
-"Known-answer validation"). Exits 1 naming the failed checks; rerunning with the same DIR
+"Known-answer validation"). Exits 1 naming the failed checks of the primary
+estimator (the others are reported as secondary); rerunning with the same DIR
 resumes.
 """
 
@@ -67,7 +68,8 @@ def main(argv):
   result = validation.run(cli.load_config(_CONFIG), _WORKDIR.value, settings)
   log = logging.getLogger('twotower_jax')
   for c in result['checks']:
-    log.info('validate: %-5s %-28s %s', 'ok' if c['passed'] else 'FAIL', c['name'], c['why'])
+    tag = 'ok' if c['passed'] else 'FAIL' if c['required'] else 'fail (secondary)'
+    log.info('validate: %-16s %-28s %s', tag, c['name'], c['why'])
   log.info('validate: wrote %s/%s and %s', result['workdir'], validation.VALIDATION_JSON,
            validation.VALIDATION_MD)
   if not result['passed']:

@@ -75,10 +75,15 @@ def run(base: ml_collections.ConfigDict, workdir: str,
           rec[k] = prev_runs[r.name][k]
     rec['eval_loss_scored'] = summary.get('eval_loss')
     results.append({'name': r.name, 'group': r.group, 'summary': summary})
-  checks = (checks_lib.ladder_checks(results, estimators, settings.alpha) +
-            checks_lib.null_checks(results, estimators, settings.alpha, settings.max_fpr))
-  failed = [c['name'] for c in checks if not c['passed']]
+  checks = checks_lib.mark_required(
+      checks_lib.ladder_checks(results, estimators, settings.alpha) +
+      checks_lib.null_checks(results, estimators, settings.alpha, settings.max_fpr),
+      plan_lib.PRIMARY.split('/')[0])
+  failed = [c['name'] for c in checks if c['required'] and not c['passed']]
   result = {'workdir': workdir, 'passed': not failed, 'failed': failed,
+            'primary': plan_lib.PRIMARY,
+            'secondary_failed': [c['name'] for c in checks
+                                 if not c['required'] and not c['passed']],
             'alpha': settings.alpha, 'max_fpr': settings.max_fpr,
             'settings': {k: list(v) if isinstance(v, tuple) else v
                          for k, v in settings.__dict__.items()},

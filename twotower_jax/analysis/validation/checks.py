@@ -20,6 +20,12 @@ two shares' Clopper-Pearson intervals.
 - nulls: the share of replicates whose class test rejects at alpha (the false-positive
   rate, with its Clopper-Pearson interval) is at most max_fpr, for the seeds null, the
   quality null and the shuffled-tower draws.
+
+Required are the checks of the primary estimator (the estimator of `analysis.primary`, the
+test a report's headline claim rests on, fixed before the data); every other estimator's
+checks are reported beside them as secondary: a secondary failure says that estimator's
+class test is not calibrated on that null, and the report says so, but it does not fail the
+validation (`required`, `mark_required`).
 """
 
 from __future__ import annotations
@@ -115,6 +121,12 @@ def judge_null(name: str, p_values: list[float], alpha: float, max_fpr: float
           'fpr_ci': stats.binomial_ci(k, len(ps)), 'p_values': ps,
           'why': (f'{k}/{len(ps)} rejections at alpha {alpha}: rate {rate:.3f} '
                   f'{"<=" if ok else ">"} {max_fpr}') if ps else 'no replicate analysed'}
+
+
+def mark_required(checks: list[dict[str, Any]], primary_estimator: str
+                  ) -> list[dict[str, Any]]:
+  """Each check with `required`: True for the primary estimator's (the name's last part)."""
+  return [dict(c, required=c['name'].rsplit('/', 1)[-1] == primary_estimator) for c in checks]
 
 
 def ladder_checks(results: list[dict[str, Any]], estimators: list[str], alpha: float
