@@ -55,7 +55,11 @@ def _how_to_read(n_towers: int, meanings: dict[str, str]) -> list:
         'to its tower (a signed-rank test of its preferences against 0, so a tower that is '
         'better for everything is not a split). Punctuation is tested the same way, apart '
         'from function words; word-internal pieces (e.g. "ing") have no class and are left '
-        'out.'),
+        'out. A class split says the two towers of this model differ by class; it does not '
+        'say that training them together made them differ: two towers trained apart from '
+        'different seeds can differ by class too, and how often each estimator\'s class test '
+        'then calls a split is measured by `python -m twotower_jax.validate` (its seeds '
+        'null; docs/ANALYSIS.md, "Known-answer validation").'),
       P('**AUC.** The adjusted AUC is the probability that, of a function word and a '
         'content word in the same stratum, the function word has the higher preference '
         '(leans more to tower 0). 0.5 = no difference. The bracket is a 95% interval from '
