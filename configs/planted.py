@@ -3,7 +3,7 @@
   python -m twotower_jax.main --config=configs/planted.py --workdir=runs/planted_s0
   python -m twotower_jax.validate --config=configs/planted.py:small --workdir=runs/validate
   python -m twotower_jax.validate --config=configs/planted.py:test --workdir=runs/validate_test \
-      --gate_steps=60 --ladder=1,0.75,0.5 --pieces_vocab=28
+      --gate_steps=60 --ladder=1,0.75,0.5 --pieces_rung=1 --pieces_vocab=38
 
 SentencePiece runs as a word model, so every planted word is exactly one piece and
 each piece has a known class (planted.token_classes). Changing a data.planted_* size
