@@ -217,6 +217,9 @@ STEPS = {
     'train_tower_axis': train(**{'mesh.tower': 2, 'mesh.fsdp': 2, 'model.dtype': 'bfloat16'}),
     'train_mlm': train('mlm', **{'mesh.tower': 2}),
     'train_bilstm': train('bilstm', **{'mesh.tower': 2}),
+    # the fused output loss: its rows split over the tower axis too, so no FLOP twice
+    'train_fused_tower_axis': train(**{'mesh.tower': 2, 'mesh.fsdp': 2, 'train.loss_chunk': 64}),
+    'train_fused_mlm': train('mlm', **{'mesh.tower': 2, 'train.loss_chunk': 64}),
     'eval': evaluate(**{'mesh.tower': 2, 'model.dtype': 'bfloat16'}),
     'analysis_tower_pass': analysis(base.tower_pass_fn),
     'analysis_probe': _scored('probe', lambda ctx: {'params': _probe_heads(ctx)}),

@@ -152,7 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.wandb_project = ''  # Weights & Biases project to log to as well ('' = none)
   # Rows of logits at a time in the fused output layer + cross-entropy of the concat gate
   # (model/output_loss.py, docs/PERFORMANCE.md; 11-12% faster on CPU, e.g. 512); 0: all B*L x V
-  # logits at once, then the loss. Off by default: its lowered accelerator steps are unchecked.
+  # logits at once, then the loss. Off by default until it is timed on an accelerator.
   c.train.loss_chunk = 0
 
   c.optimizer = ml_collections.ConfigDict()

@@ -11,7 +11,8 @@ added (the forward's logits and the backward's two products, as before). The
 backward pass scales the saved gradients by the incoming cotangent.
 Same arithmetic as `optax.softmax_cross_entropy_with_integer_labels` on f32 logits;
 sums over chunks change the order of float additions, nothing else. Under a mesh each
-device takes its own rows of the batch (`shard_map`), and the table's and bias's
+device takes its own rows of the batch (`shard_map` over the batch's mesh axes, then the
+others, so no device of the tower axis scores another's rows), and the table's and bias's
 gradients are summed over the devices as the plain path's are.
 """
 
@@ -109,8 +110,24 @@ def batch_cross_entropy_sum(z_BxLxZ: jax.Array, table_VxZ: jax.Array, bias_V: ja
   spec = partitioning.logical_spec(('batch',))
   if spec is None or not len(spec) or spec[0] is None:
     return local(*args)[0]
-  rows, whole = jax.sharding.PartitionSpec(spec[0]), jax.sharding.PartitionSpec()
-  per_shard = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
-                            in_specs=(rows, whole, whole, rows, rows), out_specs=rows,
-                            check_vma=False)
+  mesh = jax.sharding.get_abstract_mesh()
+  rows_axes = _row_axes(spec[0], dict(mesh.shape), z_BxLxZ.shape[0])
+  rows, whole = jax.sharding.PartitionSpec(rows_axes), jax.sharding.PartitionSpec()
+  per_shard = jax.shard_map(local, mesh=mesh, in_specs=(rows, whole, whole, rows, rows),
+                            out_specs=rows, check_vma=False)
   return jnp.sum(per_shard(*args))
+
+
+def _row_axes(batch_axes, mesh_shape: dict[str, int], n_rows: int) -> tuple[str, ...]:
+  """The mesh axes the loss's rows are split over: the batch's, then every other axis of
+  the mesh while the rows divide evenly. The batch is replicated over the others (the
+  tower axis, for one), and rows left whole there would be scored once per device of that
+  axis: 1.16x the step's FLOPs with a tower axis of 2 (tests/test_lowering.py)."""
+  axes = tuple(batch_axes) if isinstance(batch_axes, (tuple, list)) else (batch_axes,)
+  size = 1
+  for a in axes:
+    size *= mesh_shape[a]
+  for a, n in mesh_shape.items():
+    if a not in axes and n > 1 and n_rows % (size * n) == 0:
+      axes, size = axes + (a,), size * n
+  return axes
