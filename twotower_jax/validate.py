@@ -68,8 +68,7 @@ def main(argv):
   result = validation.run(cli.load_config(_CONFIG), _WORKDIR.value, settings)
   log = logging.getLogger('twotower_jax')
   for c in result['checks']:
-    tag = 'ok' if c['passed'] else 'FAIL' if c['required'] else 'fail (secondary)'
-    log.info('validate: %-16s %-28s %s', tag, c['name'], c['why'])
+    log.info('validate: %-16s %-28s %s', validation.writeup.verdict(c), c['name'], c['why'])
   log.info('validate: wrote %s/%s and %s', result['workdir'], validation.VALIDATION_JSON,
            validation.VALIDATION_MD)
   if not result['passed']:

@@ -85,7 +85,7 @@ def _save(fig, workdir: str, name: str) -> str:
   return os.path.join(FIG_DIR, f'{name}.png')
 
 
-def _verdict(check: dict[str, Any]) -> str:
+def verdict(check: dict[str, Any]) -> str:
   """'pass', 'FAIL' (a required check) or 'fail (secondary)'."""
   if check['passed']:
     return 'pass'
@@ -131,7 +131,7 @@ def markdown(result: dict[str, Any]) -> str:
                       f"{_ci(r['strength_ci'], '.2f')}, {_num(r['auc'], '.2f')}, "
                       f"p {_num(r['p'], '.4f')}{' split' if r['split'] else ''}"
                       for r in c['rungs'])
-    lines.append(f'| {ladder}/{mode} | {est} | {cells} | {_verdict(c)}'
+    lines.append(f'| {ladder}/{mode} | {est} | {cells} | {verdict(c)}'
                  f'{"" if c["passed"] else ": " + c["why"]} |')
   lines += ['', '## The nulls', '',
             '`seeds`: towers from two independently seeded runs on every target; `quality`: a '
@@ -146,7 +146,7 @@ def markdown(result: dict[str, Any]) -> str:
     if c['name'].startswith('null/'):
       _, null, est = c['name'].split('/')
       lines.append(f"| {null} | {est} | {c['rejections']}/{c['n']} | {_num(c['fpr'])} "
-                   f"{_ci(c['fpr_ci'])} | {_verdict(c)} |")
+                   f"{_ci(c['fpr_ci'])} | {verdict(c)} |")
   lines += ['', '## Runs', '', '| run | steps | eval loss (trained targets) | eval loss (all) | '
             'train wall / CPU s | analysis wall / CPU s |', '|---|---|---|---|---|---|']
   for name, r in result['runs'].items():
