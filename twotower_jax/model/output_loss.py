@@ -19,6 +19,7 @@ gradients are summed over the devices as the plain path's are.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -124,9 +125,7 @@ def _row_axes(batch_axes, mesh_shape: dict[str, int], n_rows: int) -> tuple[str,
   tower axis, for one), and rows left whole there would be scored once per device of that
   axis: 1.16x the step's FLOPs with a tower axis of 2 (tests/test_lowering.py)."""
   axes = tuple(batch_axes) if isinstance(batch_axes, (tuple, list)) else (batch_axes,)
-  size = 1
-  for a in axes:
-    size *= mesh_shape[a]
+  size = math.prod(mesh_shape[a] for a in axes)
   for a, n in mesh_shape.items():
     if a not in axes and n > 1 and n_rows % (size * n) == 0:
       axes, size = axes + (a,), size * n
