@@ -4,18 +4,17 @@
 # Rerunning resumes training and reuses the trained probe heads.
 #   bash launch/main.sh [WORKDIR] [--config.KEY=VALUE ...]
 # TWOTOWER_TREEBANK: a UD English EWT folder (CoNLL-U files; universaldependencies.org,
-# repository UD_English-EWT) for gold word classes and the structural probe. Unset: the
-# first that exists of treebanks/ud_english_ewt in the repository and
-# shared/data/ud_english_ewt beside it. None: the analysis uses the built-in
-# function-word list and skips the structural probe.
+# repository UD_English-EWT) for gold word classes and the structural probe. Unset:
+# treebanks/ud_english_ewt in the repository when it exists (git ignores it). None: the
+# analysis uses the built-in function-word list and skips the structural probe.
 source "$(dirname "$0")/env.sh"
 WORKDIR="${1:-runs/default}"
 [[ $# -gt 0 ]] && shift
 CONFIG="${CONFIG:-configs/default.py}"
 TREEBANK="${TWOTOWER_TREEBANK:-}"
-for candidate in "$ROOT/treebanks/ud_english_ewt" "$ROOT/../shared/data/ud_english_ewt"; do
-  if [[ -z "$TREEBANK" && -e "$candidate" ]]; then TREEBANK="$candidate"; fi
-done
+if [[ -z "$TREEBANK" && -e "$ROOT/treebanks/ud_english_ewt" ]]; then
+  TREEBANK="$ROOT/treebanks/ud_english_ewt"
+fi
 python -m twotower_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@"
 # A shorter structural-probe schedule than its default (1000 steps) keeps the analysis
 # near 2 minutes on a 2-core CPU (README: Numbers).

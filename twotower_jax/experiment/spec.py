@@ -27,7 +27,7 @@ CONTROL = 'control'  # a point's kind: 'point' or 'control' (one tower)
 # Where a treebank is looked for when `treebank='auto'` (as launch/main.sh): the variable,
 # then these folders relative to the repository root.
 TREEBANK_ENV = 'TWOTOWER_TREEBANK'
-TREEBANK_PLACES = ('treebanks/ud_english_ewt', '../shared/data/ud_english_ewt')
+TREEBANK_PLACES = ('treebanks/ud_english_ewt',)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAINING_SECTIONS = ('data', 'model', 'train', 'optimizer')  # what makes a point's checkpoints
 
