@@ -103,3 +103,14 @@ def test_command_line_dry_run_refuses_an_unknown_target():
                     '--dry_run=tpu-9000', timeout=120)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("error: --dry_run='tpu-9000'")
+
+
+@pytest.mark.parametrize('steps', [1, 3])
+def test_pondering_passes_are_counted_as_the_lowered_step_runs_them(tiny, steps):
+  # Each pass reruns the whole forward plus the expected-embedding matmul: the analytic
+  # count (flops.py) must follow the lowered program, or pondering's FLOPs comparisons lie.
+  config = tiny(**{'model.pondering.steps': steps, 'train.batch_size': 8})
+  r = dryrun.run(config, dryrun.target('v5e-8'), mfu=0.5)
+  plain = dryrun.run(tiny(**{'train.batch_size': 8}), dryrun.target('v5e-8'), mfu=0.5)
+  assert r['lowered_flops_per_step'] == pytest.approx(r['flops_per_step'], rel=0.05)
+  assert r['flops_per_step'] > (1 + steps) * plain['flops_per_step']

@@ -3,13 +3,15 @@
   python -m twotower_jax.experiment --config=configs/experiments/preference.py:cpu --workdir=DIR
 
 spec.py turns the experiment config into points, runner.py trains and analyses one point
-(resumable), aggregate.py and pooling.py say what the points show together (results.json),
-writeup.py writes results.md and the figures. DIR/experiment.json records the experiment;
+(resumable), the aggregation says what the points show together (results.json, results.md,
+figures): aggregate.py, pooling.py and writeup.py the class test pooled over seeds, loss.py
+eval loss at equal tokens and FLOPs (spec.AGGREGATIONS). DIR/experiment.json records the experiment;
 DIR/<point>/ is each point's workdir. docs/EXPERIMENTS.md.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -24,7 +26,6 @@ from twotower_jax import workdir as workdir_lib
 from twotower_jax.experiment import aggregate as aggregate_lib
 from twotower_jax.experiment import runner
 from twotower_jax.experiment import spec as spec_lib
-from twotower_jax.experiment import writeup
 from twotower_jax.experiment.spec import ExperimentError, Point  # noqa: F401
 
 log = logging.getLogger('twotower_jax')
@@ -136,23 +137,25 @@ def run_point(root: str, exp, points: list[Point], index: int, prov: dict[str, A
   check_dir(root, record(exp, points, prov), create=True)
   use_compile_cache(root)
   return runner.run(root, point, bool(exp.over_training),
-                    {k: prov[k] for k in ('commit', 'dirty')})
+                    {k: prov[k] for k in ('commit', 'dirty')}, bool(exp.analyse))
 
 
 def aggregate(root: str, exp, points: list[Point], prov: dict[str, Any]) -> dict[str, Any]:
   """results.json, results.md and figures from the finished points."""
   check_dir(root, record(exp, points, prov), create=False)
-  todo = [(p, runner.status(root, p, bool(exp.over_training))) for p in points]
+  todo = [(p, runner.status(root, p, bool(exp.over_training), bool(exp.analyse)))
+          for p in points]
   todo = [f'{p.index} {p.name} ({s})' for p, s in todo if s != 'done']
   if todo:
     raise ExperimentError(f'points not finished: {", ".join(todo)}; run them (--point=I) or the '
                           'whole experiment, with the same config (a different treebank or '
                           'analysis setting makes a point unfinished)')
-  results = aggregate_lib.aggregate(exp, points, root,
-                                    {k: prov[k] for k in ('config', 'config_overrides',
-                                                          'commit', 'dirty', 'commands')})
+  kind = importlib.import_module(spec_lib.AGGREGATIONS[exp.aggregation])
+  results = kind.aggregate(exp, points, root,
+                           {k: prov[k] for k in ('config', 'config_overrides', 'commit', 'dirty',
+                                                 'commands')})
   path = aggregate_lib.write(root, results)
-  written = writeup.write(root, results)
+  written = kind.writeup(root, results)
   log.info('experiment: wrote %s, %s and %s/', path, written['results_md'],
            os.path.join(root, workdir_lib.FIG_DIR))
   return results
@@ -164,7 +167,8 @@ def run_all(root: str, exp, points: list[Point], prov: dict[str, Any]) -> dict[s
   use_compile_cache(root)
   for p in points:
     log.info('experiment: point %d of %d: %s', p.index + 1, len(points), p.name)
-    runner.run(root, p, bool(exp.over_training), {k: prov[k] for k in ('commit', 'dirty')})
+    runner.run(root, p, bool(exp.over_training), {k: prov[k] for k in ('commit', 'dirty')},
+               bool(exp.analyse))
   return aggregate(root, exp, points, prov)
 
 
@@ -172,7 +176,7 @@ def listing(root: str | None, exp, points: list[Point]) -> str:
   """The points, one per line: index, name, kind and (with DIR) status."""
   lines = []
   for p in points:
-    state = runner.status(root, p, bool(exp.over_training)) if root else ''
+    state = runner.status(root, p, bool(exp.over_training), bool(exp.analyse)) if root else ''
     values = ', '.join(f'{k}={v}' for k, v in p.values.items())
     lines.append(f'{p.index:3d}  {p.name:<24s} {p.kind:<8s} {state:<8s} {values}'.rstrip())
   return '\n'.join(lines)

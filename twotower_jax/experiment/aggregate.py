@@ -24,6 +24,7 @@ from twotower_jax import workdir as workdir_lib
 from twotower_jax.experiment import pooling
 from twotower_jax.experiment import runner
 from twotower_jax.experiment import spec as spec_lib
+from twotower_jax.experiment import writeup as writeup_lib
 
 RESULTS_JSON = 'results.json'
 CLASSES = ('closed', 'open')  # the class test pooled here: function vs content words
@@ -219,6 +220,11 @@ def aggregate(exp, points: list[spec_lib.Point], root: str, provenance: dict[str
                    'over_training': bool(exp.over_training), 'classes': list(CLASSES),
                    'halves': 'low bit of the first byte of sha256(piece)'},
       'groups': groups, 'points': list(records)})
+
+
+def writeup(root: str, results: dict[str, Any]) -> dict[str, Any]:
+  """results.md and the figures (writeup.py)."""
+  return writeup_lib.write(root, results)
 
 
 def write(root: str, results: dict[str, Any]) -> str:

@@ -63,19 +63,22 @@ def _is_marked(folder: str, mark: dict[str, Any]) -> bool:
           os.path.exists(file) and workdir_lib.read_optional_json(file) == mark)
 
 
-def expected_mark(point: spec_lib.Point, over_training: bool) -> dict[str, Any]:
-  """What DIR/<point>/experiment_point.json holds once the point is done (times aside)."""
+def expected_mark(point: spec_lib.Point, over_training: bool, analysed: bool = True
+                  ) -> dict[str, Any]:
+  """What DIR/<point>/experiment_point.json holds once the point is done (times aside);
+  'analysis' is None for a point that is trained only."""
   return {'name': point.name, 'steps': int(point.config.train.steps),
-          'analysis': config_lib.to_dict(point.config.analysis),
+          'analysis': config_lib.to_dict(point.config.analysis) if analysed else None,
           'over_training': bool(over_training)}
 
 
-def status(root: str, point: spec_lib.Point, over_training: bool) -> str:
+def status(root: str, point: spec_lib.Point, over_training: bool, analysed: bool = True
+           ) -> str:
   """'done', 'trained' (analysis to do), 'partial' (training to resume) or 'new'."""
   wd = point_dir(root, point)
   mark = workdir_lib.read_optional_json(os.path.join(wd, POINT_MARK)) if os.path.isdir(wd) else None
-  if mark is not None and {k: mark.get(k) for k in expected_mark(point, over_training)} == (
-      workdir_lib.clean(expected_mark(point, over_training))):
+  expected = expected_mark(point, over_training, analysed)
+  if mark is not None and {k: mark.get(k) for k in expected} == workdir_lib.clean(expected):
     return 'done'
   step = latest_step(wd) if os.path.isdir(wd) else None
   if step is None:
@@ -151,16 +154,17 @@ def analyse(point: spec_lib.Point, wd: str, over_training: bool) -> dict[str, fl
   return {'analysis_wall_s': wall}
 
 
-def run(root: str, point: spec_lib.Point, over_training: bool, commit: dict[str, Any]
-        ) -> dict[str, Any]:
-  """Trains and analyses one point (keeping what is done); returns its mark."""
+def run(root: str, point: spec_lib.Point, over_training: bool, commit: dict[str, Any],
+        analysed: bool = True) -> dict[str, Any]:
+  """Trains and (`analysed`) analyses one point, keeping what is done; returns its mark."""
   wd = point_dir(root, point)
   mark_file = os.path.join(wd, POINT_MARK)
-  if status(root, point, over_training) == 'done':
+  if status(root, point, over_training, analysed) == 'done':
     log.info('experiment: %s is done, kept', point.name)
     return workdir_lib.read_json(mark_file)
   times = train(point, wd)
-  times.update(analyse(point, wd, over_training))
-  mark = dict(expected_mark(point, over_training), commit=commit, seconds=times)
+  if analysed:
+    times.update(analyse(point, wd, over_training))
+  mark = dict(expected_mark(point, over_training, analysed), commit=commit, seconds=times)
   workdir_lib.write_json(mark_file, mark)
   return workdir_lib.clean(mark)

@@ -23,6 +23,11 @@ from twotower_jax import cli
 from twotower_jax import config as config_lib
 from twotower_jax import errors
 
+VARIANT = 'variant'  # the axis of exp.variants
+# exp.aggregation -> the module whose aggregate(exp, points, root, provenance) gives
+# results.json's content and writeup(root, results) its results.md and figures.
+AGGREGATIONS = {'preference': 'twotower_jax.experiment.aggregate',
+                'loss': 'twotower_jax.experiment.loss'}
 CONTROL = 'control'  # a point's kind: 'point' or 'control' (one tower)
 # Where a treebank is looked for when `treebank='auto'` (as launch/main.sh): the variable,
 # then these folders relative to the repository root.
@@ -47,6 +52,11 @@ def experiment_config() -> ml_collections.ConfigDict:
   # Nested run-config keys -> comma-separated values, e.g. axes.train.seed = '0,1,2'; each
   # value is typed by the run config's field.
   c.axes = ml_collections.ConfigDict()
+  # Named sets of run-config overrides, e.g. variants.ponder2 = {'model': {'pondering':
+  # {'steps': 2}}}: an axis of its own, VARIANT, first in the product and in point names (an
+  # empty set is the base as it is). For comparisons that are not a product of field values.
+  # In key order: build it with sort_keys=False to keep yours (loss.py compares to the first).
+  c.variants = ml_collections.ConfigDict()
   c.group_by = ''  # the axis the aggregation groups by ('' = the first key); its value names
   c.controls = True  # also a one-tower control per value of group_by (n_towers=1, mesh.tower=1)
   # Word classes of the analysis (analysis.conllu): 'auto' = $TWOTOWER_TREEBANK, else the
@@ -54,6 +64,11 @@ def experiment_config() -> ml_collections.ConfigDict:
   # list; or a CoNLL-U file, folder or glob.
   c.treebank = 'auto'
   c.over_training = False  # also analyse every kept checkpoint (analyze --steps=all)
+  c.analyse = True  # False: the points are trained only (an aggregation that reads metrics)
+  # What the points show together: a name in twotower_jax/experiment AGGREGATIONS,
+  # 'preference' (the class test pooled over seeds) or 'loss' (eval loss at equal tokens and
+  # at equal training FLOPs, loss.py).
+  c.aggregation = 'preference'
   c.n_boot = 1000  # aggregation's bootstrap draws over items (cross-fit effects, stability)
   c.seed = 0  # aggregation's bootstrap seed
   # A run has levelled off when its eval loss fell by less than this share over the last
@@ -124,6 +139,13 @@ def _typed(text: str, like: Any, where: str) -> Any:
 def axes(exp: ml_collections.ConfigDict) -> list[tuple[str, list[str]]]:
   """[(dotted key, [value text, ...])], group_by first; one-line errors for an empty axis."""
   found = []
+  if len(exp.variants):
+    names = list(exp.variants.keys())
+    bad = [n for n in names if not re.fullmatch(r'[A-Za-z0-9_.-]+', n)]
+    if bad:
+      raise ExperimentError(f'variants {bad}: name each variant with letters, digits, '
+                            "'_', '.' or '-' (it names the point folders)")
+    found.append((VARIANT, names))
   for key, value in _leaves(exp.axes):
     values = [v.strip() for v in str(value).split(',')]
     if not str(value).strip() or not all(values):
@@ -159,9 +181,10 @@ def _base_path(spec: str) -> str:
   return path + sep + arg
 
 
-def _merge(config: ml_collections.ConfigDict, overrides: ml_collections.ConfigDict) -> None:
+def _merge(config: ml_collections.ConfigDict, overrides: ml_collections.ConfigDict,
+           prefix: str = 'overrides') -> None:
   for key, value in _leaves(overrides):
-    where = f'overrides.{key}'
+    where = f'{prefix}.{key}'
     _field(config, key, where)
     try:
       config_lib.set_fields(config, {key: value})
@@ -198,6 +221,14 @@ def check(exp: ml_collections.ConfigDict) -> None:
   if not exp.base:
     raise ExperimentError("base is empty; name a run config file, e.g. "
                           "base='configs/tiny.py:{model.tower_type}'")
+  if exp.aggregation not in AGGREGATIONS:
+    raise ExperimentError(f'aggregation={exp.aggregation!r} is unknown; use one of '
+                          f'{", ".join(sorted(AGGREGATIONS))}')
+  if not exp.analyse and (exp.aggregation == 'preference' or exp.over_training):
+    raise ExperimentError('analyse=False trains the points only, but aggregation='
+                          f'{exp.aggregation!r}, over_training={bool(exp.over_training)} read '
+                          "analyses; set analyse=True, or aggregation='loss' and "
+                          'over_training=False')
   if int(exp.n_boot) < 2 or not 0 < float(exp.plateau_tolerance) < 1:
     raise ExperimentError(f'n_boot={exp.n_boot} must be >= 2 and plateau_tolerance='
                           f'{exp.plateau_tolerance} in (0, 1)')
@@ -233,8 +264,11 @@ def points(exp: ml_collections.ConfigDict) -> list[Point]:
         raise ExperimentError(str(e)) from None
     config = config_lib.from_dict(config_lib.to_dict(cache[spec]))
     _merge(config, exp.overrides)
-    values = {k: _typed(t, _field(config, k, f'axes.{k}'), f'axes.{k}') for k, t in texts.items()}
-    config_lib.set_fields(config, values)
+    if VARIANT in texts:
+      _merge(config, exp.variants[texts[VARIANT]], f'variants.{texts[VARIANT]}')
+    values = {k: (t if k == VARIANT else _typed(t, _field(config, k, f'axes.{k}'), f'axes.{k}'))
+              for k, t in texts.items()}
+    config_lib.set_fields(config, {k: v for k, v in values.items() if k != VARIANT})
     if kind == CONTROL:
       config.model.n_towers, config.mesh.tower = 1, 1
     if conllu:

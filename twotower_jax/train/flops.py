@@ -11,6 +11,8 @@ biases and LayerNorms are left out. A is the number of attention layers applied 
 token (n_towers times the tower type's registered `attention_layers`), L the
 sequence length and H the attention width: 2*L*H for Q K^T plus 2*L*H for the
 weighted sum of V, over the full L x L matrix (masked entries are computed too).
+A model that ponders s extra passes runs the whole forward 1 + s times, and each extra
+pass adds 2 * V * W for the expected token embedding (probabilities times the V x W table).
 For two causal towers with n layers, width H, MLP F, vocab V and the concat gate:
   N_matmul = 2 * n * (4 H^2 + 2 H F) + 2 H^2 + V H
 """
@@ -75,9 +77,14 @@ def matmul_params(params: Any) -> int:
 def train_flops_per_token(model, seq_len: int) -> float:
   """Model FLOPs to train on one token (forward + backward), by the formula above."""
   cfg: layers.ModelConfig = model.cfg
+  params = param_shapes(model)
   n_attention = cfg.n_towers * towers.get(cfg.tower_type).attention_layers(cfg)
-  forward = 2.0 * matmul_params(param_shapes(model)) + 4.0 * seq_len * cfg.d_model * n_attention
-  return 3.0 * forward
+  forward = 2.0 * matmul_params(params) + 4.0 * seq_len * cfg.d_model * n_attention
+  steps = cfg.pondering.steps
+  # Pondering: every pass is the whole forward again, plus the expected embedding of each
+  # extra pass (the V-way distribution times the V x W token table).
+  soft = 2.0 * int(np.prod(params['embed']['token'].shape)) if steps else 0.0
+  return 3.0 * ((1 + steps) * forward + steps * soft)
 
 
 def causal_formula_flops_per_token(cfg: layers.ModelConfig, seq_len: int) -> float:

