@@ -137,7 +137,8 @@ def run_point(root: str, exp, points: list[Point], index: int, prov: dict[str, A
   check_dir(root, record(exp, points, prov), create=True)
   use_compile_cache(root)
   return runner.run(root, point, bool(exp.over_training),
-                    {k: prov[k] for k in ('commit', 'dirty')}, bool(exp.analyse))
+                    {k: prov[k] for k in ('commit', 'dirty')}, bool(exp.analyse),
+                    bool(exp.shared_tokenizer))
 
 
 def aggregate(root: str, exp, points: list[Point], prov: dict[str, Any]) -> dict[str, Any]:
@@ -168,7 +169,7 @@ def run_all(root: str, exp, points: list[Point], prov: dict[str, Any]) -> dict[s
   for p in points:
     log.info('experiment: point %d of %d: %s', p.index + 1, len(points), p.name)
     runner.run(root, p, bool(exp.over_training), {k: prov[k] for k in ('commit', 'dirty')},
-               bool(exp.analyse))
+               bool(exp.analyse), bool(exp.shared_tokenizer))
   return aggregate(root, exp, points, prov)
 
 

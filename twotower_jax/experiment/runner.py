@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from typing import Any
 
 from twotower_jax import config as config_lib
@@ -29,6 +30,7 @@ log = logging.getLogger('twotower_jax')
 
 POINT_MARK = 'experiment_point.json'  # DIR/<point>/: the point is done (settings, times)
 ANALYSIS_MARK = 'experiment_analysis.json'  # in each analysis folder: made with what, at which step
+TOKENIZER = workdir_lib.TOKENIZER  # DIR/tokenizer.model with exp.shared_tokenizer
 COPIED = (workdir_lib.SUMMARY_JSON, workdir_lib.PREFERENCE_CSV)  # final step's over-training row
 
 
@@ -90,6 +92,32 @@ def _timed(fn, *args, **kwargs):
   w, c = time.perf_counter(), time.process_time()
   out = fn(*args, **kwargs)
   return out, time.perf_counter() - w, time.process_time() - c
+
+
+def share_tokenizer(root: str, point: spec_lib.Point, wd: str) -> None:
+  """Puts DIR/tokenizer.model (trained here by the first job that needs it) into the point's
+  new workdir, so every point reads the same ids. Concurrent jobs each train one and link it
+  into place; the first link wins and the others use it."""
+  if point.config.data.prepared or os.path.exists(os.path.join(wd, TOKENIZER)):
+    return  # prepared shards carry their own tokenizer; a started point keeps its file
+  shared = os.path.join(root, TOKENIZER)
+  if not os.path.exists(shared):
+    from twotower_jax.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+    from twotower_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    log.info('experiment: training the shared tokenizer %s', shared)
+    tmp = f'{shared}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+    d = point.config.data
+    tokenizer_lib.train(corpus_lib.load(d).train_docs, tmp, int(d.vocab_size), d.tokenizer_type)
+    try:
+      os.link(tmp, shared)
+    except FileExistsError:
+      pass  # another job's file is in place: use it
+    finally:
+      os.remove(tmp)
+  os.makedirs(wd, exist_ok=True)
+  tmp = f'{os.path.join(wd, TOKENIZER)}.tmp-{os.getpid()}'
+  shutil.copy2(shared, tmp)
+  os.replace(tmp, os.path.join(wd, TOKENIZER))
 
 
 def train(point: spec_lib.Point, wd: str) -> dict[str, float]:
@@ -155,13 +183,15 @@ def analyse(point: spec_lib.Point, wd: str, over_training: bool) -> dict[str, fl
 
 
 def run(root: str, point: spec_lib.Point, over_training: bool, commit: dict[str, Any],
-        analysed: bool = True) -> dict[str, Any]:
+        analysed: bool = True, shared_tokenizer: bool = False) -> dict[str, Any]:
   """Trains and (`analysed`) analyses one point, keeping what is done; returns its mark."""
   wd = point_dir(root, point)
   mark_file = os.path.join(wd, POINT_MARK)
   if status(root, point, over_training, analysed) == 'done':
     log.info('experiment: %s is done, kept', point.name)
     return workdir_lib.read_json(mark_file)
+  if shared_tokenizer:
+    share_tokenizer(root, point, wd)
   times = train(point, wd)
   if analysed:
     times.update(analyse(point, wd, over_training))

