@@ -416,3 +416,26 @@ def test_gate_scores_the_argmax_deferral(tmp_path, small_corpus_dir):
   assert entry['extra_means']['chosen_t1'] == 1.0
   assert entry['extra_means']['argmax_nll'] == pytest.approx(nll_V.sum() / count_V.sum(), 1e-5)
   assert sum(entry['position_means']) == pytest.approx(1.0, 1e-5)  # responsibilities sum to 1
+
+
+def test_an_eras_run_is_scored_on_another_eras_held_out_speeches(tmp_path):
+  """data.sotu_years: eval_documents matches among the whole collection's held-out speeches
+  (held out from every era's run), so a domain expert is scored out of its domain too."""
+  from twotower_jax.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  config = analysis_config(str(tmp_path), **{'data.source': 'sotu', 'data.text_glob': '',
+                                    'data.sotu_years': '1790-1899', 'data.vocab_size': 256})
+  setup = setup_lib.build(config, str(tmp_path))
+  assert all(int(os.path.basename(n)[:4]) <= 1899 for n in setup.corpus.val_names)
+  windows_new, docs = analysis.held_out_windows(setup, '^(194[5-9]|19[5-9]|20)')
+  every = corpus_lib.load(config_lib_copy(config.data, sotu_years=''))
+  assert docs and docs == [n for n in every.val_names if int(n[:4]) >= 1945]
+  assert len(windows_new) > 0 and not set(docs) & set(every.train_names)
+  _, own = analysis.held_out_windows(setup, '^18')  # its own era: as before
+  assert own == [n for n in setup.corpus.val_names if n.startswith('18')]
+
+
+def config_lib_copy(node, **fields):
+  from twotower_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  out = config_lib.from_dict(config_lib.to_dict(node))
+  out.update(fields)
+  return out

@@ -47,7 +47,7 @@ def _variants(**sets) -> ml_collections.ConfigDict:
      'variants.b.model.n_layerz: model.n_layerz is not a field of the run config; did you mean '
      'model.n_layers?'),
     ({'variants': _variants(**{'a b': {}})}, "variants ['a b']: name each variant"),
-    ({'aggregation': 'mean'}, "aggregation='mean' is unknown; use one of loss, preference"),
+    ({'aggregation': 'mean'}, "aggregation='mean' is unknown; use one of deferral, loss, preference, tying"),
     ({'analyse': False, 'aggregation': 'preference'}, 'analyse=False trains the points only'),
     ({'over_training': True}, 'analyse=False trains the points only'),
     ({'group_by': 'model.n_layers'}, "group_by='model.n_layers' is not one of the axes "
@@ -133,7 +133,7 @@ def test_a_variant_experiment_runs_and_compares_at_equal_tokens_and_flops(tmp_pa
 TYING = 'configs/experiments/tying.py'
 
 
-def test_tying_points_share_one_data_config_and_bad_sharing_is_refused():
+def test_tying_points_share_one_vocabulary_and_bad_sharing_is_refused():
   exp = _load(f'{TYING}:cpu')
   points = spec_lib.points(exp)
   assert [p.name for p in points][:4] == ['tied_seed0', 'tied_seed1', 'untied_seed0',
@@ -142,8 +142,8 @@ def test_tying_points_share_one_data_config_and_bad_sharing_is_refused():
   assert (emb['untied_seed1'].tied, emb['tied_scale5_seed0'].input_grad_scale) == (False, 5.0)
   assert {p.config.analysis.lens for p in points} == {True}
   exp.variants.untied.data = ml_collections.ConfigDict({'vocab_size': 1000})
-  with pytest.raises(spec_lib.ExperimentError, match='shared_tokenizer=True needs one data '
-                     'config for every point'):
+  with pytest.raises(spec_lib.ExperimentError, match='shared_tokenizer=True needs one '
+                     'data.vocab_size and data.tokenizer_type for every point'):
     spec_lib.points(exp)
 
 
@@ -198,3 +198,81 @@ def test_a_tying_experiment_shares_its_tokenizer_and_measures_the_bias(tmp_path)
   assert np.isfinite(by['untied_seed1']['grad_ratio']['early'])
   for name in ('results.md', 'alignment/alignment.md', 'alignment/alignment.json'):
     assert (root / name).exists(), name
+
+
+DEFERRAL = 'configs/experiments/deferral.py'
+
+
+def test_a_point_names_an_earlier_variants_workdir():
+  exp = _load(f'{DEFERRAL}:cpu')
+  points = spec_lib.points(exp)
+  gated = points[6]
+  assert gated.name == 'gated_seed0'
+  assert [p.name for p in spec_lib.references(gated, points)] == ['old_seed0', 'new_seed0']
+  resolved = spec_lib.resolve(gated, points, '/x/exp')
+  assert resolved.config.model.init_towers == '/x/exp/old_seed0,/x/exp/new_seed0'
+  assert gated.config.model.init_towers == '{point:old},{point:new}'  # the record stays DIR-free
+  assert spec_lib.references(points[0], points) == []
+  extra = spec_lib.extra_analyses(points[2], exp)
+  assert list(extra) == ['old', 'new'] and extra['new'].analysis.eval_documents.startswith('^(194')
+  assert extra['old'].model == points[2].config.model
+
+
+@pytest.mark.parametrize('edit,message', [
+    (lambda e: e.variants.gated.model.update({'init_towers': '{point:nope},{point:new}'}),
+     'names {point:nope}, which is no variant of this experiment'),
+    (lambda e: e.variants.old.update({'model': {'init_towers': '{point:gated}'}}),
+     'names gated_seed0, which comes later; list variant gated before old'),
+    (lambda e: e.analyses.update({'a b': {'eval_documents': 'x'}}), 'analyses.a b: name each'),
+    (lambda e: e.analyses.old.update({'eval_documentz': 'x'}),
+     'analyses.old.analysis.eval_documentz: analysis.eval_documentz is not a field'),
+    (lambda e: e.analyses.old.update({'n_perm': 19}),
+     'point both_seed0, analyses.old: analysis.n_perm=19 must be an integer >= 99'),
+])
+def test_bad_references_and_analyses_are_one_line_errors(edit, message):
+  exp = _load(f'{DEFERRAL}:cpu')
+  edit(exp)
+  with pytest.raises(spec_lib.ExperimentError) as e:
+    spec_lib.points(exp)
+  assert message in str(e.value) and '\n' not in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_deferral_experiment_composes_its_experts_and_scores_each_domain(tmp_path):
+  exp = _load(f'{DEFERRAL}:cpu')
+  exp.axes.train.seed = '0'
+  exp.overrides.data = ml_collections.ConfigDict({'vocab_size': 256, 'seq_len': 32})
+  exp.overrides.model.update({'d_model': 32, 'n_heads': 2, 'd_mlp': 64, 'max_len': 32})
+  exp.overrides.train.update({'steps': 6, 'batch_size': 8, 'log_every': 2, 'eval_every': 3,
+                              'eval_batches': 2, 'checkpoint_every': 6})
+  exp.overrides.optimizer.warmup_steps = 2
+  exp.variants.gated.train.update({'steps': 4, 'eval_every': 2, 'checkpoint_every': 4})
+  exp.variants.gated.optimizer.warmup_steps = 1
+  for name in ('old', 'new'):
+    exp.analyses[name].update({'eval_windows': 8, 'min_count': 2, 'n_boot': 20, 'n_perm': 99,
+                               'n_control': 9, 'token_view_passages': 1})
+  points = spec_lib.points(exp)
+  root = str(tmp_path / 'exp')
+  prov = experiment.provenance(f'{DEFERRAL}:cpu', {})
+  with pytest.raises(spec_lib.ExperimentError, match='starts from point old_seed0, which is '
+                     r'not finished; run it first \(--point=1\)'):
+    experiment.run_point(root, exp, points, 3, prov)
+  assert not os.path.exists(os.path.join(root, 'gated_seed0'))
+  res = experiment.run_all(root, exp, points, prov)
+  assert list(res['groups']) == ['both', 'old', 'new', 'gated']
+  gated = res['groups']['gated']
+  assert gated['experts'] == ['old', 'new']
+  for domain in ('old', 'new'):
+    cell = gated['domains'][domain]
+    shares = [cell['share'][e]['mean'] for e in ('old', 'new')]
+    assert sum(shares) == pytest.approx(1.0) and np.isfinite(cell['argmax_loss']['mean'])
+    assert 'share' not in res['groups']['old']['domains'][domain]  # one tower: no deferral
+    assert cell['minus_old']['n'] == 1
+  by = {p['name']: p for p in res['points']}
+  old_on_new = by['old_seed0']['domains']['new']
+  assert old_on_new['documents'] > 0 and np.isfinite(old_on_new['eval_loss'])
+  follows = gated['follows_domain']['old']['new']['mean']
+  assert follows == pytest.approx(by['gated_seed0']['domains']['old']['gate']['chosen'][0] -
+                                  by['gated_seed0']['domains']['new']['gate']['chosen'][0])
+  with open(os.path.join(root, 'results.md')) as f:
+    assert 'gated: deferral' in f.read()

@@ -34,7 +34,8 @@ def fields() -> ml_collections.ConfigDict:
   a.eval_windows = 0  # held-out windows scored, every estimator on the same positions; 0 = all
   a.mask_draws = 1  # masked LM: score the held-out windows this many times, new masks each
   # Only the held-out documents whose name this regex finds (sotu: '^18' = 1800-1899), packed
-  # alone: e.g. a domain's held-out loss and gate shares. '' = every held-out document.
+  # alone: e.g. a domain's held-out loss and gate shares. '' = every held-out document. A run
+  # of some eras (data.sotu_years) matches among every era's held-out speeches.
   a.eval_documents = ''
   a.min_count = 20  # items with fewer scored occurrences are left out of the statistics
   a.n_boot = 1000  # bootstrap resamples for confidence intervals

@@ -32,6 +32,7 @@ from twotower_jax.analysis import multiplicity
 from twotower_jax.analysis import summary as summary_lib
 from twotower_jax.analysis import token_view as token_view_lib
 from twotower_jax.analysis import wordclass
+from twotower_jax.data import corpus as corpus_lib
 from twotower_jax.data import planted
 from twotower_jax.data import tokenizer as tokenizer_lib
 from twotower_jax.data import windows as windows_lib
@@ -246,16 +247,23 @@ def _raise_if_deleted(workdir: str, step: int, rest: list[int], root: str) -> No
 
 def held_out_windows(setup, pattern: str) -> tuple[np.ndarray, list[str]]:
   """The held-out windows to score and the documents they come from: every held-out
-  document, or (analysis.eval_documents) those whose name the regex finds, packed alone."""
-  names = list(setup.corpus.val_names)
+  document, or (analysis.eval_documents) those whose name the regex finds, packed alone.
+  A run of some eras (data.sotu_years) chooses among the whole collection's held-out
+  speeches, which no era's run trains on: an era's expert can be scored on another era."""
+  corpus = setup.corpus
   if not pattern:
-    return setup.splits.val_windows, names
+    return setup.splits.val_windows, list(corpus.val_names)
+  if setup.config.data.get('sotu_years'):
+    every_era = config_lib.from_dict(config_lib.to_dict(setup.config.data))
+    every_era.sotu_years = ''
+    corpus = corpus_lib.load(every_era)
+  names = list(corpus.val_names)
   keep = [i for i, name in enumerate(names) if re.search(pattern, name)]
   if not keep:
     raise AnalysisError(f'analysis.eval_documents={pattern!r} matches none of the '
                         f'{len(names)} held-out documents (e.g. {", ".join(names[:3])}); '
                         'fix the regex')
-  ids = tokenizer_lib.encode_docs(setup.tokenizer, [setup.corpus.val_docs[i] for i in keep])
+  ids = tokenizer_lib.encode_docs(setup.tokenizer, [corpus.val_docs[i] for i in keep])
   return windows_lib.pack_windows(ids, setup.config.data.seq_len), [names[i] for i in keep]
 
 

@@ -136,16 +136,13 @@ def run_point(root: str, exp, points: list[Point], index: int, prov: dict[str, A
   point = point_index(points, index)
   check_dir(root, record(exp, points, prov), create=True)
   use_compile_cache(root)
-  return runner.run(root, point, bool(exp.over_training),
-                    {k: prov[k] for k in ('commit', 'dirty')}, bool(exp.analyse),
-                    bool(exp.shared_tokenizer))
+  return runner.run(root, exp, points, point, {k: prov[k] for k in ('commit', 'dirty')})
 
 
 def aggregate(root: str, exp, points: list[Point], prov: dict[str, Any]) -> dict[str, Any]:
   """results.json, results.md and figures from the finished points."""
   check_dir(root, record(exp, points, prov), create=False)
-  todo = [(p, runner.status(root, p, bool(exp.over_training), bool(exp.analyse)))
-          for p in points]
+  todo = [(p, runner.status(root, p, exp)) for p in points]
   todo = [f'{p.index} {p.name} ({s})' for p, s in todo if s != 'done']
   if todo:
     raise ExperimentError(f'points not finished: {", ".join(todo)}; run them (--point=I) or the '
@@ -168,8 +165,7 @@ def run_all(root: str, exp, points: list[Point], prov: dict[str, Any]) -> dict[s
   use_compile_cache(root)
   for p in points:
     log.info('experiment: point %d of %d: %s', p.index + 1, len(points), p.name)
-    runner.run(root, p, bool(exp.over_training), {k: prov[k] for k in ('commit', 'dirty')},
-               bool(exp.analyse), bool(exp.shared_tokenizer))
+    runner.run(root, exp, points, p, {k: prov[k] for k in ('commit', 'dirty')})
   return aggregate(root, exp, points, prov)
 
 
@@ -177,7 +173,7 @@ def listing(root: str | None, exp, points: list[Point]) -> str:
   """The points, one per line: index, name, kind and (with DIR) status."""
   lines = []
   for p in points:
-    state = runner.status(root, p, bool(exp.over_training), bool(exp.analyse)) if root else ''
+    state = runner.status(root, p, exp) if root else ''
     values = ', '.join(f'{k}={v}' for k, v in p.values.items())
     lines.append(f'{p.index:3d}  {p.name:<24s} {p.kind:<8s} {state:<8s} {values}'.rstrip())
   return '\n'.join(lines)

@@ -10,6 +10,7 @@ point's own mark (DIR/<point>/experiment_point.json), written last, says it is d
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -65,21 +66,23 @@ def _is_marked(folder: str, mark: dict[str, Any]) -> bool:
           os.path.exists(file) and workdir_lib.read_optional_json(file) == mark)
 
 
-def expected_mark(point: spec_lib.Point, over_training: bool, analysed: bool = True
-                  ) -> dict[str, Any]:
+def expected_mark(point: spec_lib.Point, exp) -> dict[str, Any]:
   """What DIR/<point>/experiment_point.json holds once the point is done (times aside);
-  'analysis' is None for a point that is trained only."""
-  return {'name': point.name, 'steps': int(point.config.train.steps),
-          'analysis': config_lib.to_dict(point.config.analysis) if analysed else None,
-          'over_training': bool(over_training)}
+  'analysis' is None for a point that is trained only, 'analyses' the extra ones (if any)."""
+  mark = {'name': point.name, 'steps': int(point.config.train.steps),
+          'analysis': config_lib.to_dict(point.config.analysis) if exp.analyse else None,
+          'over_training': bool(exp.over_training)}
+  if len(exp.analyses):
+    mark['analyses'] = {name: config_lib.to_dict(c.analysis)
+                        for name, c in spec_lib.extra_analyses(point, exp).items()}
+  return mark
 
 
-def status(root: str, point: spec_lib.Point, over_training: bool, analysed: bool = True
-           ) -> str:
+def status(root: str, point: spec_lib.Point, exp) -> str:
   """'done', 'trained' (analysis to do), 'partial' (training to resume) or 'new'."""
   wd = point_dir(root, point)
   mark = workdir_lib.read_optional_json(os.path.join(wd, POINT_MARK)) if os.path.isdir(wd) else None
-  expected = expected_mark(point, over_training, analysed)
+  expected = expected_mark(point, exp)
   if mark is not None and {k: mark.get(k) for k in expected} == workdir_lib.clean(expected):
     return 'done'
   step = latest_step(wd) if os.path.isdir(wd) else None
@@ -182,19 +185,28 @@ def analyse(point: spec_lib.Point, wd: str, over_training: bool) -> dict[str, fl
   return {'analysis_wall_s': wall}
 
 
-def run(root: str, point: spec_lib.Point, over_training: bool, commit: dict[str, Any],
-        analysed: bool = True, shared_tokenizer: bool = False) -> dict[str, Any]:
-  """Trains and (`analysed`) analyses one point, keeping what is done; returns its mark."""
+def run(root: str, exp, points: list[spec_lib.Point], point: spec_lib.Point,
+        commit: dict[str, Any]) -> dict[str, Any]:
+  """Trains and (exp.analyse) analyses one point, keeping what is done; returns its mark."""
   wd = point_dir(root, point)
   mark_file = os.path.join(wd, POINT_MARK)
-  if status(root, point, over_training, analysed) == 'done':
+  if status(root, point, exp) == 'done':
     log.info('experiment: %s is done, kept', point.name)
     return workdir_lib.read_json(mark_file)
-  if shared_tokenizer:
-    share_tokenizer(root, point, wd)
-  times = train(point, wd)
-  if analysed:
-    times.update(analyse(point, wd, over_training))
-  mark = dict(expected_mark(point, over_training, analysed), commit=commit, seconds=times)
+  for dep in spec_lib.references(point, points):
+    if status(root, dep, exp) != 'done':
+      raise spec_lib.ExperimentError(f'point {point.name} starts from point {dep.name}, which is '
+                                     f'not finished; run it first (--point={dep.index})')
+  resolved = spec_lib.resolve(point, points, root)
+  if exp.shared_tokenizer:
+    share_tokenizer(root, resolved, wd)
+  times = train(resolved, wd)
+  if exp.analyse:
+    times.update(analyse(resolved, wd, bool(exp.over_training)))
+  for name, config in spec_lib.extra_analyses(resolved, exp).items():
+    extra = dataclasses.replace(resolved, config=config)
+    times[f'analysis_{name}_wall_s'] = _analyse(extra, wd, latest_step(wd),
+                                                os.path.join(wd, f'analysis_{name}'))
+  mark = dict(expected_mark(point, exp), commit=commit, seconds=times)
   workdir_lib.write_json(mark_file, mark)
   return workdir_lib.clean(mark)

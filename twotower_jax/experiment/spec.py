@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
-import json
 import os
 import re
 from typing import Any
@@ -29,7 +28,8 @@ VARIANT = 'variant'  # the axis of exp.variants
 # results.json's content and writeup(root, results) its results.md and figures.
 AGGREGATIONS = {'preference': 'twotower_jax.experiment.aggregate',
                 'loss': 'twotower_jax.experiment.loss',
-                'tying': 'twotower_jax.experiment.tying'}
+                'tying': 'twotower_jax.experiment.tying',
+                'deferral': 'twotower_jax.experiment.deferral'}
 CONTROL = 'control'  # a point's kind: 'point' or 'control' (one tower)
 # Where a treebank is looked for when `treebank='auto'` (as launch/main.sh): the variable,
 # then these folders relative to the repository root.
@@ -58,6 +58,8 @@ def experiment_config() -> ml_collections.ConfigDict:
   # {'steps': 2}}}: an axis of its own, VARIANT, first in the product and in point names (an
   # empty set is the base as it is). For comparisons that are not a product of field values.
   # In key order: build it with sort_keys=False to keep yours (loss.py compares to the first).
+  # A text value may name another variant's workdir as '{point:VARIANT}' (its point of the
+  # same other axis values, listed earlier), e.g. model.init_towers='{point:old},{point:new}'.
   c.variants = ml_collections.ConfigDict()
   c.group_by = ''  # the axis the aggregation groups by ('' = the first key); its value names
   c.controls = True  # also a one-tower control per value of group_by (n_towers=1, mesh.tower=1)
@@ -67,12 +69,17 @@ def experiment_config() -> ml_collections.ConfigDict:
   c.treebank = 'auto'
   c.over_training = False  # also analyse every kept checkpoint (analyze --steps=all)
   c.analyse = True  # False: the points are trained only (an aggregation that reads metrics)
-  # True: one tokenizer for every point, DIR/tokenizer.model (trained once, from the points'
-  # common data config), so their token matrices are row for row comparable (tying.py).
+  # More analyses of each point's final step: name -> analysis.* fields set on the point's
+  # own, written to DIR/<point>/analysis_<name>/, e.g. analyses.old = {'eval_documents': '^18'}.
+  c.analyses = ml_collections.ConfigDict()
+  # True: one tokenizer for every point, DIR/tokenizer.model (trained once, on the first
+  # point's training documents), so their token matrices are row for row comparable and
+  # towers can move between points (tying.py, deferral.py).
   c.shared_tokenizer = False
   # What the points show together: a name in twotower_jax/experiment AGGREGATIONS,
   # 'preference' (the class test pooled over seeds), 'loss' (eval loss at equal tokens and
-  # at equal training FLOPs, loss.py) or 'tying' (tied vs untied token matrices, tying.py).
+  # at equal training FLOPs, loss.py), 'tying' (tied vs untied token matrices, tying.py) or
+  # 'deferral' (Co-LLM: loss and gate shares per domain, deferral.py).
   c.aggregation = 'preference'
   c.n_boot = 1000  # aggregation's bootstrap draws over items (cross-fit effects, stability)
   c.seed = 0  # aggregation's bootstrap seed
@@ -286,14 +293,77 @@ def points(exp: ml_collections.ConfigDict) -> list[Point]:
       raise ExperimentError(f'point {name}: {cli.one_line(e)}') from None
     out.append(Point(index, name, kind, str(values[order[0][0]]), values, config))
   if exp.shared_tokenizer:
-    data = {json.dumps(config_lib.to_dict(p.config.data), sort_keys=True) for p in out}
-    if len(data) > 1:
-      raise ExperimentError('shared_tokenizer=True needs one data config for every point; the '
-                            'axes, variants or base set data.* differently: make them equal or '
-                            'set shared_tokenizer=False')
+    kinds = {(p.config.data.vocab_size, p.config.data.tokenizer_type) for p in out}
+    if len(kinds) > 1:
+      raise ExperimentError('shared_tokenizer=True needs one data.vocab_size and '
+                            'data.tokenizer_type for every point; the axes, variants or base set '
+                            'them differently: make them equal or set shared_tokenizer=False')
+  for p in out:
+    references(p, out)  # every '{point:VARIANT}' names an earlier point
+    for name, config in extra_analyses(p, exp).items():
+      try:
+        setup_lib.check_config(config)
+        runner.check_config(config)
+      except errors.UserError as e:
+        raise ExperimentError(f'point {p.name}, analyses.{name}: {cli.one_line(e)}') from None
   names = [p.name for p in out]
   dupes = sorted({n for n in names if names.count(n) > 1})
   if dupes:
     raise ExperimentError(f'points {dupes} share a folder name; give the axes values that '
                           'differ in their text')
+  return out
+
+
+POINT_REF = re.compile(r'\{point:([^{}]*)\}')
+
+
+def _texts(config: ml_collections.ConfigDict):
+  for key, value in _leaves(config):
+    if isinstance(value, str):
+      yield key, value
+
+
+def references(point: Point, points: list[Point]) -> list[Point]:
+  """The points whose workdirs `point`'s config names ('{point:VARIANT}': the point of that
+  variant with the same other axis values); one-line errors for a name that is not an
+  earlier point."""
+  out = []
+  for key, text in _texts(point.config):
+    for variant in POINT_REF.findall(text):
+      want = dict(point.values, **{VARIANT: variant})
+      found = [p for p in points if p.kind == point.kind and p.values == want]
+      if VARIANT not in point.values or not found:
+        raise ExperimentError(f'point {point.name}: {key}={text!r} names {{point:{variant}}}, '
+                              'which is no variant of this experiment; name one of the variants')
+      if found[0].index >= point.index:
+        raise ExperimentError(f'point {point.name}: {key} names {found[0].name}, which comes '
+                              f'later; list variant {variant} before {point.values[VARIANT]}')
+      out.append(found[0])
+  return out
+
+
+def resolve(point: Point, points: list[Point], root: str) -> Point:
+  """The point with every '{point:VARIANT}' replaced by that point's workdir under root."""
+  refs = {p.values[VARIANT]: os.path.join(os.path.abspath(root), p.name)
+          for p in references(point, points)}
+  if not refs:
+    return point
+  config = config_lib.from_dict(config_lib.to_dict(point.config))
+  config_lib.set_fields(config, {k: POINT_REF.sub(lambda m: refs[m.group(1)], t)
+                                 for k, t in _texts(point.config) if POINT_REF.search(t)})
+  return dataclasses.replace(point, config=config)
+
+
+def extra_analyses(point: Point, exp: ml_collections.ConfigDict
+                   ) -> dict[str, ml_collections.ConfigDict]:
+  """name -> the point's config with exp.analyses[name]'s analysis.* fields set."""
+  out = {}
+  for name in exp.analyses.keys():
+    if not re.fullmatch(r'[A-Za-z0-9_-]+', name):
+      raise ExperimentError(f'analyses.{name}: name each analysis with letters, digits, '
+                            "'_' or '-' (it names DIR/<point>/analysis_<name>/)")
+    config = config_lib.from_dict(config_lib.to_dict(point.config))
+    node = exp.analyses[name]
+    _merge(config, ml_collections.ConfigDict({'analysis': node}), f'analyses.{name}')
+    out[name] = config
   return out

@@ -37,6 +37,8 @@ def _gate_values(ctx: Context):
 
 
 def _skip_reason(config) -> str | None:
+  if config.model.n_towers < 2:
+    return 'one tower: nothing to defer to (the latent gate of one tower is that tower)'
   if gates.get(config.model.gate).mixture:
     return None
   return (f'needs a mixture gate with a per-token prior, e.g. model.gate=latent (this run: '
