@@ -32,7 +32,7 @@ def test_pondering_variants_are_points_with_their_overrides_vanilla_first():
   assert [by[f'{v}_seed1'].model.n_layers for v in ('vanilla', 'ponder3', 'layers4',
                                                     'layers7')] == [2, 2, 4, 7]
   assert {(c.model.n_towers, c.mesh.tower, c.model.d_model, c.train.steps)
-          for c in by.values()} == {(1, 1, 64, 2000)}
+          for c in by.values()} == {(1, 1, 64, 1200)}
   assert by['ponder2_seed1'].train.seed == 1 and by['vanilla_seed1'].model.pondering.steps == 0
   assert {p.values['variant'] for p in points} == set(variants) and points[0].group == 'vanilla'
   assert [p.name for p in spec_lib.points(_load(f'{PONDERING}:paper'))][-1] == 'layers31_seed1'

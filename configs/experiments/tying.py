@@ -8,7 +8,7 @@ on one shared tokenizer, 2 seeds each: tied, untied, and tied with input_grad_sc
 
 The argument is the scale:
 - `cpu`: configs/tiny.py's model (2 layers, d=64, vocabulary 2000, window 64) as one tower,
-  3,000 steps of 32 windows (2 epochs of the embedded corpus), then the tuned lens.
+  2,000 steps of 32 windows (1.3 epochs of the embedded corpus), then the tuned lens.
 - `paper`: configs/paper.py:causal,base's model and schedule as one tower (12 layers, d=384,
   Wikipedia from TFDS: set --config.overrides.data.tfds_data_dir=PATH), one point per job.
 
@@ -27,7 +27,7 @@ SCALES = ('cpu', 'paper')
 def get_config(scale='cpu'):
   if scale not in SCALES:
     raise ValueError(f"configs/experiments/tying.py:{scale}: the scale is 'cpu' (2 CPU "
-                     "cores, about 40 minutes) or 'paper' (accelerators)")
+                     "cores, about 30 minutes) or 'paper' (accelerators)")
   c = spec.experiment_config()
   c.name = f'tying_{scale}'
   c.aggregation = 'tying'
@@ -48,7 +48,7 @@ def get_config(scale='cpu'):
   o.analysis = ml_collections.ConfigDict({'lens': True, 'estimators': 'resample'})
   if scale == 'cpu':
     c.base = 'configs/tiny.py:causal'
-    steps = 3000
+    steps = 2000
     o.train = ml_collections.ConfigDict({
         'batch_size': 32, 'steps': steps, 'log_every': 25, 'eval_every': steps // 6,
         'eval_batches': 16, 'checkpoint_every': steps // 2, 'keep_checkpoints': 1})
