@@ -13,8 +13,8 @@ with analysis.lens, their tuned_lens.json. Per tied group (a value of group_by):
 - `grad_ratio`: output / input gradient norm of the table, first and last 10% of the logs.
 - `lens`: per layer, the tuned lens's KL to the final distribution and the layer's share of
   the residual stream, averaged over the points (tower 0).
-The untied points' seed pair gives the reference level of each measure (the same matrix of
-two seeds). DIR/alignment/ holds the align command's own report of every pair.
+Each variant's seed pair gives the reference level of each measure (the same matrix of two
+seeds). DIR/alignment/ holds the align command's own report of every pair.
 """
 
 from __future__ import annotations
@@ -177,10 +177,10 @@ def writeup(root: str, res: dict[str, Any]) -> dict[str, Any]:
              [_cell(gr['bias_vs_reference'][m]) for m in s['rotation_invariant']]
              for g, gr in tied.items()]),
       UL(sentences),
-      P('Reference level (the same matrix of two untied seeds): ' + '; '.join(
+      P('Reference level (the same matrix of two seeds of one variant): ' + '; '.join(
           f"{r['pair']}: " + ', '.join(f'{m} {num(r[m])}' for m in measures)
           for r in res['seed_reference']) + '.' if res['seed_reference'] else
-        'No untied seed pair: no reference level.'),
+        'No seed pair: no reference level.'),
       H(2, 'Gradient dominance'),
       P('Output / input gradient norm of the token table (an untied point: its output '
         "matrix's over its table's), mean over the first and the last 10% of the logged steps; "
