@@ -194,7 +194,9 @@ def test_a_tying_experiment_shares_its_tokenizer_and_measures_the_bias(tmp_path)
       'untied seed 0: output ~ untied seed 1: output']
   lens = res['groups']['tied']['lens']
   assert lens['n'] == 2 and len(lens['kl']) == len(lens['layers']) == 3  # embedding + 2 layers
-  assert np.isnan(lens['contribution'][0]) and np.all(np.isfinite(lens['kl']))
+  assert lens['contribution'][0]['n'] == 0 and [k['n'] for k in lens['kl']] == [2, 2, 2]
+  assert lens['kl'][1]['mean'] == pytest.approx(np.mean(
+      [by[f'tied_seed{s}']['lens']['kl'][1] for s in (0, 1)]))
   assert np.isfinite(by['untied_seed1']['grad_ratio']['early'])
   for name in ('results.md', 'alignment/alignment.md', 'alignment/alignment.json'):
     assert (root / name).exists(), name

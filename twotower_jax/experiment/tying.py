@@ -12,7 +12,7 @@ with analysis.lens, their tuned_lens.json. Per tied group (a value of group_by):
 - `bias_vs_reference`: its difference from the first tied group's point of the same seed.
 - `grad_ratio`: output / input gradient norm of the table, first and last 10% of the logs.
 - `lens`: per layer, the tuned lens's KL to the final distribution and the layer's share of
-  the residual stream, averaged over the points (tower 0).
+  the residual stream, over the points (tower 0), with a Student t 95% interval.
 Each variant's seed pair gives the reference level of each measure (the same matrix of two
 seeds). DIR/alignment/ holds the align command's own report of every pair.
 """
@@ -53,11 +53,10 @@ def _lens(wd: str) -> dict[str, Any] | None:
   return {'layers': lens['layers'], 'kl': lens['kl'][0], 'contribution': lens['contribution'][0]}
 
 
-def _by_layer(lenses: list[dict], key: str) -> list[float]:
-  """Per layer, the mean over the points of their finite values (NaN where none is)."""
+def _by_layer(lenses: list[dict], key: str) -> list[dict[str, Any]]:
+  """Per layer, the points' values: mean and t interval (of the finite ones)."""
   cols = np.asarray([x[key] for x in lenses], float).T
-  return [float(c[np.isfinite(c)].mean()) if np.isfinite(c).any() else float('nan')
-          for c in cols]
+  return [t_interval([float(v) for v in c[np.isfinite(c)]]) for c in cols]
 
 
 def aggregate(exp, points: list[spec_lib.Point], root: str, provenance: dict[str, Any]
@@ -189,14 +188,14 @@ def writeup(root: str, res: dict[str, Any]) -> dict[str, Any]:
             [[g, _cell(gr['grad_ratio']['early']), _cell(gr['grad_ratio']['late'])]
              for g, gr in res['groups'].items()]),
       FIG(f'{ALIGNMENT_DIR}/figures/gradient_dominance.png', 'The ratio over training, per point.')]
-  lens_rows = [[g, layer, num(gr['lens']['kl'][i]), num(gr['lens']['contribution'][i])]
+  lens_rows = [[g, layer, _cell(gr['lens']['kl'][i]), _cell(gr['lens']['contribution'][i])]
                for g, gr in res['groups'].items() if gr.get('lens')
                for i, layer in enumerate(gr['lens']['layers'])]
   if lens_rows:
     blocks += [H(2, 'Tuned lens'),
-               P('Per layer (tower 0), mean over the points: the KL from the model\'s final '
-                 'distribution to the lens\'s, and the layer\'s update norm relative to the '
-                 'residual stream (docs/COMPANIONS.md).'),
+               P('Per layer (tower 0), mean over the points with a Student t 95% interval: '
+                 'the KL from the model\'s final distribution to the lens\'s, and the '
+                 'layer\'s update norm relative to the residual stream (docs/COMPANIONS.md).'),
                TABLE([s['group_by'], 'layer', 'KL to final', 'contribution'], lens_rows)]
   path = os.path.join(root, 'results.md')
   workdir_lib.write_text(path, render.to_markdown(blocks))
