@@ -129,6 +129,8 @@ def _paired_bias(rs: list[dict], records: list[dict], ref: str, m: str, group_by
 
 
 def _cell(t: dict[str, Any]) -> str:
+  if not _finite(t['mean']):
+    return 'n/a'
   return f"{num(t['mean'])} {ci(t['ci'])}"
 
 
