@@ -20,7 +20,7 @@ from typing import Any
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.experiment import runner
 from twotower_jax.experiment import spec as spec_lib
-from twotower_jax.experiment.loss import t_interval
+from twotower_jax.experiment.loss import header, pair_key, t_interval
 from twotower_jax.report import render
 from twotower_jax.report.format import H, P, TABLE, UL, _finite, ci, num
 
@@ -37,10 +37,6 @@ def _domain(wd: str, name: str) -> dict[str, Any]:
                    'argmax_loss': extras.get('argmax_nll'),
                    'posterior': list(gate['position_means'])}
   return out
-
-
-def _other(r: dict[str, Any], group_by: str) -> tuple:
-  return tuple(sorted((k, str(v)) for k, v in r['values'].items() if k != group_by))
 
 
 def aggregate(exp, points: list[spec_lib.Point], root: str, provenance: dict[str, Any]
@@ -67,10 +63,10 @@ def aggregate(exp, points: list[spec_lib.Point], root: str, provenance: dict[str
       for other in names:
         if other == g:
           continue
-        by = {_other(r, group_by): r for r in records if r['group'] == other}
+        by = {pair_key(r, group_by): r for r in records if r['group'] == other}
         cell[f'minus_{other}'] = t_interval([
-            r['domains'][d]['eval_loss'] - by[_other(r, group_by)]['domains'][d]['eval_loss']
-            for r in rs if _other(r, group_by) in by])
+            r['domains'][d]['eval_loss'] - by[pair_key(r, group_by)]['domains'][d]['eval_loss']
+            for r in rs if pair_key(r, group_by) in by])
       if all('gate' in r['domains'][d] for r in rs):
         cell['share'] = {e: t_interval([r['domains'][d]['gate']['chosen'][k] for r in rs])
                          for k, e in enumerate(out['experts'])}
@@ -115,10 +111,7 @@ def writeup(root: str, res: dict[str, Any]) -> dict[str, Any]:
                [_cell(gr['domains'][d].get(f'minus_{o}'), 4) for o in groups if o != g]
                for g, gr in groups.items() for d in domains]
   blocks = [
-      H(1, f"Experiment {res['experiment']}"),
-      P(f"Commit `{res['commit']}`{' (with uncommitted changes)' if res['dirty'] else ''}. "
-        'Commands (one command, or one job per point then the aggregation):'),
-      UL([f"`{res['commands'][k]}`" for k in ('all', 'point', 'aggregate')]),
+      *header(res),
       H(2, 'Held-out loss per domain'),
       P('Domains (analysis.eval_documents over every era\'s held-out speeches): ' +
         ', '.join(f'{d} = `{r}`' for d, r in s['domains'].items()) + '. Mean over the seeds '

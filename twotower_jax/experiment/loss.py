@@ -75,13 +75,26 @@ def point_record(point: spec_lib.Point, root: str, exp) -> dict[str, Any]:
           'plateau': plateau(curve, steps, float(exp.plateau_tolerance))}
 
 
+def pair_key(record: dict[str, Any], group_by: str) -> tuple:
+  """A point's values on every axis but group_by: points of two groups with the same key
+  (e.g. the same seed) are paired."""
+  return tuple(sorted((k, str(v)) for k, v in record['values'].items() if k != group_by))
+
+
+def header(res: dict[str, Any]) -> list:
+  """results.md's first blocks: the experiment, its commit and its commands."""
+  return [H(1, f"Experiment {res['experiment']}"),
+          P(f"Commit `{res['commit']}`{' (with uncommitted changes)' if res['dirty'] else ''}. "
+            'Commands (one command, or one job per point then the aggregation):'),
+          UL([f"`{res['commands'][k]}`" for k in ('all', 'point', 'aggregate')])]
+
+
 def _paired(records: list[dict], ref: list[dict], key: str, group_by: str) -> dict[str, Any]:
   """The difference of `key` from the reference group's point with the same other values."""
-  def other(r):
-    return tuple(sorted((k, str(v)) for k, v in r['values'].items() if k != group_by))
-  by = {other(r): r for r in ref}
-  pairs = [(r['name'], by[other(r)]['name'], r[key] - by[other(r)][key])
-           for r in records if other(r) in by]
+  by = {pair_key(r, group_by): r for r in ref}
+  pairs = [(r['name'], by[pair_key(r, group_by)]['name'],
+            r[key] - by[pair_key(r, group_by)][key])
+           for r in records if pair_key(r, group_by) in by]
   out = t_interval([d for _, _, d in pairs])
   out['pairs'] = [[a, b] for a, b, _ in pairs]
   return out
@@ -180,10 +193,7 @@ def writeup(root: str, res: dict[str, Any]) -> dict[str, Any]:
                  num(p['final_loss'], 4), num(p['plateau']['last_quarter_change'], 4),
                  num(p['budget_step'], 0), num(p['loss_at_budget'], 4)] for p in res['points']]
   blocks = [
-      H(1, f"Experiment {res['experiment']}"),
-      P(f"Commit `{res['commit']}`{' (with uncommitted changes)' if res['dirty'] else ''}. "
-        'Commands (one command, or one job per point then the aggregation):'),
-      UL([f"`{res['commands'][k]}`" for k in ('all', 'point', 'aggregate')]),
+      *header(res),
       H(2, f"Eval loss per {s['group_by']}"),
       P('Final: each point\'s last eval loss. Equal FLOPs: its eval loss read (linearly between '
         f"evals) where it had spent {s['budget_flops']:.4g} training FLOPs, the cheapest "

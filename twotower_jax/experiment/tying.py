@@ -29,7 +29,7 @@ from twotower_jax.analysis import alignment as alignment_lib
 from twotower_jax.analysis import token_tables
 from twotower_jax.experiment import runner
 from twotower_jax.experiment import spec as spec_lib
-from twotower_jax.experiment.loss import t_interval
+from twotower_jax.experiment.loss import header, pair_key, t_interval
 from twotower_jax.report import alignment as align_report
 from twotower_jax.report import render
 from twotower_jax.report.format import FIG, H, P, TABLE, UL, _finite, ci, num
@@ -122,10 +122,9 @@ def aggregate(exp, points: list[spec_lib.Point], root: str, provenance: dict[str
 
 def _paired_bias(rs: list[dict], records: list[dict], ref: str, m: str, group_by: str
                  ) -> dict[str, Any]:
-  def other(r):
-    return tuple(sorted((k, str(v)) for k, v in r['values'].items() if k != group_by))
-  by = {other(r): r for r in records if r['group'] == ref}
-  return t_interval([r['bias'][m] - by[other(r)]['bias'][m] for r in rs if other(r) in by])
+  by = {pair_key(r, group_by): r for r in records if r['group'] == ref}
+  return t_interval([r['bias'][m] - by[pair_key(r, group_by)]['bias'][m] for r in rs
+                     if pair_key(r, group_by) in by])
 
 
 def _cell(t: dict[str, Any]) -> str:
@@ -160,10 +159,7 @@ def writeup(root: str, res: dict[str, Any]) -> dict[str, Any]:
         sentences.append(f"{g} vs {ref}, {m}: the bias is " + _side(
             gr['bias_vs_reference'][m], f'larger than {ref}\'s', f'smaller than {ref}\'s') + '.')
   blocks = [
-      H(1, f"Experiment {res['experiment']}"),
-      P(f"Commit `{res['commit']}`{' (with uncommitted changes)' if res['dirty'] else ''}. "
-        'Commands (one command, or one job per point then the aggregation):'),
-      UL([f"`{res['commands'][k]}`" for k in ('all', 'point', 'aggregate')]),
+      *header(res),
       H(2, 'Bias of the tied table'),
       P(f"{s['n_tokens']} tokens seen at least {s['min_count']} times. Bias: similarity of the "
         "tied table to the untied points' output matrix minus its similarity to their input "
