@@ -12,7 +12,7 @@ PACKAGE = 'twotower_jax'
 # Bottom to top; a module may import from its own layer or any layer below it. A package
 # name stands for every module in it.
 LAYERS = (
-    ('errors', 'hostmem', 'paths'),
+    ('errors', 'hostmem', 'cpu_devices', 'paths'),
     ('config', 'analysis_config', 'config_doc', 'workdir', 'preference_table', 'staging'),
     ('data',),
     ('model',),

@@ -46,13 +46,15 @@ def main(argv):
   if not _WORKDIR.value:  # '' would train into the current directory
     raise errors.UserError('--workdir=DIR is required: a new directory, or an earlier run\'s to '
                            'resume it')
+  from twotower_jax import cpu_devices  # pylint: disable=g-import-not-at-top
   from twotower_jax.train import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-                         _PROCESS_ID.value)  # before any other JAX use
+  config = cli.load_config(_CONFIG)
+  if not distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                _PROCESS_ID.value):  # before any other JAX use
+    cpu_devices.use([config])  # one CPU device per core, before JAX starts its backend
   from twotower_jax.train import loop as train  # pylint: disable=g-import-not-at-top
   from twotower_jax.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
   from twotower_jax.analysis import runner  # pylint: disable=g-import-not-at-top
-  config = cli.load_config(_CONFIG)
   setup_lib.check_config(config)  # imports config.imports, which may register estimators
   runner.check_config(config)  # the analysis settings too: the job analyses after training
   result = train.train_and_evaluate(config, _WORKDIR.value)

@@ -65,6 +65,8 @@ def main(argv):
     experiment.aggregate(root, exp, points, prov)
     return
   index = _POINT.value if _POINT.value is not None else point_from_env()
+  from twotower_jax import cpu_devices  # pylint: disable=g-import-not-at-top
+  cpu_devices.use([p.config for p in points if index is None or p.index == index])
   try:
     if index is not None:
       experiment.run_point(root, exp, points, index, prov)

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from twotower_jax import config as config_lib
+from twotower_jax import cpu_devices
 from twotower_jax import hostmem
 from twotower_jax import paths
 from twotower_jax import workdir as workdir_lib
@@ -95,11 +96,14 @@ def evaluate(eval_fn, params, batches: list[np.ndarray], batch_sh, batch_size: i
   with `per_word` (tokenizer_type='word': each target a word or EOS) `bits_per_word`.
   """
   sums = {'loss_sum': 0.0, 'weight_sum': 0.0}
+  outs = []
   for i, rows in enumerate(batches):
     local = _local_rows(rows, batch_sh)
     out = eval_fn(params, sharding_lib.global_batch(local, batch_sh, batch_size),
                   np.int32(i))  # batch i's own example key (masked LM: masks vary by batch)
     sums = {k: sums.get(k, 0.0) + v for k, v in out.items()}
+    outs.append(out)
+    cpu_devices.wait_behind(outs)  # a bounded queue: XLA:CPU's collectives hang past ~32
   loss = float(sums['loss_sum']) / max(float(sums['weight_sum']), 1.0)
   result = {'loss': loss, 'perplexity': float(np.exp(loss)), 'tokens': float(sums['weight_sum'])}
   if 'bytes_sum' in sums:
@@ -291,6 +295,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       state, step_metrics = train_fn(state, sharding_lib.global_batch(rows, batch_sh,
                                                                       tc.batch_size))
       pending.append(step_metrics)
+      cpu_devices.wait_behind(pending)  # a bounded queue: XLA:CPU's collectives hang past ~32
       step += 1
       stop = watcher.should_stop(step, exchange=step % tc.log_every == 0)
       at_log = step % tc.log_every == 0 or step == tc.steps or stop
