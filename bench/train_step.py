@@ -47,6 +47,9 @@ SWEEPS = {
     'towers': [{'model.n_towers': n} for n in (1, 2, 4)],
     'attention': [{'model.attention': a} for a in ('auto', 'xla')],  # cuDNN on GPU vs XLA
     'loss_chunk': [{'train.loss_chunk': 512}],  # the fused output layer + loss against the default
+    # The towers split over 2 devices instead of the batch (CPU: with --xla_flags=
+    # --xla_force_host_platform_device_count=2, as a chosen mesh keeps the device count).
+    'mesh': [{'mesh.data': 1, 'mesh.tower': 2}],
 }
 
 COLUMNS = ('label', 'attention', 'tokens_per_s', 'ms_per_step', 'gflop_per_token',
@@ -89,7 +92,8 @@ def measure(overrides: dict, steps: int, repeats: int, preset: str = '') -> dict
 
 def point_config(overrides: dict, preset: str = ''):
   """The config of a point: `preset` (a config file, PATH or PATH:ARG) or base_config(),
-  one data-parallel device, with the overrides on top."""
+  the batch over every device (on CPU one per core: twotower_jax/cpu_devices.py), with the
+  overrides on top."""
   import harness  # pylint: disable=g-import-not-at-top
   base = harness.load_config(preset) if preset else None
   return harness.config_with(base, **{'mesh.data': -1, 'mesh.tower': 1, **overrides})
