@@ -13,7 +13,8 @@ experiments, bench scripts) call `use` with the job's configs first: it asks for
 devices, up to the usable cores, that divide every config's batch (with its gradient
 accumulation). It leaves the count alone where the user chose one (JAX_NUM_CPU_DEVICES, or
 --xla_force_host_platform_device_count in XLA_FLAGS), where a config sets its own mesh, and
-in multi-process runs, and once JAX has started. `JAX_NUM_CPU_DEVICES=1` gives the one-device step.
+once JAX has started; training skips it in multi-process runs. `JAX_NUM_CPU_DEVICES=1`
+gives the one-device step.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import jax
 import ml_collections
 
 # Most executions dispatched ahead of the host (`wait_behind`). XLA:CPU's devices in one
-# process hang in a collective when more than about 32 are queued on them (2 devices, the
-# tiny config's step dispatched back to back: 40 ahead hung every time, 24 never did in
-# 400-600 steps); a few ahead keep the devices as busy as many do.
+# process hung in a collective with many queued on them (2 devices, the tiny config's step
+# dispatched back to back: 300 unbounded and 40 ahead hung; 24, 8 and 2 ahead did not, in
+# 400-600 steps each); 8 ahead ran as fast as 50 unbounded (50.5 vs 49.4 ms a step).
 IN_FLIGHT = 8
 FORCE_FLAG = re.compile(r'--xla_force_host_platform_device_count(=|\s|$)')
 DEFAULT_MESH = (-1, 1, 1)  # (data, fsdp, tower): the batch over every device

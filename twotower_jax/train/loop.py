@@ -103,7 +103,7 @@ def evaluate(eval_fn, params, batches: list[np.ndarray], batch_sh, batch_size: i
                   np.int32(i))  # batch i's own example key (masked LM: masks vary by batch)
     sums = {k: sums.get(k, 0.0) + v for k, v in out.items()}
     outs.append(out)
-    cpu_devices.wait_behind(outs)  # a bounded queue: XLA:CPU's collectives hang past ~32
+    cpu_devices.wait_behind(outs)  # a short queue: XLA:CPU collectives hung with many
   loss = float(sums['loss_sum']) / max(float(sums['weight_sum']), 1.0)
   result = {'loss': loss, 'perplexity': float(np.exp(loss)), 'tokens': float(sums['weight_sum'])}
   if 'bytes_sum' in sums:
@@ -295,7 +295,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       state, step_metrics = train_fn(state, sharding_lib.global_batch(rows, batch_sh,
                                                                       tc.batch_size))
       pending.append(step_metrics)
-      cpu_devices.wait_behind(pending)  # a bounded queue: XLA:CPU's collectives hang past ~32
+      cpu_devices.wait_behind(pending)  # a short queue: XLA:CPU collectives hung with many
       step += 1
       stop = watcher.should_stop(step, exchange=step % tc.log_every == 0)
       at_log = step % tc.log_every == 0 or step == tc.steps or stop
