@@ -127,9 +127,11 @@ def _as_tuple(value):
   return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
 
 
-def run_module(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-  """Runs `python -m module args` from the repo root, as a user would."""
-  env = dict(os.environ)
+def run_module(module: str, *args: str, timeout: int = 600,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+  """Runs `python -m module args` from the repo root, as a user would (in `env`, default
+  this process's environment)."""
+  env = dict(os.environ if env is None else env)
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)

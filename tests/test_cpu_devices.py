@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, cli_overrides
+from conftest import REPO, cli_overrides, run_module
 from twotower_jax import config as config_lib
 from twotower_jax import cpu_devices
 
@@ -52,6 +52,12 @@ def _env_without_a_device_count():
   return env
 
 
+def _train(config, workdir, env):
+  """python -m twotower_jax.main on `config` (as command-line overrides) in `env`."""
+  return run_module('twotower_jax.main', '--config=configs/default.py', f'--workdir={workdir}',
+                    *cli_overrides(config), env=env)
+
+
 def _devices_after_use(env, **overrides) -> str:
   code = ('import jax; from twotower_jax import config, cpu_devices\n'
           'c = config.base_config(); config.set_fields(c, %r)\n'
@@ -72,10 +78,7 @@ def test_training_starts_with_one_device_per_core(tiny, tmp_path):
   """python -m twotower_jax.main without a device setting: the batch over the usable cores."""
   config = tiny(**{'mesh.tower': 1, 'train.steps': 1, 'train.eval_every': 1,
                    'train.checkpoint_every': 1, 'train.eval_batches': 1})
-  proc = subprocess.run([sys.executable, '-m', 'twotower_jax.main', '--config=configs/default.py',
-                         f'--workdir={tmp_path / "run"}', *cli_overrides(config)], cwd=REPO,
-                        env=_env_without_a_device_count(), capture_output=True, text=True,
-                        timeout=300)
+  proc = _train(config, tmp_path / 'run', _env_without_a_device_count())
   assert proc.returncode == 0, proc.stderr[-3000:]
   n = cpu_devices.count([config], cpu_devices.usable_cores())
   if n > 1:
@@ -121,9 +124,7 @@ def test_a_long_run_between_logs_on_two_cpu_devices(tiny, tmp_path):
                    'model.max_len': 64, 'train.batch_size': 16,
                    'train.log_every': 120, 'train.eval_every': 120,
                    'train.checkpoint_every': 120, 'train.eval_batches': 1})
-  env = {**_env_without_a_device_count(), 'JAX_NUM_CPU_DEVICES': '2'}
-  proc = subprocess.run([sys.executable, '-m', 'twotower_jax.main', '--config=configs/default.py',
-                         f'--workdir={tmp_path / "run"}', *cli_overrides(config)], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=600)
+  proc = _train(config, tmp_path / 'run',
+                {**_env_without_a_device_count(), 'JAX_NUM_CPU_DEVICES': '2'})
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'step 120/120' in proc.stderr
