@@ -1,7 +1,8 @@
 """python -m twotower_jax.validate end to end at its CPU-test size (slow).
 
 `configs/planted.py:test`: the planted language with 160 documents, 4 topics x 12 content
-words, window 32; towers of 1 layer with d=32, 3000 steps (about 20 s each); here a
+words, window 32; towers of 1 layer with d=32, 3000 steps (about 20 s each on the one CPU
+device these runs get: they test the estimators, not sharding); here a
 two-rung ladder (w = 1, 0.5) of causal towers, the SentencePiece rung (w = 1, 38 pieces, the
 most this corpus supports) and one replicate of the nulls; 60 steps of composed training.
 Besides the machinery, the primary estimator's verdicts are asserted: the known answer at
@@ -16,6 +17,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import one_device_env
 from conftest import run_module
 from twotower_jax import run as run_lib
 from twotower_jax.train import optimizer as optimizer_lib
@@ -39,7 +41,8 @@ def _params(wd):
 @pytest.fixture(scope='module')
 def validated(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('validate'))
-  proc = run_module('twotower_jax.validate', f'--workdir={wd}', *SMALL, timeout=3000)
+  proc = run_module('twotower_jax.validate', f'--workdir={wd}', *SMALL, timeout=3000,
+                    env=one_device_env())
   with open(os.path.join(wd, 'validation.json')) as f:
     return wd, proc, json.load(f)
 
@@ -110,7 +113,8 @@ def test_class_weights_split_the_eval_targets(validated):
 
 def test_rerun_resumes_without_training_again(validated):
   wd, _, first = validated
-  proc = run_module('twotower_jax.validate', f'--workdir={wd}', *SMALL, timeout=1200)
+  proc = run_module('twotower_jax.validate', f'--workdir={wd}', *SMALL, timeout=1200,
+                    env=one_device_env())
   n_runs = len(first['runs'])
   assert proc.stderr.count('is trained') == n_runs
   assert proc.stderr.count('is analysed, kept') == len(COMPOSED)
