@@ -50,6 +50,9 @@ SWEEPS = {
     # The towers split over 2 devices instead of the batch (CPU: with --xla_flags=
     # --xla_force_host_platform_device_count=2, as a chosen mesh keeps the device count).
     'mesh': [{'mesh.data': 1, 'mesh.tower': 2}],
+    # The layer stack as one loop, a loop with every layer in its body, and unrolled modules.
+    'scan': [{'model.scan_layers': True, 'model.scan_unroll': 1},
+             {'model.scan_layers': True, 'model.scan_unroll': 64}, {'model.scan_layers': False}],
 }
 
 COLUMNS = ('label', 'attention', 'tokens_per_s', 'ms_per_step', 'gflop_per_token',

@@ -30,6 +30,7 @@ def _main(workdir, *args):
     (["--config.model={'n_towers': 3}"], "--config.model={...} replaces the whole model "
                                          'section (every other field would be lost)'),
     (['--config.train.steps=3000000000'], 'train.steps=3000000000 is too large: at most 2**31'),
+    (['--config.model.scan_unroll=0'], 'model.scan_unroll=0 must be an integer >= 1'),
 ])
 def test_bad_config_is_one_line_and_leaves_the_workdir_alone(tmp_path, args, message):
   workdir = tmp_path / 'run'

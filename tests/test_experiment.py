@@ -134,6 +134,15 @@ def test_a_dir_of_another_experiment_or_a_run_is_refused_and_left_alone(tiny_spe
   _, _, more = _record(tiny_spec, **{'overrides.analysis.n_perm': 199})
   experiment.check_dir(root, more, create=True)
   assert json.load(open(file))['points'][0]['config']['analysis']['n_perm'] == 199
+  # Nor a compile-only field: an experiment recorded before it existed resumes with it set.
+  _, _, unrolled = _record(tiny_spec, **{'overrides.model.scan_unroll': 4})
+  older = json.load(open(file))
+  for point in older['points']:
+    del point['config']['model']['scan_unroll']
+  with open(file, 'w') as f:
+    json.dump(older, f)
+  experiment.check_dir(root, unrolled, create=True)
+  assert json.load(open(file))['points'][0]['config']['model']['scan_unroll'] == 4
   run_dir = tmp_path / 'run'
   run_dir.mkdir()
   (run_dir / 'config.json').write_text('{}')

@@ -22,6 +22,25 @@ def _init(model, seed=0):
   return nn.unbox(model.init({'params': jax.random.PRNGKey(seed)}, tokens)['params'])
 
 
+def test_an_unrolled_scan_has_the_loops_parameters_and_outputs_without_the_loop():
+  """model.scan_unroll=n_layers: the scanned stack's parameters (the same init), its logits
+  and gradients to float32 noise, and no while loop in the compiled program."""
+  looped, unrolled = _model(scan_layers=True), _model(scan_layers=True, scan_unroll=2)
+  params = _init(looped)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, _init(unrolled))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 10), 5, 50)
+  outs = []
+  for model in (looped, unrolled):
+    def loss(p, model=model):
+      return jnp.mean(model.apply({'params': p}, tokens)['logits_BxLxV'] ** 2)
+    step = jax.jit(jax.value_and_grad(loss))
+    outs.append(step(params))
+    assert (' while(' in step.lower(params).compile().as_text()) == (model is looped)
+  np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                         outs[0][1], outs[1][1])
+
+
 @pytest.mark.parametrize('scan_layers', [True, False])
 def test_no_information_flows_from_future_tokens(scan_layers):
   """Position row j enters only at input position j: its gradient shows what logit t reads."""

@@ -105,6 +105,19 @@ def test_checkpoints_without_config_json_are_refused(copy):
           'config.json')
 
 
+def test_a_compile_only_field_resumes_the_run_another_layer_count_is_refused(copy):
+  """model.scan_unroll changes how the step compiles, not the run (config.COMPILE_ONLY): the
+  saved run is accepted with the layers' scan unrolled; another layer count is not."""
+  config, workdir = copy
+  saved = train.check_workdir(config, workdir)
+  config.model.scan_unroll = config.model.n_layers + 3
+  assert train.check_workdir(config, workdir).to_dict() == saved.to_dict()
+  config.model.n_layers += 1
+  message = refused(config, workdir, config_lib.ConfigError, 'holds a run with a different '
+                    f'config (model.n_layers: {saved.model.n_layers} -> {config.model.n_layers})')
+  assert 'scan_unroll' not in message
+
+
 @pytest.mark.parametrize('content, match', [
     ('{"model": {"n_towers": 2', 'is damaged, not valid JSON'),
     ('[1, 2]', 'holds a JSON list, not a run config'),

@@ -24,6 +24,10 @@ from twotower_jax import errors
 
 
 ConfigError = errors.ConfigError  # a bad config value; the message names the field and the fix
+# Fields that change how the step is compiled, not what it computes (beyond float32 noise)
+# or what a checkpoint holds: a workdir or experiment resumed with another value is the same
+# run, so the workdir and experiment checks leave them out.
+COMPILE_ONLY = (('model', 'scan_unroll'),)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -79,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.max_len = 128  # rows of the position table
   c.model.dropout = 0.1  # dropout on embeddings and residual branches
   c.model.scan_layers = True  # one compiled layer body, scanned: fast compiles
+  # Scanned layers per loop iteration (lax.scan's unroll); n_layers or more: no loop, the same
+  # parameters, faster small steps (docs/PERFORMANCE.md), longer compiles.
+  c.model.scan_unroll = 1
   # Gates, embeddings, pondering (docs/DESIGN.md section 2).
   c.model.embedding = ml_collections.ConfigDict()
   c.model.embedding.mode = 'shared'  # 'shared' (V x H) | 'projected' (V x N*H) | 'per_tower'
@@ -319,6 +326,9 @@ def _validate_model_options(m: ml_collections.ConfigDict) -> None:
   if not (isinstance(e.input_grad_scale, (int, float)) and 0.0 <= e.input_grad_scale < 1e6):
     raise ConfigError(f'model.embedding.input_grad_scale={e.input_grad_scale!r} must be a '
                       'number >= 0 (1 leaves gradients unchanged)')
+  if not (_is_int(m.scan_unroll) and m.scan_unroll >= 1):
+    raise ConfigError(f'model.scan_unroll={m.scan_unroll!r} must be an integer >= 1 (1: one '
+                      'layer per loop iteration; model.n_layers: unrolled)')
   if not (isinstance(m.latent.balance_weight, (int, float)) and m.latent.balance_weight >= 0):
     raise ConfigError(f'model.latent.balance_weight={m.latent.balance_weight!r} must be >= 0')
   hd = m.head
@@ -424,6 +434,15 @@ def set_fields(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> 
 def estimator_list(text: str) -> list[str]:
   """The names in a comma list (analysis.estimators, imports)."""
   return [n.strip() for n in str(text).split(',') if n.strip()]
+
+
+def without_compile_only(sections: dict[str, Any]) -> dict[str, Any]:
+  """A config dict (as `to_dict` gives) without the COMPILE_ONLY fields."""
+  out = dict(sections)
+  for section, key in COMPILE_ONLY:
+    if isinstance(out.get(section), dict):
+      out[section] = {k: v for k, v in out[section].items() if k != key}
+  return out
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

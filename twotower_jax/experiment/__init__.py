@@ -56,9 +56,9 @@ def provenance(config_spec: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _identity(record: dict[str, Any]) -> list:
-  return [record.get('name'), [(p['name'], {s: p['config'].get(s) for s in
-                                            spec_lib.TRAINING_SECTIONS})
-                               for p in record.get('points', [])]]
+  return [record.get('name'), [
+      (p['name'], {s: config_lib.without_compile_only(p['config']).get(s)
+                   for s in spec_lib.TRAINING_SECTIONS}) for p in record.get('points', [])]]
 
 
 def _write_json_unique(path: str, obj: Any) -> None:

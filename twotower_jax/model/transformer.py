@@ -131,7 +131,7 @@ class Transformer(nn.Module):
       blocks = nn.scan(block_cls, variable_axes={'params': 0, 'intermediates': 0},
                        split_rngs={'params': True, 'dropout': True}, length=cfg.n_layers,
                        in_axes=(0, nn.broadcast, nn.broadcast),
-                       metadata_params={nn.PARTITION_NAME: 'layers'})
+                       metadata_params={nn.PARTITION_NAME: 'layers'}, unroll=cfg.scan_unroll)
       x_BxLxH, new_cache = blocks(cfg, self.causal, self.deterministic, name='blocks')(
           x_BxLxH, cache, positions_BxL, keep_BxL)
     else:

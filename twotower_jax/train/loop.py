@@ -58,7 +58,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str
           'them, or use a new --workdir')
     return None
   old_config = workdir_lib.read_config(workdir)
-  old, new = config_lib.to_dict(old_config), config_lib.to_dict(config)
+  old, new = (config_lib.without_compile_only(config_lib.to_dict(c))
+              for c in (old_config, config))
   diffs = []
   for section in _FROZEN_SECTIONS:
     for key in sorted(set(old.get(section, {})) | set(new.get(section, {}))):
