@@ -71,6 +71,7 @@ def _cached_outputs(model, params, tokens_BxT):
 CASES = [
     dict(gate='concat', n_towers=1),
     dict(gate='concat', n_towers=2, scan_layers=True, n_layers=2),
+    dict(gate='concat', n_towers=2, scan_layers=True, n_layers=2, scan_unroll=2),  # tiny.py's
     dict(gate='latent', n_towers=2, **{'embedding.mode': 'per_tower'}),
     dict(gate='logit_sum', n_towers=3, **{'embedding.mode': 'projected'}),
     dict(gate='concat', n_towers=2, n_layers=2, **{'pondering.steps': 2}),
